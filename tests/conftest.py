@@ -1,0 +1,5 @@
+"""Shared pytest setup: CPU only, float32 default, deterministic."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
