@@ -37,58 +37,58 @@ DATASETS = EMBEDDED_DATASETS + TFDS_DATASETS
 
 
 class Source(Protocol):
-    """What the input pipeline consumes (grain `RandomAccessDataSource` protocol)."""
+  """What the input pipeline consumes (grain `RandomAccessDataSource` protocol)."""
 
-    name: str
-    split: str
-    image_shape: tuple[int, int, int]
-    num_classes: int | None
+  name: str
+  split: str
+  image_shape: tuple[int, int, int]
+  num_classes: int | None
 
-    def __len__(self) -> int: ...
+  def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 def _unknown_name_error(name: str) -> ValueError:
-    close = difflib.get_close_matches(str(name), DATASETS, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return ValueError(f"Unknown dataset {name!r}.{hint} Known datasets: {', '.join(DATASETS)}.")
+  close = difflib.get_close_matches(str(name), DATASETS, n=3, cutoff=0.5)
+  hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+  return ValueError(f"Unknown dataset {name!r}.{hint} Known datasets: {', '.join(DATASETS)}.")
 
 
 def get_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
                 **kwargs) -> Source:
-    """Builds the random-access source of dataset `name`, split 'train' or 'test'.
+  """Builds the random-access source of dataset `name`, split 'train' or 'test'.
 
-    Args:
-      name: one of `DATASETS`.
-      split: 'train' or 'test' (TFDS datasets also take TFDS split strings).
-      data_dir: prepared TFDS data directory (TFDS-backed datasets only).
-      **kwargs: options of the dataset's source class, e.g. `image_size`,
-        `seed` and `num_examples` for the generated ones, `num_givens` for
-        sudoku, `images` for textures.
+  Args:
+    name: one of `DATASETS`.
+    split: 'train' or 'test' (TFDS datasets also take TFDS split strings).
+    data_dir: prepared TFDS data directory (TFDS-backed datasets only).
+    **kwargs: options of the dataset's source class, e.g. `image_size`,
+      `seed` and `num_examples` for the generated ones, `num_givens` for
+      sudoku, `images` for textures.
 
-    Raises:
-      ValueError: unknown name (with close matches), unknown split or option,
-        unsupported image_size, missing or unprepared data_dir (with the
-        command that prepares it). All before any compilation.
-    """
-    if name in _EMBEDDED:
-        module, cls_name = _EMBEDDED[name]
-        cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls_name)
-        if data_dir:
-            raise ValueError(f"Dataset {name!r} is embedded and takes no data_dir "
-                             f"(got {data_dir!r}).")
-    elif name in _TFDS:
-        from asyncpatch_jax.datasets import tfds_source  # pylint: disable=g-import-not-at-top
+  Raises:
+    ValueError: unknown name (with close matches), unknown split or option,
+      unsupported image_size, missing or unprepared data_dir (with the
+      command that prepares it). All before any compilation.
+  """
+  if name in _EMBEDDED:
+    module, cls_name = _EMBEDDED[name]
+    cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls_name)
+    if data_dir:
+      raise ValueError(f"Dataset {name!r} is embedded and takes no data_dir "
+                       f"(got {data_dir!r}).")
+  elif name in _TFDS:
+    from asyncpatch_jax.datasets import tfds_source  # pylint: disable=g-import-not-at-top
 
-        cls = tfds_source.TfdsSource
-        kwargs = dict(kwargs, name=name, data_dir=data_dir)
-    else:
-        raise _unknown_name_error(name)
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p not in ("self", "name", "split", "data_dir")]
-    unknown = sorted(set(kwargs) - set(allowed) - {"name", "data_dir"})
-    if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for dataset {name!r}; "
-                         f"it accepts {allowed}.")
-    return cls(split=split, **kwargs)
+    cls = tfds_source.TfdsSource
+    kwargs = dict(kwargs, name=name, data_dir=data_dir)
+  else:
+    raise _unknown_name_error(name)
+  params = inspect.signature(cls.__init__).parameters
+  allowed = [p for p in params if p not in ("self", "name", "split", "data_dir")]
+  unknown = sorted(set(kwargs) - set(allowed) - {"name", "data_dir"})
+  if unknown:
+    raise ValueError(f"Unknown option(s) {unknown} for dataset {name!r}; "
+                     f"it accepts {allowed}.")
+  return cls(split=split, **kwargs)
