@@ -1,4 +1,4 @@
-"""Single-block free energy f(m) (App. B) and its minima classes (Fig. 3) on analytically known cases."""
+"""Single-block free energy f(m) (App. B) and its minima classes (Fig. 3) on known cases."""
 
 import jax
 import numpy as np
@@ -46,7 +46,7 @@ def test_paramagnet_has_one_minimum():
 
 
 def test_ising_limit_minima_and_spinodal():
-  """Delta -> -inf: the Curie-Weiss Ising magnet, spinodal h_s = J m_s - atanh(m_s), m_s^2 = 1 - 1/J."""
+  """Delta -> -inf: Curie-Weiss Ising, spinodal h_s = J m_s - atanh(m_s) with m_s^2 = 1 - 1/J."""
   j = 2.0
   m_s = np.sqrt(1 - 1 / j)
   h_s = j * m_s - np.arctanh(m_s)
@@ -71,7 +71,7 @@ def test_ising_limit_minima_and_spinodal():
     (-0.01, 1.9, 6),   # three minima, the - state lowest
 ])
 def test_first_order_region_has_three_minima(h, delta, expected):
-  """J = 4 > 3 (first-order regime): 2 J < e^Delta + 2 makes m = 0 stable while ordered minima exist."""
+  """J = 4 > 3 (first-order regime): 2 J < e^Delta + 2 keeps m = 0 stable beside ordered minima."""
   j = 4.0
   assert 2 * j < np.exp(delta) + 2
   minima, values = np_minima0(j, h, delta)

@@ -1,4 +1,4 @@
-"""Block Blume-Capel chain: mu_Delta (Eq. 12) and the energy (Eq. 2) against independent references."""
+"""Block Blume-Capel chain: mu_Delta (Eq. 12) and the energy (Eq. 2) vs independent references."""
 
 import itertools
 

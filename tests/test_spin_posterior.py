@@ -1,4 +1,4 @@
-"""Prop. 3.1: the tilted posterior equals Bayes' rule, checked by enumerating every configuration."""
+"""Prop. 3.1: the tilted posterior equals Bayes' rule, by enumerating every configuration."""
 
 import itertools
 
@@ -41,9 +41,11 @@ def test_tilted_posterior_equals_bayes_rule(num_blocks, n):
   noise = rng.normal(size=(num_blocks, n))
   y = alpha[:, None] * clean + sigma[:, None] * noise
 
-  configs = np.array(list(itertools.product(SPINS, repeat=num_blocks * n))).reshape(-1, num_blocks, n)
+  configs = np.array(list(itertools.product(SPINS, repeat=num_blocks * n)))
+  configs = configs.reshape(-1, num_blocks, n)
   # Bayes' rule: prior times the Gaussian likelihood of y given s0 = s, then normalise.
-  log_prior = np.array([brute_prior_log_weight(s, j_intra, j_inter, delta, fields) for s in configs])
+  log_prior = np.array([brute_prior_log_weight(s, j_intra, j_inter, delta, fields)
+                        for s in configs])
   log_lik = -0.5 * (((y - alpha[:, None] * configs) / sigma[:, None]) ** 2).sum((1, 2))
   bayes = log_prior + log_lik
   bayes = np.exp(bayes - logsumexp(bayes))
@@ -70,7 +72,8 @@ def test_tilted_posterior_equals_bayes_rule(num_blocks, n):
 def test_zero_snr_posterior_is_the_prior():
   chain = spin.BlockChain(2, 3, delta=0.4, fields=0.2)
   rng = np.random.default_rng(1)
-  tilted = spin.tilted_posterior(chain, np.zeros(2), rng.choice(SPINS, (2, 3)), rng.normal(size=(2, 3)))
+  tilted = spin.tilted_posterior(chain, np.zeros(2), rng.choice(SPINS, (2, 3)),
+                                 rng.normal(size=(2, 3)))
   np.testing.assert_array_equal(tilted.delta, chain.delta)
   np.testing.assert_array_equal(tilted.fields, np.full((2, 3), 0.2))
 

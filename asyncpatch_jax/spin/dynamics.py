@@ -1,6 +1,7 @@
 """Scheduled mean-field block recursion (Growing Images Eq. 13) and the Bayes-optimal profile m*.
 
-    m_l^(t+1) = m_l^(t) + (pi_l^(t) / N) [ mean_i mu_Delta_l( sum_l' J_ll' m_l'^(t) + h_l,i ) - m_l^(t) ],
+    m_l^(t+1) = m_l^(t)
+                + (pi_l^(t) / N) [ mean_i mu_Delta_l( sum_l' J_ll' m_l'^(t) + h_l,i ) - m_l^(t) ],
 
 with the local field including the block's own J_intra m_l. With one field per
 block (K = 1) the site mean is Eq. 13 exactly; with per-site fields (the tilted
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from asyncpatch_jax.spin.model import BlockChain, ChainParams, blume_capel_response
-from asyncpatch_jax.spin.schedules import Schedule, _check_distribution, make_schedule, schedule_weights
+from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int, blume_capel_response
+from asyncpatch_jax.spin.schedules import (Schedule, check_distribution, check_record_every,
+                                           make_schedule, schedule_weights)
 
 
 class Trajectory(NamedTuple):
@@ -72,7 +74,8 @@ _scan_jit = jax.jit(_scan, static_argnames=("num_steps", "record_every"))
 
 @functools.partial(jax.jit, static_argnames=("num_steps",))
 def _scan_batch(m0, params, tables, periods, stops, num_steps):
-  final = lambda table, period, stop: _scan(m0, params, table, period, stop, num_steps, num_steps)[-1]
+  def final(table, period, stop):
+    return _scan(m0, params, table, period, stop, num_steps, num_steps)[-1]
   return jax.vmap(final)(tables, periods, stops)
 
 
@@ -87,11 +90,12 @@ def _check_m0(m0, chain: BlockChain, dtype) -> jax.Array:
 
 def _check_schedule(schedule: Schedule, chain: BlockChain) -> None:
   if not isinstance(schedule, Schedule):
-    raise ValueError(f"schedule must be a Schedule from make_schedule(); got {type(schedule).__name__}.")
+    raise ValueError("schedule must be a Schedule from make_schedule(); "
+                     f"got {type(schedule).__name__}.")
   if schedule.table.shape[1] != chain.num_blocks:
     raise ValueError(f"schedule is over {schedule.table.shape[1]} blocks; the chain has "
                      f"{chain.num_blocks}.")
-  _check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")
+  check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")
 
 
 def run_mean_field(m0, chain: BlockChain, schedule: Schedule, *,
@@ -111,11 +115,7 @@ def run_mean_field(m0, chain: BlockChain, schedule: Schedule, *,
   """
   _check_schedule(schedule, chain)
   num_steps = schedule.num_steps
-  record_every = num_steps if record_every is None else record_every
-  if (isinstance(record_every, bool) or not isinstance(record_every, (int, np.integer))
-      or record_every < 1 or num_steps % record_every):
-    raise ValueError(f"record_every = {record_every!r} must be a positive integer dividing "
-                     f"T = {num_steps}.")
+  record_every = check_record_every(record_every, num_steps)
   params = chain.params()
   m0 = _check_m0(m0, chain, params.coupling.dtype)
   table = jnp.asarray(schedule.table, params.coupling.dtype)
@@ -193,8 +193,7 @@ def bayes_optimal_profile(chain: BlockChain, *, tol: float | None = None,
   Raises:
     RuntimeError: if the residual exceeds `tol` after `max_steps` steps.
   """
-  if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-    raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}.")
+  max_steps = as_int(max_steps, "max_steps", 1)
   params = chain.params()
   dtype = params.coupling.dtype
   tol = 100 * float(jnp.finfo(dtype).eps) if tol is None else float(tol)
@@ -220,8 +219,7 @@ def initial_magnetisation(key, chain: BlockChain, num_seeds: int, scale: float =
   Returns:
     [S, L] initial magnetisations.
   """
-  if isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer)) or num_seeds < 1:
-    raise ValueError(f"num_seeds must be a positive integer; got {num_seeds!r}.")
+  num_seeds = as_int(num_seeds, "num_seeds", 1)
   if not np.isfinite(scale) or scale < 0:
     raise ValueError(f"scale must be finite and >= 0; got {scale!r}.")
   dtype = jnp.asarray(0.0).dtype

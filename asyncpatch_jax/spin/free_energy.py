@@ -1,4 +1,4 @@
-"""Single-block mean-field free energy of the tilted posterior and its phase classes (Growing Images App. B, Fig. 3).
+"""Single-block free energy of the tilted posterior and its phase classes (Growing Images Fig. 3).
 
 One Curie-Weiss Blume-Capel block (coupling J, crystal field Delta, field h)
 under the posterior of Prop. 3.1 at signal-to-noise ratio gamma: crystal field
@@ -135,13 +135,14 @@ def _diagram(j, hs, deltas, gammas, num_m, num_quadrature):
   over_h = jax.vmap(lambda h, d, g: _analyse(j, h, d, g, m, nodes, weights).phase_class,
                     in_axes=(0, None, None))
   pairs = jnp.stack(jnp.meshgrid(gammas, deltas, indexing="ij"), -1).reshape(-1, 2)
-  classes = jax.lax.map(lambda gd: over_h(hs, gd[1], gd[0]), pairs)      # one (gamma, Delta) row at a time
+  # One (gamma, Delta) row at a time keeps the [H, M, Q, 3] intermediates small.
+  classes = jax.lax.map(lambda gd: over_h(hs, gd[1], gd[0]), pairs)
   return classes.reshape(gammas.shape[0], deltas.shape[0], hs.shape[0])
 
 
 def _check(j, gamma, num_m, num_quadrature):
   if not np.isfinite(j) or j <= 0:
-    raise ValueError(f"j must be a finite coupling > 0 (the free energy is J m^2/2 - ...); got {j!r}.")
+    raise ValueError(f"j must be a finite coupling > 0 (f(m) = J m^2/2 - ...); got {j!r}.")
   gammas = np.atleast_1d(np.asarray(gamma, dtype=np.float64))
   if not np.all(np.isfinite(gammas)) or np.any(gammas < 0):
     raise ValueError(f"gamma must be finite and >= 0; got {np.asarray(gamma).tolist()!r}.")

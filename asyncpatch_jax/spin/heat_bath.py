@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from asyncpatch_jax.spin.model import BlockChain, ChainParams
-from asyncpatch_jax.spin.schedules import Schedule, _check_distribution, schedule_weights
+from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int
+from asyncpatch_jax.spin.schedules import (Schedule, check_distribution, check_record_every,
+                                           schedule_weights)
 
 
 class HeatBathResult(NamedTuple):
@@ -60,12 +61,16 @@ def _step(key, spins, sums, pi, params: ChainParams):
   return spins.at[block, site].set(value), sums
 
 
-def _check_spins(spins, chain: BlockChain, name: str, leading: tuple[int, ...] = ()) -> np.ndarray:
+def _check_spins(spins, chain: BlockChain, name: str, leading: tuple[int, ...] | None = ()):
+  """Spins [*leading, L, N] with values in {-1, 0, +1}; leading=None accepts any batch shape."""
   arr = np.asarray(spins, dtype=np.float64)
-  expected = leading + (chain.num_blocks, chain.block_size)
+  block = (chain.num_blocks, chain.block_size)
+  lead = arr.shape[:-2] if leading is None else leading
+  expected = tuple(lead) + block
   if arr.shape != expected or not np.all(np.isin(arr, (-1.0, 0.0, 1.0))):
-    raise ValueError(f"{name} has shape {arr.shape}; expected spins {list(expected)} with values "
-                     "in {-1, 0, +1}.")
+    where = "[..., L, N]" if leading is None else str(list(expected))
+    raise ValueError(f"{name} has shape {arr.shape}; expected spins {where} with [L, N] = "
+                     f"{list(block)} and values in {{-1, 0, +1}}.")
   return arr
 
 
@@ -76,23 +81,34 @@ def _check_clamps(chain: BlockChain) -> None:
                      "blocks to -1, 0 or +1.")
 
 
+@jax.jit
+def _conditional_batch(spins, block, site, params):
+  flat = spins.reshape((-1,) + spins.shape[-2:])
+  probs = jax.vmap(lambda s: _conditional(s, s.sum(-1), block, site, params))(flat)
+  return probs.reshape(spins.shape[:-2] + (3,))
+
+
 def site_conditional(spins, block: int, site: int, chain: BlockChain) -> jax.Array:
   """The Gibbs conditional of one spin, P(s_block,site = x | rest), x = -1, 0, +1 (Prop. 4.1(i)).
 
+  The update the heat-bath chain uses: weights exp(u x - Delta_block x^2) with the
+  exact finite-N local field u of the module docstring.
+
   Args:
-    spins: [L, N] configuration with values in {-1, 0, +1}.
+    spins: [..., L, N] configurations with values in {-1, 0, +1}.
     block, site: the spin to update (0-based).
     chain: the chain (its per-block Delta and per-site fields are used).
   Returns:
-    [3] probabilities of -1, 0, +1.
+    [..., 3] probabilities of -1, 0, +1.
   """
-  arr = _check_spins(spins, chain, "spins")
-  if not (0 <= block < chain.num_blocks and 0 <= site < chain.block_size):
+  arr = _check_spins(spins, chain, "spins", leading=None)
+  as_int(block, "block", 0)
+  as_int(site, "site", 0)
+  if not (block < chain.num_blocks and site < chain.block_size):
     raise ValueError(f"(block, site) = ({block}, {site}) is out of range for L = "
                      f"{chain.num_blocks}, N = {chain.block_size}.")
   params = chain.params()
-  spins = jnp.asarray(arr, params.coupling.dtype)
-  return _conditional(spins, spins.sum(-1), block, site, params)
+  return _conditional_batch(jnp.asarray(arr, params.coupling.dtype), block, site, params)
 
 
 def heat_bath_step(key, spins, pi, chain: BlockChain) -> jax.Array:
@@ -110,7 +126,7 @@ def heat_bath_step(key, spins, pi, chain: BlockChain) -> jax.Array:
   pi = np.asarray(pi, dtype=np.float64)
   if pi.shape != (chain.num_blocks,):
     raise ValueError(f"pi has shape {pi.shape}; expected [L] = [{chain.num_blocks}].")
-  _check_distribution(pi, chain, "pi")
+  check_distribution(pi, chain, "pi")
   params = chain.params()
   dtype = params.coupling.dtype
   spins = jnp.asarray(arr, dtype)
@@ -155,20 +171,16 @@ def run_heat_bath(key, chain: BlockChain, schedule: Schedule, num_chains: int, *
     `HeatBathResult(times [R + 1], magnetisation [R + 1, C, L], spins [C, L, N])`.
   """
   if not isinstance(schedule, Schedule):
-    raise ValueError(f"schedule must be a Schedule from make_schedule(); got {type(schedule).__name__}.")
+    raise ValueError("schedule must be a Schedule from make_schedule(); "
+                     f"got {type(schedule).__name__}.")
   if schedule.table.shape[1] != chain.num_blocks:
     raise ValueError(f"schedule is over {schedule.table.shape[1]} blocks; the chain has "
                      f"{chain.num_blocks}.")
-  _check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")
+  check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")
   _check_clamps(chain)
-  if isinstance(num_chains, bool) or not isinstance(num_chains, (int, np.integer)) or num_chains < 1:
-    raise ValueError(f"num_chains must be a positive integer; got {num_chains!r}.")
+  num_chains = as_int(num_chains, "num_chains", 1)
   num_steps = schedule.num_steps
-  record_every = num_steps if record_every is None else record_every
-  if (isinstance(record_every, bool) or not isinstance(record_every, (int, np.integer))
-      or record_every < 1 or num_steps % record_every):
-    raise ValueError(f"record_every = {record_every!r} must be a positive integer dividing "
-                     f"T = {num_steps}.")
+  record_every = check_record_every(record_every, num_steps)
   shape = (chain.num_blocks, chain.block_size)
   if initial_spins is None:
     spins0 = np.zeros((num_chains,) + shape)

@@ -42,7 +42,8 @@ class ChainParams(NamedTuple):
   block_size: jax.Array
 
 
-def _as_int(value, name: str, minimum: int) -> int:
+def as_int(value, name: str, minimum: int) -> int:
+  """`value` as an int >= `minimum`, or a ValueError naming `name` (API-boundary check)."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
   if value < minimum:
@@ -86,8 +87,8 @@ class BlockChain:
   clamped: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    num_blocks = _as_int(self.num_blocks, "num_blocks", 1)
-    block_size = _as_int(self.block_size, "block_size (N)", 1)
+    num_blocks = as_int(self.num_blocks, "num_blocks", 1)
+    block_size = as_int(self.block_size, "block_size (N)", 1)
     set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass
     set_("num_blocks", num_blocks)
     set_("block_size", block_size)
@@ -168,7 +169,7 @@ class BlockChain:
 
 def coupling_matrix(num_blocks: int, j_intra: float, j_inter: float) -> np.ndarray:
   """[L, L] tridiagonal block coupling matrix of Eq. 2 (float64)."""
-  num_blocks = _as_int(num_blocks, "num_blocks", 1)
+  num_blocks = as_int(num_blocks, "num_blocks", 1)
   coupling = np.diag(np.full(num_blocks, float(j_intra)))
   off = np.full(num_blocks - 1, float(j_inter))
   return coupling + np.diag(off, 1) + np.diag(off, -1)

@@ -32,7 +32,8 @@ def effective_fields(gamma, clean, noise, delta, fields):
   Returns:
     (delta_eff [L], fields_eff [L, N]).
   """
-  xp = jax.numpy if any(isinstance(a, jax.Array) for a in (gamma, clean, noise, delta, fields)) else np
+  arrays = (gamma, clean, noise, delta, fields)
+  xp = jax.numpy if any(isinstance(a, jax.Array) for a in arrays) else np
   gamma = xp.asarray(gamma)
   clean = xp.asarray(clean)
   fields = xp.asarray(fields)
@@ -74,6 +75,7 @@ def tilted_posterior(chain: BlockChain, gamma, clean, noise) -> BlockChain:
     raise ValueError(f"clean has shape {clean.shape}; expected a configuration [L, N] = "
                      f"{list(shape)} with values in {{-1, 0, +1}}.")
   if noise.shape != shape or not np.all(np.isfinite(noise)):
-    raise ValueError(f"noise has shape {noise.shape}; expected finite values of shape {list(shape)}.")
+    raise ValueError(f"noise has shape {noise.shape}; expected finite values of shape "
+                     f"{list(shape)}.")
   delta_eff, fields_eff = effective_fields(gamma, clean, noise, chain.delta, chain.fields)
   return chain.replace(delta=delta_eff, fields=fields_eff)

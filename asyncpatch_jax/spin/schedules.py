@@ -24,7 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax.spin.model import BlockChain
+from asyncpatch_jax.spin.model import BlockChain, as_int
 
 SCHEDULE_NAMES = ("parallel", "progressive_lr", "progressive_rl", "interleaved")
 
@@ -59,12 +59,24 @@ def schedule_weights(table, period, t):
   return table[(t // period) % table.shape[0]]
 
 
-def _check_distribution(pi: np.ndarray, chain: BlockChain, what: str) -> None:
+def check_record_every(record_every, num_steps: int) -> int:
+  """The recording stride: a positive integer dividing T (default T: final state only)."""
+  if record_every is None:
+    return num_steps
+  record_every = as_int(record_every, "record_every", 1)
+  if num_steps % record_every:
+    raise ValueError(f"record_every = {record_every} must divide T = {num_steps}.")
+  return record_every
+
+
+def check_distribution(pi: np.ndarray, chain: BlockChain, what: str) -> None:
   """Rows of `pi` ([..., L]) must be probability vectors over the hidden blocks."""
   if not np.all(np.isfinite(pi)):
-    raise ValueError(f"{what} holds non-finite values; expected probabilities over the hidden blocks.")
+    raise ValueError(f"{what} holds non-finite values; expected probabilities over the "
+                     "hidden blocks.")
   if np.any(pi < 0):
-    raise ValueError(f"{what} has a negative entry (min {pi.min():.4g}); probabilities must be >= 0.")
+    raise ValueError(f"{what} has a negative entry (min {pi.min():.4g}); probabilities must "
+                     "be >= 0.")
   if chain.clamped:
     observed = list(chain.clamped)
     mass = pi[..., observed]
@@ -74,8 +86,9 @@ def _check_distribution(pi: np.ndarray, chain: BlockChain, what: str) -> None:
   sums = pi.sum(-1)
   bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-6)
   if bad.size:
-    raise ValueError(f"{what} does not sum to 1 (row {bad[0]} sums to {np.ravel(sums)[bad[0]]:.6g}); "
-                     "a schedule is a probability distribution over the hidden blocks.")
+    raise ValueError(f"{what} does not sum to 1 (row {bad[0]} sums to "
+                     f"{np.ravel(sums)[bad[0]]:.6g}); a schedule is a probability distribution "
+                     "over the hidden blocks.")
 
 
 def make_schedule(spec, chain: BlockChain, num_steps: int, *,
@@ -93,9 +106,7 @@ def make_schedule(spec, chain: BlockChain, num_steps: int, *,
   Returns:
     A `Schedule`.
   """
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps (T) must be a positive integer; got {num_steps!r}.")
-  num_steps = int(num_steps)
+  num_steps = as_int(num_steps, "num_steps (T)", 1)
   hidden = list(chain.hidden)
   num_blocks = chain.num_blocks
   if isinstance(spec, str):
@@ -106,10 +117,8 @@ def make_schedule(spec, chain: BlockChain, num_steps: int, *,
     if spec == "parallel":
       return Schedule(spec, one_hot.mean(0, keepdims=True), 1, num_steps)
     if spec == "interleaved":
-      if (isinstance(interleave_steps, bool) or not isinstance(interleave_steps, (int, np.integer))
-          or interleave_steps < 1):
-        raise ValueError(f"interleave_steps (T_int) must be a positive integer; got {interleave_steps!r}.")
-      return Schedule(spec, one_hot, int(interleave_steps), num_steps)
+      interleave_steps = as_int(interleave_steps, "interleave_steps (T_int)", 1)
+      return Schedule(spec, one_hot, interleave_steps, num_steps)
     if num_steps % len(hidden):
       raise ValueError(f"schedule {spec!r} splits T = {num_steps} steps into |H| = {len(hidden)} "
                        f"phases of T_phase = T / |H| steps, but {num_steps} is not divisible by "
@@ -119,10 +128,10 @@ def make_schedule(spec, chain: BlockChain, num_steps: int, *,
 
   pi = np.asarray(spec, dtype=np.float64)
   if pi.shape == (num_blocks,):
-    _check_distribution(pi, chain, "schedule vector pi")
+    check_distribution(pi, chain, "schedule vector pi")
     return Schedule("custom", pi[None], 1, num_steps)
   if pi.shape == (num_steps, num_blocks):
-    _check_distribution(pi, chain, "schedule pi^(t)")
+    check_distribution(pi, chain, "schedule pi^(t)")
     return Schedule("custom", pi, 1, num_steps)
   raise ValueError(f"schedule array has shape {pi.shape}; expected [L] = [{num_blocks}] or "
                    f"[T, L] = [{num_steps}, {num_blocks}].")
