@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import linear_maps
 from asyncpatch_jax import pifs
 from asyncpatch_jax.patch_stats import patch_grid, patch_permutation, patchify, unpatchify
 from asyncpatch_jax.pifs_operators import as_partial
@@ -72,9 +73,7 @@ def _unit(v, axis=None):
 
 def _linearized(fn, x):
   """(jvp, vjp) of fn at x: the forward pass runs once, both maps are linear."""
-  _, jvp = jax.linearize(fn, x)
-  transpose = jax.linear_transpose(jvp, x)
-  return jvp, lambda u: transpose(u)[0]
+  return linear_maps.linearized(fn, x)
 
 
 # -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import linear_maps
 from asyncpatch_jax.pifs_operators import Chain, as_partial
 
 
@@ -89,10 +90,8 @@ class LyapunovSpectrum(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "num_steps"))
 def _subspace_core(chain, x, q0, tol, num_iters, num_steps):
-  _, jvp = jax.linearize(lambda z: _apply_chain(chain, z), x)
-  transpose = jax.linear_transpose(jvp, x)
-  bjvp = jax.vmap(jvp)
-  bvjp = jax.vmap(lambda u: transpose(u)[0])
+  jvp, vjp = linear_maps.linearized(lambda z: _apply_chain(chain, z), x)
+  bjvp, bvjp = jax.vmap(jvp), jax.vmap(vjp)
   k = q0.shape[0]
 
   def ritz(q):

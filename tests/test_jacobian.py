@@ -210,3 +210,53 @@ def test_bad_inputs():
     jac.block_norms(lambda z: 2 * z, x, patch_size=2, method="svd")
   with pytest.raises(ValueError, match=r"vectors has shape"):
     jac.diagonal_rayleigh(lambda z: 2 * z, x, np.ones((3, 8)), patch_size=2)
+
+
+def _conv_specs(closed):
+  """rhs_spec of every convolution in a jaxpr, nested jaxprs included."""
+  from jax.extend import core as jex  # pylint: disable=import-outside-toplevel
+  out = []
+  todo = [closed.jaxpr]
+  while todo:
+    jp = todo.pop()
+    for eqn in jp.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        out.append(tuple(eqn.params["dimension_numbers"].rhs_spec))
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, tuple) else (v,)):
+          if isinstance(sub, jex.ClosedJaxpr):
+            todo.append(sub.jaxpr)
+          elif isinstance(sub, jex.Jaxpr):
+            todo.append(sub)
+  return out
+
+
+def test_linearized_maps_have_canonical_convolutions():
+  """`linear_maps.linearized`: J^T u equals jax.vjp's, and every convolution of the
+  transposed map (strided, inside a scan) uses the HWIO kernel layout."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax import linear_maps  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Conv(8, (3, 3), strides=2)(x[None])
+      h = nn.GroupNorm(4)(nn.swish(h))
+      h = jnp.repeat(jnp.repeat(h, 2, 1), 2, 2)
+      return nn.Conv(x.shape[-1], (3, 3))(h)[0]
+
+  x = jax.random.normal(jax.random.key(0), (8, 8, 2))
+  params = Net().init(jax.random.key(1), x)
+  step = lambda z: z + 0.1 * Net().apply(params, z)
+  fn = lambda z: jax.lax.scan(lambda c, _: (step(c), None), z, None, length=2)[0]
+  u = jax.random.normal(jax.random.key(2), x.shape)
+  jvp, vjp = linear_maps.linearized(fn, x)
+  ref_vjp = jax.vjp(fn, x)[1](u)[0]
+  np.testing.assert_allclose(np.asarray(jax.jit(vjp)(u)), np.asarray(ref_vjp), rtol=2e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.vmap(jvp)(u[None]))[0],
+                             np.asarray(jax.jvp(fn, (x,), (u,))[1]), rtol=2e-5, atol=1e-6)
+  specs = _conv_specs(jax.make_jaxpr(vjp)(u))
+  assert specs and all(s == (3, 2, 0, 1) for s in specs)
+  plain = jax.linear_transpose(jax.linearize(fn, x)[1], x)
+  assert any(s != (3, 2, 0, 1) for s in _conv_specs(jax.make_jaxpr(plain)(u)))
