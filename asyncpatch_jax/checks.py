@@ -1,0 +1,71 @@
+"""Input validation at the API boundary: clear `ValueError`s before anything compiles.
+
+Shape checks always run (shapes are static, also under `jax.jit`); value checks
+(ranges, 0/1 masks) run whenever the array is concrete, i.e. outside a trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when `x` holds values (not a tracer inside jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_image(x, name: str = "x") -> None:
+  """An image batch must be `[B, H, W, C]`."""
+  if np.ndim(x) != 4:
+    raise ValueError(
+        f"{name} has shape {tuple(np.shape(x))}; expected an image batch [B, H, W, C].")
+
+
+def check_time(t, image_shape: Sequence[int], name: str = "t") -> None:
+  """A time is `[B]` (per image) or `[B, H, W]` (per pixel) with values in [0, 1]."""
+  b, h, w = image_shape[:3]
+  shape = tuple(np.shape(t))
+  if shape not in ((b,), (b, h, w)):
+    raise ValueError(
+        f"{name} has shape {shape}; expected a per-image time [{b}] or a per-pixel "
+        f"time map [{b}, {h}, {w}] matching the image of shape {tuple(image_shape)}.")
+  if is_concrete(t):
+    arr = np.asarray(t)
+    if arr.size and (np.isnan(arr).any() or arr.min() < 0.0 or arr.max() > 1.0):
+      raise ValueError(
+          f"{name} has values in [{np.nanmin(arr):.4g}, {np.nanmax(arr):.4g}]"
+          f"{' (with NaN)' if np.isnan(arr).any() else ''}; times must lie in [0, 1] "
+          "(0 = clean, 1 = noise).")
+
+
+def check_mask(mask, shape: Sequence[int], name: str = "mask") -> np.ndarray:
+  """A mask has the given shape and only 0/1 values (1 = known pixel). Returns it as float32."""
+  arr = np.asarray(mask)
+  if arr.shape != tuple(shape):
+    raise ValueError(f"{name} has shape {arr.shape}; expected {tuple(shape)} "
+                     "(1 = known pixel, 0 = pixel to generate).")
+  values = np.unique(arr)
+  if not np.all(np.isin(values, (0, 1))):
+    raise ValueError(f"{name} has values {values[:8].tolist()}"
+                     f"{'...' if values.size > 8 else ''}; a mask holds only 0 and 1 "
+                     "(1 = known pixel, 0 = pixel to generate).")
+  return arr.astype(np.float32)
+
+
+def check_divisible(size: int, divisor: int, name: str, what: str) -> None:
+  """`size` must be a multiple of `divisor`."""
+  if divisor <= 0 or size % divisor:
+    raise ValueError(f"{name}={size} is not divisible by {divisor} ({what}).")
+
+
+def check_choice(value: str, choices: Sequence[str], name: str) -> None:
+  """`value` must be one of `choices`; the error names the close matches."""
+  if value not in choices:
+    import difflib
+    close = difflib.get_close_matches(str(value), list(choices), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"Unknown {name} {value!r}; expected one of "
+                     f"{', '.join(repr(c) for c in choices)}.{hint}")

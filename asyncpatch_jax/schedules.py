@@ -1,0 +1,225 @@
+"""Spatial noise schedules: the tensor `tau [N+1, H, W]` (or `[N+1, B, H, W]`) and its constructors.
+
+A spatial schedule gives every pixel its own time at every sampler step
+(AsyncPatch Sec. 3.2): `tau[0]` are the start times, `tau[N] = 0`, and each
+pixel's time is non-increasing in the step index. Step k of the sampler moves
+pixel i from `tau[k, i]` to `tau[k + 1, i]`; a pixel whose time does not change
+is left untouched, and pixels at 0 throughout are the known ones.
+
+Constructors (NumPy, built once on the host, validated, then fed to the compiled
+sampler as data, so every schedule of the same shape reuses one compilation):
+  synchronous        all pixels 1 -> 0 together (standard diffusion);
+  inpainting         Eq. 4: known pixels (mask = 1) stay at 0, the rest go 1 -> 0;
+  outpainting        a known box inside a larger canvas, the border generated
+                     (optionally in K bands outward);
+  autoregressive     raster-ordered patch groups, each 1 -> 0 in turn (the
+                     piecewise-linear tau of Sec. 3.2);
+  progressive        K stripes of the unknown region, by distance from the known
+                     boundary, filled one after another from the boundary inward
+                     (Growing Images Sec. 2);
+  interleaved        the same stripes visited round-robin, each visit lowering the
+                     stripe's time by 1/R (Growing Images Sec. 3, T_int steps a visit);
+  from_stages        the general engine behind the last four.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from asyncpatch_jax import checks
+
+KNOWN = -1  # group id of known pixels in a group map
+
+
+def validate_schedule(tau, image_hw: Sequence[int] | None = None,
+                      batch: int | None = None, name: str = "tau") -> np.ndarray:
+  """Checks a user schedule and returns it as float32 `[N+1, (B,) H, W]`.
+
+  Raises ValueError naming the first violation: wrong rank or shape, values outside
+  [0, 1], a time that increases from one step to the next, a last step that is not 0.
+  """
+  tau = np.asarray(tau, dtype=np.float64)
+  if tau.ndim not in (3, 4):
+    raise ValueError(f"{name} has shape {tau.shape}; expected [N+1, H, W] or "
+                     "[N+1, B, H, W].")
+  if tau.shape[0] < 2:
+    raise ValueError(f"{name} has {tau.shape[0]} time slices; a schedule needs N+1 >= 2.")
+  if image_hw is not None and tuple(tau.shape[-2:]) != tuple(image_hw):
+    raise ValueError(f"{name} has spatial shape {tau.shape[-2:]}; expected "
+                     f"{tuple(image_hw)} to match the image.")
+  if batch is not None and tau.ndim == 4 and tau.shape[1] != batch:
+    raise ValueError(f"{name} has batch size {tau.shape[1]}; expected {batch}.")
+  if not np.isfinite(tau).all():
+    raise ValueError(f"{name} holds non-finite values.")
+  if tau.min() < 0.0 or tau.max() > 1.0:
+    raise ValueError(f"{name} has values in [{tau.min():.4g}, {tau.max():.4g}]; times "
+                     "must lie in [0, 1].")
+  inc = np.argwhere(tau[1:] > tau[:-1])
+  if inc.size:
+    k, *pix = inc[0]
+    raise ValueError(
+        f"{name} increases in time at step {k} -> {k + 1}, pixel {tuple(pix)}: "
+        f"{tau[(k, *pix)]:.4g} -> {tau[(k + 1, *pix)]:.4g}; each pixel's time must be "
+        "non-increasing along the steps.")
+  if np.any(tau[-1] != 0.0):
+    raise ValueError(f"{name}[-1] has values up to {tau[-1].max():.4g}; a schedule must "
+                     "end at 0 (clean) for every pixel.")
+  return tau.astype(np.float32)
+
+
+def _check_steps(num_steps: int, name: str = "num_steps") -> None:
+  if int(num_steps) != num_steps or num_steps < 1:
+    raise ValueError(f"{name}={num_steps}; expected a positive integer.")
+
+
+def _ramp(num_steps: int, t_start: float = 1.0) -> np.ndarray:
+  """t_start * (1 - k / N) for k = 0..N: [N+1]."""
+  return t_start * (1.0 - np.arange(num_steps + 1, dtype=np.float64) / num_steps)
+
+
+def synchronous(num_steps: int, height: int, width: int,
+                t_start: float = 1.0) -> np.ndarray:
+  """All pixels go from t_start to 0 together: `[N+1, H, W]`."""
+  _check_steps(num_steps)
+  if not 0.0 < t_start <= 1.0:
+    raise ValueError(f"t_start={t_start}; expected 0 < t_start <= 1.")
+  tau = _ramp(num_steps, t_start)[:, None, None] * np.ones((1, height, width))
+  return validate_schedule(tau)
+
+
+def _check_mask_2d_or_3d(mask, name="mask") -> np.ndarray:
+  arr = np.asarray(mask)
+  if arr.ndim not in (2, 3):
+    raise ValueError(f"{name} has shape {arr.shape}; expected [H, W] or [B, H, W] "
+                     "(1 = known pixel, 0 = pixel to generate).")
+  return checks.check_mask(arr, arr.shape, name)
+
+
+def inpainting(mask, num_steps: int) -> np.ndarray:
+  """AsyncPatch Eq. 4: tau_i(u) = (1 - m_i)(1 - u); known pixels stay at 0.
+
+  mask: [H, W] or [B, H, W], 1 = known. Returns `[N+1, H, W]` or `[N+1, B, H, W]`.
+  """
+  _check_steps(num_steps)
+  m = _check_mask_2d_or_3d(mask)
+  tau = _ramp(num_steps).reshape((-1,) + (1,) * m.ndim) * (1.0 - m)[None]
+  return validate_schedule(tau)
+
+
+def box_mask(height: int, width: int, box: Sequence[int]) -> np.ndarray:
+  """A [H, W] mask with 1 inside `box = (top, left, box_height, box_width)`."""
+  top, left, bh, bw = (int(v) for v in box)
+  if bh < 1 or bw < 1 or top < 0 or left < 0 or top + bh > height or left + bw > width:
+    raise ValueError(f"box={tuple(box)} (top, left, height, width) does not fit in a "
+                     f"{height}x{width} image.")
+  m = np.zeros((height, width), np.float32)
+  m[top:top + bh, left:left + bw] = 1.0
+  return m
+
+
+def from_stages(groups, stages: Sequence[tuple[int, int, float]]) -> np.ndarray:
+  """The general staged schedule: groups move in turn, linearly in the step index.
+
+  Args:
+    groups: int [H, W] or [B, H, W]; group ids 0..G-1, or KNOWN (-1) for known pixels.
+      All groups start at t = 1.
+    stages: (group, steps, t_end) triples, run in order; during a stage only that
+      group moves, linearly from its current time to t_end over `steps` steps.
+  Returns:
+    tau: [N+1, (B,) H, W] with N = sum of steps; validated (ends at 0).
+  """
+  groups = np.asarray(groups)
+  level = np.where(groups == KNOWN, 0.0, 1.0)
+  slices = [level.copy()]
+  for g, steps, t_end in stages:
+    _check_steps(steps, "steps of a stage")
+    sel = groups == g
+    start = level[sel][0] if sel.any() else t_end
+    for k in range(1, steps + 1):
+      level = np.where(sel, start + (t_end - start) * k / steps, level)
+      slices.append(level.copy())
+  return validate_schedule(np.stack(slices))
+
+
+def autoregressive(height: int, width: int, grid: Sequence[int],
+                   steps_per_group: int) -> np.ndarray:
+  """Raster-ordered generation of a `grid = (rows, cols)` of patches (AsyncPatch Sec. 3.2).
+
+  Group k (raster order, k = 1..K) follows tau(u) = clip(K (k/K - u), 0, 1): fully
+  noisy before its stage, linear to 0 during it, clean after. `[K * steps + 1, H, W]`.
+  """
+  rows, cols = (int(g) for g in grid)
+  checks.check_divisible(height, rows, "height", f"grid rows={rows} must divide it")
+  checks.check_divisible(width, cols, "width", f"grid cols={cols} must divide it")
+  ph, pw = height // rows, width // cols
+  ids = (np.arange(height)[:, None] // ph) * cols + np.arange(width)[None, :] // pw
+  return from_stages(ids, [(k, steps_per_group, 0.0) for k in range(rows * cols)])
+
+
+def stripe_groups(mask, num_stripes: int) -> np.ndarray:
+  """Splits the unknown pixels of `mask` into K stripes by distance from the known region.
+
+  Stripe 0 touches the known boundary, stripe K-1 is the deepest. For a half-image
+  mask these are the K vertical stripes of Growing Images Sec. 2. Distances are
+  Euclidean (scipy's distance transform), binned into K equal-width intervals.
+  mask: [H, W] or [B, H, W], 1 = known (at least one known pixel per image).
+  Returns int [H, W] / [B, H, W] group ids with KNOWN for known pixels.
+  """
+  if int(num_stripes) != num_stripes or num_stripes < 1:
+    raise ValueError(f"num_stripes={num_stripes}; expected a positive integer.")
+  m = _check_mask_2d_or_3d(mask)
+  if m.ndim == 3:
+    return np.stack([stripe_groups(mi, num_stripes) for mi in m])
+  if not m.any():
+    raise ValueError("mask has no known pixel; progressive schedules grow from the known "
+                     "region (use synchronous for unconditional generation).")
+  unknown = m == 0
+  dist = ndimage.distance_transform_edt(unknown)  # distance to the nearest known pixel
+  groups = np.full(m.shape, KNOWN, np.int64)
+  if unknown.any():
+    d = dist[unknown]
+    lo, hi = d.min(), d.max()
+    frac = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
+    groups[unknown] = np.minimum((frac * num_stripes).astype(np.int64), num_stripes - 1)
+  return groups
+
+
+def progressive(mask, num_stripes: int, steps_per_stripe: int) -> np.ndarray:
+  """K stripes filled one after another from the known boundary inward.
+
+  Each stripe runs 1 -> 0 over `steps_per_stripe` steps while the deeper ones stay
+  at 1 (Growing Images Sec. 2: T steps per stripe, K * T in all). K = 1 is inpainting.
+  """
+  groups = stripe_groups(mask, num_stripes)
+  return from_stages(groups, [(j, steps_per_stripe, 0.0) for j in range(num_stripes)])
+
+
+def interleaved(mask, num_stripes: int, num_rounds: int, steps_per_visit: int) -> np.ndarray:
+  """The stripes visited round-robin; visit r of a stripe lowers it to 1 - (r+1)/R.
+
+  Growing Images Sec. 3: concentrated on one region at a time like progressive, but
+  every region is revisited R times, T_int = steps_per_visit steps a visit.
+  """
+  _check_steps(num_rounds, "num_rounds")
+  groups = stripe_groups(mask, num_stripes)
+  stages = [(j, steps_per_visit, 1.0 - (r + 1) / num_rounds)
+            for r in range(num_rounds) for j in range(num_stripes)]
+  return from_stages(groups, stages)
+
+
+def outpainting(height: int, width: int, known_box: Sequence[int], num_steps: int,
+                num_bands: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Generates the canvas around a known box; returns `(tau, mask)`.
+
+  With num_bands = 1 the whole border is generated together (Eq. 4 on the box mask);
+  with K > 1 it grows outward in K bands of num_steps // K steps each.
+  """
+  mask = box_mask(height, width, known_box)
+  if num_bands == 1:
+    return inpainting(mask, num_steps), mask
+  if num_steps % num_bands:
+    raise ValueError(f"num_steps={num_steps} is not divisible by num_bands={num_bands}.")
+  return progressive(mask, num_bands, num_steps // num_bands), mask

@@ -1,0 +1,78 @@
+"""Spatial schedules against their closed forms (AsyncPatch Sec. 3.2, Growing Images Sec. 2-3)."""
+
+import numpy as np
+import pytest
+
+from asyncpatch_jax import schedules
+
+
+def test_synchronous_and_inpainting_closed_forms():
+  tau = schedules.synchronous(4, 2, 3)
+  np.testing.assert_allclose(tau[:, 0, 0], [1, 0.75, 0.5, 0.25, 0])
+  mask = np.array([[1, 0], [0, 1]])
+  tau = schedules.inpainting(mask, 5)
+  u = np.arange(6) / 5
+  np.testing.assert_allclose(tau, (1 - mask)[None] * (1 - u)[:, None, None], atol=1e-7)
+
+
+def test_autoregressive_matches_the_papers_piecewise_linear_tau():
+  h = w = 4
+  grid, spg = (2, 2), 3
+  tau = schedules.autoregressive(h, w, grid, spg)
+  K = 4
+  n = K * spg
+  assert tau.shape == (n + 1, h, w)
+  for i in range(h):
+    for j in range(w):
+      k = (i // 2) * 2 + j // 2 + 1          # raster order, 1-based
+      u = np.arange(n + 1) / n
+      ref = np.clip(K * (k / K - u), 0.0, 1.0)  # AsyncPatch Sec. 3.2
+      np.testing.assert_allclose(tau[:, i, j], ref, atol=1e-6)
+
+
+def test_progressive_fills_stripes_from_the_boundary_inward():
+  mask = np.zeros((4, 8)); mask[:, :4] = 1     # left half known (Growing Images Sec. 2)
+  groups = schedules.stripe_groups(mask, 2)
+  np.testing.assert_array_equal(groups[0], [-1, -1, -1, -1, 0, 0, 1, 1])
+  tau = schedules.progressive(mask, 2, 3)
+  assert tau.shape == (7, 4, 8)
+  np.testing.assert_allclose(tau[:, 0, 4], [1, 2 / 3, 1 / 3, 0, 0, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(tau[:, 0, 7], [1, 1, 1, 1, 2 / 3, 1 / 3, 0], atol=1e-6)
+  assert np.all(tau[:, :, :4] == 0)
+  # K = 1 is plain inpainting.
+  np.testing.assert_allclose(schedules.progressive(mask, 1, 5), schedules.inpainting(mask, 5))
+
+
+def test_interleaved_visits_round_robin():
+  mask = np.zeros((2, 6)); mask[:, :2] = 1
+  tau = schedules.interleaved(mask, num_stripes=2, num_rounds=2, steps_per_visit=2)
+  assert tau.shape == (9, 2, 6)
+  near, far = tau[:, 0, 2], tau[:, 0, 5]
+  np.testing.assert_allclose(near, [1, .75, .5, .5, .5, .25, 0, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(far, [1, 1, 1, .75, .5, .5, .5, .25, 0], atol=1e-6)
+
+
+def test_outpainting_grows_outward_from_a_box():
+  tau, mask = schedules.outpainting(6, 6, (2, 2, 2, 2), num_steps=4, num_bands=2)
+  assert mask.sum() == 4 and np.all(tau[:, 2:4, 2:4] == 0)
+  assert tau[2, 1, 2] == 0.0 and tau[2, 0, 0] == 1.0   # inner band done before the corner
+
+
+def test_batched_masks_give_batched_schedules():
+  masks = np.zeros((2, 4, 4)); masks[0, :, :2] = 1; masks[1, :2] = 1
+  tau = schedules.progressive(masks, 2, 2)
+  assert tau.shape == (5, 2, 4, 4)
+  np.testing.assert_allclose(tau[:, 0], schedules.progressive(masks[0], 2, 2))
+
+
+def test_bad_inputs_raise():
+  with pytest.raises(ValueError, match="grid rows=3"):
+    schedules.autoregressive(4, 4, (3, 1), 2)
+  with pytest.raises(ValueError, match="no known pixel"):
+    schedules.progressive(np.zeros((4, 4)), 2, 2)
+  with pytest.raises(ValueError, match="does not fit"):
+    schedules.box_mask(4, 4, (3, 3, 2, 2))
+  with pytest.raises(ValueError, match="num_steps"):
+    schedules.synchronous(0, 4, 4)
+  with pytest.raises(ValueError, match=r"expected \[H, W\] or \[B, H, W\]"):
+    schedules.inpainting(np.zeros(4), 3)
