@@ -1,0 +1,118 @@
+"""The full set of config keys with their defaults; every file in configs/ starts from it.
+
+Keeping every key here means a `--config.<key>=value` override of a key that does
+not exist fails (the config is locked) and names the close matches.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all experiments (AsyncPatch App. E where the paper fixes them)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = dict(
+      dataset="digits",      # see asyncpatch_jax.datasets.DATASETS
+      data_dir="",           # prepared TFDS directory (real datasets only)
+      options={},            # extra keyword arguments of the dataset source
+  )
+
+  config.model = dict(
+      out_channels=1,
+      base_channels=32,
+      channel_mult=(1, 2, 2),
+      num_res_blocks=(1, 1, 1),
+      num_middle_blocks=1,
+      attention_resolutions=(4,),
+      head_dim=32,
+      time_embed_dim=64,
+      num_classes=10,        # 0 = unconditional
+      dropout=0.0,
+      norm="group",
+      num_groups=32,
+      dtype="float32",       # compute dtype: float32 | bfloat16 (params stay float32)
+  )
+
+  config.timesteps = dict(
+      sampler="asyncpatch",  # global | independent | patchwise | perlin | asyncpatch
+      t_min=0.0,
+      t_max=1.0,
+      patch_sizes=(),        # () -> powers of two from 2 to H/2
+      perlin_cells=(4, 8, 16),
+      perlin_octaves=3,
+      perlin_threshold=(-0.2, 0.2),
+      antithetic=False,
+  )
+
+  config.loss = dict(
+      weighting="sigmoid",   # sigmoid (SiD2) | mse
+      bias=0.0,              # b of the sigmoid weighting
+      mu_reg=0.0,            # weight of the PIFS collage regulariser (0 = off)
+      reg_patch_size=4,      # block size of the collage regulariser
+      reg_probes=1,          # random probes per step
+  )
+
+  config.optim = dict(
+      learning_rate=1e-3,
+      warmup_steps=100,
+      decay="cosine",        # cosine | constant
+      end_lr_ratio=0.05,     # final lr / peak lr for cosine
+      b1=0.9,
+      b2=0.99,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,
+  )
+
+  config.train = dict(
+      batch_size=128,        # global batch
+      num_steps=2000,
+      label_dropout=0.1,     # p of replacing the label by the null class (CFG)
+      ema_decay=0.999,
+      fsdp=1,                # size of the mesh's fsdp axis (1 = pure data parallel)
+      log_every=100,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      sample_every=0,        # sample grids every N steps (0 = only at the end)
+      progress_bar=True,
+  )
+
+  config.sample = dict(
+      num_steps=50,          # sampler steps of a synchronous schedule
+      eta=0.25,              # stochastic coefficient (AsyncPatch App. E)
+      guidance=2.0,          # classifier-free guidance weight w_c (Eq. 6-7)
+      input_guidance=0.0,    # input guidance weight w_i (Eq. 8)
+      input_guidance_t=0.6,  # extra noise level of the guidance region
+      num_images=64,         # images per grid
+      batch_size=64,
+  )
+
+  config.eval = dict(
+      num_samples=512,       # samples scored at the end of training (0 = skip)
+      classifier_steps=600,  # steps of the in-project digit classifier
+  )
+  return config
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config so that overrides of unknown keys fail."""
+  config.lock()
+  return config
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file such as `configs/default.py`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist; the configs are in configs/ "
+                     "at the repository root (e.g. configs/default.py).")
+  spec = importlib.util.spec_from_file_location(
+      "asyncpatch_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,55 @@
+"""Denoising networks. `build_unet(config.model)` maps a config to the typed module."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from asyncpatch_jax.models.unet import UNet
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_unet(model_config) -> UNet:
+  """The UNet described by a `config.model` ConfigDict (see configs/)."""
+  dtype = model_config.get("dtype", "float32")
+  if dtype not in _DTYPES:
+    raise ValueError(f"model.dtype={dtype!r}; expected one of {sorted(_DTYPES)}.")
+  return UNet(
+      out_channels=model_config.out_channels,
+      base_channels=model_config.base_channels,
+      channel_mult=tuple(model_config.channel_mult),
+      num_res_blocks=tuple(model_config.num_res_blocks),
+      num_middle_blocks=model_config.num_middle_blocks,
+      attention_resolutions=tuple(model_config.attention_resolutions),
+      head_dim=model_config.head_dim,
+      time_embed_dim=model_config.time_embed_dim,
+      num_classes=model_config.num_classes,
+      dropout=model_config.dropout,
+      norm=model_config.norm,
+      num_groups=model_config.num_groups,
+      dtype=_DTYPES[dtype],
+  )
+
+
+def example_inputs(model: UNet, image_shape, batch: int = 1):
+  """Zero inputs (z, t, y) of the right shapes for `model.init` / `jax.eval_shape`."""
+  z = jnp.zeros((batch, *image_shape), jnp.float32)
+  y = jnp.zeros((batch,), jnp.int32) if model.num_classes else None
+  return z, jnp.zeros((batch,), jnp.float32), y
+
+
+def init_params(model: UNet, key: jax.Array, image_shape, *, out_shardings=None):
+  """`model.init(...)["params"]` for images `[H, W, C]`, compiled once.
+
+  On CPU the one-off initialisation program is compiled without backend
+  optimisation (its random initialisers are slow to optimise, ~4x the compile time,
+  and run once).
+  """
+  z, t, y = example_inputs(model, image_shape)
+  init = jax.jit(lambda k: model.init(k, z, t, y)["params"], out_shardings=out_shardings)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  return init.lower(key).compile(compiler_options=options)(key)
+
+
+__all__ = ["UNet", "build_unet", "example_inputs", "init_params"]

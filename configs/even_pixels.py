@@ -1,0 +1,18 @@
+"""Unconditional model of Even Pixels (IPR App. C.4): 32x32 two-colour balanced images.
+
+  python -m asyncpatch_jax.main --config=configs/even_pixels.py --workdir=/tmp/asyncpatch_even
+"""
+
+from asyncpatch_jax import base_config
+
+
+def get_config():
+  config = base_config.get_base_config()
+  config.data.dataset = "even_pixels"
+  config.model.update(out_channels=3, base_channels=48, channel_mult=(1, 2, 2),
+                      num_res_blocks=(2, 2, 2), attention_resolutions=(8,),
+                      time_embed_dim=96, num_classes=0, num_groups=16)
+  config.train.update(batch_size=64, num_steps=20_000, checkpoint_every=2000)
+  config.sample.guidance = 0.0
+  config.eval.num_samples = 0
+  return base_config.finalize(config)
