@@ -169,15 +169,17 @@ def differentiable_spectral_norm(apply_fn: Callable, params, x, *, key,
 # -----------------------------------------------------------------------------
 
 
-def materialize_jacobian(fn: Callable, x, *, batch_size: int = 256) -> jax.Array:
+def materialize_jacobian(fn: Callable, x, *, batch_size: int | None = None) -> jax.Array:
   """The full Jacobian `[n, n]` (n = H W C, flattened row-major) by vmapped JVPs.
 
   Column i is `J e_i`; the basis vectors are built on the fly and pushed through
-  `jax.linearize(fn, x)` in vmapped chunks of `batch_size` (`lax.map`).
+  `jax.linearize(fn, x)` in vmapped chunks of `batch_size` (`lax.map`; default
+  `auto_batch_size`).
   """
   check_image_map(fn, x)
   x = jnp.asarray(x)
-  return _materialize_core(as_partial(fn), x, int(batch_size))
+  return _materialize_core(as_partial(fn), x,
+                           int(batch_size or auto_batch_size(x.size, x.size)))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -199,10 +201,24 @@ def _blocks_of(jac, image_shape, patch_size):
 
 
 @functools.partial(jax.jit, static_argnames=("patch_size", "batch_size"))
-def _block_exact_core(fn, x, patch_size, batch_size):
-  jac = _materialize_core(fn, x, batch_size)
-  blocks = _blocks_of(jac, x.shape, patch_size)
-  return jnp.linalg.svd(blocks, compute_uv=False)[..., 0]
+def _block_gram_core(fn, x, patch_size, batch_size):
+  """Gram matrices [J]_kj^T [J]_kj `[M, M, n_k, n_k]` of the materialised Jacobian."""
+  blocks = _blocks_of(_materialize_core(fn, x, batch_size), x.shape, patch_size)
+  return jnp.einsum("kjab,kjac->kjbc", blocks, blocks)
+
+
+def _block_exact(fn, x, patch_size, batch_size):
+  """||[J]_kj|| = sqrt(lambda_max([J]_kj^T [J]_kj)) from a symmetric eigensolver.
+
+  XLA:CPU's batched SVD/eigh of 100+ sized matrices is ~30x slower than LAPACK,
+  so concrete Gram matrices go to NumPy's `eigvalsh` (float64); traced ones stay
+  in jnp.
+  """
+  gram = _block_gram_core(fn, x, patch_size, batch_size)
+  if isinstance(gram, jax.core.Tracer):
+    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[..., -1], 0.0))
+  top = np.linalg.eigvalsh(np.asarray(gram, dtype=np.float64))[..., -1]
+  return jnp.asarray(np.sqrt(np.maximum(top, 0.0)), x.dtype)
 
 
 def _embed(v, image_shape, patch_size, at_input):
@@ -221,15 +237,34 @@ def _extract(imgs, patch_size, at_output):
   return jnp.einsum("kjmn,km->kjn" if at_output else "kjmn,jm->kjn", p, eye)
 
 
-@functools.partial(jax.jit, static_argnames=("patch_size", "num_iters"))
-def _block_power_core(fn, x, v0, tol, patch_size, num_iters):
+def auto_batch_size(n: int, total: int) -> int:
+  """Vectors per vmapped chunk for maps on n-entry images.
+
+  On CPU the batch of activations should stay cache-sized: about 2^17 / n
+  vectors (a power of two), measured best in `bench_jacobian.py`; elsewhere all
+  `total` at once.
+  """
+  if jax.default_backend() != "cpu":
+    return total
+  return int(min(total, max(1, 2 ** round(np.log2(2**17 / n)))))
+
+
+def _batched(f, xs, batch_size):
+  """vmap f over the leading axis of xs, in vmapped chunks of batch_size (lax.map)."""
+  if batch_size is None or batch_size >= xs.shape[0]:
+    return jax.vmap(f)(xs)
+  return jax.lax.map(f, xs, batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("patch_size", "num_iters", "batch_size"))
+def _block_power_core(fn, x, v0, tol, patch_size, num_iters, batch_size=None):
   jvp, vjp = _linearized(fn, x)
   shape = x.shape
   m = v0.shape[0]
   flat = lambda imgs: imgs.reshape((m * m,) + shape)
   unflat = lambda imgs: imgs.reshape((m, m) + shape)
-  bjvp = lambda imgs: unflat(jax.vmap(jvp)(flat(imgs)))
-  bvjp = lambda imgs: unflat(jax.vmap(vjp)(flat(imgs)))
+  bjvp = lambda imgs: unflat(_batched(jvp, flat(imgs), batch_size))
+  bvjp = lambda imgs: unflat(_batched(vjp, flat(imgs), batch_size))
 
   def apply_block(v):  # [J]_kj v_kj for every (k, j)
     return _extract(bjvp(_embed(v, shape, patch_size, True)), patch_size, True)
@@ -255,7 +290,7 @@ class BlockNormCosts(NamedTuple):
   jvp: float  # one linearised JVP
   vjp: float  # one linearised VJP
   power: float  # num_iters * M^2 * (jvp + vjp)
-  exact: float  # n * jvp + M^2 * svd(n_k)
+  exact: float  # n * jvp + M^2 * svd(n_k) (top singular value of each block)
   exact_bytes: int  # memory of the materialised Jacobian
   choice: str  # "power" or "exact"
 
@@ -275,12 +310,12 @@ def _flops(f, *args) -> float:
   return float(analysis.get("flops", 0.0)) if analysis else 0.0
 
 
-# Flops of the singular values of an m x m matrix, per m^3: Householder
-# bidiagonalisation (8/3 m^3, Golub & Van Loan Alg. 5.4.2) plus the implicit-QR
-# sweeps; LAPACK's small-matrix SVD runs several times slower per flop than the
-# convolutions of a forward pass, which the weight folds in (bench_jacobian.py
-# measures it).
-SVD_FLOPS_PER_M3 = 8.0 / 3.0
+# Flops of the top singular value of an m x m block, per m^3: the Gram matrix
+# (2 m^3) and the symmetric eigensolver (4/3 m^3 tridiagonalisation, Golub & Van
+# Loan Sec. 8.3); the eigensolver is memory-bound LAPACK and runs several times
+# slower per flop than the convolutions of a forward pass, which the weight
+# folds in (bench_jacobian.py measures it).
+SVD_FLOPS_PER_M3 = 10.0 / 3.0
 SVD_SLOWDOWN = 4.0
 
 
@@ -292,7 +327,7 @@ def block_norm_costs(fn: Callable, x, *, patch_size: int, num_iters: int = 30,
   XLA's cost analysis; then
 
     power = num_iters * M^2 * (JVP + VJP)          (vmapped power iterations)
-    exact = n * JVP + M^2 * svd(n_k)               (n basis JVPs + M^2 block SVDs)
+    exact = n * JVP + M^2 * svd(n_k)               (n basis JVPs + M^2 block eigensolves)
 
   with svd(m) = SVD_SLOWDOWN * SVD_FLOPS_PER_M3 * m^3. Exact is chosen when it is
   cheaper and J (n^2 entries) fits in `max_exact_bytes`.
@@ -317,7 +352,7 @@ def block_norm_costs(fn: Callable, x, *, patch_size: int, num_iters: int = 30,
 
 def block_norms(fn: Callable, x, *, patch_size: int, key=None, num_iters: int = 30,
                 tol: float = 1e-6, method: Literal["auto", "power", "exact"] = "auto",
-                batch_size: int = 256, return_info: bool = False):
+                batch_size: int | None = None, return_info: bool = False):
   """Operator norms of all Jacobian blocks ||[J]_kj||_op (PIFS Thm. 9, Eq. 15-18).
 
   k indexes the output patch, j the input patch (`patch_stats`, raster order).
@@ -325,8 +360,8 @@ def block_norms(fn: Callable, x, *, patch_size: int, key=None, num_iters: int = 
   batch: each step is M^2 JVPs (tangent supported on patch j, output restricted to
   patch k) and M^2 VJPs, stopping after `num_iters` steps or when every block's
   estimate changed by at most `tol`. `method="exact"` materialises J with vmapped
-  JVPs and takes the top singular value of every block. `method="auto"` picks the
-  cheaper by `block_norm_costs`.
+  JVPs and takes the top singular value of every block (the top eigenvalue of its
+  Gram matrix). `method="auto"` picks the cheaper by `block_norm_costs`.
 
   Args:
     fn: `[H, W, C] -> [H, W, C]`.
@@ -335,7 +370,8 @@ def block_norms(fn: Callable, x, *, patch_size: int, key=None, num_iters: int = 
     key: PRNG key for the start vectors (needed by the power method).
     num_iters, tol: power-iteration budget and relative tolerance.
     method: "auto", "power" or "exact".
-    batch_size: JVP chunk for the exact method.
+    batch_size: vectors per vmapped chunk (the M^2 block vectors of the power
+      method, the n basis vectors of the exact one); default `auto_batch_size`.
     return_info: also return a dict with the method used, iterations and costs.
 
   Returns:
@@ -354,16 +390,19 @@ def block_norms(fn: Callable, x, *, patch_size: int, key=None, num_iters: int = 
     method = costs.choice
     info["costs"] = costs._asdict()
   info["method"] = method
+  m = x.size // nk
   if method == "exact":
-    norms = _block_exact_core(fn, x, int(patch_size), int(batch_size))
+    bs = int(batch_size or auto_batch_size(x.size, x.size))
+    norms = _block_exact(fn, x, int(patch_size), bs)
   else:
     if key is None:
       raise ValueError("block_norms with the power method needs a PRNG key.")
-    m = x.size // nk
+    bs = int(batch_size or auto_batch_size(x.size, m * m))
     v0 = jax.random.normal(key, (m, m, nk), x.dtype)
     norms, iters = _block_power_core(fn, x, v0, jnp.asarray(tol, x.dtype),
-                                     int(patch_size), int(num_iters))
+                                     int(patch_size), int(num_iters), bs)
     info["num_iters"] = iters
+  info["batch_size"] = bs
   return (norms, info) if return_info else norms
 
 
