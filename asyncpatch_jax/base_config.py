@@ -88,6 +88,17 @@ def get_base_config() -> ml_collections.ConfigDict:
       input_guidance_t=0.6,  # extra noise level of the guidance region
       num_images=64,         # images per grid
       batch_size=64,
+      # --mode=sample (python -m asyncpatch_jax.main --mode=sample ...):
+      task="generate",       # generate | inpaint | outpaint | autoregressive | progressive | interleaved
+      label="cycle",         # generate: 'cycle' (0, 1, ...), 'null' (unconditional) or a class id
+      image="",              # inpaint/progressive/interleaved: PNG of the model's size;
+                             # outpaint: a smaller PNG placed at `box`
+      mask="",               # PNG, white (255) = known pixel, black (0) = generate
+      box=(),                # outpaint: (top, left) of the image on the canvas; () = centred
+      num_stripes=4,         # progressive/interleaved/outpaint bands
+      num_rounds=4,          # interleaved visits per stripe
+      grid=(2, 2),           # autoregressive patch grid (rows, cols)
+      out_dir="",            # default: <workdir>/samples/<task>
   )
 
   config.eval = dict(

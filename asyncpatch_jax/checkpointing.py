@@ -1,0 +1,119 @@
+"""Orbax checkpoints of the train state in `workdir/checkpoints`, resumed automatically.
+
+Each checkpoint holds two items: `state` (the TrainState, restored straight into
+its shardings) and `meta` (JSON: the model config, the image shape, the full
+config). A run refuses to resume a checkpoint whose model config differs from its
+own and lists the differing keys. Saves are asynchronous and atomic (orbax writes a
+temporary directory and renames it), and older checkpoints are only removed after
+a newer one is complete, so a failing run never damages what was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written in it."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+      pass
+  except OSError as e:
+    raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose a "
+                     "directory you can write to with --workdir.") from None
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """'key: saved -> current' for every leaf that differs (sorted)."""
+  a, b = _flatten(saved), _flatten(current)
+  return [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+
+
+def _json(obj):
+  return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+class Checkpointer:
+  """Saves every `every` steps (and when forced), keeps `keep`, restores the latest."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict,
+               image_shape: tuple[int, ...], *, every: int, keep: int):
+    self.workdir = workdir
+    self.meta = _json({"model": config.model.to_dict(), "image_shape": list(image_shape),
+                       "config": config.to_dict()})
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=max(int(every), 1), max_to_keep=keep, create=True,
+            enable_async_checkpointing=True),
+        item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def saved_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def check_compatible(self) -> None:
+    """Raises ValueError if the latest checkpoint was written for another model."""
+    step = self.latest_step()
+    if step is None:
+      return
+    saved = self.saved_meta(step)
+    diffs = config_differences(saved["model"], self.meta["model"])
+    if saved["image_shape"] != self.meta["image_shape"]:
+      diffs.append(f"image_shape: {saved['image_shape']} -> {self.meta['image_shape']}")
+    if diffs:
+      raise ValueError(
+          f"workdir {self.workdir!r} holds a checkpoint (step {step}) of a different model; "
+          "refusing to resume it. Differing keys (checkpoint -> this run):\n  "
+          + "\n  ".join(diffs) + "\nUse another --workdir, or the checkpoint's config "
+          f"({os.path.join(self.workdir, 'config.json')}).")
+    other = config_differences(saved["config"], self.meta["config"])
+    if other:
+      logging.info("Resuming with changed non-model settings: %s", "; ".join(other))
+
+  def write_config_json(self) -> None:
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        json.dump(self.meta["config"], f, indent=2, sort_keys=True)
+
+  def restore(self, abstract_state):
+    """The latest state, restored into the shardings of `abstract_state`, or None."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    logging.info("Restoring checkpoint of step %d from %s", step, self.workdir)
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+  def save(self, step: int, state, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self.meta)), force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,122 @@
+"""Sampling from a trained UNet with any spatial schedule and guidance, and the PNG grids.
+
+`Generator` wraps the compiled per-pixel sampler (samplers.py) around a UNet with
+classifier-free and/or input guidance (guidance.py); it keeps one compiled sampler
+per guidance mode, each reused for every schedule of a shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asyncpatch_jax import guidance
+from asyncpatch_jax import image_io
+from asyncpatch_jax import samplers
+from asyncpatch_jax import schedules
+
+
+class Generator:
+  """generator(params, tau, key=..., shape=... | x=..., labels=..., guidance=...) -> images."""
+
+  def __init__(self, model, *, mesh="auto"):
+    self.model = model
+    self.mesh = mesh
+    self._samplers: dict[tuple[bool, bool], samplers.Sampler] = {}
+
+  def _sampler(self, cfg: bool, input_guided: bool) -> samplers.Sampler:
+    if (cfg, input_guided) not in self._samplers:
+      fn = guidance.model_velocity_fn(self.model)
+      if cfg:
+        fn = guidance.classifier_free(fn, self.model.null_label)
+      if input_guided:
+        fn = guidance.input_guidance(fn)
+      self._samplers[cfg, input_guided] = samplers.Sampler(
+          fn, mesh=self.mesh, batched_cond=("y", "guide_mask", "guide_noise"))
+    return self._samplers[cfg, input_guided]
+
+  def __call__(self, params, tau, *, key, x=None, shape=None, labels=None,
+               guidance_weight: float = 0.0, eta: float = 0.0, input_guidance: float = 0.0,
+               input_guidance_t: float = 0.6, guide_mask=None) -> jax.Array:
+    """Samples a batch; see samplers.Sampler for tau, key, x, shape and eta.
+
+    labels: [B] class labels (None or the null label = unconditional) for a
+      class-conditional model. guidance_weight: CFG weight w_c. input_guidance: w_i;
+      guide_mask [B, H, W] defaults to the pixels known from the start (tau[0] = 0).
+    """
+    b = (x.shape if x is not None else shape)[0]
+    cond = {"params": params}
+    cfg = bool(self.model.num_classes) and guidance_weight > 0
+    if self.model.num_classes:
+      labels = (np.full((b,), self.model.null_label) if labels is None else np.asarray(labels))
+      if labels.shape != (b,):
+        raise ValueError(f"labels has shape {labels.shape}; expected [{b}].")
+      cond["y"] = jnp.asarray(labels, jnp.int32)
+    elif labels is not None:
+      raise ValueError("labels were given for an unconditional model.")
+    if cfg:
+      cond["guidance"] = jnp.float32(guidance_weight)
+    if input_guidance > 0:
+      tau0 = np.asarray(tau)[0]
+      if guide_mask is None:
+        guide_mask = np.broadcast_to(tau0 == 0, (b, *tau0.shape[-2:]))
+      img_shape = (x.shape if x is not None else shape)
+      cond.update(guide_mask=jnp.asarray(guide_mask, jnp.float32),
+                  guide_noise=jax.random.normal(jax.random.fold_in(key, 2 ** 31 - 1), img_shape),
+                  input_guidance=jnp.float32(input_guidance),
+                  input_guidance_t=jnp.float32(input_guidance_t))
+    return self._sampler(cfg, input_guidance > 0)(tau, key=key, x=x, shape=shape, eta=eta,
+                                                   **cond)
+
+
+def left_half_mask(height: int, width: int) -> np.ndarray:
+  """Known left half (Growing Images' inpainting mask): [H, W]."""
+  m = np.zeros((height, width), np.float32)
+  m[:, : width // 2] = 1.0
+  return m
+
+
+def write_grids(generator: Generator, params, sample_config, references: np.ndarray,
+                key: jax.Array, out_dir: str, num_classes: int = 0) -> dict[str, str]:
+  """Sample, inpainting and schedule grids of a model, as PNGs in `out_dir`.
+
+  references: [N, H, W, C] real images used as inpainting inputs.
+  Returns {name: path}.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  n = sample_config.num_images
+  _, h, w, c = references.shape
+  steps, eta = sample_config.num_steps, sample_config.eta
+  paths = {}
+  keys = jax.random.split(key, 5)
+
+  def save(name, images, ncols=None):
+    path = os.path.join(out_dir, f"{name}.png")
+    image_io.save_grid(np.asarray(images), path, ncols=ncols, scale=4 if h <= 32 else 1)
+    paths[name] = path
+
+  sync = schedules.synchronous(steps, h, w)
+  save("samples", generator(params, sync, key=keys[0], shape=(n, h, w, c), eta=eta))
+  if num_classes:
+    labels = np.arange(n) % num_classes
+    save("samples_conditional", generator(params, sync, key=keys[1], shape=(n, h, w, c),
+                                          labels=labels, guidance_weight=sample_config.guidance,
+                                          eta=eta), ncols=num_classes)
+  # Inpainting of the right half and progressive stripes, on real images.
+  k = min(n, len(references), 16)
+  x = references[:k]
+  mask = left_half_mask(h, w)
+  inpainted = generator(params, schedules.inpainting(mask, steps), key=keys[2], x=x, eta=eta)
+  progressive = generator(params, schedules.progressive(mask, 4, max(steps // 4, 1)),
+                          key=keys[3], x=x, eta=eta)
+  masked = np.where(mask[None, :, :, None] > 0, x, -1.0)
+  save("inpainting", np.concatenate([masked, np.asarray(inpainted), np.asarray(progressive), x]),
+       ncols=k)
+  grid = (2, 2) if h % 2 == 0 and w % 2 == 0 else (1, 1)
+  auto = generator(params, schedules.autoregressive(h, w, grid, max(steps // 4, 1)),
+                   key=keys[4], shape=(n, h, w, c), eta=eta)
+  save("autoregressive", auto)
+  return paths

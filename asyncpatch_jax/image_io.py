@@ -1,0 +1,79 @@
+"""Images at the file boundary: PNG grids out, PNG images and masks in (uint8 <-> [-1, 1])."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> uint8 (round to nearest, clipped)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1]; exact inverse of to_uint8 on uint8 values."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def make_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> one uint8 grid image [rows*(H+pad)+pad, ..., C]."""
+  images = to_uint8(images)
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, q = divmod(i, ncols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+  return grid
+
+
+def save_png(array: np.ndarray, path: str, scale: int = 1) -> None:
+  """Writes a uint8 [H, W, C] (C = 1 or 3) array as PNG, upscaled by `scale` (nearest)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  img.save(path)
+
+
+def save_grid(images, path: str, ncols: int | None = None, scale: int = 1) -> None:
+  save_png(make_grid(images, ncols), path, scale)
+
+
+def load_image(path: str, shape) -> np.ndarray:
+  """A PNG/JPEG as float32 [H, W, C] in [-1, 1]; ValueError if its size or channels differ."""
+  h, w, c = shape
+  if not os.path.isfile(path):
+    raise ValueError(f"image file {path!r} does not exist.")
+  img = Image.open(path)
+  arr = np.asarray(img.convert("L" if c == 1 else "RGB"))
+  if img.mode not in (("L", "P", "1", "LA") if c == 1 else ("RGB", "RGBA", "P")):
+    raise ValueError(f"image {path!r} has mode {img.mode!r}; the model expects {c} "
+                     f"channel{'s' if c > 1 else ''} ({'grayscale' if c == 1 else 'RGB'}).")
+  if arr.shape[:2] != (h, w):
+    raise ValueError(f"image {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
+                     f"{w}x{h}.")
+  return from_uint8(arr.reshape(h, w, c))
+
+
+def load_mask(path: str, hw) -> np.ndarray:
+  """A mask PNG as float32 [H, W]: white (255) or 1 = known, black (0) = generate."""
+  if not os.path.isfile(path):
+    raise ValueError(f"mask file {path!r} does not exist.")
+  arr = np.asarray(Image.open(path).convert("L"))
+  if arr.shape != tuple(hw):
+    raise ValueError(f"mask {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
+                     f"{hw[1]}x{hw[0]}.")
+  values = np.unique(arr)
+  if set(values.tolist()) <= {0, 255}:
+    return (arr == 255).astype(np.float32)
+  if set(values.tolist()) <= {0, 1}:
+    return arr.astype(np.float32)
+  raise ValueError(f"mask {path!r} has values {values[:6].tolist()}...; a mask must be "
+                   "binary: 255 (or 1) = known pixel, 0 = pixel to generate.")

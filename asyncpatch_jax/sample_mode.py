@@ -1,0 +1,123 @@
+"""`--mode=sample`: generate, inpaint, outpaint, autoregressive, progressive or interleaved
+sampling from the latest checkpoint in a workdir (EMA parameters); writes PNGs and the
+settings used to `config.sample.out_dir` (default `<workdir>/samples/<task>`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from asyncpatch_jax import checkpointing
+from asyncpatch_jax import checks
+from asyncpatch_jax import generate
+from asyncpatch_jax import image_io
+from asyncpatch_jax import schedules
+from asyncpatch_jax import train
+
+TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "interleaved")
+
+
+def _labels(spec: str, n: int, num_classes: int):
+  if not num_classes:
+    if spec not in ("cycle", "null"):
+      raise ValueError(f"sample.label={spec!r} given for an unconditional model.")
+    return None
+  if spec == "cycle":
+    return np.arange(n) % num_classes
+  if spec == "null":
+    return None
+  try:
+    label = int(spec)
+  except ValueError:
+    raise ValueError(f"sample.label={spec!r}; expected 'cycle', 'null' or a class id.") from None
+  if not 0 <= label < num_classes:
+    raise ValueError(f"sample.label={label} is not a class id in 0..{num_classes - 1}.")
+  return np.full((n,), label)
+
+
+def _schedule_and_input(sc, shape):
+  """(tau, x, mask) for the task, from the PNG inputs named in the config."""
+  h, w, c = shape
+  steps = sc.num_steps
+  if sc.task == "generate":
+    return schedules.synchronous(steps, h, w), None, None
+  if sc.task == "autoregressive":
+    rows, cols = sc.grid
+    return schedules.autoregressive(h, w, (rows, cols), max(steps // (rows * cols), 1)), None, None
+  if not sc.image:
+    raise ValueError(f"sample.task={sc.task!r} needs --config.sample.image=<PNG>.")
+  if sc.task == "outpaint":
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(sc.image):
+      raise ValueError(f"image file {sc.image!r} does not exist.")
+    iw, ih = Image.open(sc.image).size
+    if ih > h or iw > w:
+      raise ValueError(f"image {sc.image!r} is {iw}x{ih}; outpainting needs an image smaller "
+                       f"than the model's {w}x{h} canvas.")
+    top, left = tuple(sc.box) if sc.box else ((h - ih) // 2, (w - iw) // 2)
+    small = image_io.load_image(sc.image, (ih, iw, c))
+    bands = sc.num_stripes if steps % sc.num_stripes == 0 else 1
+    tau, mask = schedules.outpainting(h, w, (top, left, ih, iw), steps, bands)
+    x = np.full((h, w, c), -1.0, np.float32)
+    x[top:top + ih, left:left + iw] = small
+    return tau, x, mask
+  x = image_io.load_image(sc.image, shape)
+  if not sc.mask:
+    raise ValueError(f"sample.task={sc.task!r} needs --config.sample.mask=<PNG> "
+                     "(white = known, black = generate).")
+  mask = image_io.load_mask(sc.mask, (h, w))
+  if sc.task == "inpaint":
+    return schedules.inpainting(mask, steps), x, mask
+  if sc.task == "progressive":
+    return schedules.progressive(mask, sc.num_stripes, max(steps // sc.num_stripes, 1)), x, mask
+  per_visit = max(steps // (sc.num_stripes * sc.num_rounds), 1)
+  return schedules.interleaved(mask, sc.num_stripes, sc.num_rounds, per_visit), x, mask
+
+
+def sample_from_workdir(config, workdir: str) -> dict:
+  """Runs config.sample.task from the workdir's latest checkpoint; returns the settings."""
+  sc = config.sample
+  checks.check_choice(sc.task, TASKS, "sample.task")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"workdir {workdir!r} has no checkpoints; train first "
+                     "(python -m asyncpatch_jax.main --config=... --workdir=...).")
+  setup = train.Setup(config)
+  shape = setup.image_shape
+  tau, x, mask = _schedule_and_input(sc, shape)        # bad inputs fail before compiling
+  ckpt = checkpointing.Checkpointer(workdir, config, shape, every=1, keep=None)
+  try:
+    ckpt.check_compatible()
+    state = ckpt.restore(setup.abstract_state)
+    if state is None:
+      raise ValueError(f"workdir {workdir!r} has no checkpoint to sample from.")
+  finally:
+    ckpt.close()
+  n = sc.num_images
+  labels = _labels(str(sc.label), n, setup.model.num_classes)
+  key = jax.random.key(config.seed)
+  xs = None if x is None else np.broadcast_to(x, (n, *shape))
+  gen = generate.Generator(setup.model)
+  out = gen(state.ema_params, tau, key=key, x=xs, shape=None if x is not None else (n, *shape),
+            labels=labels, guidance_weight=sc.guidance if labels is not None else 0.0,
+            eta=sc.eta, input_guidance=sc.input_guidance if x is not None else 0.0,
+            input_guidance_t=sc.input_guidance_t)
+  out = np.asarray(out)
+  out_dir = sc.out_dir or os.path.join(workdir, "samples", sc.task)
+  os.makedirs(out_dir, exist_ok=True)
+  grid_path = os.path.join(out_dir, "samples.png")
+  image_io.save_grid(out, grid_path, scale=4 if shape[0] <= 32 else 1)
+  for i in range(min(n, 16)):
+    image_io.save_png(image_io.to_uint8(out[i]), os.path.join(out_dir, f"sample_{i:03d}.png"))
+  if mask is not None:
+    image_io.save_png((mask[..., None] * 255).astype(np.uint8), os.path.join(out_dir, "mask.png"))
+  settings = {"task": sc.task, "step": int(jax.device_get(state.step)), "num_images": n,
+              "steps": int(tau.shape[0] - 1), "eta": sc.eta, "guidance": sc.guidance,
+              "input_guidance": sc.input_guidance, "label": str(sc.label),
+              "image": sc.image, "mask": sc.mask, "grid": grid_path, "out_dir": out_dir}
+  with open(os.path.join(out_dir, "settings.json"), "w") as f:
+    json.dump(settings, f, indent=2)
+  return settings

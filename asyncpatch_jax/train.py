@@ -1,0 +1,287 @@
+"""`train_and_evaluate(config, workdir)`: the sharded training loop, resumable from its workdir.
+
+One compiled train step (donated state) runs over a ('data', 'fsdp') mesh; the batch
+of step k is a pure function of (seed, k) assembled into a global jax.Array from
+each process's share; all randomness is `fold_in(root_key, step)`. The latest
+checkpoint in the workdir is restored before anything else, so a preempted or
+killed run continues bit-for-bit (on CPU) as if it had not been interrupted.
+AsyncPatch Sec. 3.1 and App. E; shared/SPEC.md section 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from asyncpatch_jax import checkpointing
+from asyncpatch_jax import checks
+from asyncpatch_jax import datasets
+from asyncpatch_jax import flow
+from asyncpatch_jax import generate
+from asyncpatch_jax import input_pipeline
+from asyncpatch_jax import metric_writer
+from asyncpatch_jax import models
+from asyncpatch_jax import sharding
+from asyncpatch_jax import timesteps
+from asyncpatch_jax import train_state
+
+
+class Setup:
+  """Everything built from a config before compiling: validated, nothing allocated."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    cfg = config
+    checks.check_choice(cfg.loss.weighting, ("sigmoid", "mse"), "loss.weighting")
+    checks.check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
+    self.source = datasets.get_dataset(cfg.data.dataset, "train",
+                                       data_dir=cfg.data.data_dir or None,
+                                       **dict(cfg.data.options))
+    self.image_shape = tuple(self.source.image_shape)
+    self.model = models.build_unet(cfg.model)
+    if self.model.out_channels != self.image_shape[-1]:
+      raise ValueError(f"model.out_channels={self.model.out_channels} but dataset "
+                       f"{cfg.data.dataset!r} has {self.image_shape[-1]} channels; set "
+                       f"--config.model.out_channels={self.image_shape[-1]}.")
+    if self.model.num_classes and self.model.num_classes != (self.source.num_classes or 0):
+      raise ValueError(f"model.num_classes={self.model.num_classes} but dataset "
+                       f"{cfg.data.dataset!r} has {self.source.num_classes or 'no'} classes; "
+                       f"set --config.model.num_classes={self.source.num_classes or 0}.")
+    ts = cfg.timesteps
+    self.timestep_sampler = timesteps.TimestepSampler(
+        name=ts.sampler, t_min=ts.t_min, t_max=ts.t_max,
+        patch_sizes=tuple(ts.patch_sizes) or None, perlin_cells=tuple(ts.perlin_cells),
+        perlin_octaves=ts.perlin_octaves, perlin_threshold=tuple(ts.perlin_threshold),
+        antithetic=ts.antithetic)
+    h, w, _ = self.image_shape
+    if ts.sampler in ("patchwise", "asyncpatch"):
+      self.timestep_sampler.patch_sizes_for(h, w)
+    self.tx, self.lr_schedule = train_state.make_optimizer(
+        cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
+    n_dev = jax.device_count()
+    if cfg.train.batch_size % n_dev:
+      raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                       f"{n_dev} devices.")
+    # Traces the model once (shape and input checks happen here, before compiling).
+    self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))
+
+  def init_state(self, key: jax.Array) -> train_state.TrainState:
+    z, t, y = models.example_inputs(self.model, self.image_shape)
+    params = self.model.init(key, z, t, y)["params"]
+    return train_state.create(params, self.tx)
+
+
+def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, setup: Setup,
+               root_key: jax.Array) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """One optimisation step on the global batch; the state is donated by the caller."""
+  cfg = setup.config
+  model = setup.model
+  key = jax.random.fold_in(root_key, state.step)
+  k_t, k_eps, k_label, k_dropout, k_reg = jax.random.split(key, 5)
+  x = batch["image"]
+  b, h, w, _ = x.shape
+  t = setup.timestep_sampler(k_t, b, h, w)                       # [B, H, W]
+  eps = jax.random.normal(k_eps, x.shape, x.dtype)
+  z = flow.add_noise(x, eps, t)
+  target = flow.velocity_target(x, eps)
+  y = None
+  if model.num_classes:
+    drop = jax.random.bernoulli(k_label, cfg.train.label_dropout, (b,))
+    y = jnp.where(drop, model.null_label, batch["label"]).astype(jnp.int32)
+
+  def loss_fn(params):
+    v_hat = model.apply({"params": params}, z, t, y, train=True, rngs={"dropout": k_dropout})
+    loss = jnp.mean(flow.per_pixel_loss(target, v_hat, t, cfg.loss.weighting, cfg.loss.bias))
+    aux = {"velocity_loss": loss}
+    if cfg.loss.mu_reg > 0:
+      from asyncpatch_jax import collage  # pylint: disable=g-import-not-at-top
+      reg = collage.collage_loss_for_velocity_model(
+          lambda p, zz, tt: model.apply({"params": p}, zz, tt, y), params, z, t,
+          key=k_reg, patch_size=cfg.loss.reg_patch_size, num_probes=cfg.loss.reg_probes)
+      aux["collage_reg"] = reg
+      loss = loss + cfg.loss.mu_reg * reg
+    return loss, aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = train_state.ema_update(state.ema_params, params,
+                               train_state.ema_decay_at(state.step, cfg.train.ema_decay))
+  grad_norm = optax.global_norm(grads)
+  bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  # The first non-finite step is recorded; the host loop checks it before every save and
+  # at every log, and stops there, so no checkpoint ever holds a state past it.
+  new_state = train_state.TrainState(
+      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+      nonfinite_step=jnp.where((state.nonfinite_step < 0) & bad, state.step,
+                               state.nonfinite_step))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+             "update_norm": optax.global_norm(updates),
+             "learning_rate": setup.lr_schedule(state.step), **aux}
+  return new_state, metrics
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop then saves and stops (single process).
+
+  With several processes, orbax's `reached_preemption` makes them agree on the step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(state: train_state.TrainState, last_metrics: dict | None) -> None:
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    loss = None if last_metrics is None else float(jax.device_get(last_metrics["loss"]))
+    raise FloatingPointError(
+        f"The loss became non-finite at step {bad} (last logged loss {loss}); training "
+        "stopped and no checkpoint was written after it. Lower optim.learning_rate or "
+        "check the data; the last good checkpoint is kept in the workdir.")
+
+
+def _progress(cfg, start: int, total: int):
+  if jax.process_index() != 0 or not cfg.train.progress_bar:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming its latest checkpoint), then samples and evaluates.
+
+  Returns a summary: final step, last metrics, eval results, whether it was preempted.
+  """
+  sharding.maybe_initialize_distributed()
+  checkpointing.check_writable(workdir)
+  setup = Setup(config)
+  cfg = config
+  mesh = sharding.make_mesh(cfg.train.fsdp)
+  state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, cfg, setup.image_shape,
+                                    every=cfg.train.checkpoint_every,
+                                    keep=cfg.train.keep_checkpoints)
+  try:
+    ckpt.check_compatible()
+    ckpt.write_config_json()
+    root_key = jax.random.key(cfg.seed)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          setup.abstract_state, state_shardings)
+    state = ckpt.restore(target)
+    if state is None:
+      init = jax.jit(setup.init_state, out_shardings=state_shardings)
+      options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+      init_key = jax.random.fold_in(root_key, -1 % 2 ** 31)
+      state = init.lower(init_key).compile(compiler_options=options)(init_key)
+    start = int(jax.device_get(state.step))
+    total = cfg.train.num_steps
+    logging.info("Training %s from step %d to %d on %d devices (mesh %s), %d parameters.",
+                 cfg.data.dataset, start, total, jax.device_count(), dict(mesh.shape),
+                 sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)))
+
+    step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
+    pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
+    writer = metric_writer.MetricWriter(workdir)
+    keys = ("image", "label") if setup.model.num_classes else ("image",)
+    generator = generate.Generator(setup.model)
+    summary: dict[str, Any] = {"preempted": False}
+    metrics = None
+    bar = _progress(cfg, start, total)
+    with _Preemption() as preemption:
+      t_log, n_log = time.time(), 0
+      for step, local in zip(range(start, total), pipeline.iterate(start, total - start)):
+        batch = input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
+        state, metrics = step_fn(state, batch)
+        done, n_log = step + 1, n_log + 1
+        if bar is not None:
+          bar.update(1)
+        if done % cfg.train.log_every == 0 or done == total:
+          scalars = jax.device_get(metrics)
+          dt = time.time() - t_log
+          scalars.update(steps_per_s=n_log / dt, images_per_s=n_log * cfg.train.batch_size / dt)
+          _check_finite(state, metrics)
+          writer.write(done, scalars)
+          if bar is not None:
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+          t_log, n_log = time.time(), 0
+        preempted = (ckpt.reached_preemption(done) if jax.process_count() > 1
+                     else preemption.requested)
+        if done % cfg.train.checkpoint_every == 0 or done == total or preempted:
+          _check_finite(state, metrics)
+          ckpt.save(done, state, force=True)
+        if cfg.train.sample_every and done % cfg.train.sample_every == 0 and done != total:
+          _write_grids(generator, state, cfg, setup, workdir, f"step_{done}")
+        if preempted:
+          logging.warning("Preemption requested: saved step %d, stopping.", done)
+          summary["preempted"] = True
+          break
+    if bar is not None:
+      bar.close()
+    writer.close()
+    ckpt.manager.wait_until_finished()
+    summary["step"] = int(jax.device_get(state.step))
+    if metrics is not None:
+      summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if summary["preempted"] or summary["step"] < total:
+      return summary
+    summary["grids"] = _write_grids(generator, state, cfg, setup, workdir, "final")
+    summary["eval"] = _evaluate(generator, state, cfg, setup, workdir)
+    return summary
+  finally:
+    ckpt.close()
+
+
+def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
+  test = datasets.get_dataset(cfg.data.dataset, "test", data_dir=cfg.data.data_dir or None,
+                              **dict(cfg.data.options))
+  refs = np.stack([test[i]["image"] for i in range(min(16, len(test)))])
+  key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 1)
+  paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
+                               os.path.join(workdir, "samples", name),
+                               num_classes=setup.model.num_classes)
+  return paths if jax.process_index() == 0 else {}
+
+
+def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
+  result: dict[str, Any] = {"step": int(jax.device_get(state.step)),
+                            "dataset": cfg.data.dataset}
+  if cfg.data.dataset == "digits" and cfg.eval.num_samples > 0:
+    from asyncpatch_jax import evaluation  # pylint: disable=g-import-not-at-top
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 2)
+    result.update(evaluation.evaluate_digits(generator, state.ema_params, cfg.sample, cfg.eval,
+                                             setup.image_shape, key))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
