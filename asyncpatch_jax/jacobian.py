@@ -45,6 +45,26 @@ _TINY = 1e-30
 # -----------------------------------------------------------------------------
 
 
+_SHAPE_CACHE: dict = {}
+
+
+def _output_shape(fn, shape, dtype):
+  """Shape of fn(x) by `jax.eval_shape`, cached per (pytree structure, leaf avals)."""
+  leaves, treedef = jax.tree_util.tree_flatten(as_partial(fn))
+  key = (treedef, tuple((np.shape(v), str(jnp.result_type(v))) for v in leaves),
+         shape, str(dtype))
+  try:
+    hash(key)
+  except TypeError:
+    key = None
+  if key is not None and key in _SHAPE_CACHE:
+    return _SHAPE_CACHE[key]
+  out = getattr(jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype)), "shape", None)
+  if key is not None and len(_SHAPE_CACHE) < 1024:
+    _SHAPE_CACHE[key] = out
+  return out
+
+
 def check_image_map(fn: Callable, x, name: str = "fn") -> None:
   """`x` must be one image `[H, W, C]` and `fn(x)` must have its shape."""
   shape = tuple(np.shape(x))
@@ -52,8 +72,7 @@ def check_image_map(fn: Callable, x, name: str = "fn") -> None:
     raise ValueError(f"x has shape {shape}; expected one image [H, W, C] (no batch axis).")
   if not callable(fn):
     raise ValueError(f"{name} must be callable, got {type(fn).__name__}.")
-  out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
-  out_shape = getattr(out, "shape", None)
+  out_shape = _output_shape(fn, shape, jnp.result_type(x))
   if out_shape != shape:
     raise ValueError(f"{name} maps x of shape {shape} to an output of shape {out_shape}; "
                      "the Jacobian tools need a map from [H, W, C] to the same shape.")

@@ -144,7 +144,7 @@ def rf_time(abar):
   return s1 / (sa + s1)
 
 
-def _eps_from_velocity(velocity_fn, x, abar):
+def _eps_from_velocity(per_image_time, velocity_fn, x, abar):
   single = x.ndim == 3
   xb = x[None] if single else x
   abar = jnp.asarray(abar, x.dtype)
@@ -152,12 +152,20 @@ def _eps_from_velocity(velocity_fn, x, abar):
   scale = 1.0 / (sa + s1)  # z_rf = (1 - t) / sqrt(abar) * x_vp
   t = s1 * scale
   z = scale * xb
-  t_map = jnp.full(xb.shape[:3], t, xb.dtype)
-  eps = z + (1.0 - t) * velocity_fn(z, t_map)
+  t_in = jnp.full(xb.shape[:1] if per_image_time else xb.shape[:3], t, xb.dtype)
+  eps = z + (1.0 - t) * velocity_fn(z, t_in)
   return eps[0] if single else eps
 
 
-def velocity_to_eps(velocity_fn: Callable) -> Partial:
+def _eps_from_velocity_map(velocity_fn, x, abar):
+  return _eps_from_velocity(False, velocity_fn, x, abar)
+
+
+def _eps_from_velocity_image(velocity_fn, x, abar):
+  return _eps_from_velocity(True, velocity_fn, x, abar)
+
+
+def velocity_to_eps(velocity_fn: Callable, *, per_image_time: bool = False) -> Partial:
   """A rectified-flow velocity model as a VP epsilon-predictor (SPEC conventions).
 
   VP: `x = sqrt(abar) x0 + sqrt(1 - abar) eps`; RF: `z = (1 - t) x0 + t eps`. The two
@@ -170,11 +178,14 @@ def velocity_to_eps(velocity_fn: Callable) -> Partial:
     velocity_fn: `velocity_fn(z, t_map) -> v_hat` with z `[B, H, W, C]`, t_map
       `[B, H, W]` (pass a `jax.tree_util.Partial` holding the model parameters so
       they stay traced arguments).
+    per_image_time: pass the (constant) time as `[B]` instead of a map `[B, H, W]`;
+      SPEC models give the same result either way, the per-image path is cheaper.
 
   Returns:
     `eps_fn(x, abar) -> eps_hat`, x `[H, W, C]` or `[B, H, W, C]`.
   """
-  return Partial(_eps_from_velocity, as_partial(velocity_fn))
+  fn = _eps_from_velocity_image if per_image_time else _eps_from_velocity_map
+  return Partial(fn, as_partial(velocity_fn))
 
 
 # -----------------------------------------------------------------------------

@@ -353,10 +353,16 @@ def test_velocity_to_eps_matches_exact_gaussian_eps():
   with jax.enable_x64(True):
     eps_vp = po.gaussian_eps_fn(sigma, mean)
     eps_rf = po.velocity_to_eps(_gaussian_rf_velocity(sigma, mean))
+    vel = _gaussian_rf_velocity(sigma, mean)
+    eps_rf_image = po.velocity_to_eps(
+        lambda z, t: vel(z, np.broadcast_to(np.asarray(t)[:, None, None], z.shape[:3])),
+        per_image_time=True)
     x = jnp.asarray(np.random.RandomState(5).randn(3, *shape))
     for abar in (0.999, 0.7, 0.2, 1e-3):
       np.testing.assert_allclose(np.asarray(eps_rf(x, abar)), np.asarray(eps_vp(x, abar)),
                                  rtol=1e-9, atol=1e-11)
+      np.testing.assert_allclose(np.asarray(eps_rf_image(x, abar)),
+                                 np.asarray(eps_vp(x, abar)), rtol=1e-9, atol=1e-11)
     t = po.rf_time(0.7)
     assert (1 - t) / t == pytest.approx(math.sqrt(0.7 / 0.3), rel=1e-12)
 
