@@ -3,12 +3,12 @@
   python experiments/bench_jacobian.py --out results/jacobian/bench_jacobian.json
 
 The map is a DDIM step Phi_t (PIFS Eq. 4) of a rectified-flow network seen as a VP
-epsilon-predictor (`velocity_to_eps`). The network is the project's UNet when
-`asyncpatch_jax.models` provides one (`_project_velocity_model`), otherwise
-`TinyUNet` below (residual conv blocks with GroupNorm, one down/up level with a
-skip connection, per-pixel time embedding; about 0.26M parameters at 32 base
-features), the size of a tiny UNet. Sizes: the default digits model (16x16x1),
-32x32x3 and 64x64x3, each with M = 16 patches (patch = H / 4).
+epsilon-predictor (`velocity_to_eps`). The network is the project's default UNet
+(configs/default.py: the digits model, randomly initialised; `out_channels` set
+to the image's channels for 32x32x3 and 64x64x3), or, if `asyncpatch_jax.models`
+is missing, `TinyUNet` below (residual conv blocks with GroupNorm, one down/up
+level with a skip connection; about 0.26M parameters). Sizes: the default digits
+model (16x16x1), 32x32x3 and 64x64x3, each with M = 16 patches (patch = H / 4).
 
 Measured side by side, medians of repeats, everything jitted and warmed up:
   * forward: one Phi_t evaluation of one image;
@@ -107,14 +107,42 @@ class ModuleApply:
     return self.module.apply({"params": params}, z, t_map)
 
 
-def _project_velocity_model(shape, key):
-  """(velocity_fn, name, num_params) of the project's UNet, or None.
+@dataclasses.dataclass(frozen=True)
+class UNetVelocity:
+  """`(params, z, t) -> v_hat` of the project's UNet, unconditional (null label)."""
+  model: nn.Module
 
-  Returns None while `asyncpatch_jax.models` provides no UNet (it did not when
-  this benchmark was written); then `TinyUNet` stands in.
+  def __call__(self, params, z, t):
+    y = None
+    if self.model.num_classes:
+      y = jnp.full(z.shape[:1], self.model.num_classes, jnp.int32)
+    return self.model.apply({"params": params}, z, t, y)
+
+
+def _project_velocity_model(shape, key):
+  """(velocity_fn, name, num_params) of the project's default UNet, or None.
+
+  The default config (configs/default.py, the digits model) with `out_channels`
+  set to the image's channels; None (TinyUNet stands in) while
+  `asyncpatch_jax.models` or the config are missing.
   """
-  del shape, key
-  return None
+  try:
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    from asyncpatch_jax import models  # pylint: disable=import-outside-toplevel
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "default.py")
+    spec = importlib.util.spec_from_file_location("default_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+  except (ImportError, FileNotFoundError):
+    return None
+  cfg = mod.get_config().model
+  with cfg.unlocked():
+    cfg.out_channels = shape[-1]
+  model = models.build_unet(cfg)
+  params = models.init_params(model, key, shape)
+  nparams = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  return jax.tree_util.Partial(UNetVelocity(model), params), "UNet(configs/default.py)", nparams
 
 
 def velocity_model(shape, key):
@@ -179,7 +207,7 @@ def bench_size(shape, key, num_iters, repeats):
   patch = h // 4
   vel, name, nparams = velocity_model(shape, key)
   abar = pifs.cosine_schedule(1000, 0.0)
-  phi = po.ddim_step(po.velocity_to_eps(vel), abar[500], abar[480])
+  phi = po.ddim_step(po.velocity_to_eps(vel, per_image_time=True), abar[500], abar[480])
   x = jax.random.normal(jax.random.fold_in(key, 1), shape)
   n = x.size
   m = 16
@@ -249,7 +277,8 @@ def bench_size(shape, key, num_iters, repeats):
 def bench_lyapunov(shape, key, repeats, k=64):
   vel, _, _ = velocity_model(shape, key)
   abar = pifs.cosine_schedule(1000, 0.0)
-  chain = po.ddim_chain_fn(po.velocity_to_eps(vel), abar, pifs.ddim_chain(1000, 200))
+  chain = po.ddim_chain_fn(po.velocity_to_eps(vel, per_image_time=True), abar,
+                           pifs.ddim_chain(1000, 200))
   x = jax.random.normal(key, shape)
   q0 = jax.random.normal(key, (k,) + shape)
   neg = jnp.asarray(-1.0)
@@ -282,7 +311,7 @@ def counted_crossover(key, num_iters):
     shape = (hw, hw, 3)
     vel, _, _ = velocity_model(shape, key)
     abar = pifs.cosine_schedule(1000, 0.0)
-    phi = po.ddim_step(po.velocity_to_eps(vel), abar[500], abar[480])
+    phi = po.ddim_step(po.velocity_to_eps(vel, per_image_time=True), abar[500], abar[480])
     c = jac.block_norm_costs(phi, jnp.zeros(shape), patch_size=hw // 4, num_iters=num_iters,
                              max_exact_bytes=2**40)
     rows.append({"size": hw, "n": hw * hw * 3, "power_over_forward": c.power / c.forward,
