@@ -118,3 +118,37 @@ def collage_penalty_batch(fn: Callable, x, *, patch_size: int, key,
                                         int(num_probes))
   outs = jax.vmap(lambda t: jax.jvp(fn, (x,), (t.astype(x.dtype),))[1])(tangents)
   return _estimate(outs, onehot.astype(x.dtype), m, int(patch_size)).mean()
+
+
+def collage_loss_for_velocity_model(velocity_apply: Callable, params, z, t, *, key,
+                                    patch_size: int, num_probes: int = 1):
+  """The collage penalty of a rectified-flow model at a training batch (Thm. 15).
+
+  The epsilon-predictor of a velocity model is `eps_hat(z) = z + (1 - t) v_hat(z, t)`
+  (SPEC); this estimates, per example and averaged over the batch,
+  `sum_{k != j} ||[d eps_hat / d z]_kj||_F^2` at the batch's noisy states. It is
+  taken with respect to the rectified-flow state z (the network's input); the
+  identity part of eps_hat has no cross blocks, so it equals
+  `sum_{k != j} ||diag(1 - t)_k [d v_hat / d z]_kj||_F^2`. Differentiable in `params`.
+
+  Args:
+    velocity_apply: `(params, z [B, H, W, C], t) -> v_hat [B, H, W, C]`.
+    params: model parameters.
+    z: `[B, H, W, C]` noisy states.
+    t: `[B, H, W]` time map or `[B]` per-image time.
+    key: PRNG key for the probes.
+    patch_size: p, dividing H and W.
+    num_probes: probes per example (one JVP each, vmapped).
+
+  Returns:
+    the batch-mean estimate `[]`.
+  """
+  z = jnp.asarray(z)
+  t = jnp.asarray(t)
+  if z.ndim != 4 or t.shape not in (z.shape[:1], z.shape[:3]):
+    raise ValueError(f"z has shape {z.shape} and t {t.shape}; expected z [B, H, W, C] and "
+                     "t [B] or [B, H, W].")
+  one_minus_t = (1.0 - t).reshape(t.shape + (1,) * (4 - t.ndim)).astype(z.dtype)
+  eps_map = lambda zz: zz + one_minus_t * velocity_apply(params, zz, t)
+  return collage_penalty_batch(eps_map, z, patch_size=patch_size, key=key,
+                               num_probes=num_probes)

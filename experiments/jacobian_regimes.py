@@ -83,16 +83,35 @@ PAPER_TABLE4_STEPS = (980, 900, 800, 600, 400, 300, 200, 20)
 def load_velocity_fn(workdir: str):
   """(velocity_fn, image_shape, description) of the model trained in `workdir`.
 
-  TODO(lead): wire to the training system: read the config saved in `workdir`,
-  build the UNet (`models.build_unet(config.model)`), restore the EMA parameters
-  from the latest orbax checkpoint, and return
-  `(jax.tree_util.Partial(UNetVelocity(model), ema_params), image_shape, text)`;
-  `velocity_fn(z [B, H, W, C], t [B] or [B, H, W])` must return v_hat (the
-  unconditional / null-label prediction). Everything else here is model-agnostic.
+  The only place that knows the training system: rebuilds the run's config from
+  `workdir/config.json`, its UNet (`train.Setup`), restores the latest orbax
+  checkpoint and returns the EMA parameters as
+  `Partial(UNetVelocity(model), ema_params)`: `velocity_fn(z [B, H, W, C],
+  t [B] or [B, H, W]) -> v_hat`, the unconditional (null-label) prediction.
   """
-  raise NotImplementedError(
-      f"--workdir={workdir}: loading a trained model is not wired yet "
-      "(experiments/jacobian_regimes.py:load_velocity_fn). Use --model for a stand-in.")
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax import train  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"--workdir={workdir!r} has no config.json; train there first "
+                     "(python -m asyncpatch_jax.main --config=configs/default.py "
+                     f"--workdir={workdir}).")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  setup = train.Setup(config)
+  ckpt = checkpointing.Checkpointer(workdir, config, setup.image_shape, every=1, keep=None)
+  try:
+    state = ckpt.restore(setup.abstract_state)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise ValueError(f"--workdir={workdir!r} holds no checkpoint.")
+  step = int(jax.device_get(state.step))
+  text = (f"trained UNet ({workdir}, step {step}, EMA, {config.data.dataset}, "
+          "null label)")
+  return (jax.tree_util.Partial(UNetVelocity(setup.model), state.ema_params),
+          setup.image_shape, text)
 
 
 @dataclasses.dataclass(frozen=True)

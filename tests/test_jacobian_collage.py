@@ -91,3 +91,27 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="same shape"):
     collage.collage_penalty_batch(lambda z: z[..., :1], x[None], patch_size=2,
                                   key=jax.random.key(0))
+
+
+def test_collage_loss_for_velocity_model():
+  """eps_hat = z + (1 - t) v_hat: cross blocks of d eps_hat / dz are (1 - t) times those
+  of d v_hat / dz; the probe estimate matches the exact per-example mass (per-pixel t)."""
+  with jax.enable_x64(True):
+    p = init(8)
+    z = jnp.asarray(np.random.RandomState(9).randn(2, *SHAPE))
+    t = jnp.asarray(np.random.RandomState(10).uniform(0.1, 0.9, (2, 4, 4)))
+    vel = lambda q, zz, tt: jax.vmap(lambda a, b: net(q, a) * (1.0 + b.mean()))(zz, tt)
+    exact = []
+    perm = patch_permutation(SHAPE, P)
+    for b in range(2):
+      eps_b = lambda zb: zb + (1 - t[b])[..., None] * net(p, zb) * (1.0 + t[b].mean())
+      j = np.asarray(jax.jacfwd(eps_b)(z[b])).reshape(N, N)
+      blocks = j[perm][:, perm].reshape(M, NK, M, NK).transpose(0, 2, 1, 3)
+      sq = np.sum(blocks**2, axis=(2, 3))
+      exact.append(sq.sum() - np.trace(sq))
+    est = float(collage.collage_loss_for_velocity_model(
+        vel, p, z, t, key=jax.random.key(3), patch_size=P, num_probes=3000))
+    assert est == pytest.approx(np.mean(exact), rel=0.05)
+    with pytest.raises(ValueError, match=r"t \[B\] or \[B, H, W\]"):
+      collage.collage_loss_for_velocity_model(vel, p, z, t[:, :2], key=jax.random.key(0),
+                                              patch_size=P)
