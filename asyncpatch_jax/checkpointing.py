@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -98,10 +99,19 @@ class Checkpointer:
         json.dump(self.meta["config"], f, indent=2, sort_keys=True)
 
   def restore(self, abstract_state):
-    """The latest state, restored into the shardings of `abstract_state`, or None."""
+    """The latest state, restored into the shardings of `abstract_state`, or None.
+
+    Leaves without a sharding are restored replicated over all devices, whatever
+    topology wrote the checkpoint (e.g. sampling on one device from a pod run).
+    """
     step = self.latest_step()
     if step is None:
       return None
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec())
+    abstract_state = jax.tree.map(
+        lambda a: a if getattr(a, "sharding", None) is not None else
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
     logging.info("Restoring checkpoint of step %d from %s", step, self.workdir)
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))

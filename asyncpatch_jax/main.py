@@ -37,6 +37,7 @@ def main(argv):
   except (ValueError, FloatingPointError) as e:
     # Bad input and a diverging loss end with the message alone, not a traceback.
     sys.exit(f"error: {e}")
+  summary.pop("state", None)
   print(json.dumps(summary, indent=2, default=str))
   if summary.get("preempted"):
     sys.exit(143)  # 128 + SIGTERM: schedulers restart the job, which resumes

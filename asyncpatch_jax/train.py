@@ -40,7 +40,7 @@ from asyncpatch_jax import train_state
 class Setup:
   """Everything built from a config before compiling: validated, nothing allocated."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
     self.config = config
     cfg = config
     checks.check_choice(cfg.loss.weighting, ("sigmoid", "mse"), "loss.weighting")
@@ -69,7 +69,7 @@ class Setup:
       self.timestep_sampler.patch_sizes_for(h, w)
     self.tx, self.lr_schedule = train_state.make_optimizer(
         cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
-    n_dev = jax.device_count()
+    n_dev = jax.device_count() if devices is None else len(devices)
     if cfg.train.batch_size % n_dev:
       raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                        f"{n_dev} devices.")
@@ -118,7 +118,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, se
   params = optax.apply_updates(state.params, updates)
   ema = train_state.ema_update(state.ema_params, params,
                                train_state.ema_decay_at(state.step, cfg.train.ema_decay))
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
   # The first non-finite step is recorded; the host loop checks it before every save and
   # at every log, and stops there, so no checkpoint ever holds a state past it.
@@ -126,8 +126,8 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, se
       step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
       nonfinite_step=jnp.where((state.nonfinite_step < 0) & bad, state.step,
                                state.nonfinite_step))
-  metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
-             "update_norm": optax.global_norm(updates),
+  metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+             "update_norm": optax.tree.norm(updates),
              "learning_rate": setup.lr_schedule(state.step), **aux}
   return new_state, metrics
 
@@ -175,16 +175,23 @@ def _progress(cfg, start: int, total: int):
   return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices=None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming its latest checkpoint), then samples and evaluates.
 
-  Returns a summary: final step, last metrics, eval results, whether it was preempted.
+  Args:
+    config: a config from configs/ (see base_config.py for every key).
+    workdir: checkpoints, config.json, metrics.jsonl, tensorboard/, samples/, eval.json.
+    devices: the devices of the mesh (default: all devices of all processes).
+  Returns:
+    A summary: final step, last metrics, eval results, the PNG grids, whether it was
+    preempted, and the final `state` (TrainState).
   """
   sharding.maybe_initialize_distributed()
   checkpointing.check_writable(workdir)
-  setup = Setup(config)
+  setup = Setup(config, devices)
   cfg = config
-  mesh = sharding.make_mesh(cfg.train.fsdp)
+  mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
   ckpt = checkpointing.Checkpointer(workdir, cfg, setup.image_shape,
                                     every=cfg.train.checkpoint_every,
@@ -214,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
     writer = metric_writer.MetricWriter(workdir)
     keys = ("image", "label") if setup.model.num_classes else ("image",)
-    generator = generate.Generator(setup.model)
+    generator = generate.Generator(setup.model, mesh=None if devices is not None else "auto")
     summary: dict[str, Any] = {"preempted": False}
     metrics = None
     bar = _progress(cfg, start, total)
@@ -251,11 +258,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     ckpt.manager.wait_until_finished()
     summary["step"] = int(jax.device_get(state.step))
+    summary["state"] = state
     if metrics is not None:
       summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if summary["preempted"] or summary["step"] < total:
       return summary
-    summary["grids"] = _write_grids(generator, state, cfg, setup, workdir, "final")
+    if cfg.sample.num_images:
+      summary["grids"] = _write_grids(generator, state, cfg, setup, workdir, "final")
     summary["eval"] = _evaluate(generator, state, cfg, setup, workdir)
     return summary
   finally:
