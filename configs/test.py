@@ -12,7 +12,7 @@ def get_config():
   config.model.update(out_channels=1, base_channels=16, channel_mult=(1, 2),
                       num_res_blocks=(1, 1), attention_resolutions=(8,), head_dim=16,
                       time_embed_dim=32, num_classes=10, num_groups=8)
-  config.train.update(batch_size=16, num_steps=8, log_every=4, checkpoint_every=4,
+  config.train.update(batch_size=16, num_steps=24, log_every=4, checkpoint_every=12,
                       keep_checkpoints=2, progress_bar=False)
   config.optim.warmup_steps = 2
   config.sample.update(num_steps=4, num_images=16, batch_size=16)
