@@ -24,8 +24,9 @@ def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when the environment describes several processes.
 
   Recognised: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (explicit,
-  e.g. localhost tests or SLURM wrappers), or a multi-host TPU slice
-  (TPU_WORKER_HOSTNAMES with several hosts; jax detects the rest itself).
+  e.g. localhost tests or SLURM wrappers); ASYNCPATCH_DISTRIBUTED=auto (set by
+  launch/tpu_pod.sh: jax detects the TPU slice itself); or TPU_WORKER_HOSTNAMES
+  naming several hosts.
   """
   if jax.distributed.is_initialized():
     return
@@ -41,7 +42,7 @@ def maybe_initialize_distributed() -> None:
       logging.info("jax.distributed: process %d of %d", pid, num)
     return
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in hosts:
+  if os.environ.get("ASYNCPATCH_DISTRIBUTED") == "auto" or "," in hosts:
     jax.distributed.initialize()
     logging.info("jax.distributed on a TPU slice: process %d of %d",
                  jax.process_index(), jax.process_count())

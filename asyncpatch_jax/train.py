@@ -38,26 +38,36 @@ from asyncpatch_jax import train_state
 
 
 class Setup:
-  """Everything built from a config before compiling: validated, nothing allocated."""
+  """Everything built from a config before compiling: validated, nothing allocated.
 
-  def __init__(self, config: ml_collections.ConfigDict, devices=None):
-    self.config = config
-    cfg = config
+  Args:
+    config: the experiment config.
+    devices: the devices training will use (default: all).
+    image_shape: build without a dataset for this [H, W, C] (benchmarks); by default
+      the training source is opened and gives the shape.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None, image_shape=None):
+    self.config = cfg = config
     checks.check_choice(cfg.loss.weighting, ("sigmoid", "mse"), "loss.weighting")
     checks.check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
-    self.source = datasets.get_dataset(cfg.data.dataset, "train",
-                                       data_dir=cfg.data.data_dir or None,
-                                       **dict(cfg.data.options))
-    self.image_shape = tuple(self.source.image_shape)
+    self.source = None
+    if image_shape is None:
+      self.source = datasets.get_dataset(cfg.data.dataset, "train",
+                                         data_dir=cfg.data.data_dir or None,
+                                         **dict(cfg.data.options))
+      image_shape = self.source.image_shape
+    self.image_shape = tuple(image_shape)
     self.model = models.build_unet(cfg.model)
     if self.model.out_channels != self.image_shape[-1]:
       raise ValueError(f"model.out_channels={self.model.out_channels} but dataset "
                        f"{cfg.data.dataset!r} has {self.image_shape[-1]} channels; set "
                        f"--config.model.out_channels={self.image_shape[-1]}.")
-    if self.model.num_classes and self.model.num_classes != (self.source.num_classes or 0):
+    num_classes = self.source.num_classes if self.source is not None else self.model.num_classes
+    if self.model.num_classes and self.model.num_classes != (num_classes or 0):
       raise ValueError(f"model.num_classes={self.model.num_classes} but dataset "
-                       f"{cfg.data.dataset!r} has {self.source.num_classes or 'no'} classes; "
-                       f"set --config.model.num_classes={self.source.num_classes or 0}.")
+                       f"{cfg.data.dataset!r} has {num_classes or 'no'} classes; "
+                       f"set --config.model.num_classes={num_classes or 0}.")
     ts = cfg.timesteps
     self.timestep_sampler = timesteps.TimestepSampler(
         name=ts.sampler, t_min=ts.t_min, t_max=ts.t_max,
