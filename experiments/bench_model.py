@@ -26,6 +26,7 @@ flags.DEFINE_string("out", None, "Output JSON path.")
 flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 flags.DEFINE_integer("sampler_steps", 8, "Steps of the timed sampler run.")
+flags.DEFINE_list("configs", ["default", "imagenet64_60m"], "Configs to measure.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"default": 16, "imagenet64_60m": 64}
@@ -70,7 +71,7 @@ def bench(name: str) -> dict:
 
 def main(argv):
   del argv
-  results = {name: bench(name) for name in SIZES}
+  results = {name: bench(name) for name in FLAGS.configs}
   summary = {
       "device": str(jax.devices()[0].device_kind), "batch": FLAGS.batch,
       "per_pixel_over_per_image_flops": {

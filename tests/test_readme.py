@@ -1,0 +1,129 @@
+"""Every command in README.md's `sh` blocks runs (shortened by documented smoke flags).
+
+pip and pytest commands are what .ci/run executes; every other command is run here
+from the repository root with its outputs redirected to a temporary directory and
+the smoke flags below appended (later absl flags override earlier ones), so a README
+command that stops working fails this test. A README command that matches no rule
+fails it too.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asyncpatch_jax import image_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README_WORKDIR = "/tmp/asyncpatch_default"
+
+TRAIN_SMOKE = ["--config.train.num_steps=3", "--config.train.batch_size=16",
+               "--config.train.checkpoint_every=3", "--config.eval.num_samples=8",
+               "--config.eval.classifier_steps=5", "--config.sample.num_images=4",
+               "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
+SAMPLE_SMOKE = ["--config.sample.num_steps=4", "--config.sample.num_images=4",
+                "--config.sample.batch_size=4"]
+SMOKE = {
+    "experiments/timestep_statistics.py": ["--num_images=1024"],
+    "experiments/pifs_tables.py": [],
+    "experiments/blume_capel.py": ["--num_seeds=2", "--phase_diagram=false",
+                                   "--num_seeds_check=8"],
+    "experiments/bench_model.py": ["--configs=default", "--repeats=1"],
+    "experiments/bench_train.py": ["--configs=default", "--dtypes=float32", "--steps=1",
+                                   "--batch=default:8"],
+    "experiments/jacobian_regimes.py": ["--num_seeds=1", "--stride=250", "--power_iters=3",
+                                        "--block_iters=3", "--lyap_vectors=2",
+                                        "--lyap_iters=2", "--q_samples=1"],
+    "experiments/bench_jacobian.py": ["--sizes=16x16x1", "--repeats=1", "--num_iters=2"],
+}
+
+
+def readme_commands() -> list[list[str]]:
+  text = open(os.path.join(ROOT, "README.md")).read()
+  commands = []
+  for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      line = line.split(" #")[0].strip()
+      if line and not line.startswith("#"):
+        commands.append(shlex.split(line))
+  return commands
+
+
+def _kind(cmd):
+  if cmd[0] in ("pip", "pytest"):
+    return "ci"
+  if cmd[:3] == ["python", "-m", "asyncpatch_jax.main"]:
+    return "sample" if "--mode=sample" in cmd else "train"
+  if cmd[0] == "python" and cmd[1] in SMOKE:
+    return "workdir" if any(a.startswith("--workdir=") for a in cmd) else "experiment"
+  return "unknown"
+
+
+COMMANDS = readme_commands()
+
+
+def test_every_readme_command_is_covered():
+  kinds = [_kind(c) for c in COMMANDS]
+  assert "unknown" not in kinds, [c for c, k in zip(COMMANDS, kinds) if k == "unknown"]
+  assert ["pip", "install", "-e", ".[test]"] in COMMANDS
+  assert ["pytest", "-n", "2"] in COMMANDS
+  assert "pytest -n 2" in open(os.path.join(ROOT, ".ci", "run")).read()
+  assert kinds.count("train") == 1
+
+
+def _run(cmd, tmp, workdir, extra):
+  args = []
+  for a in cmd[1:]:
+    a = a.replace(README_WORKDIR, workdir)
+    if a.startswith("--out="):
+      a = "--out=" + os.path.join(tmp, "out", os.path.basename(a[len("--out="):]))
+    a = re.sub(r"=(digit|mask)\.png$", lambda m: f"={os.path.join(tmp, m.group(1))}.png", a)
+    args.append(a)
+  if "--out" in args:
+    i = args.index("--out")
+    args[i + 1] = os.path.join(tmp, "out", os.path.basename(args[i + 1]))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, *args, *extra], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+  return res
+
+
+def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
+  """The main job (shortened), then every command that uses its workdir."""
+  tmp, workdir = str(tmp_path), str(tmp_path / "workdir")
+  rng = np.random.default_rng(0)
+  image_io.save_png(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), f"{tmp}/digit.png")
+  mask = np.zeros((16, 16, 1), np.uint8)
+  mask[:, :8] = 255
+  image_io.save_png(mask, f"{tmp}/mask.png")
+  ran = 0
+  for cmd in COMMANDS:
+    kind = _kind(cmd)
+    if kind == "train":
+      _run(cmd, tmp, workdir, TRAIN_SMOKE)
+      for name in ("samples", "samples_conditional", "inpainting", "autoregressive"):
+        assert os.path.exists(f"{workdir}/samples/final/{name}.png")
+      assert os.path.exists(f"{workdir}/eval.json")
+    elif kind == "sample":
+      _run(cmd, tmp, workdir, SAMPLE_SMOKE)
+    elif kind == "workdir":
+      _run(cmd, tmp, workdir, SMOKE[cmd[1]])
+    else:
+      continue
+    ran += 1
+  assert ran >= 4
+
+
+EXPERIMENTS = [c for c in COMMANDS if _kind(c) == "experiment"]
+
+
+@pytest.mark.parametrize("cmd", EXPERIMENTS, ids=[" ".join(c[1:2]) for c in EXPERIMENTS])
+def test_experiment_command_runs(cmd, tmp_path):
+  _run(cmd, str(tmp_path), str(tmp_path / "workdir"), SMOKE[cmd[1]])
+  outs = [a for a in cmd if a.startswith("--out")]
+  assert outs and os.listdir(tmp_path / "out")
