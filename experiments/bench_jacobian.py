@@ -52,6 +52,9 @@ flags.DEFINE_integer("num_iters", 20, "Power iterations assumed by the counted c
 flags.DEFINE_integer("repeats", 3, "Timing repeats (median).")
 flags.DEFINE_integer("features", 32, "TinyUNet base width.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_integer("lyapunov_vectors", 64, "Tangent vectors k of the Lyapunov benchmark.")
+flags.DEFINE_list("crossover_sizes", ["8", "12", "16", "20", "24", "28", "32", "40", "48", "56",
+                                      "64"], "Square sizes (C = 3) of the counted crossover.")
 
 
 # ----------------------------------------------------------------------------- model
@@ -307,7 +310,7 @@ def bench_lyapunov(shape, key, repeats, k=64):
 def counted_crossover(key, num_iters):
   """Counted power vs exact cost over square sizes (C = 3, M = 16)."""
   rows = []
-  for hw in (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64):
+  for hw in (int(v) for v in FLAGS.crossover_sizes):
     shape = (hw, hw, 3)
     vel, _, _ = velocity_model(shape, key)
     abar = pifs.cosine_schedule(1000, 0.0)
@@ -338,9 +341,9 @@ def main(argv):
           f"exact {r['counted']['exact_over_forward']:.0f}x -> auto {r['auto_choice']}, "
           f"measured faster {r['faster_measured']}  [{r['bench_wall_s']:.0f}s]", flush=True)
   t0 = time.time()
-  out["lyapunov"] = bench_lyapunov(sizes[0], key, FLAGS.repeats)
+  out["lyapunov"] = bench_lyapunov(sizes[0], key, FLAGS.repeats, FLAGS.lyapunov_vectors)
   lyap = out["lyapunov"]
-  print(f"Lyapunov k=64 on {sizes[0]}: vmapped {lyap['vmapped_iter_s']:.3f}s/iter, loop "
+  print(f"Lyapunov k={FLAGS.lyapunov_vectors} on {sizes[0]}: vmapped {lyap['vmapped_iter_s']:.3f}s/iter, loop "
         f"{lyap['loop_iter_s']:.3f}s/iter -> {lyap['speedup']:.1f}x [{time.time() - t0:.0f}s]")
   out["counted_crossover"] = counted_crossover(key, FLAGS.num_iters)
   cross = [r["size"] for r in out["counted_crossover"] if r["choice"] == "exact"]
