@@ -29,7 +29,7 @@ flags.DEFINE_integer("sampler_steps", 8, "Steps of the timed sampler run.")
 flags.DEFINE_list("configs", ["default", "imagenet64_60m"], "Configs to measure.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = {"default": 16, "imagenet64_60m": 64}
+SIZES = {"test": 16, "default": 16, "imagenet64_60m": 64}
 
 
 def _median_time(fn, *args):

@@ -33,7 +33,7 @@ flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 flags.DEFINE_float("peak_tflops", 0.0, "Override the device peak (TFLOP/s).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = {"default": (16, 16, 1), "imagenet64_60m": (64, 64, 3), "imagenet64_620m": (64, 64, 3)}
+SIZES = {"test": (16, 16, 1), "default": (16, 16, 1), "imagenet64_60m": (64, 64, 3), "imagenet64_620m": (64, 64, 3)}
 # Dense peak TFLOP/s (bf16, f32) from the vendors' spec sheets.
 PEAKS = {"TPU v4": (275, 275), "TPU v5 lite": (197, 197), "TPU v5e": (197, 197),
          "TPU v5p": (459, 459), "TPU v6 lite": (918, 918), "TPU v6e": (918, 918),

@@ -21,20 +21,24 @@ from asyncpatch_jax import image_io
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_WORKDIR = "/tmp/asyncpatch_default"
 
-TRAIN_SMOKE = ["--config.train.num_steps=3", "--config.train.batch_size=16",
+# The README's model, one level smaller (compile time); the sample commands get the same
+# model overrides, or they would rightly refuse the workdir's checkpoint.
+MODEL_SMOKE = ["--config.model.channel_mult=(1,)", "--config.model.num_res_blocks=(1,)",
+               "--config.model.attention_resolutions=()"]
+TRAIN_SMOKE = MODEL_SMOKE + ["--config.train.num_steps=3", "--config.train.batch_size=16",
                "--config.train.checkpoint_every=3", "--config.eval.num_samples=8",
                "--config.eval.classifier_steps=5", "--config.sample.num_images=4",
                "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
-SAMPLE_SMOKE = ["--config.sample.num_steps=4", "--config.sample.num_images=4",
+SAMPLE_SMOKE = MODEL_SMOKE + ["--config.sample.num_steps=4", "--config.sample.num_images=4",
                 "--config.sample.batch_size=4"]
 SMOKE = {
     "experiments/timestep_statistics.py": ["--num_images=1024"],
     "experiments/pifs_tables.py": [],
     "experiments/blume_capel.py": ["--num_seeds=2", "--phase_diagram=false",
                                    "--num_seeds_check=8"],
-    "experiments/bench_model.py": ["--configs=default", "--repeats=1"],
-    "experiments/bench_train.py": ["--configs=default", "--dtypes=float32", "--steps=1",
-                                   "--batch=default:8"],
+    "experiments/bench_model.py": ["--configs=test", "--repeats=1"],
+    "experiments/bench_train.py": ["--configs=test", "--dtypes=float32", "--steps=1",
+                                   "--batch=test:8"],
     "experiments/jacobian_regimes.py": ["--num_seeds=1", "--stride=250", "--power_iters=3",
                                         "--block_iters=3", "--lyap_vectors=2",
                                         "--lyap_iters=2", "--q_samples=1"],

@@ -303,10 +303,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, cli_env):
 def test_collage_regulariser_enters_the_training_loss():
   """config.loss.mu_reg adds the PIFS collage penalty (Thm. 15) to the loss."""
   import functools
-  # A one-level UNet keeps the compile of grad-of-JVP short.
-  setup = train.Setup(make_config(loss__mu_reg=0.5, loss__reg_patch_size=4,
-                                  model__channel_mult=(1,), model__num_res_blocks=(1,),
-                                  model__attention_resolutions=()),
+  setup = train.Setup(make_config(loss__mu_reg=0.5, loss__reg_patch_size=4),
                       devices=jax.devices()[:1])
   state = jax.jit(setup.init_state)(jax.random.key(0))
   # Fresh UNets output 0 (zero-initialised output layers): perturb so the Jacobian is not 0.
