@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int, blume_capel_response
-from asyncpatch_jax.spin.schedules import (Schedule, check_distribution, check_record_every,
+from asyncpatch_jax.spin.schedules import (Schedule, check_record_every, check_schedule,
                                            make_schedule, schedule_weights)
 
 
@@ -88,16 +88,6 @@ def _check_m0(m0, chain: BlockChain, dtype) -> jax.Array:
   return jnp.where(jnp.asarray(chain.clamp_mask), jnp.asarray(chain.clamp_values, dtype), m0)
 
 
-def _check_schedule(schedule: Schedule, chain: BlockChain) -> None:
-  if not isinstance(schedule, Schedule):
-    raise ValueError("schedule must be a Schedule from make_schedule(); "
-                     f"got {type(schedule).__name__}.")
-  if schedule.table.shape[1] != chain.num_blocks:
-    raise ValueError(f"schedule is over {schedule.table.shape[1]} blocks; the chain has "
-                     f"{chain.num_blocks}.")
-  check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")
-
-
 def run_mean_field(m0, chain: BlockChain, schedule: Schedule, *,
                    record_every: int | None = None) -> Trajectory:
   """Runs the scheduled mean-field recursion (Eq. 13) for T = schedule.num_steps steps.
@@ -113,7 +103,7 @@ def run_mean_field(m0, chain: BlockChain, schedule: Schedule, *,
     `Trajectory(times [R + 1], m [R + 1, S, L])`, computed in the default float
     dtype (enable x64 for machine-precision studies).
   """
-  _check_schedule(schedule, chain)
+  check_schedule(schedule, chain)
   num_steps = schedule.num_steps
   record_every = check_record_every(record_every, num_steps)
   params = chain.params()
@@ -141,7 +131,7 @@ def run_mean_field_batch(m0, chain: BlockChain, schedules: Sequence[Schedule]) -
   if not schedules:
     raise ValueError("schedules is empty; expected at least one Schedule.")
   for schedule in schedules:
-    _check_schedule(schedule, chain)
+    check_schedule(schedule, chain)
   shapes = {s.table.shape for s in schedules}
   if len(shapes) != 1:
     raise ValueError(f"schedules have different table shapes {sorted(shapes)}; batch schedules "

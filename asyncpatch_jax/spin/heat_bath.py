@@ -25,7 +25,7 @@ from jax import lax
 
 from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int
 from asyncpatch_jax.spin.schedules import (Schedule, check_distribution, check_record_every,
-                                           schedule_weights)
+                                           check_schedule, schedule_weights)
 
 
 class HeatBathResult(NamedTuple):
@@ -170,13 +170,7 @@ def run_heat_bath(key, chain: BlockChain, schedule: Schedule, num_chains: int, *
   Returns:
     `HeatBathResult(times [R + 1], magnetisation [R + 1, C, L], spins [C, L, N])`.
   """
-  if not isinstance(schedule, Schedule):
-    raise ValueError("schedule must be a Schedule from make_schedule(); "
-                     f"got {type(schedule).__name__}.")
-  if schedule.table.shape[1] != chain.num_blocks:
-    raise ValueError(f"schedule is over {schedule.table.shape[1]} blocks; the chain has "
-                     f"{chain.num_blocks}.")
-  check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")
+  check_schedule(schedule, chain)
   _check_clamps(chain)
   num_chains = as_int(num_chains, "num_chains", 1)
   num_steps = schedule.num_steps

@@ -135,3 +135,14 @@ def make_schedule(spec, chain: BlockChain, num_steps: int, *,
     return Schedule("custom", pi, 1, num_steps)
   raise ValueError(f"schedule array has shape {pi.shape}; expected [L] = [{num_blocks}] or "
                    f"[T, L] = [{num_steps}, {num_blocks}].")
+
+
+def check_schedule(schedule: "Schedule", chain) -> None:
+  """A Schedule from make_schedule() over this chain's blocks, valid on its hidden blocks."""
+  if not isinstance(schedule, Schedule):
+    raise ValueError("schedule must be a Schedule from make_schedule(); "
+                     f"got {type(schedule).__name__}.")
+  if schedule.table.shape[1] != chain.num_blocks:
+    raise ValueError(f"schedule is over {schedule.table.shape[1]} blocks; the chain has "
+                     f"{chain.num_blocks}.")
+  check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")
