@@ -51,6 +51,9 @@ class Setup:
     self.config = cfg = config
     checks.check_choice(cfg.loss.weighting, ("sigmoid", "mse"), "loss.weighting")
     checks.check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
+    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+      if int(cfg.train[key]) < 1:
+        raise ValueError(f"train.{key}={cfg.train[key]}; expected a positive integer.")
     self.source = None
     if image_shape is None:
       self.source = datasets.get_dataset(cfg.data.dataset, "train",
