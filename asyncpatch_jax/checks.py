@@ -69,3 +69,15 @@ def check_choice(value: str, choices: Sequence[str], name: str) -> None:
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(f"Unknown {name} {value!r}; expected one of "
                      f"{', '.join(repr(c) for c in choices)}.{hint}")
+
+
+def check_dataset_size(dataset: str, num_examples, default_num_examples: dict, split: str,
+                       seed) -> int:
+  """A generated dataset's `num_examples` (None: the split's default) and `seed`."""
+  if num_examples is None:
+    num_examples = default_num_examples[split]
+  if num_examples < 1:
+    raise ValueError(f"{dataset}: num_examples must be >= 1, got {num_examples}.")
+  if seed < 0:
+    raise ValueError(f"{dataset}: seed must be >= 0, got {seed}.")
+  return int(num_examples)

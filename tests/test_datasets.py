@@ -219,6 +219,9 @@ def test_sudoku_examples_are_valid_digit_grids_with_given_mask():
     (lambda: datasets.get_dataset("digits", batch_size=3), "Unknown option(s) ['batch_size']"),
     (lambda: datasets.get_dataset("digits", data_dir="/data"), "takes no data_dir"),
     (lambda: datasets.get_dataset("sudoku", num_givens=(5, 90)), "num_givens"),
+    (lambda: datasets.get_dataset("even_pixels", num_examples=0), "num_examples must be >= 1"),
+    (lambda: datasets.get_dataset("textures", seed=-1), "seed must be >= 0"),
+    (lambda: datasets.get_dataset("sudoku", num_examples=-3), "sudoku: num_examples"),
 ])
 def test_bad_input_raises_clear_errors(call, message):
   with pytest.raises(ValueError) as err:

@@ -22,6 +22,8 @@ import colorsys
 
 import numpy as np
 
+from asyncpatch_jax import checks
+
 SPLITS = ("train", "test")
 DEFAULT_NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
 DEFAULT_SATURATION = 1.0
@@ -49,12 +51,8 @@ class EvenPixelsSource:
       raise ValueError(
           f"even_pixels: image_size must be an even int >= 2 (half the pixels per colour), "
           f"got {image_size!r}.")
-    if num_examples is None:
-      num_examples = DEFAULT_NUM_EXAMPLES[split]
-    if num_examples < 1:
-      raise ValueError(f"even_pixels: num_examples must be >= 1, got {num_examples}.")
-    if seed < 0:
-      raise ValueError(f"even_pixels: seed must be >= 0, got {seed}.")
+    num_examples = checks.check_dataset_size("even_pixels", num_examples, DEFAULT_NUM_EXAMPLES,
+                                             split, seed)
     if not (0.0 < saturation <= 1.0 and 0.0 < value <= 1.0):
       raise ValueError(f"even_pixels: saturation and value must lie in (0, 1], got "
                        f"{saturation}, {value}.")

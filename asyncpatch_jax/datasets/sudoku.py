@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.datasets import digits as digits_lib
 
 GRID = 9
@@ -117,12 +118,8 @@ class SudokuSource:
     if not 0 <= lo <= hi <= GRID * GRID:
       raise ValueError(f"sudoku: num_givens must be an int or (lo, hi) with "
                        f"0 <= lo <= hi <= 81, got {num_givens!r}.")
-    if num_examples is None:
-      num_examples = DEFAULT_NUM_EXAMPLES[split]
-    if num_examples < 1:
-      raise ValueError(f"sudoku: num_examples must be >= 1, got {num_examples}.")
-    if seed < 0:
-      raise ValueError(f"sudoku: seed must be >= 0, got {seed}.")
+    num_examples = checks.check_dataset_size("sudoku", num_examples, DEFAULT_NUM_EXAMPLES,
+                                             split, seed)
     self.split = split
     self.image_size = int(image_size)
     self.cell_size = self.image_size // GRID

@@ -19,6 +19,8 @@ import functools
 
 import numpy as np
 
+from asyncpatch_jax import checks
+
 DEFAULT_IMAGES = ("brick", "grass", "gravel", "astronaut", "coffee", "chelsea", "rocket")
 # Bundled in scikit-image's wheel (checked offline in tests/test_datasets.py).
 BUNDLED_IMAGES = DEFAULT_IMAGES + (
@@ -78,12 +80,8 @@ class TexturesSource:
         raise ValueError(
             f"textures: image_size={image_size} does not fit the {split!r} band of "
             f"{n!r} ({r1 - r0} rows x {img.shape[1]} columns); use a smaller crop.")
-    if num_examples is None:
-      num_examples = DEFAULT_NUM_EXAMPLES[split]
-    if num_examples < 1:
-      raise ValueError(f"textures: num_examples must be >= 1, got {num_examples}.")
-    if seed < 0:
-      raise ValueError(f"textures: seed must be >= 0, got {seed}.")
+    num_examples = checks.check_dataset_size("textures", num_examples, DEFAULT_NUM_EXAMPLES,
+                                             split, seed)
     self.split = split
     self.image_size = int(image_size)
     self.image_shape = (self.image_size, self.image_size, 3)
