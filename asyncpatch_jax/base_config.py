@@ -89,7 +89,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_images=64,         # images per grid
       batch_size=64,
       # --mode=sample (python -m asyncpatch_jax.main --mode=sample ...):
-      task="generate",       # generate | inpaint | outpaint | autoregressive | progressive | interleaved
+      task="generate",       # generate | inpaint | outpaint | autoregressive | progressive | interleaved | ipr
       label="cycle",         # generate: 'cycle' (0, 1, ...), 'null' (unconditional) or a class id
       image="",              # inpaint/progressive/interleaved: PNG of the model's size;
                              # outpaint: a smaller PNG placed at `box`
@@ -97,7 +97,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       box=(),                # outpaint: (top, left) of the image on the canvas; () = centred
       num_stripes=4,         # progressive/interleaved/outpaint bands
       num_rounds=4,          # interleaved visits per stripe
-      grid=(2, 2),           # autoregressive patch grid (rows, cols)
+      grid=(2, 2),           # autoregressive patch grid (rows, cols); ipr: the regions
+      ipr_rounds=10,         # ipr: refinement rounds R (IPR Alg. 1)
+      ipr_alpha=0.25,        # ipr: resampling ratio alpha
       out_dir="",            # default: <workdir>/samples/<task>
   )
 

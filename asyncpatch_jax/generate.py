@@ -2,7 +2,8 @@
 
 `Generator` wraps the compiled per-pixel sampler (samplers.py) around a UNet with
 classifier-free and/or input guidance (guidance.py); it keeps one compiled sampler
-per guidance mode, each reused for every schedule of a shape.
+per guidance mode, each reused for every schedule of a shape. `Generator.refine` runs
+Iterative Partial Refinement (ipr.py) with the same model and guidance.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from asyncpatch_jax import guidance
 from asyncpatch_jax import image_io
-from asyncpatch_jax import samplers
+from asyncpatch_jax import ipr
 from asyncpatch_jax import schedules
 
 
@@ -25,16 +26,16 @@ class Generator:
   def __init__(self, model, *, mesh="auto"):
     self.model = model
     self.mesh = mesh
-    self._samplers: dict[tuple[bool, bool], samplers.Sampler] = {}
+    self._samplers: dict[tuple[bool, bool], ipr.Refiner] = {}
 
-  def _sampler(self, cfg: bool, input_guided: bool) -> samplers.Sampler:
+  def _sampler(self, cfg: bool, input_guided: bool) -> ipr.Refiner:
     if (cfg, input_guided) not in self._samplers:
       fn = guidance.model_velocity_fn(self.model)
       if cfg:
         fn = guidance.classifier_free(fn, self.model.null_label)
       if input_guided:
         fn = guidance.input_guidance(fn)
-      self._samplers[cfg, input_guided] = samplers.Sampler(
+      self._samplers[cfg, input_guided] = ipr.Refiner(
           fn, mesh=self.mesh, batched_cond=("y", "guide_mask", "guide_noise"))
     return self._samplers[cfg, input_guided]
 
@@ -48,17 +49,7 @@ class Generator:
       guide_mask [B, H, W] defaults to the pixels known from the start (tau[0] = 0).
     """
     b = (x.shape if x is not None else shape)[0]
-    cond = {"params": params}
-    cfg = bool(self.model.num_classes) and guidance_weight > 0
-    if self.model.num_classes:
-      labels = (np.full((b,), self.model.null_label) if labels is None else np.asarray(labels))
-      if labels.shape != (b,):
-        raise ValueError(f"labels has shape {labels.shape}; expected [{b}].")
-      cond["y"] = jnp.asarray(labels, jnp.int32)
-    elif labels is not None:
-      raise ValueError("labels were given for an unconditional model.")
-    if cfg:
-      cond["guidance"] = jnp.float32(guidance_weight)
+    cond, cfg = self._class_cond(params, labels, guidance_weight, b)
     if input_guidance > 0:
       tau0 = np.asarray(tau)[0]
       if guide_mask is None:
@@ -70,6 +61,33 @@ class Generator:
                   input_guidance_t=jnp.float32(input_guidance_t))
     return self._sampler(cfg, input_guidance > 0)(tau, key=key, x=x, shape=shape, eta=eta,
                                                    **cond)
+
+  def _class_cond(self, params, labels, guidance_weight: float, batch: int) -> tuple[dict, bool]:
+    """The velocity function's arguments for labels and CFG; and whether CFG is on."""
+    cond = {"params": params}
+    cfg = bool(self.model.num_classes) and guidance_weight > 0
+    if self.model.num_classes:
+      labels = (np.full((batch,), self.model.null_label) if labels is None
+                else np.asarray(labels))
+      if labels.shape != (batch,):
+        raise ValueError(f"labels has shape {labels.shape}; expected [{batch}].")
+      cond["y"] = jnp.asarray(labels, jnp.int32)
+    elif labels is not None:
+      raise ValueError("labels were given for an unconditional model.")
+    if cfg:
+      cond["guidance"] = jnp.float32(guidance_weight)
+    return cond, cfg
+
+  def refine(self, params, x, *, key, regions, num_rounds: int, alpha: float = 0.25,
+             num_steps: int = 50, condition=None, labels=None, guidance_weight: float = 0.0,
+             eta: float = 0.0, fixed_noise: bool = False, fixed_regions: bool = False,
+             return_history: bool = False):
+    """Iterative Partial Refinement of the samples x [B, H, W, C]; see `ipr.Refiner.refine`."""
+    cond, cfg = self._class_cond(params, labels, guidance_weight, np.shape(x)[0])
+    return self._sampler(cfg, False).refine(
+        x, key=key, regions=regions, num_rounds=num_rounds, alpha=alpha, num_steps=num_steps,
+        condition=condition, eta=eta, fixed_noise=fixed_noise, fixed_regions=fixed_regions,
+        return_history=return_history, **cond)
 
 
 def left_half_mask(height: int, width: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`--mode=sample`: generate, inpaint, outpaint, autoregressive, progressive or interleaved
-sampling from the latest checkpoint in a workdir (EMA parameters); writes PNGs and the
-settings used to `config.sample.out_dir` (default `<workdir>/samples/<task>`).
+sampling, or Iterative Partial Refinement (`ipr`), from the latest checkpoint in a workdir
+(EMA parameters); writes PNGs and the settings used to `config.sample.out_dir` (default
+`<workdir>/samples/<task>`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from asyncpatch_jax import checkpointing
 from asyncpatch_jax import checks
 from asyncpatch_jax import generate
 from asyncpatch_jax import image_io
+from asyncpatch_jax import ipr
 from asyncpatch_jax import schedules
 from asyncpatch_jax import train
 
-TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "interleaved")
+TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "interleaved", "ipr")
 
 
 def _labels(spec: str, n: int, num_classes: int):
@@ -45,7 +47,7 @@ def _schedule_and_input(sc, shape):
   steps = sc.num_steps
   if sc.task == "generate":
     return schedules.synchronous(steps, h, w), None, None
-  if sc.task == "autoregressive":
+  if sc.task == "autoregressive" or (sc.task == "ipr" and not sc.image):
     rows, cols = sc.grid
     return schedules.autoregressive(h, w, (rows, cols), max(steps // (rows * cols), 1)), None, None
   if not sc.image:
@@ -70,12 +72,30 @@ def _schedule_and_input(sc, shape):
     raise ValueError(f"sample.task={sc.task!r} needs --config.sample.mask=<PNG> "
                      "(white = known, black = generate).")
   mask = image_io.load_mask(sc.mask, (h, w))
-  if sc.task == "inpaint":
+  if sc.task in ("inpaint", "ipr"):
     return schedules.inpainting(mask, steps), x, mask
   if sc.task == "progressive":
     return schedules.progressive(mask, sc.num_stripes, max(steps // sc.num_stripes, 1)), x, mask
   per_visit = max(steps // (sc.num_stripes * sc.num_rounds), 1)
   return schedules.interleaved(mask, sc.num_stripes, sc.num_rounds, per_visit), x, mask
+
+
+def _ipr_regions(sc, shape, mask):
+  """IPR regions (the `grid` patches) and the condition set: the regions the mask fully knows."""
+  if not 0.0 < sc.ipr_alpha <= 1.0 or sc.ipr_rounds < 1:
+    raise ValueError(f"sample.ipr_alpha={sc.ipr_alpha}, sample.ipr_rounds={sc.ipr_rounds}; "
+                     "expected alpha in (0, 1] and a positive number of rounds.")
+  regions = ipr.grid_regions(shape[0], shape[1], tuple(sc.grid))
+  n_regions = int(regions.max()) + 1
+  if mask is None:
+    return regions, np.zeros((n_regions,), bool)
+  known = np.array([mask[regions == k].min() for k in range(n_regions)]) == 1
+  partly = np.array([mask[regions == k].max() for k in range(n_regions)]) == 1
+  if (partly & ~known).any():
+    raise ValueError(f"sample.task='ipr': the mask must be a union of the {tuple(sc.grid)} grid "
+                     f"regions (regions {np.flatnonzero(partly & ~known).tolist()} are only "
+                     "partly known); align the mask or change --config.sample.grid.")
+  return regions, known
 
 
 def sample_from_workdir(config, workdir: str) -> dict:
@@ -88,6 +108,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
   setup = train.Setup(config)
   shape = setup.image_shape
   tau, x, mask = _schedule_and_input(sc, shape)        # bad inputs fail before compiling
+  if sc.task == "ipr":
+    regions, condition = _ipr_regions(sc, shape, mask)
   ckpt = checkpointing.Checkpointer(workdir, config, shape, every=1, keep=None)
   try:
     ckpt.check_compatible()
@@ -105,9 +127,26 @@ def sample_from_workdir(config, workdir: str) -> dict:
             labels=labels, guidance_weight=sc.guidance if labels is not None else 0.0,
             eta=sc.eta, input_guidance=sc.input_guidance if x is not None else 0.0,
             input_guidance_t=sc.input_guidance_t)
-  out = np.asarray(out)
   out_dir = sc.out_dir or os.path.join(workdir, "samples", sc.task)
   os.makedirs(out_dir, exist_ok=True)
+  extra = {}
+  if sc.task == "ipr":
+    out, history, _ = gen.refine(
+        state.ema_params, out, key=jax.random.fold_in(key, 1), regions=regions,
+        num_rounds=sc.ipr_rounds, alpha=sc.ipr_alpha, num_steps=sc.num_steps,
+        condition=condition, labels=labels,
+        guidance_weight=sc.guidance if labels is not None else 0.0, eta=sc.eta,
+        return_history=True)
+    # Rows: the first 8 samples at rounds 0 (sequential inference), ~R/4, ~R/2, R.
+    shown = sorted({0, sc.ipr_rounds // 4, sc.ipr_rounds // 2, sc.ipr_rounds})
+    rows = np.asarray(history)[shown, :min(n, 8)]
+    rounds_path = os.path.join(out_dir, "rounds.png")
+    image_io.save_grid(rows.reshape(-1, *shape), rounds_path, ncols=rows.shape[1],
+                       scale=4 if shape[0] <= 32 else 1)
+    extra = {"ipr_rounds": sc.ipr_rounds, "ipr_alpha": sc.ipr_alpha, "regions_grid": list(sc.grid),
+             "condition_regions": np.flatnonzero(condition).tolist(), "rounds_shown": shown,
+             "rounds_grid": rounds_path}
+  out = np.asarray(out)
   grid_path = os.path.join(out_dir, "samples.png")
   image_io.save_grid(out, grid_path, scale=4 if shape[0] <= 32 else 1)
   for i in range(min(n, 16)):
@@ -117,7 +156,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   settings = {"task": sc.task, "step": int(jax.device_get(state.step)), "num_images": n,
               "steps": int(tau.shape[0] - 1), "eta": sc.eta, "guidance": sc.guidance,
               "input_guidance": sc.input_guidance, "label": str(sc.label),
-              "image": sc.image, "mask": sc.mask, "grid": grid_path, "out_dir": out_dir}
+              "image": sc.image, "mask": sc.mask, "grid": grid_path, "out_dir": out_dir, **extra}
   with open(os.path.join(out_dir, "settings.json"), "w") as f:
     json.dump(settings, f, indent=2)
   return settings

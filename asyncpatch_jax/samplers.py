@@ -88,6 +88,24 @@ def sample_loop(velocity_fn: VelocityFn, tau: jax.Array, x: jax.Array, key: jax.
   return z
 
 
+def resolve_mesh(mesh: jax.sharding.Mesh | str | None) -> jax.sharding.Mesh | None:
+  """'auto': a 1-D mesh (axis `data`) over all devices when there are several, else None."""
+  if isinstance(mesh, str):
+    if mesh != "auto":
+      raise ValueError(f"mesh={mesh!r}; expected a jax.sharding.Mesh, 'auto' or None.")
+    devices = jax.devices()
+    return jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+  return mesh
+
+
+def place(mesh: jax.sharding.Mesh | None, tree, batched: bool, batch: int):
+  """Shards `tree` over its leading (batch) axis on `mesh` when it divides, else replicates."""
+  if mesh is None:
+    return tree
+  spec = P("data") if batched and batch % mesh.devices.size == 0 else P()
+  return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
 class Sampler:
   """A compiled sampler for one velocity function; reused across schedules and calls.
 
@@ -104,20 +122,17 @@ class Sampler:
                batched_cond: Sequence[str] = ("y",)):
     self.velocity_fn = velocity_fn
     self.batched_cond = tuple(batched_cond)
-    if isinstance(mesh, str):
-      if mesh != "auto":
-        raise ValueError(f"mesh={mesh!r}; expected a jax.sharding.Mesh, 'auto' or None.")
-      devices = jax.devices()
-      mesh = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
-    self.mesh = mesh
+    self.mesh = resolve_mesh(mesh)
     self._run = jax.jit(functools.partial(sample_loop, velocity_fn))
 
   def _place(self, tree, batched: bool, batch: int):
-    if self.mesh is None:
-      return tree
-    n = self.mesh.devices.size
-    spec = P("data") if batched and batch % n == 0 else P()
-    return jax.device_put(tree, NamedSharding(self.mesh, spec))
+    return place(self.mesh, tree, batched, batch)
+
+  def place_cond(self, cond: dict, batch: int) -> dict:
+    """Shards the arguments named in `batched_cond` over the batch; replicates the rest."""
+    batched = {k: v for k, v in cond.items() if k in self.batched_cond}
+    shared = {k: v for k, v in cond.items() if k not in self.batched_cond}
+    return {**self._place(batched, True, batch), **self._place(shared, False, batch)}
 
   def __call__(self, tau, *, key: jax.Array, x=None, shape: Sequence[int] | None = None,
                eta: float = 0.0, **cond) -> jax.Array:
@@ -146,9 +161,7 @@ class Sampler:
     if not 0.0 <= float(eta) <= 1.0:
       raise ValueError(f"eta={eta}; expected a value in [0, 1] (0 = deterministic).")
     tau = jnp.asarray(tau, jnp.float32)
-    batched = {k: v for k, v in cond.items() if k in self.batched_cond}
-    shared = {k: v for k, v in cond.items() if k not in self.batched_cond}
-    cond = {**self._place(batched, True, b), **self._place(shared, False, b)}
+    cond = self.place_cond(cond, b)
     x = self._place(jnp.asarray(x, jnp.float32), True, b)
     if tau.ndim == 4:
       tau = jax.device_put(tau, NamedSharding(self.mesh, P(None, "data"))) if (

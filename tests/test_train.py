@@ -19,6 +19,7 @@ import pytest
 from asyncpatch_jax import base_config
 from asyncpatch_jax import checkpointing
 from asyncpatch_jax import image_io
+from asyncpatch_jax import sample_mode
 from asyncpatch_jax import sharding
 from asyncpatch_jax import train
 from asyncpatch_jax.datasets import tfds_source
@@ -251,6 +252,34 @@ def test_sample_mode_inpainting_keeps_the_known_pixels(trained_workdir, tmp_path
                  "--config.sample.task=inpaint", f"--config.sample.image={tmp_path / 'in.png'}",
                  f"--config.sample.mask={tmp_path / 'grey.png'}"], cli_env, timeout=120)
   assert res.returncode != 0 and "must be binary" in res.stderr
+
+
+def test_sample_mode_ipr_refines_only_the_free_regions(trained_workdir, tmp_path):
+  workdir, _ = trained_workdir
+  image = np.random.default_rng(1).integers(0, 256, (16, 16, 1), dtype=np.uint8)
+  mask = np.zeros((16, 16, 1), np.uint8)
+  mask[:, :8] = 255                                  # regions 0 and 2 of the 2x2 grid
+  image_io.save_png(image, str(tmp_path / "in.png"))
+  image_io.save_png(mask, str(tmp_path / "mask.png"))
+  config = make_config(sample__task="ipr", sample__image=str(tmp_path / "in.png"),
+                       sample__mask=str(tmp_path / "mask.png"), sample__num_images=4,
+                       sample__num_steps=8, sample__ipr_rounds=4, sample__ipr_alpha=0.5,
+                       sample__out_dir=str(tmp_path / "ipr"))
+  settings = sample_mode.sample_from_workdir(config, workdir)
+  assert settings["condition_regions"] == [0, 2] and settings["rounds_shown"] == [0, 1, 2, 4]
+  from PIL import Image
+  rounds = np.asarray(Image.open(settings["rounds_grid"]))
+  assert rounds.shape[0] > rounds.shape[1] / 4 * 3      # 4 rows of 4 samples
+  for i in range(4):
+    out = np.asarray(Image.open(tmp_path / "ipr" / f"sample_{i:03d}.png"))
+    np.testing.assert_array_equal(out[:, :8], image[:, :8, 0])
+  misaligned = mask.copy()
+  misaligned[:, 8:10] = 255
+  image_io.save_png(misaligned, str(tmp_path / "mask2.png"))
+  with config.unlocked():
+    config.sample.mask = str(tmp_path / "mask2.png")
+  with pytest.raises(ValueError, match=r"regions \[1, 3\] are only partly known"):
+    sample_mode.sample_from_workdir(config, workdir)
 
 
 @pytest.fixture(scope="module")
