@@ -12,7 +12,6 @@ import os
 import jax
 import numpy as np
 
-from asyncpatch_jax import checkpointing
 from asyncpatch_jax import checks
 from asyncpatch_jax import generate
 from asyncpatch_jax import image_io
@@ -102,22 +101,11 @@ def sample_from_workdir(config, workdir: str) -> dict:
   """Runs config.sample.task from the workdir's latest checkpoint; returns the settings."""
   sc = config.sample
   checks.check_choice(sc.task, TASKS, "sample.task")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise ValueError(f"workdir {workdir!r} has no checkpoints; train first "
-                     "(python -m asyncpatch_jax.main --config=... --workdir=...).")
-  setup = train.Setup(config)
+  setup, state = train.load_trained(workdir, config)
   shape = setup.image_shape
   tau, x, mask = _schedule_and_input(sc, shape)        # bad inputs fail before compiling
   if sc.task == "ipr":
     regions, condition = _ipr_regions(sc, shape, mask)
-  ckpt = checkpointing.Checkpointer(workdir, config, shape, every=1, keep=None)
-  try:
-    ckpt.check_compatible()
-    state = ckpt.restore(setup.abstract_state)
-    if state is None:
-      raise ValueError(f"workdir {workdir!r} has no checkpoint to sample from.")
-  finally:
-    ckpt.close()
   n = sc.num_images
   labels = _labels(str(sc.label), n, setup.model.num_classes)
   key = jax.random.key(config.seed)

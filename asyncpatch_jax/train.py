@@ -284,6 +284,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
 
 
+def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None,
+                 ) -> tuple[Setup, train_state.TrainState]:
+  """(setup, state) of the latest checkpoint in a trained workdir, for sampling and analysis.
+
+  config: the run's config; None reads `workdir/config.json`. A config of another
+  model is refused with the differing keys listed (checkpointing.Checkpointer).
+  """
+  if config is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+      raise ValueError(f"workdir {workdir!r} has no config.json; train there first "
+                       f"(python -m asyncpatch_jax.main --config=configs/default.py "
+                       f"--workdir={workdir}).")
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"workdir {workdir!r} has no checkpoints; train first "
+                     "(python -m asyncpatch_jax.main --config=... --workdir=...).")
+  setup = Setup(config)
+  ckpt = checkpointing.Checkpointer(workdir, config, setup.image_shape, every=1, keep=None)
+  try:
+    ckpt.check_compatible()
+    state = ckpt.restore(setup.abstract_state)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise ValueError(f"workdir {workdir!r} has no checkpoint to sample from.")
+  return setup, state
+
+
 def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
   test = datasets.get_dataset(cfg.data.dataset, "test", data_dir=cfg.data.data_dir or None,
                               **dict(cfg.data.options))

@@ -89,24 +89,9 @@ def load_velocity_fn(workdir: str):
   `Partial(UNetVelocity(model), ema_params)`: `velocity_fn(z [B, H, W, C],
   t [B] or [B, H, W]) -> v_hat`, the unconditional (null-label) prediction.
   """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from asyncpatch_jax import checkpointing  # pylint: disable=import-outside-toplevel
   from asyncpatch_jax import train  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise ValueError(f"--workdir={workdir!r} has no config.json; train there first "
-                     "(python -m asyncpatch_jax.main --config=configs/default.py "
-                     f"--workdir={workdir}).")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  setup = train.Setup(config)
-  ckpt = checkpointing.Checkpointer(workdir, config, setup.image_shape, every=1, keep=None)
-  try:
-    state = ckpt.restore(setup.abstract_state)
-  finally:
-    ckpt.close()
-  if state is None:
-    raise ValueError(f"--workdir={workdir!r} holds no checkpoint.")
+  setup, state = train.load_trained(workdir)
+  config = setup.config
   step = int(jax.device_get(state.step))
   text = (f"trained UNet ({workdir}, step {step}, EMA, {config.data.dataset}, "
           "null label)")

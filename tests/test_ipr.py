@@ -192,3 +192,19 @@ def test_bad_input_raises_before_compiling(kwargs, message):
     REFINER.refine(np.zeros((2, H, W, C), np.float32), **args)
   with pytest.raises(ValueError, match="not divisible"):
     ipr.grid_regions(10, 10, (3, 3))
+
+
+def test_sharded_refinement_equals_single_device():
+  assert jax.device_count() == 8, "tests run with 8 host devices (tests/conftest.py)"
+
+  def velocity_fn(z, t, scale):
+    return scale * z + jnp.sin(z)[..., ::-1, :, :]         # couples pixels across regions
+
+  x0 = jax.random.normal(jax.random.key(7), (16, H, W, C))
+  args = dict(key=jax.random.key(8), regions=REGIONS, num_rounds=3, alpha=0.5, num_steps=5,
+              eta=0.25, condition=np.eye(4, dtype=bool)[np.arange(16) % 4],
+              scale=jnp.float32(0.3))
+  sharded = ipr.Refiner(velocity_fn).refine(x0, **args)
+  single = ipr.Refiner(velocity_fn, mesh=None).refine(x0, **args)
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)

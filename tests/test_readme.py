@@ -39,6 +39,8 @@ SMOKE = {
     "experiments/bench_model.py": ["--configs=test", "--repeats=1"],
     "experiments/bench_train.py": ["--configs=test", "--dtypes=float32", "--steps=1",
                                    "--batch=test:8"],
+    "experiments/ipr_digits.py": ["--num_samples=8", "--num_rounds=2", "--num_steps=4",
+                                  "--classifier_steps=5"],
     "experiments/jacobian_regimes.py": ["--num_seeds=1", "--stride=250", "--power_iters=3",
                                         "--block_iters=3", "--lyap_vectors=2",
                                         "--lyap_iters=2", "--q_samples=1"],
@@ -130,3 +132,23 @@ def test_experiment_command_runs(cmd, tmp_path):
   _run(cmd, str(tmp_path), str(tmp_path / "workdir"), SMOKE[cmd[1]])
   outs = [a for a in cmd if a.startswith("--out")]
   assert outs and os.listdir(tmp_path / "out")
+
+
+def test_readme_python_blocks_run_and_keep_what_they_promise():
+  """The library snippets, run as one script on one device (as a user's machine has)."""
+  text = open(os.path.join(ROOT, "README.md")).read()
+  code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+  assert "refiner.refine" in code
+  check = """
+import numpy as np
+out, x0, x = np.asarray(out), np.asarray(x0), np.asarray(x)
+assert out.shape == (8, 4, 4, 1)
+assert (out[:, :, :2] == 1).all()                        # known pixels bit-identical
+np.testing.assert_array_equal(x[:, :2, :2], x0[:, :2, :2])  # condition region 0 untouched
+assert not np.array_equal(x, x0)
+print("ok")
+"""
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+  res = subprocess.run([sys.executable, "-c", code + check], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -254,6 +254,16 @@ def test_sample_mode_inpainting_keeps_the_known_pixels(trained_workdir, tmp_path
   assert res.returncode != 0 and "must be binary" in res.stderr
 
 
+def test_load_trained_reads_the_runs_config_and_refuses_empty_workdirs(trained_workdir, tmp_path):
+  workdir, _ = trained_workdir
+  setup, state = train.load_trained(workdir)             # config from workdir/config.json
+  assert int(state.step) == 24 and setup.config.model.base_channels == 16
+  with pytest.raises(ValueError, match="has no config.json"):
+    train.load_trained(str(tmp_path))
+  with pytest.raises(ValueError, match="has no checkpoints; train first"):
+    sample_mode.sample_from_workdir(make_config(), str(tmp_path))
+
+
 def test_sample_mode_ipr_refines_only_the_free_regions(trained_workdir, tmp_path):
   workdir, _ = trained_workdir
   image = np.random.default_rng(1).integers(0, 256, (16, 16, 1), dtype=np.uint8)
