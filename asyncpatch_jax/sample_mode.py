@@ -101,11 +101,12 @@ def sample_from_workdir(config, workdir: str) -> dict:
   """Runs config.sample.task from the workdir's latest checkpoint; returns the settings."""
   sc = config.sample
   checks.check_choice(sc.task, TASKS, "sample.task")
-  setup, state = train.load_trained(workdir, config)
+  setup = train.Setup(config)
   shape = setup.image_shape
-  tau, x, mask = _schedule_and_input(sc, shape)        # bad inputs fail before compiling
+  tau, x, mask = _schedule_and_input(sc, shape)        # bad inputs fail before restoring
   if sc.task == "ipr":
     regions, condition = _ipr_regions(sc, shape, mask)
+  setup, state = train.load_trained(workdir, config, setup=setup)
   n = sc.num_images
   labels = _labels(str(sc.label), n, setup.model.num_classes)
   key = jax.random.key(config.seed)

@@ -284,12 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
 
 
-def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None,
-                 ) -> tuple[Setup, train_state.TrainState]:
+def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None, *,
+                 setup: Setup | None = None) -> tuple[Setup, train_state.TrainState]:
   """(setup, state) of the latest checkpoint in a trained workdir, for sampling and analysis.
 
   config: the run's config; None reads `workdir/config.json`. A config of another
   model is refused with the differing keys listed (checkpointing.Checkpointer).
+  setup: a `Setup(config)` already built (e.g. to check inputs before restoring).
   """
   if config is None:
     path = os.path.join(workdir, "config.json")
@@ -302,7 +303,7 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None,
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"workdir {workdir!r} has no checkpoints; train first "
                      "(python -m asyncpatch_jax.main --config=... --workdir=...).")
-  setup = Setup(config)
+  setup = setup or Setup(config)
   ckpt = checkpointing.Checkpointer(workdir, config, setup.image_shape, every=1, keep=None)
   try:
     ckpt.check_compatible()
