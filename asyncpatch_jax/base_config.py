@@ -15,7 +15,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = dict(
-      dataset="digits",      # see asyncpatch_jax.datasets.DATASETS
+      dataset="digits",      # see asyncpatch_jax.data.datasets.DATASETS
       data_dir="",           # prepared TFDS directory (real datasets only)
       options={},            # extra keyword arguments of the dataset source
   )

@@ -6,6 +6,7 @@ Shape checks always run (shapes are static, also under `jax.jit`); value checks
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 import jax
@@ -61,14 +62,28 @@ def check_divisible(size: int, divisor: int, name: str, what: str) -> None:
     raise ValueError(f"{name}={size} is not divisible by {divisor} ({what}).")
 
 
+def did_you_mean(value, choices: Sequence[str]) -> str:
+  """' Did you mean 'a', 'b'?' for the close matches of `value` among `choices`, or ''."""
+  close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3, cutoff=0.5)
+  return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def check_choice(value: str, choices: Sequence[str], name: str) -> None:
   """`value` must be one of `choices`; the error names the close matches."""
   if value not in choices:
-    import difflib
-    close = difflib.get_close_matches(str(value), list(choices), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(f"Unknown {name} {value!r}; expected one of "
-                     f"{', '.join(repr(c) for c in choices)}.{hint}")
+                     f"{', '.join(repr(c) for c in choices)}.{did_you_mean(value, choices)}")
+
+
+def check_positive_int(value, name: str) -> int:
+  """`value` must be an integer >= 1 (an int, a NumPy integer, or an integral float)."""
+  try:
+    ok = int(value) == value and value >= 1
+  except (TypeError, ValueError):
+    ok = False
+  if not ok or isinstance(value, bool):
+    raise ValueError(f"{name}={value!r}; expected a positive integer.")
+  return int(value)
 
 
 def check_dataset_size(dataset: str, num_examples, default_num_examples: dict, split: str,

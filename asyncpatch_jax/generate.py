@@ -14,18 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import guidance
-from asyncpatch_jax import image_io
-from asyncpatch_jax import ipr
-from asyncpatch_jax import schedules
+from asyncpatch_jax.diffusion import guidance
+from asyncpatch_jax.data import image_io
+from asyncpatch_jax.diffusion import ipr
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.training import sharding
 
 
 class Generator:
   """generator(params, tau, key=..., shape=... | x=..., labels=..., guidance=...) -> images."""
 
   def __init__(self, model, *, mesh="auto"):
+    """mesh: 'auto' (all devices, `training.sharding.sampling_mesh`), a Mesh, or None."""
     self.model = model
-    self.mesh = mesh
+    self.mesh = sharding.sampling_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
     self._samplers: dict[tuple[bool, bool], ipr.Refiner] = {}
 
   def _sampler(self, cfg: bool, input_guided: bool) -> ipr.Refiner:

@@ -29,7 +29,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   try:
     if FLAGS.mode == "train":
-      from asyncpatch_jax import train  # pylint: disable=g-import-not-at-top
+      from asyncpatch_jax.training import train  # pylint: disable=g-import-not-at-top
       summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
       from asyncpatch_jax import sample_mode  # pylint: disable=g-import-not-at-top

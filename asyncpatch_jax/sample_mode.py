@@ -14,10 +14,9 @@ import numpy as np
 
 from asyncpatch_jax import checks
 from asyncpatch_jax import generate
-from asyncpatch_jax import image_io
-from asyncpatch_jax import ipr
-from asyncpatch_jax import schedules
-from asyncpatch_jax import train
+from asyncpatch_jax.data import image_io
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.training import train
 
 TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "interleaved", "ipr")
 
@@ -84,7 +83,7 @@ def _ipr_regions(sc, shape, mask):
   if not 0.0 < sc.ipr_alpha <= 1.0 or sc.ipr_rounds < 1:
     raise ValueError(f"sample.ipr_alpha={sc.ipr_alpha}, sample.ipr_rounds={sc.ipr_rounds}; "
                      "expected alpha in (0, 1] and a positive number of rounds.")
-  regions = ipr.grid_regions(shape[0], shape[1], tuple(sc.grid))
+  regions = schedules.grid_regions(shape[0], shape[1], tuple(sc.grid))
   n_regions = int(regions.max()) + 1
   if mask is None:
     return regions, np.zeros((n_regions,), bool)

@@ -40,10 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import jacobian as jac
-from asyncpatch_jax import lyapunov as ly
-from asyncpatch_jax import pifs
-from asyncpatch_jax import pifs_operators as po
+from asyncpatch_jax.analysis import jacobian_norms as jn
+from asyncpatch_jax.analysis import norm_method as nm
+from asyncpatch_jax.analysis import lyapunov as ly
+from asyncpatch_jax.analysis import pifs
+from asyncpatch_jax.analysis import ddim_maps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
@@ -110,18 +111,6 @@ class ModuleApply:
     return self.module.apply({"params": params}, z, t_map)
 
 
-@dataclasses.dataclass(frozen=True)
-class UNetVelocity:
-  """`(params, z, t) -> v_hat` of the project's UNet, unconditional (null label)."""
-  model: nn.Module
-
-  def __call__(self, params, z, t):
-    y = None
-    if self.model.num_classes:
-      y = jnp.full(z.shape[:1], self.model.num_classes, jnp.int32)
-    return self.model.apply({"params": params}, z, t, y)
-
-
 def _project_velocity_model(shape, key):
   """(velocity_fn, name, num_params) of the project's default UNet, or None.
 
@@ -145,7 +134,7 @@ def _project_velocity_model(shape, key):
   model = models.build_unet(cfg)
   params = models.init_params(model, key, shape)
   nparams = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  return jax.tree_util.Partial(UNetVelocity(model), params), "UNet(configs/default.py)", nparams
+  return jax.tree_util.Partial(models.NullLabelVelocity(model), params), "UNet(configs/default.py)", nparams
 
 
 def velocity_model(shape, key):
@@ -190,7 +179,7 @@ _BLOCK_STEP_CACHE = {}
 def _block_step_fn(shape, patch_size, m):
   key = (shape, patch_size, m)
   if key not in _BLOCK_STEP_CACHE:
-    from asyncpatch_jax.patch_stats import patchify, unpatchify  # pylint: disable=import-outside-toplevel
+    from asyncpatch_jax.analysis.patch_stats import patchify, unpatchify  # pylint: disable=import-outside-toplevel
 
     def step(jvp_lin, vjp_lin, v, k, j):
       eye = jnp.eye(m, dtype=v.dtype)
@@ -210,7 +199,7 @@ def bench_size(shape, key, num_iters, repeats):
   patch = h // 4
   vel, name, nparams = velocity_model(shape, key)
   abar = pifs.cosine_schedule(1000, 0.0)
-  phi = po.ddim_step(po.velocity_to_eps(vel, per_image_time=True), abar[500], abar[480])
+  phi = ddim_maps.ddim_step(ddim_maps.velocity_to_eps(vel, per_image_time=True), abar[500], abar[480])
   x = jax.random.normal(jax.random.fold_in(key, 1), shape)
   n = x.size
   m = 16
@@ -225,17 +214,17 @@ def bench_size(shape, key, num_iters, repeats):
   v0 = jax.random.normal(key, shape)
   neg = jnp.asarray(-1.0)
   k_lo, k_hi = 2, 12
-  t_lo = timeit(lambda: jac._power_core(phi, x, v0, neg, k_lo), repeats=repeats)  # pylint: disable=protected-access
-  t_hi = timeit(lambda: jac._power_core(phi, x, v0, neg, k_hi), repeats=repeats)  # pylint: disable=protected-access
+  t_lo = timeit(lambda: jn._power_core(phi, x, v0, neg, k_lo), repeats=repeats)  # pylint: disable=protected-access
+  t_hi = timeit(lambda: jn._power_core(phi, x, v0, neg, k_hi), repeats=repeats)  # pylint: disable=protected-access
   res["power_step_s"] = (t_hi - t_lo) / (k_hi - k_lo)
   res["power_step_over_forward"] = res["power_step_s"] / t_fwd
 
   # Block power iteration, vmapped over the 256 blocks.
   vb = jax.random.normal(key, (m, m, nk))
   b_lo, b_hi = 1, 3
-  bs = jac.auto_batch_size(n, m * m)
+  bs = jn.auto_batch_size(n, m * m)
   res["block_batch_size"] = bs
-  core = jac._block_power_core  # pylint: disable=protected-access
+  core = jn._block_power_core  # pylint: disable=protected-access
   tb_lo = timeit(lambda: core(phi, x, vb, neg, patch, b_lo, bs), repeats=repeats)
   tb_hi = timeit(lambda: core(phi, x, vb, neg, patch, b_hi, bs), repeats=repeats)
   block_step = max((tb_hi - tb_lo) / (b_hi - b_lo), 1e-9)
@@ -244,21 +233,21 @@ def bench_size(shape, key, num_iters, repeats):
   res["block_power_total_s"] = tb_lo + (num_iters - b_lo) * block_step
 
   # Python loop over the blocks (same per-block work, one jitted call per block).
-  jvp_lin, vjp_lin = jac._linearized_partials(phi, x)  # pylint: disable=protected-access
+  jvp_lin, vjp_lin = nm.linearized_partials(phi, x)  # pylint: disable=protected-access
   t_loop = timeit(lambda: block_loop_step(jvp_lin, vjp_lin, x, vb, patch), repeats=1)
   res["block_loop_step_s"] = t_loop
   res["block_vmap_speedup"] = t_loop / block_step
 
   # Materialise J (+ block SVDs).
-  costs = jac.block_norm_costs(phi, x, patch_size=patch, num_iters=num_iters)
+  costs = nm.block_norm_costs(phi, x, patch_size=patch, num_iters=num_iters)
   res["counted"] = {k: (float(v) if isinstance(v, (int, float)) else v)
                     for k, v in costs._asdict().items()}
   res["counted"]["power_over_forward"] = costs.power / costs.forward
   res["counted"]["exact_over_forward"] = costs.exact / costs.forward
-  ebs = jac.auto_batch_size(n, n)
+  ebs = jn.auto_batch_size(n, n)
   res["exact_batch_size"] = ebs
   if n <= 4096:
-    t_exact = timeit(lambda: jac._block_exact(phi, x, patch, ebs), repeats=1)  # pylint: disable=protected-access
+    t_exact = timeit(lambda: jn._block_exact(phi, x, patch, ebs), repeats=1)  # pylint: disable=protected-access
     res["exact_s"] = t_exact
     res["exact_measured"] = "full"
   else:
@@ -280,7 +269,7 @@ def bench_size(shape, key, num_iters, repeats):
 def bench_lyapunov(shape, key, repeats, k=64):
   vel, _, _ = velocity_model(shape, key)
   abar = pifs.cosine_schedule(1000, 0.0)
-  chain = po.ddim_chain_fn(po.velocity_to_eps(vel, per_image_time=True), abar,
+  chain = ddim_maps.ddim_chain_fn(ddim_maps.velocity_to_eps(vel, per_image_time=True), abar,
                            pifs.ddim_chain(1000, 200))
   x = jax.random.normal(key, shape)
   q0 = jax.random.normal(key, (k,) + shape)
@@ -314,8 +303,8 @@ def counted_crossover(key, num_iters):
     shape = (hw, hw, 3)
     vel, _, _ = velocity_model(shape, key)
     abar = pifs.cosine_schedule(1000, 0.0)
-    phi = po.ddim_step(po.velocity_to_eps(vel, per_image_time=True), abar[500], abar[480])
-    c = jac.block_norm_costs(phi, jnp.zeros(shape), patch_size=hw // 4, num_iters=num_iters,
+    phi = ddim_maps.ddim_step(ddim_maps.velocity_to_eps(vel, per_image_time=True), abar[500], abar[480])
+    c = nm.block_norm_costs(phi, jnp.zeros(shape), patch_size=hw // 4, num_iters=num_iters,
                              max_exact_bytes=2**40)
     rows.append({"size": hw, "n": hw * hw * 3, "power_over_forward": c.power / c.forward,
                  "exact_over_forward": c.exact / c.forward, "choice": c.choice})

@@ -19,7 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import base_config, guidance, models, samplers, schedules
+from asyncpatch_jax import base_config
+from asyncpatch_jax.diffusion import guidance
+from asyncpatch_jax import models
+from asyncpatch_jax.diffusion import samplers
+from asyncpatch_jax.diffusion import schedules
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")

@@ -20,9 +20,9 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from asyncpatch_jax import base_config, train
+from asyncpatch_jax import base_config
+from asyncpatch_jax.training import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")

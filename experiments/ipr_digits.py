@@ -23,12 +23,12 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from asyncpatch_jax import classifier
+from asyncpatch_jax.evaluation import digit_classifier as classifier
 from asyncpatch_jax import generate
-from asyncpatch_jax import image_io
-from asyncpatch_jax import ipr
-from asyncpatch_jax import schedules
-from asyncpatch_jax import train
+from asyncpatch_jax.data import image_io
+from asyncpatch_jax.diffusion import ipr
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.training import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a trained digits model.")
@@ -56,7 +56,7 @@ def main(argv):
                      "classifier scores digits models only.")
   h, w, c = setup.image_shape
   grid = tuple(int(g) for g in FLAGS.grid)
-  regions = ipr.grid_regions(h, w, grid)
+  regions = schedules.grid_regions(h, w, grid)
   n, rounds = FLAGS.num_samples, FLAGS.num_rounds
   key = jax.random.key(FLAGS.seed)
   cls_params, held_out = classifier.train_classifier(jax.random.fold_in(key, 0),

@@ -35,7 +35,6 @@ minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -50,11 +49,14 @@ import scipy.stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from asyncpatch_jax import jacobian as jac  # noqa: E402
-from asyncpatch_jax import lyapunov as ly  # noqa: E402
-from asyncpatch_jax import pifs  # noqa: E402
-from asyncpatch_jax import pifs_operators as po  # noqa: E402
-from asyncpatch_jax.patch_stats import patch_covariance_spectra  # noqa: E402
+from asyncpatch_jax import models  # noqa: E402
+from asyncpatch_jax.analysis import jacobian_norms as jn  # noqa: E402
+from asyncpatch_jax.analysis import norm_method as nm  # noqa: E402
+from asyncpatch_jax.analysis import regimes as rg  # noqa: E402
+from asyncpatch_jax.analysis import lyapunov as ly  # noqa: E402
+from asyncpatch_jax.analysis import pifs  # noqa: E402
+from asyncpatch_jax.analysis import ddim_maps  # noqa: E402
+from asyncpatch_jax.analysis.patch_stats import patch_covariance_spectra  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path; regimes.png is written beside it.")
@@ -86,29 +88,17 @@ def load_velocity_fn(workdir: str):
   The only place that knows the training system: rebuilds the run's config from
   `workdir/config.json`, its UNet (`train.Setup`), restores the latest orbax
   checkpoint and returns the EMA parameters as
-  `Partial(UNetVelocity(model), ema_params)`: `velocity_fn(z [B, H, W, C],
+  `Partial(models.NullLabelVelocity(model), ema_params)`: `velocity_fn(z [B, H, W, C],
   t [B] or [B, H, W]) -> v_hat`, the unconditional (null-label) prediction.
   """
-  from asyncpatch_jax import train  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.training import train  # pylint: disable=import-outside-toplevel
   setup, state = train.load_trained(workdir)
   config = setup.config
   step = int(jax.device_get(state.step))
   text = (f"trained UNet ({workdir}, step {step}, EMA, {config.data.dataset}, "
           "null label)")
-  return (jax.tree_util.Partial(UNetVelocity(setup.model), state.ema_params),
+  return (jax.tree_util.Partial(models.NullLabelVelocity(setup.model), state.ema_params),
           setup.image_shape, text)
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetVelocity:
-  """`(params, z, t) -> v_hat` of a project UNet, unconditional (null label)."""
-  model: object
-
-  def __call__(self, params, z, t):
-    y = None
-    if self.model.num_classes:
-      y = jnp.full(z.shape[:1], self.model.num_classes, jnp.int32)
-    return self.model.apply({"params": params}, z, t, y)
 
 
 def _empirical_eps(images, x, abar):
@@ -132,25 +122,24 @@ def build_eps_fn(images, key):
     vel, shape_w, text = load_velocity_fn(FLAGS.workdir)
     if tuple(shape_w) != tuple(shape):
       raise ValueError(f"the model in {FLAGS.workdir} takes {shape_w}, the data is {shape}.")
-    return po.velocity_to_eps(vel, per_image_time=True), text
+    return ddim_maps.velocity_to_eps(vel, per_image_time=True), text
   if FLAGS.model == "empirical":
     flat = jnp.asarray(images.reshape(len(images), -1))
     return (jax.tree_util.Partial(_empirical_eps, flat),
             f"exact denoiser of the {len(images)} training images (stand-in)")
   if FLAGS.model == "gaussian":
-    from asyncpatch_jax import gaussian  # pylint: disable=import-outside-toplevel
+    from asyncpatch_jax.diffusion import gaussian  # pylint: disable=import-outside-toplevel
     flat = images.reshape(len(images), -1).astype(np.float64)
     cov = np.cov(flat.T) + 1e-3 * np.eye(flat.shape[1])
     vel = gaussian.GaussianVelocity(flat.mean(0).reshape(shape), cov)
-    return po.velocity_to_eps(vel), "exact denoiser of the Gaussian fit (stand-in)"
-  from asyncpatch_jax import models  # pylint: disable=import-outside-toplevel
+    return ddim_maps.velocity_to_eps(vel), "exact denoiser of the Gaussian fit (stand-in)"
   from asyncpatch_jax import base_config  # pylint: disable=import-outside-toplevel
   cfg = base_config.get_base_config().model
   with cfg.unlocked():
     cfg.out_channels = shape[-1]
   model = models.build_unet(cfg)
   params = models.init_params(model, key, shape)
-  return (po.velocity_to_eps(jax.tree_util.Partial(UNetVelocity(model), params),
+  return (ddim_maps.velocity_to_eps(jax.tree_util.Partial(models.NullLabelVelocity(model), params),
                              per_image_time=True),
           "project UNet, random initialisation (stand-in: cost only)")
 
@@ -184,7 +173,7 @@ def main(argv):
   del argv
   t_start = time.time()
   key = jax.random.key(FLAGS.seed)
-  from asyncpatch_jax.datasets import get_dataset  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.data.datasets import get_dataset  # pylint: disable=import-outside-toplevel
   src = get_dataset(FLAGS.dataset, "train")
   images = np.stack([src[i]["image"] for i in range(len(src))]).astype(np.float32)
   shape = images.shape[1:]
@@ -203,14 +192,14 @@ def main(argv):
   steps_t = st.t[order]
   a_t, a_p = st.abar_t[order], st.abar_prev[order]
   num_steps = len(order)
-  chain = po.ddim_chain_fn(eps_fn, abar, ts)
+  chain = ddim_maps.ddim_chain_fn(eps_fn, abar, ts)
   lss = pifs.moran_threshold(st.abar_t, st.abar_prev)
   lam_star = pifs.expansion_threshold(a_t, a_p)
   f_lam = pifs.expansion_function(lam, a_t, a_p)  # [M, N]
 
   # Block-norm method by counted cost, decided once.
-  phi0 = po.ddim_step(eps_fn, a_t[0], a_p[0])
-  costs = jac.block_norm_costs(phi0, jnp.zeros(shape), patch_size=p,
+  phi0 = ddim_maps.ddim_step(eps_fn, a_t[0], a_p[0])
+  costs = nm.block_norm_costs(phi0, jnp.zeros(shape), patch_size=p,
                                num_iters=FLAGS.block_iters)
   print(f"model: {model_text}; data {FLAGS.dataset} {shape}, M = {m}, n_k = {nk}; "
         f"block norms by {costs.choice} (counted power {costs.power / costs.forward:.0f}x, "
@@ -225,14 +214,14 @@ def main(argv):
     x_t = jax.random.normal(ks, shape)
     states = trajectory(chain, x_t)
     for i in range(num_steps):
-      phi = po.ddim_step(eps_fn, a_t[i], a_p[i])
+      phi = ddim_maps.ddim_step(eps_fn, a_t[i], a_p[i])
       x = states[i]
       ki = jax.random.fold_in(ks, i)
-      glob[s, i] = float(jac.spectral_norm(phi, x, key=ki, num_iters=FLAGS.power_iters))
-      norms[s, i] = np.asarray(jac.block_norms(phi, x, patch_size=p, key=ki,
+      glob[s, i] = float(jn.spectral_norm(phi, x, key=ki, num_iters=FLAGS.power_iters))
+      norms[s, i] = np.asarray(jn.block_norms(phi, x, patch_size=p, key=ki,
                                                num_iters=FLAGS.block_iters,
                                                method=costs.choice))
-      rq[s, i] = np.asarray(jac.diagonal_rayleigh(phi, x, vecs, patch_size=p))
+      rq[s, i] = np.asarray(rg.diagonal_rayleigh(phi, x, vecs, patch_size=p))
     out = ly.lyapunov_spectrum(chain, x_t, key=ks, num_vectors=FLAGS.lyap_vectors,
                                num_iters=FLAGS.lyap_iters)
     lyap.append(np.asarray(out.exponents))
@@ -244,12 +233,12 @@ def main(argv):
   log_g = np.zeros((num_steps, m))
   nonpos = 0
   for i in range(num_steps):
-    phi = po.ddim_step(eps_fn, a_t[i], a_p[i])
+    phi = ddim_maps.ddim_step(eps_fn, a_t[i], a_p[i])
     vals = []
     for _ in range(FLAGS.q_samples):
       x0 = images[rng.randint(len(images))]
       x = np.sqrt(a_t[i]) * x0 + np.sqrt(1 - a_t[i]) * rng.randn(*shape).astype(np.float32)
-      vals.append(np.asarray(jac.diagonal_rayleigh(phi, jnp.asarray(x), vecs, patch_size=p)))
+      vals.append(np.asarray(rg.diagonal_rayleigh(phi, jnp.asarray(x), vecs, patch_size=p)))
     g = np.stack(vals)  # g_k,t = f - S = kappa^diag on q(x_t)
     nonpos += int(np.sum(g <= 0))
     log_g[i] = np.mean(np.log(np.maximum(np.abs(g), 1e-12)), axis=0)
@@ -259,7 +248,7 @@ def main(argv):
   print(f"q(x_t) pass done [{time.time() - t_start:.0f}s]", flush=True)
 
   # Per-step summaries.
-  pcq = [jac.pc_quantities(norms[s, i]) for s in range(FLAGS.num_seeds) for i in range(num_steps)]
+  pcq = [rg.pc_quantities(norms[s, i]) for s in range(FLAGS.num_seeds) for i in range(num_steps)]
   kd = np.array([float(q.kappa_diag) for q in pcq]).reshape(FLAGS.num_seeds, num_steps)
   dc = np.array([float(q.delta_cross) for q in pcq]).reshape(FLAGS.num_seeds, num_steps)
   slack = np.array([np.asarray(q.slack) for q in pcq]).reshape(FLAGS.num_seeds, num_steps, m)
@@ -327,9 +316,9 @@ def main(argv):
           "lambda_trajectory_rayleigh": lambda_traj.tolist(),
           "chain_top_exponents_mean": lyap.mean(0).tolist(),
           "chain_top_exponents_std": lyap.std(0).tolist(),
-          "ky_top_k_per_seed": [float(ly.kaplan_yorke_dimension(jnp.asarray(e))) for e in lyap],
+          "ky_top_k_per_seed": [float(pifs.kaplan_yorke_dimension(jnp.asarray(e))) for e in lyap],
           "gaussian_ky_thm26_isotropic": _thm26(lam, nk, st, lss),
-          "gaussian_ky_full_patch_spectra": float(ly.kaplan_yorke_dimension(
+          "gaussian_ky_full_patch_spectra": float(pifs.kaplan_yorke_dimension(
               jnp.asarray(gauss_spec))),
       },
       "summary": summary,

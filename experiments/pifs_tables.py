@@ -28,7 +28,7 @@ import scipy.stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from asyncpatch_jax import pifs  # noqa: E402
+from asyncpatch_jax.analysis import pifs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path; PNGs are written beside it.")

@@ -21,7 +21,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from asyncpatch_jax import timesteps  # noqa: E402
+from asyncpatch_jax.diffusion import timesteps  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path; PNGs are written beside it.")

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from asyncpatch_jax import datasets
-from asyncpatch_jax.datasets import digits as digits_lib
-from asyncpatch_jax.datasets import even_pixels as ep_lib
-from asyncpatch_jax.datasets import sudoku as sudoku_lib
-from asyncpatch_jax.datasets import textures as textures_lib
-from asyncpatch_jax.datasets import tfds_source
+from asyncpatch_jax.data import datasets
+from asyncpatch_jax.data import digits as digits_lib
+from asyncpatch_jax.data import even_pixels as ep_lib
+from asyncpatch_jax.data import sudoku as sudoku_lib
+from asyncpatch_jax.data import textures as textures_lib
+from asyncpatch_jax.data import tfds_source
 
 
 # ---------------------------------------------------------------- digits

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import flow
-from asyncpatch_jax import gaussian
+from asyncpatch_jax.diffusion import flow
+from asyncpatch_jax.diffusion import gaussian
 
 
 def test_noising_and_conversions_roundtrip():

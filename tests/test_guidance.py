@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import gaussian
-from asyncpatch_jax import guidance
+from asyncpatch_jax.diffusion import gaussian
+from asyncpatch_jax.diffusion import guidance
 
 H, W, C = 2, 3, 1
 D = H * W * C

@@ -9,9 +9,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from asyncpatch_jax import datasets
-from asyncpatch_jax import input_pipeline as ip
-from asyncpatch_jax.datasets import tfds_source
+from asyncpatch_jax.data import datasets
+from asyncpatch_jax.data import input_pipeline as ip
+from asyncpatch_jax.data import tfds_source
 
 
 class RangeSource:
@@ -161,7 +161,8 @@ _GLOBAL_ARRAY_SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from asyncpatch_jax import datasets, input_pipeline as ip
+    from asyncpatch_jax.data import datasets
+    from asyncpatch_jax.data import input_pipeline as ip
 
     out = {"devices": jax.device_count()}
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))

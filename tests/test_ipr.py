@@ -6,20 +6,21 @@ G = S_UK S_KK^-1. Its first two moments are linear in the previous ones, so the
 moments after R rounds follow in float64 by enumerating every possible selection.
 """
 
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import gaussian
-from asyncpatch_jax import ipr
+from asyncpatch_jax.diffusion import gaussian
+from asyncpatch_jax.diffusion import ipr
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.training import sharding
 
 H, W, C = 4, 4, 1
 D = H * W * C
 GRID = (2, 2)                                # N = 4 regions of 2x2 pixels
-REGIONS = ipr.grid_regions(H, W, GRID)
+REGIONS = schedules.grid_regions(H, W, GRID)
 N_SAMPLES = 8192
 STEPS = 100
 
@@ -162,10 +163,10 @@ def test_one_compilation_serves_every_alpha_condition_and_key():
 
 
 def test_grid_regions_and_num_resampled():
-  np.testing.assert_array_equal(ipr.grid_regions(4, 6, (2, 3)),
+  np.testing.assert_array_equal(schedules.grid_regions(4, 6, (2, 3)),
                                 [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2],
                                  [3, 3, 4, 4, 5, 5], [3, 3, 4, 4, 5, 5]])
-  sudoku = ipr.grid_regions(72, 72, (9, 9))
+  sudoku = schedules.grid_regions(72, 72, (9, 9))
   assert sudoku[8 * 4 + 3, 8 * 7] == 4 * 9 + 7
   # floor(alpha (N - |C|)) for the paper's alpha = 0.25 and awkward float products.
   for alpha, n, c in ((0.25, 81, 26), (0.25, 81, 0), (0.29, 100, 0), (0.7, 10, 0), (1.0, 5, 2)):
@@ -191,7 +192,7 @@ def test_bad_input_raises_before_compiling(kwargs, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
     REFINER.refine(np.zeros((2, H, W, C), np.float32), **args)
   with pytest.raises(ValueError, match="not divisible"):
-    ipr.grid_regions(10, 10, (3, 3))
+    schedules.grid_regions(10, 10, (3, 3))
 
 
 def test_sharded_refinement_equals_single_device():
@@ -204,7 +205,7 @@ def test_sharded_refinement_equals_single_device():
   args = dict(key=jax.random.key(8), regions=REGIONS, num_rounds=3, alpha=0.5, num_steps=5,
               eta=0.25, condition=np.eye(4, dtype=bool)[np.arange(16) % 4],
               scale=jnp.float32(0.3))
-  sharded = ipr.Refiner(velocity_fn).refine(x0, **args)
+  sharded = ipr.Refiner(velocity_fn, mesh=sharding.sampling_mesh()).refine(x0, **args)
   single = ipr.Refiner(velocity_fn, mesh=None).refine(x0, **args)
   assert len(sharded.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)

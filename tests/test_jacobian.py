@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import jacobian as jac
-from asyncpatch_jax import pifs
-from asyncpatch_jax import pifs_operators as po
-from asyncpatch_jax.patch_stats import patch_covariance_spectra, patch_permutation, patchify
+from asyncpatch_jax.analysis import jacobian_norms as jn
+from asyncpatch_jax.analysis import norm_method as nm
+from asyncpatch_jax.analysis import regimes as rg
+from asyncpatch_jax.analysis import pifs
+from asyncpatch_jax.analysis import ddim_maps
+from asyncpatch_jax.analysis.patch_stats import patch_covariance_spectra, patch_permutation, patchify
 
 SHAPE, P = (4, 4, 2), 2  # M = 4 patches of n_k = 8
 N, M, NK = 32, 4, 8
@@ -51,9 +53,9 @@ def spd_with_spectrum(n, lo, hi, seed):
 @pytest.mark.parametrize("method", ["power", "exact", "auto"])
 def test_block_norms_gaussian_isotropic(method):
   """Thm. 17: ||[J Phi_t]_kk|| = f_t(lambda_k), cross blocks 0 (float32)."""
-  phi = po.ddim_step(po.gaussian_eps_fn(isotropic_cov(LAMS)), A_T, A_P)
+  phi = ddim_maps.ddim_step(ddim_maps.gaussian_eps_fn(isotropic_cov(LAMS)), A_T, A_P)
   x = jax.random.normal(jax.random.key(0), SHAPE)
-  norms, info = jac.block_norms(phi, x, patch_size=P, key=jax.random.key(1),
+  norms, info = jn.block_norms(phi, x, patch_size=P, key=jax.random.key(1),
                                 method=method, return_info=True)
   norms = np.asarray(norms)
   np.testing.assert_allclose(np.diagonal(norms), pifs.expansion_function(LAMS, A_T, A_P),
@@ -69,20 +71,20 @@ def test_block_norms_and_spectral_norm_match_exact_svd():
   sigma = spd_with_spectrum(N, 0.02, 5.0, 0)
   a, ap = ABAR[250], 1.0  # a long last step: well-spread singular values
   with jax.enable_x64(True):
-    phi = po.ddim_step(po.gaussian_eps_fn(sigma), a, ap)
+    phi = ddim_maps.ddim_step(ddim_maps.gaussian_eps_fn(sigma), a, ap)
     x = jnp.asarray(np.random.RandomState(1).randn(*SHAPE))
     ref_j = closed_form_phi_jac(sigma, a, ap)
     ref = np.linalg.svd(blocks_of(ref_j), compute_uv=False)[..., 0]
-    mat = jac.materialize_jacobian(phi, x, batch_size=7)
+    mat = jn.materialize_jacobian(phi, x, batch_size=7)
     np.testing.assert_allclose(np.asarray(mat), ref_j, rtol=1e-10, atol=1e-12)
-    exact = jac.block_norms(phi, x, patch_size=P, method="exact")
+    exact = jn.block_norms(phi, x, patch_size=P, method="exact")
     np.testing.assert_allclose(np.asarray(exact), ref, rtol=1e-10)
-    power, info = jac.block_norms(phi, x, patch_size=P, key=jax.random.key(2),
+    power, info = jn.block_norms(phi, x, patch_size=P, key=jax.random.key(2),
                                   method="power", num_iters=3000, tol=1e-12,
                                   return_info=True)
     np.testing.assert_allclose(np.asarray(power), ref, rtol=1e-5)
     assert int(info["num_iters"]) < 3000  # stopped on the tolerance
-    out = jac.spectral_norm(phi, x, key=jax.random.key(3), num_iters=3000, tol=1e-13,
+    out = jn.spectral_norm(phi, x, key=jax.random.key(3), num_iters=3000, tol=1e-13,
                             return_vectors=True)
     assert float(out.sigma) == pytest.approx(np.linalg.norm(ref_j, 2), rel=1e-7)
     # (u, v) are the singular pair: J v = sigma u.
@@ -92,14 +94,14 @@ def test_block_norms_and_spectral_norm_match_exact_svd():
 
 def test_block_norm_costs_count_the_linear_map():
   """For the Gaussian step (two n x n matmuls) one JVP costs ~4 n^2 flops."""
-  phi = po.ddim_step(po.gaussian_eps_fn(isotropic_cov(LAMS)), A_T, A_P)
+  phi = ddim_maps.ddim_step(ddim_maps.gaussian_eps_fn(isotropic_cov(LAMS)), A_T, A_P)
   x = jnp.zeros(SHAPE)
-  c = jac.block_norm_costs(phi, x, patch_size=P, num_iters=30)
+  c = nm.block_norm_costs(phi, x, patch_size=P, num_iters=30)
   assert 4 * N * N <= c.jvp <= 4 * N * N + 40 * N
   assert 4 * N * N <= c.vjp <= 4 * N * N + 40 * N
   assert c.power == pytest.approx(30 * M * M * (c.jvp + c.vjp))
-  assert c.exact == pytest.approx(N * c.jvp + M * M * jac.SVD_SLOWDOWN
-                                  * jac.SVD_FLOPS_PER_M3 * NK**3)
+  assert c.exact == pytest.approx(N * c.jvp + M * M * nm.SVD_SLOWDOWN
+                                  * nm.SVD_FLOPS_PER_M3 * NK**3)
   assert c.choice == "exact" and c.exact_bytes == N * N * 4
 
 
@@ -116,7 +118,7 @@ def test_differentiable_spectral_norm_matches_finite_differences():
       return (p["w2"] @ h).reshape(x.shape)
 
     x = jnp.asarray(rng.randn(3, 3, 2))
-    sigma_fn = lambda p: jac.differentiable_spectral_norm(
+    sigma_fn = lambda p: jn.differentiable_spectral_norm(
         net, p, x, key=jax.random.key(0), num_iters=5000, tol=1e-14)
     j = np.asarray(jax.jacfwd(lambda z: net(params, z))(x)).reshape(n_in, n_in)
     assert float(sigma_fn(params)) == pytest.approx(np.linalg.norm(j, 2), rel=1e-9)
@@ -132,7 +134,7 @@ def test_differentiable_spectral_norm_matches_finite_differences():
 
 def test_pc_quantities_from_block_norms():
   norms = np.abs(np.random.RandomState(0).randn(5, 5)) * 0.2
-  q = jac.pc_quantities(norms)
+  q = rg.pc_quantities(norms)
   for k in range(5):
     off = sum(norms[k, j] for j in range(5) if j != k)
     assert float(q.coupling[k]) == pytest.approx(off, rel=1e-6)
@@ -147,9 +149,9 @@ def test_ec_quantities_gaussian_isotropic():
   probes are exact on diagonal matrices) and delta = max |d - nu|."""
   cov = isotropic_cov(LAMS)
   with jax.enable_x64(True):
-    eps = po.gaussian_eps_fn(cov)
+    eps = ddim_maps.gaussian_eps_fn(cov)
     a, ap = STEPS.abar_t[-1], STEPS.abar_prev[-1]  # the first step, t = 1000 -> 980
-    ec = jac.ec_quantities(lambda z: eps(z, a), jnp.zeros(SHAPE, jnp.float64), a, ap,
+    ec = rg.ec_quantities(lambda z: eps(z, a), jnp.zeros(SHAPE, jnp.float64), a, ap,
                            key=jax.random.key(0), num_probes=8, num_iters=500, tol=1e-12)
     d = np.sqrt(1 - a) / (a * np.diag(cov) + 1 - a)
     nu, delta = d.mean(), np.abs(d - d.mean()).max()
@@ -190,8 +192,8 @@ def test_suppression_field_and_patch_spectra():
     for scale, target in ((1.0, lambda: np.zeros(M)),
                           (2.0, lambda: pifs.expansion_function(lam, A_T, A_P)
                            - pifs.expansion_function(2 * lam, A_T, A_P))):
-      phi = po.ddim_step(po.gaussian_eps_fn(scale * sigma), A_T, A_P)
-      sup = jac.suppression_field(phi, x, vecs, lam, A_T, A_P, patch_size=P)
+      phi = ddim_maps.ddim_step(ddim_maps.gaussian_eps_fn(scale * sigma), A_T, A_P)
+      sup = rg.suppression_field(phi, x, vecs, lam, A_T, A_P, patch_size=P)
       np.testing.assert_allclose(np.asarray(sup.suppression), target(), atol=1e-12)
       np.testing.assert_allclose(np.asarray(sup.rayleigh),
                                  pifs.expansion_function(scale * lam, A_T, A_P), rtol=1e-12)
@@ -200,16 +202,16 @@ def test_suppression_field_and_patch_spectra():
 def test_bad_inputs():
   x = jnp.zeros(SHAPE)
   with pytest.raises(ValueError, match=r"output of shape \(4, 4, 1\)"):
-    jac.spectral_norm(lambda z: z[..., :1], x, key=jax.random.key(0))
+    jn.spectral_norm(lambda z: z[..., :1], x, key=jax.random.key(0))
   with pytest.raises(ValueError, match="does not divide"):
-    jac.block_norms(lambda z: 2 * z, x, patch_size=3, key=jax.random.key(0))
+    jn.block_norms(lambda z: 2 * z, x, patch_size=3, key=jax.random.key(0))
   with pytest.raises(ValueError, match=r"one image \[H, W, C\]"):
-    jac.block_norms(lambda z: 2 * z, jnp.zeros((1,) + SHAPE), patch_size=2,
+    jn.block_norms(lambda z: 2 * z, jnp.zeros((1,) + SHAPE), patch_size=2,
                     key=jax.random.key(0))
   with pytest.raises(ValueError, match="method"):
-    jac.block_norms(lambda z: 2 * z, x, patch_size=2, method="svd")
+    jn.block_norms(lambda z: 2 * z, x, patch_size=2, method="svd")
   with pytest.raises(ValueError, match=r"vectors has shape"):
-    jac.diagonal_rayleigh(lambda z: 2 * z, x, np.ones((3, 8)), patch_size=2)
+    rg.diagonal_rayleigh(lambda z: 2 * z, x, np.ones((3, 8)), patch_size=2)
 
 
 def _conv_specs(closed):
@@ -232,10 +234,9 @@ def _conv_specs(closed):
 
 
 def test_linearized_maps_have_canonical_convolutions():
-  """`linear_maps.linearized`: J^T u equals jax.vjp's, and every convolution of the
+  """`jacobian_norms.linearized`: J^T u equals jax.vjp's, and every convolution of the
   transposed map (strided, inside a scan) uses the HWIO kernel layout."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from asyncpatch_jax import linear_maps  # pylint: disable=import-outside-toplevel
 
   class Net(nn.Module):
     @nn.compact
@@ -250,7 +251,7 @@ def test_linearized_maps_have_canonical_convolutions():
   step = lambda z: z + 0.1 * Net().apply(params, z)
   fn = lambda z: jax.lax.scan(lambda c, _: (step(c), None), z, None, length=2)[0]
   u = jax.random.normal(jax.random.key(2), x.shape)
-  jvp, vjp = linear_maps.linearized(fn, x)
+  jvp, vjp = jn.linearized(fn, x)
   ref_vjp = jax.vjp(fn, x)[1](u)[0]
   np.testing.assert_allclose(np.asarray(jax.jit(vjp)(u)), np.asarray(ref_vjp), rtol=2e-5,
                              atol=1e-6)

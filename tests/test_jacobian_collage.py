@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import collage
-from asyncpatch_jax.patch_stats import patch_permutation
+from asyncpatch_jax.analysis import collage
+from asyncpatch_jax.analysis.patch_stats import patch_permutation
 
 SHAPE, P = (4, 4, 2), 2
 N, M, NK = 32, 4, 8

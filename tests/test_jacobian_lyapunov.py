@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import lyapunov as ly
-from asyncpatch_jax import pifs
-from asyncpatch_jax import pifs_operators as po
-from asyncpatch_jax.patch_stats import patch_permutation
+from asyncpatch_jax.analysis import lyapunov as ly
+from asyncpatch_jax.analysis import pifs
+from asyncpatch_jax.analysis import ddim_maps
+from asyncpatch_jax.analysis.patch_stats import patch_permutation
 
 SHAPE, P = (4, 4, 1), 2  # M = 4 patches of n_k = 4
 N, M, NK = 16, 4, 4
@@ -51,16 +51,16 @@ def test_gaussian_isotropic_spectrum_and_ky_dimension():
   theory = pifs.gaussian_ky_dimension(lams, NK, st.abar_t, st.abar_prev)
   assert theory["condition_46"]
   with jax.enable_x64(True):
-    eps = po.gaussian_eps_fn(isotropic_cov(lams))
+    eps = ddim_maps.gaussian_eps_fn(isotropic_cov(lams))
     x = jnp.asarray(np.random.RandomState(0).randn(*SHAPE))
-    chain = po.ddim_chain_fn(eps, ABAR, DDIM50)
+    chain = ddim_maps.ddim_chain_fn(eps, ABAR, DDIM50)
     out = ly.lyapunov_spectrum(chain, x, key=jax.random.key(0), num_vectors=N)
     np.testing.assert_allclose(np.asarray(out.exponents), np.sort(expected)[::-1], rtol=1e-8)
-    assert float(ly.kaplan_yorke_dimension(out.exponents)) == pytest.approx(
+    assert float(pifs.kaplan_yorke_dimension(out.exponents)) == pytest.approx(
         theory["value"], rel=1e-6)
     # Top-6 only, with the sequence-of-steps form on a short chain.
     st5 = pifs.chain_steps(ABAR, SHORT)
-    out5 = ly.lyapunov_spectrum(po.ddim_step_fns(eps, ABAR, SHORT), x,
+    out5 = ly.lyapunov_spectrum(ddim_maps.ddim_step_fns(eps, ABAR, SHORT), x,
                                 key=jax.random.key(1), num_vectors=6, num_iters=300,
                                 tol=1e-13)
     exp5 = np.sort(np.repeat(pifs.mean_log_expansion(lams, st5.abar_t, st5.abar_prev), NK))[::-1]
@@ -74,7 +74,7 @@ def test_spectrum_matches_svd_of_jacobian_product():
     prod = j @ prod
   s_ref = np.linalg.svd(prod, compute_uv=False)
   with jax.enable_x64(True):
-    chain = po.ddim_chain_fn(po.gaussian_eps_fn(sigma), ABAR, DDIM50)
+    chain = ddim_maps.ddim_chain_fn(ddim_maps.gaussian_eps_fn(sigma), ABAR, DDIM50)
     x = jnp.zeros(SHAPE, jnp.float64)
     out = ly.lyapunov_spectrum(chain, x, key=jax.random.key(0), num_vectors=5,
                                num_iters=2000, tol=1e-13)
@@ -91,9 +91,9 @@ def test_qr_benettin_volume_identity():
   sigma = random_spd(1)
   logdet = sum(np.linalg.slogdet(j)[1] for j in step_jacobians(sigma, SHORT))
   with jax.enable_x64(True):
-    eps = po.gaussian_eps_fn(sigma)
+    eps = ddim_maps.gaussian_eps_fn(sigma)
     x = jnp.asarray(np.random.RandomState(2).randn(*SHAPE))
-    for steps in (po.ddim_step_fns(eps, ABAR, SHORT), po.ddim_chain_fn(eps, ABAR, SHORT)):
+    for steps in (ddim_maps.ddim_step_fns(eps, ABAR, SHORT), ddim_maps.ddim_chain_fn(eps, ABAR, SHORT)):
       out = ly.lyapunov_qr(steps, x, key=jax.random.key(3), num_vectors=N)
       assert float(jnp.sum(out.exponents)) == pytest.approx(logdet / 5, rel=1e-10)
       assert out.running.shape == (5, N)
@@ -110,9 +110,9 @@ def test_qr_running_estimate_converges_on_a_repeated_step():
   j = np.sqrt(ap / a) * np.eye(N) + b * np.sqrt(0.5) * np.linalg.inv(a * sigma + 0.5 * np.eye(N))
   truth = np.sort(np.log(np.abs(np.linalg.eigvals(j))))[::-1][:3]
   with jax.enable_x64(True):
-    eps = po.gaussian_eps_fn(sigma)
+    eps = ddim_maps.gaussian_eps_fn(sigma)
     steps = 400
-    chain = po.Chain(step=po.ddim_chain_fn(eps, ABAR, SHORT).step, consts=po.as_partial(eps),
+    chain = ddim_maps.Chain(step=ddim_maps.ddim_chain_fn(eps, ABAR, SHORT).step, consts=ddim_maps.as_partial(eps),
                      params=(jnp.full(steps, a), jnp.full(steps, ap)))
     out = ly.lyapunov_qr(chain, jnp.zeros(SHAPE, jnp.float64), key=jax.random.key(0),
                          num_vectors=3)
@@ -135,11 +135,11 @@ def test_kaplan_yorke_dimension():
   rng = np.random.RandomState(0)
   for _ in range(30):
     l = rng.randn(rng.choice([1, 5, 12])) + rng.randn()
-    assert float(ly.kaplan_yorke_dimension(jnp.asarray(l))) == pytest.approx(
+    assert float(pifs.kaplan_yorke_dimension(jnp.asarray(l))) == pytest.approx(
         ky_brute(l), rel=1e-5, abs=1e-6)
-  assert float(ly.kaplan_yorke_dimension(jnp.array([-0.1, -0.2]))) == 0.0
-  assert float(ly.kaplan_yorke_dimension(jnp.array([0.3, 0.1, -0.2]))) == 3.0
-  assert float(ly.kaplan_yorke_dimension(jnp.array([0.3, -0.1, -0.4]))) == pytest.approx(
+  assert float(pifs.kaplan_yorke_dimension(jnp.array([-0.1, -0.2]))) == 0.0
+  assert float(pifs.kaplan_yorke_dimension(jnp.array([0.3, 0.1, -0.2]))) == 3.0
+  assert float(pifs.kaplan_yorke_dimension(jnp.array([0.3, -0.1, -0.4]))) == pytest.approx(
       2.5, rel=1e-6)
 
 
@@ -154,4 +154,4 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="non-empty sequence"):
     ly.lyapunov_qr([], x, key=jax.random.key(0), num_vectors=2)
   with pytest.raises(ValueError, match="exponents"):
-    ly.kaplan_yorke_dimension(jnp.zeros((2, 2)))
+    pifs.kaplan_yorke_dimension(jnp.zeros((2, 2)))

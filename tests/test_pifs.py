@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import pifs
-from asyncpatch_jax import pifs_operators as po
+from asyncpatch_jax.analysis import pifs
+from asyncpatch_jax.analysis import ddim_maps
 
 T = 1000
 SCHEDULES = {
@@ -300,7 +300,7 @@ def test_gaussian_eps_and_ddim_step_jacobian():
   sigma = _random_spd(n, 0)
   mean = np.random.RandomState(1).randn(n)
   with jax.enable_x64(True):
-    eps_fn = po.gaussian_eps_fn(sigma, mean, image_shape=shape)
+    eps_fn = ddim_maps.gaussian_eps_fn(sigma, mean, image_shape=shape)
     x = np.random.RandomState(2).randn(*shape)
     a, ap = 0.3, 0.45
     v = 1 - a
@@ -310,7 +310,7 @@ def test_gaussian_eps_and_ddim_step_jacobian():
     # Batched input gives the same.
     xb = jnp.stack([jnp.asarray(x), 2 * jnp.asarray(x)])
     np.testing.assert_allclose(np.asarray(eps_fn(xb, a))[0].reshape(-1), ref, rtol=1e-10)
-    phi = po.ddim_step(eps_fn, a, ap)
+    phi = ddim_maps.ddim_step(eps_fn, a, ap)
     jac = np.asarray(jax.jacfwd(phi)(jnp.asarray(x))).reshape(n, n)
     ref_jac = (np.sqrt(ap / a) * np.eye(n) + ref_b(a, ap) * np.sqrt(v)
                * np.linalg.inv(a * sigma + v * np.eye(n)))
@@ -320,11 +320,11 @@ def test_gaussian_eps_and_ddim_step_jacobian():
 def test_gaussian_eps_rejects_non_positive_definite():
   bad = np.diag([1.0, 0.5, -0.1, 2.0])
   with pytest.raises(ValueError, match="not positive definite"):
-    po.gaussian_eps_fn(bad)
+    ddim_maps.gaussian_eps_fn(bad)
   with pytest.raises(ValueError, match="not symmetric"):
-    po.gaussian_eps_fn(np.array([[1.0, 0.5], [0.0, 1.0]]))
+    ddim_maps.gaussian_eps_fn(np.array([[1.0, 0.5], [0.0, 1.0]]))
   with pytest.raises(ValueError, match="abar_t"):
-    po.ddim_step(lambda x, a: x, 0.5, 0.4)
+    ddim_maps.ddim_step(lambda x, a: x, 0.5, 0.4)
 
 
 def _gaussian_rf_velocity(sigma, mean):
@@ -351,10 +351,10 @@ def test_velocity_to_eps_matches_exact_gaussian_eps():
   sigma = _random_spd(n, 3)
   mean = 0.3 * np.random.RandomState(4).randn(n)
   with jax.enable_x64(True):
-    eps_vp = po.gaussian_eps_fn(sigma, mean)
-    eps_rf = po.velocity_to_eps(_gaussian_rf_velocity(sigma, mean))
+    eps_vp = ddim_maps.gaussian_eps_fn(sigma, mean)
+    eps_rf = ddim_maps.velocity_to_eps(_gaussian_rf_velocity(sigma, mean))
     vel = _gaussian_rf_velocity(sigma, mean)
-    eps_rf_image = po.velocity_to_eps(
+    eps_rf_image = ddim_maps.velocity_to_eps(
         lambda z, t: vel(z, np.broadcast_to(np.asarray(t)[:, None, None], z.shape[:3])),
         per_image_time=True)
     x = jnp.asarray(np.random.RandomState(5).randn(3, *shape))
@@ -363,20 +363,20 @@ def test_velocity_to_eps_matches_exact_gaussian_eps():
                                  rtol=1e-9, atol=1e-11)
       np.testing.assert_allclose(np.asarray(eps_rf_image(x, abar)),
                                  np.asarray(eps_vp(x, abar)), rtol=1e-9, atol=1e-11)
-    t = po.rf_time(0.7)
+    t = ddim_maps.rf_time(0.7)
     assert (1 - t) / t == pytest.approx(math.sqrt(0.7 / 0.3), rel=1e-12)
 
 
 def test_ddim_chain_scan_equals_step_sequence():
   shape, n = (2, 2, 1), 4
   with jax.enable_x64(True):
-    eps_fn = po.gaussian_eps_fn(_random_spd(n, 6))
+    eps_fn = ddim_maps.gaussian_eps_fn(_random_spd(n, 6))
     abar, ts = SCHEDULES["cosine_s0"], pifs.ddim_chain(T, 100)
     x = jnp.asarray(np.random.RandomState(7).randn(*shape))
     y = x
-    for f in po.ddim_step_fns(eps_fn, abar, ts):
+    for f in ddim_maps.ddim_step_fns(eps_fn, abar, ts):
       y = f(y)
-    chain = po.ddim_chain_fn(eps_fn, abar, ts)
+    chain = ddim_maps.ddim_chain_fn(eps_fn, abar, ts)
     assert len(chain) == 10
     np.testing.assert_allclose(np.asarray(chain(x)), np.asarray(y), rtol=1e-10, atol=1e-13)
     # With exact Gaussian eps and a = 1 at the end, the chain's Jacobian is the product

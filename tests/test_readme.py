@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from asyncpatch_jax import image_io
+from asyncpatch_jax.data import image_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_WORKDIR = "/tmp/asyncpatch_default"

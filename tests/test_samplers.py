@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import gaussian
-from asyncpatch_jax import samplers
-from asyncpatch_jax import schedules
+from asyncpatch_jax.diffusion import gaussian
+from asyncpatch_jax.diffusion import samplers
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.training import sharding
 
 H, W, C = 3, 3, 1
 D = H * W * C
@@ -135,7 +136,7 @@ def test_sharded_sampling_equals_single_device():
   x = jax.random.normal(jax.random.key(9), (16, H, W, C))
   velocity_fn = lambda z, t, y: jnp.tanh(z) * t[..., None] + y[:, None, None, None]
   kwargs = dict(key=jax.random.key(8), x=x, eta=0.25, y=jnp.arange(16.0))
-  sharded = samplers.Sampler(velocity_fn)                 # auto mesh over 8 devices
+  sharded = samplers.Sampler(velocity_fn, mesh=sharding.sampling_mesh())   # 8 devices
   single = samplers.Sampler(velocity_fn, mesh=None)
   a, b = sharded(tau, **kwargs), single(tau, **kwargs)
   assert len(a.sharding.device_set) == 8

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from asyncpatch_jax import schedules
+from asyncpatch_jax.diffusion import schedules
 
 
 def test_synchronous_and_inpainting_closed_forms():
@@ -66,7 +66,7 @@ def test_batched_masks_give_batched_schedules():
 
 
 def test_bad_inputs_raise():
-  with pytest.raises(ValueError, match="grid rows=3"):
+  with pytest.raises(ValueError, match="grid rows 3"):
     schedules.autoregressive(4, 4, (3, 1), 2)
   with pytest.raises(ValueError, match="no known pixel"):
     schedules.progressive(np.zeros((4, 4)), 2, 2)

@@ -1,12 +1,11 @@
 """Training timestep samplers: the statistics of AsyncPatch Fig. 3 and the patch structure."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from asyncpatch_jax import timesteps
+from asyncpatch_jax.diffusion import timesteps
 
 N, HW = 4096, 32
 

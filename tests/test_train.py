@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from asyncpatch_jax import base_config
-from asyncpatch_jax import checkpointing
-from asyncpatch_jax import image_io
+from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.data import image_io
 from asyncpatch_jax import sample_mode
-from asyncpatch_jax import sharding
-from asyncpatch_jax import train
-from asyncpatch_jax.datasets import tfds_source
+from asyncpatch_jax.training import sharding
+from asyncpatch_jax.training import train
+from asyncpatch_jax.data import tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")

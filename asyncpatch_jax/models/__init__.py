@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -52,4 +54,22 @@ def init_params(model: UNet, key: jax.Array, image_shape, *, out_shardings=None)
   return init.lower(key).compile(compiler_options=options)(key)
 
 
-__all__ = ["UNet", "build_unet", "example_inputs", "init_params"]
+@dataclasses.dataclass(frozen=True)
+class NullLabelVelocity:
+  """`(params, z [B, H, W, C], t [B] or [B, H, W]) -> v_hat` of a UNet, unconditional.
+
+  For analysis and experiments: `jax.tree_util.Partial(NullLabelVelocity(model), params)`
+  is a velocity function whose parameters are traced leaves (one compilation serves
+  every parameter value) and which is hashable by the module's fields. A
+  class-conditional model gets its null label (the CFG unconditional branch).
+  """
+  model: UNet
+
+  def __call__(self, params, z, t):
+    y = None
+    if self.model.num_classes:
+      y = jnp.full(z.shape[:1], self.model.null_label, jnp.int32)
+    return self.model.apply({"params": params}, z, t, y)
+
+
+__all__ = ["NullLabelVelocity", "UNet", "build_unet", "example_inputs", "init_params"]

@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax.jacobian import check_image_map
-from asyncpatch_jax.patch_stats import patch_grid, patchify, unpatchify
-from asyncpatch_jax.pifs_operators import as_partial
+from asyncpatch_jax import checks
+from asyncpatch_jax.analysis.ddim_maps import check_image_map
+from asyncpatch_jax.analysis.patch_stats import patch_grid, patchify, unpatchify
+from asyncpatch_jax.analysis.ddim_maps import as_partial
 
 
 def _probe_tangents(key, lead_shape, image_shape, patch_size, num_probes):
@@ -80,8 +81,7 @@ def collage_penalty(fn: Callable, x, *, patch_size: int, key, num_probes: int = 
   """
   check_image_map(fn, x)
   patch_grid(np.shape(x), patch_size)
-  if int(num_probes) != num_probes or num_probes < 1:
-    raise ValueError(f"num_probes = {num_probes}; expected a positive integer.")
+  checks.check_positive_int(num_probes, "num_probes")
   samples = _penalty_core(as_partial(fn), jnp.asarray(x), key, int(patch_size),
                           int(num_probes))
   return samples if return_samples else samples.mean()
@@ -111,8 +111,7 @@ def collage_penalty_batch(fn: Callable, x, *, patch_size: int, key,
     raise ValueError(f"fn maps x of shape {shape} to {getattr(out, 'shape', None)}; "
                      "expected the same shape.")
   patch_grid(shape[1:], patch_size)
-  if int(num_probes) != num_probes or num_probes < 1:
-    raise ValueError(f"num_probes = {num_probes}; expected a positive integer.")
+  checks.check_positive_int(num_probes, "num_probes")
   x = jnp.asarray(x)
   tangents, onehot, m = _probe_tangents(key, shape[:1], shape[1:], int(patch_size),
                                         int(num_probes))

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from asyncpatch_jax import checks
+
 
 def patch_grid(image_shape, patch_size: int) -> tuple[int, int, int]:
   """Checks the partition and returns `(M_h, M_w, n_k)`.
@@ -25,8 +27,7 @@ def patch_grid(image_shape, patch_size: int) -> tuple[int, int, int]:
   if len(image_shape) != 3:
     raise ValueError(f"image shape {tuple(image_shape)}; expected [H, W, C].")
   h, w, c = image_shape
-  if int(patch_size) != patch_size or patch_size < 1:
-    raise ValueError(f"patch_size = {patch_size}; expected a positive integer.")
+  checks.check_positive_int(patch_size, "patch_size")
   patch_size = int(patch_size)
   if h % patch_size or w % patch_size:
     raise ValueError(f"patch_size = {patch_size} does not divide the image of shape "

@@ -72,8 +72,7 @@ class TexturesSource:
     if not images:
       raise ValueError("textures: `images` must name at least one bundled image.")
     self._pixels = [load_image(n) for n in images]
-    if not isinstance(image_size, (int, np.integer)) or image_size < 1:
-      raise ValueError(f"textures: image_size must be a positive int, got {image_size!r}.")
+    checks.check_positive_int(image_size, "textures: image_size")
     for n, img in zip(images, self._pixels):
       r0, r1 = split_rows(img.shape[0], split)
       if image_size > min(r1 - r0, img.shape[1]):

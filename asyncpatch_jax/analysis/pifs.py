@@ -169,8 +169,12 @@ def score_coefficient(abar_t, abar_prev) -> np.ndarray:
   """The DDIM score-step coefficient b_t (PIFS Eq. 5); negative (Prop. 3).
 
   `b_t = sqrt(1 - abar_prev) - sqrt(abar_prev) sqrt(1 - abar_t) / sqrt(abar_t)`.
-  Shapes broadcast; returns float64.
+  Shapes broadcast. NumPy inputs are checked and give float64; JAX arrays (also
+  traced ones, as in `ddim_maps.ddim_step`) are computed with jnp in their dtype.
   """
+  if isinstance(abar_t, jax.Array) or isinstance(abar_prev, jax.Array):
+    a, ap = jnp.asarray(abar_t), jnp.asarray(abar_prev)
+    return jnp.sqrt(1.0 - ap) - jnp.sqrt(ap) * jnp.sqrt(1.0 - a) / jnp.sqrt(a)
   a, ap = _pair(abar_t, abar_prev)
   return np.sqrt(1.0 - ap) - np.sqrt(ap) * np.sqrt(1.0 - a) / np.sqrt(a)
 
@@ -354,7 +358,7 @@ def gaussian_ky_dimension(lambdas, n_k, abar_t, abar_prev,
   contracting = lam < lambda_ss
   n_plus = int(n[expanding].sum())
   out = dict(lambda_ss=float(lambda_ss), exponents=expo, n_plus=n_plus,
-             spectrum_value=_ky_of_multiset(expo, n))
+             spectrum_value=float(kaplan_yorke_dimension(np.repeat(expo, n))))
   if not expanding.any():
     return dict(out, value=0.0, exact=True, condition_46=None)
   if not contracting.any():
@@ -370,24 +374,31 @@ def gaussian_ky_dimension(lambdas, n_k, abar_t, abar_prev,
               condition_46=False)
 
 
-def _ky_of_multiset(values, counts) -> float:
-  """Eq. 44 for the spectrum {values[k] repeated counts[k] times}, in closed form."""
-  order = np.argsort(-values, kind="stable")
-  v, c = values[order], counts[order]
-  before = np.concatenate([[0.0], np.cumsum(v * c)[:-1]])  # partial sum before block
-  total_n = int(c.sum())
-  dims_before = np.concatenate([[0], np.cumsum(c)[:-1]])
-  # Inside block k the partial sums are before_k + i v_k (i = 1..c_k): find the last
-  # non-negative one (the non-negative partial sums form a prefix).
-  last = np.where(v >= 0, c, np.where(before >= 0, np.floor(before / -v), -1))
-  last = np.minimum(last, c).astype(np.int64)
-  k = int(np.flatnonzero(before >= 0)[-1])  # block 0 always qualifies (before = 0)
-  j = int(dims_before[k] + last[k])
-  if j >= total_n:
-    return float(total_n)
-  s = before[k] + last[k] * v[k]
-  nxt = v[k] if last[k] < c[k] else v[k + 1]
-  return float(j + s / abs(nxt))
+def kaplan_yorke_dimension(exponents):
+  """Kaplan-Yorke dimension d = j* + sum_{i <= j*} l_i / |l_{j*+1}| (PIFS Eq. 44).
+
+  The exponents are sorted in decreasing order; j* is the largest j whose partial
+  sum is >= 0 (0 if l_1 < 0, giving d = 0). If all partial sums are >= 0 the result
+  is the number of exponents given (for a truncated top-k spectrum that is only a
+  lower bound). NumPy input is computed in NumPy (float64), a JAX array in jnp
+  (traceable).
+
+  Args:
+    exponents: `[k]`.
+
+  Returns:
+    d `[]`.
+  """
+  xp = jnp if isinstance(exponents, jax.Array) else np
+  l = xp.asarray(exponents)
+  if l.ndim != 1 or l.shape[0] == 0:
+    raise ValueError(f"exponents has shape {l.shape}; expected a non-empty vector [k].")
+  l = xp.sort(l)[::-1]
+  cs = xp.cumsum(l)
+  j = xp.sum(cs >= 0)  # the non-negative partial sums form a prefix
+  k = l.shape[0]
+  frac = cs[xp.maximum(j - 1, 0)] / xp.abs(l[xp.minimum(j, k - 1)])
+  return xp.where(j == 0, 0.0, xp.where(j == k, float(k), j + frac))
 
 
 # -----------------------------------------------------------------------------

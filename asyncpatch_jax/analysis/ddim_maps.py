@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from asyncpatch_jax import pifs
+from asyncpatch_jax.analysis import pifs
 
 
 def as_partial(fn: Callable) -> Partial:
@@ -52,8 +52,7 @@ def as_partial(fn: Callable) -> Partial:
 def _ddim_apply(eps_fn, abar_t, abar_prev, x):
   a = jnp.asarray(abar_t, x.dtype)
   ap = jnp.asarray(abar_prev, x.dtype)
-  b = jnp.sqrt(1.0 - ap) - jnp.sqrt(ap) * jnp.sqrt(1.0 - a) / jnp.sqrt(a)
-  return jnp.sqrt(ap / a) * x + b * eps_fn(x, a)
+  return jnp.sqrt(ap / a) * x + pifs.score_coefficient(a, ap) * eps_fn(x, a)
 
 
 def ddim_step(eps_fn: Callable, abar_t, abar_prev) -> Partial:
@@ -242,3 +241,41 @@ def gaussian_eps_fn(cov, mean=None, *, image_shape=None) -> Partial:
   if mean.shape != (n,):
     raise ValueError(f"mean has {mean.size} entries; expected {n} to match cov.")
   return Partial(_gaussian_eps, jnp.asarray(mean), jnp.asarray(eigvecs), jnp.asarray(eigvals))
+
+
+# -----------------------------------------------------------------------------
+# Boundary check of image maps (used by every Jacobian tool).
+# -----------------------------------------------------------------------------
+
+
+_SHAPE_CACHE: dict = {}
+
+
+def _output_shape(fn, shape, dtype):
+  """Shape of fn(x) by `jax.eval_shape`, cached per (pytree structure, leaf avals)."""
+  leaves, treedef = jax.tree_util.tree_flatten(as_partial(fn))
+  key = (treedef, tuple((np.shape(v), str(jnp.result_type(v))) for v in leaves),
+         shape, str(dtype))
+  try:
+    hash(key)
+  except TypeError:
+    key = None
+  if key is not None and key in _SHAPE_CACHE:
+    return _SHAPE_CACHE[key]
+  out = getattr(jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype)), "shape", None)
+  if key is not None and len(_SHAPE_CACHE) < 1024:
+    _SHAPE_CACHE[key] = out
+  return out
+
+
+def check_image_map(fn: Callable, x, name: str = "fn") -> None:
+  """`x` must be one image `[H, W, C]` and `fn(x)` must have its shape."""
+  shape = tuple(np.shape(x))
+  if len(shape) != 3:
+    raise ValueError(f"x has shape {shape}; expected one image [H, W, C] (no batch axis).")
+  if not callable(fn):
+    raise ValueError(f"{name} must be callable, got {type(fn).__name__}.")
+  out_shape = _output_shape(fn, shape, jnp.result_type(x))
+  if out_shape != shape:
+    raise ValueError(f"{name} maps x of shape {shape} to an output of shape {out_shape}; "
+                     "the Jacobian tools need a map from [H, W, C] to the same shape.")

@@ -23,12 +23,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from asyncpatch_jax import checks
-from asyncpatch_jax import flow
-from asyncpatch_jax import schedules
+from asyncpatch_jax.diffusion import flow
+from asyncpatch_jax.diffusion import schedules
 
 VelocityFn = Callable[..., jax.Array]
 
@@ -88,16 +87,6 @@ def sample_loop(velocity_fn: VelocityFn, tau: jax.Array, x: jax.Array, key: jax.
   return z
 
 
-def resolve_mesh(mesh: jax.sharding.Mesh | str | None) -> jax.sharding.Mesh | None:
-  """'auto': a 1-D mesh (axis `data`) over all devices when there are several, else None."""
-  if isinstance(mesh, str):
-    if mesh != "auto":
-      raise ValueError(f"mesh={mesh!r}; expected a jax.sharding.Mesh, 'auto' or None.")
-    devices = jax.devices()
-    return jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
-  return mesh
-
-
 def place(mesh: jax.sharding.Mesh | None, tree, batched: bool, batch: int):
   """Shards `tree` over its leading (batch) axis on `mesh` when it divides, else replicates."""
   if mesh is None:
@@ -113,16 +102,19 @@ class Sampler:
   images = sampler(tau, key=key, shape=(B, H, W, C), params=params, y=labels)
 
   It compiles once per (shapes, step count): the schedule, the key, eta and the
-  conditioning are traced arguments. With several devices the batch is sharded over
-  a 1-D mesh (axis `data`) when B divides evenly; keyword arguments named in
-  `batched_cond` carry the batch as their leading axis, the others are replicated.
+  conditioning are traced arguments. Given a mesh with a `data` axis (built by
+  `training.sharding.sampling_mesh()`), the batch is sharded over it when B divides
+  evenly; keyword arguments named in `batched_cond` carry the batch as their leading
+  axis, the others are replicated. mesh=None runs on the default device.
   """
 
-  def __init__(self, velocity_fn: VelocityFn, *, mesh: jax.sharding.Mesh | str | None = "auto",
+  def __init__(self, velocity_fn: VelocityFn, *, mesh: jax.sharding.Mesh | None = None,
                batched_cond: Sequence[str] = ("y",)):
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+      raise ValueError(f"mesh={mesh!r}; expected a jax.sharding.Mesh with a 'data' axis or None.")
     self.velocity_fn = velocity_fn
     self.batched_cond = tuple(batched_cond)
-    self.mesh = resolve_mesh(mesh)
+    self.mesh = mesh
     self._run = jax.jit(functools.partial(sample_loop, velocity_fn))
 
   def _place(self, tree, batched: bool, batch: int):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from asyncpatch_jax import datasets
+from asyncpatch_jax.data import datasets
 
 
 class DigitClassifier(nn.Module):

@@ -71,8 +71,7 @@ def validate_schedule(tau, image_hw: Sequence[int] | None = None,
 
 
 def _check_steps(num_steps: int, name: str = "num_steps") -> None:
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f"{name}={num_steps}; expected a positive integer.")
+  checks.check_positive_int(num_steps, name)
 
 
 def _ramp(num_steps: int, t_start: float = 1.0) -> np.ndarray:
@@ -144,6 +143,18 @@ def from_stages(groups, stages: Sequence[tuple[int, int, float]]) -> np.ndarray:
   return validate_schedule(np.stack(slices))
 
 
+def grid_regions(height: int, width: int, grid: Sequence[int]) -> np.ndarray:
+  """[H, W] int32 region ids of a (rows, cols) grid of equal patches, raster order."""
+  if len(grid) != 2 or min(grid) < 1:
+    raise ValueError(f"grid={tuple(grid)}; expected (rows, cols) of positive ints.")
+  rows, cols = (int(g) for g in grid)
+  checks.check_divisible(height, rows, "height", f"grid rows {rows}")
+  checks.check_divisible(width, cols, "width", f"grid cols {cols}")
+  r = np.arange(height) // (height // rows)
+  c = np.arange(width) // (width // cols)
+  return (r[:, None] * cols + c[None, :]).astype(np.int32)
+
+
 def autoregressive(height: int, width: int, grid: Sequence[int],
                    steps_per_group: int) -> np.ndarray:
   """Raster-ordered generation of a `grid = (rows, cols)` of patches (AsyncPatch Sec. 3.2).
@@ -151,12 +162,8 @@ def autoregressive(height: int, width: int, grid: Sequence[int],
   Group k (raster order, k = 1..K) follows tau(u) = clip(K (k/K - u), 0, 1): fully
   noisy before its stage, linear to 0 during it, clean after. `[K * steps + 1, H, W]`.
   """
-  rows, cols = (int(g) for g in grid)
-  checks.check_divisible(height, rows, "height", f"grid rows={rows} must divide it")
-  checks.check_divisible(width, cols, "width", f"grid cols={cols} must divide it")
-  ph, pw = height // rows, width // cols
-  ids = (np.arange(height)[:, None] // ph) * cols + np.arange(width)[None, :] // pw
-  return from_stages(ids, [(k, steps_per_group, 0.0) for k in range(rows * cols)])
+  ids = grid_regions(height, width, grid)
+  return from_stages(ids, [(k, steps_per_group, 0.0) for k in range(int(ids.max()) + 1)])
 
 
 def stripe_groups(mask, num_stripes: int) -> np.ndarray:
@@ -168,8 +175,7 @@ def stripe_groups(mask, num_stripes: int) -> np.ndarray:
   mask: [H, W] or [B, H, W], 1 = known (at least one known pixel per image).
   Returns int [H, W] / [B, H, W] group ids with KNOWN for known pixels.
   """
-  if int(num_stripes) != num_stripes or num_stripes < 1:
-    raise ValueError(f"num_stripes={num_stripes}; expected a positive integer.")
+  checks.check_positive_int(num_stripes, "num_stripes")
   m = _check_mask_2d_or_3d(mask)
   if m.ndim == 3:
     return np.stack([stripe_groups(mi, num_stripes) for mi in m])

@@ -17,10 +17,11 @@ From a prepared TFDS data_dir (see `tfds_source.py`):
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from typing import Any, Protocol
+
+from asyncpatch_jax import checks
 
 # name -> (module, class). Modules are imported on first use so that importing
 # this package pulls in neither scikit-learn, scikit-image nor TFDS.
@@ -50,9 +51,8 @@ class Source(Protocol):
 
 
 def _unknown_name_error(name: str) -> ValueError:
-  close = difflib.get_close_matches(str(name), DATASETS, n=3, cutoff=0.5)
-  hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-  return ValueError(f"Unknown dataset {name!r}.{hint} Known datasets: {', '.join(DATASETS)}.")
+  return ValueError(f"Unknown dataset {name!r}.{checks.did_you_mean(name, DATASETS)} "
+                    f"Known datasets: {', '.join(DATASETS)}.")
 
 
 def get_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
@@ -74,12 +74,12 @@ def get_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
   """
   if name in _EMBEDDED:
     module, cls_name = _EMBEDDED[name]
-    cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls_name)
+    cls = getattr(importlib.import_module(f"asyncpatch_jax.data.{module}"), cls_name)
     if data_dir:
       raise ValueError(f"Dataset {name!r} is embedded and takes no data_dir "
                        f"(got {data_dir!r}).")
   elif name in _TFDS:
-    from asyncpatch_jax.datasets import tfds_source  # pylint: disable=g-import-not-at-top
+    from asyncpatch_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
 
     cls = tfds_source.TfdsSource
     kwargs = dict(kwargs, name=name, data_dir=data_dir)

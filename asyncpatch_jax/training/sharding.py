@@ -57,6 +57,20 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
   return Mesh(devices.reshape(n // fsdp, fsdp), BATCH_AXES)
 
 
+def sampling_mesh(devices=None) -> Mesh | None:
+  """A 1-D mesh (axis `data`) over all (or the given) devices when there are several, else None.
+
+  The samplers (diffusion/samplers.py) shard their batch over it.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+
+
+def replicated_everywhere() -> NamedSharding:
+  """Replicated over every device of every process (restoring for sampling or analysis)."""
+  return NamedSharding(Mesh(np.array(jax.devices()), ("all",)), P())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """The batch dimension split over every device."""
   return NamedSharding(mesh, P(BATCH_AXES))

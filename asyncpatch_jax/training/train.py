@@ -24,17 +24,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from asyncpatch_jax import checkpointing
+from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax import checks
-from asyncpatch_jax import datasets
-from asyncpatch_jax import flow
+from asyncpatch_jax.data import datasets
+from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax import generate
-from asyncpatch_jax import input_pipeline
-from asyncpatch_jax import metric_writer
+from asyncpatch_jax.data import input_pipeline
+from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax import models
-from asyncpatch_jax import sharding
-from asyncpatch_jax import timesteps
-from asyncpatch_jax import train_state
+from asyncpatch_jax.training import sharding
+from asyncpatch_jax.diffusion import timesteps
+from asyncpatch_jax.training import train_state
 
 
 class Setup:
@@ -52,8 +52,7 @@ class Setup:
     checks.check_choice(cfg.loss.weighting, ("sigmoid", "mse"), "loss.weighting")
     checks.check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-      if int(cfg.train[key]) < 1:
-        raise ValueError(f"train.{key}={cfg.train[key]}; expected a positive integer.")
+      checks.check_positive_int(cfg.train[key], f"train.{key}")
     self.source = None
     if image_shape is None:
       self.source = datasets.get_dataset(cfg.data.dataset, "train",
@@ -118,7 +117,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, se
     loss = jnp.mean(flow.per_pixel_loss(target, v_hat, t, cfg.loss.weighting, cfg.loss.bias))
     aux = {"velocity_loss": loss}
     if cfg.loss.mu_reg > 0:
-      from asyncpatch_jax import collage  # pylint: disable=g-import-not-at-top
+      from asyncpatch_jax.analysis import collage  # pylint: disable=g-import-not-at-top
       reg = collage.collage_loss_for_velocity_model(
           lambda p, zz, tt: model.apply({"params": p}, zz, tt, y), params, z, t,
           key=k_reg, patch_size=cfg.loss.reg_patch_size, num_probes=cfg.loss.reg_probes)
@@ -330,9 +329,9 @@ def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
   result: dict[str, Any] = {"step": int(jax.device_get(state.step)),
                             "dataset": cfg.data.dataset}
   if cfg.data.dataset == "digits" and cfg.eval.num_samples > 0:
-    from asyncpatch_jax import evaluation  # pylint: disable=g-import-not-at-top
+    from asyncpatch_jax.evaluation import end_of_training  # pylint: disable=g-import-not-at-top
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 2)
-    result.update(evaluation.evaluate_digits(generator, state.ema_params, cfg.sample, cfg.eval,
+    result.update(end_of_training.evaluate_digits(generator, state.ema_params, cfg.sample, cfg.eval,
                                              setup.image_shape, key))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:

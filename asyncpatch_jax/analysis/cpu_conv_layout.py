@@ -1,8 +1,9 @@
-"""Linearised JVP/VJP maps of a function at a point, fast inside XLA:CPU loops.
+"""XLA:CPU only: rewrite the transposed convolutions of a linearised map to the canonical layout.
 
-`linearized(fn, x)` returns the maps `t -> J t` and `u -> J^T u` of `fn` at `x` (the
-forward pass runs once, in `jax.linearize`). The power and subspace iterations of
-the Jacobian tools evaluate them many times inside `lax.while_loop`.
+The power and subspace iterations of the Jacobian tools evaluate linearised maps
+(`jacobian_norms.linearized`) many times inside `lax.while_loop`. On XLA:CPU, and
+only there, `canonical_convs` makes them fast; GPU and TPU compilers choose kernel
+layouts themselves, so `jacobian_norms.linearized` applies it on the CPU backend only.
 
 Why the rewrite: transposing a convolution gives a convolution whose kernel is
 labelled output-feature-major (`HWOI`). Outside loops XLA:CPU re-lays such a kernel
@@ -101,14 +102,3 @@ def canonical_convs(fn: Callable) -> Callable:
     (out,) = _eval(closed.jaxpr, closed.consts, x)
     return out
   return wrapped
-
-
-def linearized(fn: Callable, x) -> tuple[Callable, Callable]:
-  """`(jvp, vjp)`: `t -> J t` and `u -> J^T u` for J = d fn / dx at x (one forward pass).
-
-  Both are linear, shape-preserving for maps `[H, W, C] -> [H, W, C]`, vmappable,
-  and have canonical-layout convolutions (see the module docstring).
-  """
-  _, jvp = jax.linearize(fn, x)
-  transpose = jax.linear_transpose(jvp, x)
-  return canonical_convs(jvp), canonical_convs(lambda u: transpose(u)[0])

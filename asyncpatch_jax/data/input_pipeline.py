@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from asyncpatch_jax import checks
+
 Batch = dict[str, np.ndarray]
 
 
@@ -35,16 +37,14 @@ def _process_index_count(process_index: int | None, process_count: int | None) -
     process_count = jax.process_count()
   if process_index is None:
     process_index = jax.process_index()
-  if not isinstance(process_count, (int, np.integer)) or process_count < 1:
-    raise ValueError(f"process_count must be a positive int, got {process_count!r}.")
+  checks.check_positive_int(process_count, "process_count")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index}.")
   return int(process_index), int(process_count)
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
-  if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size < 1:
-    raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}.")
+  checks.check_positive_int(global_batch_size, "global_batch_size")
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                      f"process_count={process_count}; every process reads an equal share.")

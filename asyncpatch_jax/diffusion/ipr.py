@@ -17,7 +17,7 @@ same M in every round. The number of resampled regions is computed from `alpha`
 and each image's |C| inside the jit, so `alpha` and C do not recompile.
 
 Regions are any partition of the pixels, given as an integer map [H, W] with values
-0..N-1 (`grid_regions` builds raster patches, e.g. the 81 cells of a Sudoku).
+0..N-1 (`schedules.grid_regions` builds raster patches, e.g. the 81 cells of a Sudoku).
 """
 
 from __future__ import annotations
@@ -30,19 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asyncpatch_jax import checks
-from asyncpatch_jax import samplers
-
-
-def grid_regions(height: int, width: int, grid: Sequence[int]) -> np.ndarray:
-  """[H, W] int32 region ids of a (rows, cols) grid of equal patches, raster order."""
-  if len(grid) != 2 or min(grid) < 1:
-    raise ValueError(f"grid={tuple(grid)}; expected (rows, cols) of positive ints.")
-  rows, cols = (int(g) for g in grid)
-  checks.check_divisible(height, rows, "height", f"grid rows {rows}")
-  checks.check_divisible(width, cols, "width", f"grid cols {cols}")
-  r = np.arange(height) // (height // rows)
-  c = np.arange(width) // (width // cols)
-  return (r[:, None] * cols + c[None, :]).astype(np.int32)
+from asyncpatch_jax.diffusion import samplers
 
 
 def check_regions(regions, image_hw: Sequence[int]) -> tuple[np.ndarray, int]:
@@ -50,7 +38,7 @@ def check_regions(regions, image_hw: Sequence[int]) -> tuple[np.ndarray, int]:
   arr = np.asarray(regions)
   if arr.shape != tuple(image_hw):
     raise ValueError(f"regions has shape {arr.shape}; expected the image size "
-                     f"{tuple(image_hw)} (an int region id per pixel, see grid_regions).")
+                     f"{tuple(image_hw)} (an int region id per pixel, see schedules.grid_regions).")
   if not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"regions has dtype {arr.dtype}; expected integer region ids 0..N-1.")
   ids = np.unique(arr)
@@ -125,14 +113,14 @@ class Refiner(samplers.Sampler):
 
   refiner = Refiner(velocity_fn)
   x0 = refiner(schedules.autoregressive(H, W, (9, 9), 10), key=k0, shape=(B, H, W, C))
-  x = refiner.refine(x0, key=k1, regions=grid_regions(H, W, (9, 9)), num_rounds=50,
+  x = refiner.refine(x0, key=k1, regions=schedules.grid_regions(H, W, (9, 9)), num_rounds=50,
                      alpha=0.25, condition=clues)
 
   `refine` compiles once per (shapes, num_rounds, num_steps, options); alpha, eta, the
   condition set and the key are traced.
   """
 
-  def __init__(self, velocity_fn: samplers.VelocityFn, *, mesh="auto",
+  def __init__(self, velocity_fn: samplers.VelocityFn, *, mesh=None,
                batched_cond: Sequence[str] = ("y",)):
     super().__init__(velocity_fn, mesh=mesh, batched_cond=batched_cond)
     self._refine = jax.jit(
@@ -150,9 +138,8 @@ class Refiner(samplers.Sampler):
     checks.check_image(x, "x")
     b, h, w, _ = np.shape(x)
     regions, n_regions = check_regions(regions, (h, w))
-    for name, value in (("num_rounds", num_rounds), ("num_steps", num_steps)):
-      if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r}; expected a positive int.")
+    num_rounds = checks.check_positive_int(num_rounds, "num_rounds")
+    num_steps = checks.check_positive_int(num_steps, "num_steps")
     if not 0.0 < float(alpha) <= 1.0:
       raise ValueError(f"alpha={alpha}; the resampling ratio must lie in (0, 1].")
     if not 0.0 <= float(eta) <= 1.0:

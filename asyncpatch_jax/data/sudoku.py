@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from asyncpatch_jax import checks
-from asyncpatch_jax.datasets import digits as digits_lib
+from asyncpatch_jax.data import digits as digits_lib
 
 GRID = 9
 CELL = digits_lib.RAW_SIZE  # 8

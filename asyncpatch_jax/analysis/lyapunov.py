@@ -11,21 +11,22 @@ traced once however long the chain). T is the number of steps.
 * `lyapunov_qr`: the QR (Benettin) estimate, pushing k tangent vectors through every
   step with vmapped JVPs and re-orthonormalising after each; returns the running
   estimate along the trajectory.
-* `kaplan_yorke_dimension`: Eq. 44 from any spectrum.
+* the Kaplan-Yorke dimension of a spectrum is `pifs.kaplan_yorke_dimension` (Eq. 44).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import linear_maps
-from asyncpatch_jax.pifs_operators import Chain, as_partial
+from asyncpatch_jax import checks
+from asyncpatch_jax.analysis import jacobian_norms
+from asyncpatch_jax.analysis.ddim_maps import Chain, as_partial
 
 
 def _as_chain(step_fns):
@@ -90,7 +91,7 @@ class LyapunovSpectrum(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "num_steps"))
 def _subspace_core(chain, x, q0, tol, num_iters, num_steps):
-  jvp, vjp = linear_maps.linearized(lambda z: _apply_chain(chain, z), x)
+  jvp, vjp = jacobian_norms.linearized(lambda z: _apply_chain(chain, z), x)
   bjvp, bvjp = jax.vmap(jvp), jax.vmap(vjp)
   k = q0.shape[0]
 
@@ -141,8 +142,7 @@ def lyapunov_spectrum(step_fns, x, *, key, num_vectors: int, num_iters: int = 50
     num_iters)`.
   """
   chain, t = _check(step_fns, x, num_vectors)
-  if int(num_iters) != num_iters or num_iters < 1:
-    raise ValueError(f"num_iters = {num_iters}; expected a positive integer.")
+  checks.check_positive_int(num_iters, "num_iters")
   x = jnp.asarray(x)
   q0 = jax.random.normal(key, (int(num_vectors),) + x.shape, x.dtype)
   return _subspace_core(chain, x, q0, jnp.asarray(tol, x.dtype), int(num_iters), t)
@@ -206,28 +206,3 @@ def lyapunov_qr(step_fns, x, *, key, num_vectors: int) -> LyapunovQR:
   x = jnp.asarray(x)
   q0 = jax.random.normal(key, (int(num_vectors),) + x.shape, x.dtype)
   return _qr_core(chain, x, q0)
-
-
-def kaplan_yorke_dimension(exponents) -> jax.Array:
-  """Kaplan-Yorke dimension d = j* + sum_{i <= j*} l_i / |l_{j*+1}| (PIFS Eq. 44).
-
-  The exponents are sorted in decreasing order; j* is the largest j whose partial
-  sum is >= 0 (0 if l_1 < 0, giving d = 0). If all partial sums are >= 0 the result
-  is the number of exponents given (for a truncated top-k spectrum that is only a
-  lower bound).
-
-  Args:
-    exponents: `[k]`.
-
-  Returns:
-    d `[]`.
-  """
-  l = jnp.asarray(exponents)
-  if l.ndim != 1 or l.shape[0] == 0:
-    raise ValueError(f"exponents has shape {l.shape}; expected a non-empty vector [k].")
-  l = jnp.sort(l)[::-1]
-  cs = jnp.cumsum(l)
-  j = jnp.sum(cs >= 0)  # the non-negative partial sums form a prefix
-  k = l.shape[0]
-  frac = cs[jnp.maximum(j - 1, 0)] / jnp.abs(l[jnp.minimum(j, k - 1)])
-  return jnp.where(j == 0, 0.0, jnp.where(j == k, float(k), j + frac))

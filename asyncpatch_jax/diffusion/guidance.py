@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from asyncpatch_jax import flow
+from asyncpatch_jax.diffusion import flow
 
 
 def model_velocity_fn(model):

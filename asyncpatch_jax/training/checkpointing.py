@@ -17,9 +17,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from asyncpatch_jax.training import sharding
 
 
 def check_writable(workdir: str) -> None:
@@ -119,8 +120,7 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return None
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec())
+    replicated = sharding.replicated_everywhere()
     abstract_state = jax.tree.map(
         lambda a: a if getattr(a, "sharding", None) is not None else
         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from asyncpatch_jax import classifier
-from asyncpatch_jax import schedules
+from asyncpatch_jax.evaluation import digit_classifier as classifier
+from asyncpatch_jax.diffusion import schedules
 
 
 def evaluate_digits(generator, params, sample_config, eval_config, image_shape, key) -> dict:
