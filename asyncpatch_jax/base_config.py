@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from asyncpatch_jax import checks
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all experiments (AsyncPatch App. E where the paper fixes them)."""
@@ -122,7 +124,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   import os  # pylint: disable=g-import-not-at-top
 
   if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist; the configs are in configs/ "
+    raise checks.InputError(f"config file {path!r} does not exist; the configs are in configs/ "
                      "at the repository root (e.g. configs/default.py).")
   spec = importlib.util.spec_from_file_location(
       "asyncpatch_config_" + os.path.splitext(os.path.basename(path))[0], path)

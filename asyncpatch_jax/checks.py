@@ -13,6 +13,14 @@ import jax
 import numpy as np
 
 
+class InputError(ValueError):
+  """Bad input caught at the library's boundary: the message says what is wrong and how to fix it.
+
+  The command line prints it as one line (no traceback); any other exception keeps its
+  traceback. A subclass of ValueError, so `except ValueError` still catches it.
+  """
+
+
 def is_concrete(x) -> bool:
   """True when `x` holds values (not a tracer inside jit/vmap/grad)."""
   return not isinstance(x, jax.core.Tracer)
@@ -21,7 +29,7 @@ def is_concrete(x) -> bool:
 def check_image(x, name: str = "x") -> None:
   """An image batch must be `[B, H, W, C]`."""
   if np.ndim(x) != 4:
-    raise ValueError(
+    raise InputError(
         f"{name} has shape {tuple(np.shape(x))}; expected an image batch [B, H, W, C].")
 
 
@@ -30,13 +38,13 @@ def check_time(t, image_shape: Sequence[int], name: str = "t") -> None:
   b, h, w = image_shape[:3]
   shape = tuple(np.shape(t))
   if shape not in ((b,), (b, h, w)):
-    raise ValueError(
+    raise InputError(
         f"{name} has shape {shape}; expected a per-image time [{b}] or a per-pixel "
         f"time map [{b}, {h}, {w}] matching the image of shape {tuple(image_shape)}.")
   if is_concrete(t):
     arr = np.asarray(t)
     if arr.size and (np.isnan(arr).any() or arr.min() < 0.0 or arr.max() > 1.0):
-      raise ValueError(
+      raise InputError(
           f"{name} has values in [{np.nanmin(arr):.4g}, {np.nanmax(arr):.4g}]"
           f"{' (with NaN)' if np.isnan(arr).any() else ''}; times must lie in [0, 1] "
           "(0 = clean, 1 = noise).")
@@ -46,11 +54,11 @@ def check_mask(mask, shape: Sequence[int], name: str = "mask") -> np.ndarray:
   """A mask has the given shape and only 0/1 values (1 = known pixel). Returns it as float32."""
   arr = np.asarray(mask)
   if arr.shape != tuple(shape):
-    raise ValueError(f"{name} has shape {arr.shape}; expected {tuple(shape)} "
+    raise InputError(f"{name} has shape {arr.shape}; expected {tuple(shape)} "
                      "(1 = known pixel, 0 = pixel to generate).")
   values = np.unique(arr)
   if not np.all(np.isin(values, (0, 1))):
-    raise ValueError(f"{name} has values {values[:8].tolist()}"
+    raise InputError(f"{name} has values {values[:8].tolist()}"
                      f"{'...' if values.size > 8 else ''}; a mask holds only 0 and 1 "
                      "(1 = known pixel, 0 = pixel to generate).")
   return arr.astype(np.float32)
@@ -59,7 +67,7 @@ def check_mask(mask, shape: Sequence[int], name: str = "mask") -> np.ndarray:
 def check_divisible(size: int, divisor: int, name: str, what: str) -> None:
   """`size` must be a multiple of `divisor`."""
   if divisor <= 0 or size % divisor:
-    raise ValueError(f"{name}={size} is not divisible by {divisor} ({what}).")
+    raise InputError(f"{name}={size} is not divisible by {divisor} ({what}).")
 
 
 def did_you_mean(value, choices: Sequence[str]) -> str:
@@ -71,7 +79,7 @@ def did_you_mean(value, choices: Sequence[str]) -> str:
 def check_choice(value: str, choices: Sequence[str], name: str) -> None:
   """`value` must be one of `choices`; the error names the close matches."""
   if value not in choices:
-    raise ValueError(f"Unknown {name} {value!r}; expected one of "
+    raise InputError(f"Unknown {name} {value!r}; expected one of "
                      f"{', '.join(repr(c) for c in choices)}.{did_you_mean(value, choices)}")
 
 
@@ -82,7 +90,7 @@ def check_positive_int(value, name: str) -> int:
   except (TypeError, ValueError):
     ok = False
   if not ok or isinstance(value, bool):
-    raise ValueError(f"{name}={value!r}; expected a positive integer.")
+    raise InputError(f"{name}={value!r}; expected a positive integer.")
   return int(value)
 
 
@@ -92,7 +100,7 @@ def check_dataset_size(dataset: str, num_examples, default_num_examples: dict, s
   if num_examples is None:
     num_examples = default_num_examples[split]
   if num_examples < 1:
-    raise ValueError(f"{dataset}: num_examples must be >= 1, got {num_examples}.")
+    raise InputError(f"{dataset}: num_examples must be >= 1, got {num_examples}.")
   if seed < 0:
-    raise ValueError(f"{dataset}: seed must be >= 0, got {seed}.")
+    raise InputError(f"{dataset}: seed must be >= 0, got {seed}.")
   return int(num_examples)

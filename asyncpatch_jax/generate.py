@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import ipr
@@ -72,10 +73,10 @@ class Generator:
       labels = (np.full((batch,), self.model.null_label) if labels is None
                 else np.asarray(labels))
       if labels.shape != (batch,):
-        raise ValueError(f"labels has shape {labels.shape}; expected [{batch}].")
+        raise checks.InputError(f"labels has shape {labels.shape}; expected [{batch}].")
       cond["y"] = jnp.asarray(labels, jnp.int32)
     elif labels is not None:
-      raise ValueError("labels were given for an unconditional model.")
+      raise checks.InputError("labels were given for an unconditional model.")
     if cfg:
       cond["guidance"] = jnp.float32(guidance_weight)
     return cond, cfg

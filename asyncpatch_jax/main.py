@@ -13,6 +13,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from asyncpatch_jax import checks
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).",
                                 lock_config=True)
@@ -34,8 +36,9 @@ def main(argv):
     else:
       from asyncpatch_jax import sample_mode  # pylint: disable=g-import-not-at-top
       summary = sample_mode.sample_from_workdir(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FloatingPointError) as e:
-    # Bad input and a diverging loss end with the message alone, not a traceback.
+  except (checks.InputError, FloatingPointError) as e:
+    # The library's own input errors and a diverging loss end with the message alone;
+    # anything else (a bug, a failing dependency) keeps its traceback.
     sys.exit(f"error: {e}")
   summary.pop("state", None)
   print(json.dumps(summary, indent=2, default=str))

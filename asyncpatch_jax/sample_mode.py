@@ -24,7 +24,7 @@ TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "in
 def _labels(spec: str, n: int, num_classes: int):
   if not num_classes:
     if spec not in ("cycle", "null"):
-      raise ValueError(f"sample.label={spec!r} given for an unconditional model.")
+      raise checks.InputError(f"sample.label={spec!r} given for an unconditional model.")
     return None
   if spec == "cycle":
     return np.arange(n) % num_classes
@@ -33,9 +33,9 @@ def _labels(spec: str, n: int, num_classes: int):
   try:
     label = int(spec)
   except ValueError:
-    raise ValueError(f"sample.label={spec!r}; expected 'cycle', 'null' or a class id.") from None
+    raise checks.InputError(f"sample.label={spec!r}; expected 'cycle', 'null' or a class id.") from None
   if not 0 <= label < num_classes:
-    raise ValueError(f"sample.label={label} is not a class id in 0..{num_classes - 1}.")
+    raise checks.InputError(f"sample.label={label} is not a class id in 0..{num_classes - 1}.")
   return np.full((n,), label)
 
 
@@ -49,14 +49,14 @@ def _schedule_and_input(sc, shape):
     rows, cols = sc.grid
     return schedules.autoregressive(h, w, (rows, cols), max(steps // (rows * cols), 1)), None, None
   if not sc.image:
-    raise ValueError(f"sample.task={sc.task!r} needs --config.sample.image=<PNG>.")
+    raise checks.InputError(f"sample.task={sc.task!r} needs --config.sample.image=<PNG>.")
   if sc.task == "outpaint":
     from PIL import Image  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(sc.image):
-      raise ValueError(f"image file {sc.image!r} does not exist.")
+      raise checks.InputError(f"image file {sc.image!r} does not exist.")
     iw, ih = Image.open(sc.image).size
     if ih > h or iw > w:
-      raise ValueError(f"image {sc.image!r} is {iw}x{ih}; outpainting needs an image smaller "
+      raise checks.InputError(f"image {sc.image!r} is {iw}x{ih}; outpainting needs an image smaller "
                        f"than the model's {w}x{h} canvas.")
     top, left = tuple(sc.box) if sc.box else ((h - ih) // 2, (w - iw) // 2)
     small = image_io.load_image(sc.image, (ih, iw, c))
@@ -67,7 +67,7 @@ def _schedule_and_input(sc, shape):
     return tau, x, mask
   x = image_io.load_image(sc.image, shape)
   if not sc.mask:
-    raise ValueError(f"sample.task={sc.task!r} needs --config.sample.mask=<PNG> "
+    raise checks.InputError(f"sample.task={sc.task!r} needs --config.sample.mask=<PNG> "
                      "(white = known, black = generate).")
   mask = image_io.load_mask(sc.mask, (h, w))
   if sc.task in ("inpaint", "ipr"):
@@ -81,7 +81,7 @@ def _schedule_and_input(sc, shape):
 def _ipr_regions(sc, shape, mask):
   """IPR regions (the `grid` patches) and the condition set: the regions the mask fully knows."""
   if not 0.0 < sc.ipr_alpha <= 1.0 or sc.ipr_rounds < 1:
-    raise ValueError(f"sample.ipr_alpha={sc.ipr_alpha}, sample.ipr_rounds={sc.ipr_rounds}; "
+    raise checks.InputError(f"sample.ipr_alpha={sc.ipr_alpha}, sample.ipr_rounds={sc.ipr_rounds}; "
                      "expected alpha in (0, 1] and a positive number of rounds.")
   regions = schedules.grid_regions(shape[0], shape[1], tuple(sc.grid))
   n_regions = int(regions.max()) + 1
@@ -90,7 +90,7 @@ def _ipr_regions(sc, shape, mask):
   known = np.array([mask[regions == k].min() for k in range(n_regions)]) == 1
   partly = np.array([mask[regions == k].max() for k in range(n_regions)]) == 1
   if (partly & ~known).any():
-    raise ValueError(f"sample.task='ipr': the mask must be a union of the {tuple(sc.grid)} grid "
+    raise checks.InputError(f"sample.task='ipr': the mask must be a union of the {tuple(sc.grid)} grid "
                      f"regions (regions {np.flatnonzero(partly & ~known).tolist()} are only "
                      "partly known); align the mask or change --config.sample.grid.")
   return regions, known

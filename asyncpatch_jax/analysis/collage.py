@@ -105,10 +105,10 @@ def collage_penalty_batch(fn: Callable, x, *, patch_size: int, key,
   """
   shape = tuple(np.shape(x))
   if len(shape) != 4:
-    raise ValueError(f"x has shape {shape}; expected a batch [B, H, W, C].")
+    raise checks.InputError(f"x has shape {shape}; expected a batch [B, H, W, C].")
   out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
   if getattr(out, "shape", None) != shape:
-    raise ValueError(f"fn maps x of shape {shape} to {getattr(out, 'shape', None)}; "
+    raise checks.InputError(f"fn maps x of shape {shape} to {getattr(out, 'shape', None)}; "
                      "expected the same shape.")
   patch_grid(shape[1:], patch_size)
   checks.check_positive_int(num_probes, "num_probes")
@@ -145,7 +145,7 @@ def collage_loss_for_velocity_model(velocity_apply: Callable, params, z, t, *, k
   z = jnp.asarray(z)
   t = jnp.asarray(t)
   if z.ndim != 4 or t.shape not in (z.shape[:1], z.shape[:3]):
-    raise ValueError(f"z has shape {z.shape} and t {t.shape}; expected z [B, H, W, C] and "
+    raise checks.InputError(f"z has shape {z.shape} and t {t.shape}; expected z [B, H, W, C] and "
                      "t [B] or [B, H, W].")
   one_minus_t = (1.0 - t).reshape(t.shape + (1,) * (4 - t.ndim)).astype(z.dtype)
   eps_map = lambda zz: zz + one_minus_t * velocity_apply(params, zz, t)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.analysis import pifs
 
 
@@ -40,7 +41,7 @@ def as_partial(fn: Callable) -> Partial:
   if isinstance(fn, Partial):
     return fn
   if not callable(fn):
-    raise ValueError(f"expected a callable, got {type(fn).__name__}.")
+    raise checks.InputError(f"expected a callable, got {type(fn).__name__}.")
   return Partial(fn)
 
 
@@ -68,7 +69,7 @@ def ddim_step(eps_fn: Callable, abar_t, abar_prev) -> Partial:
   """
   a, ap = float(abar_t), float(abar_prev)
   if not 0 < a < ap <= 1:
-    raise ValueError(f"abar_t = {a}, abar_prev = {ap}; a DDIM step needs "
+    raise checks.InputError(f"abar_t = {a}, abar_prev = {ap}; a DDIM step needs "
                      "0 < abar_t < abar_prev <= 1.")
   return Partial(_ddim_apply, as_partial(eps_fn), jnp.asarray(a), jnp.asarray(ap))
 
@@ -224,22 +225,22 @@ def gaussian_eps_fn(cov, mean=None, *, image_shape=None) -> Partial:
   """
   cov = np.asarray(cov, dtype=np.float64)
   if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
-    raise ValueError(f"cov has shape {cov.shape}; expected a square matrix [n, n].")
+    raise checks.InputError(f"cov has shape {cov.shape}; expected a square matrix [n, n].")
   n = cov.shape[0]
   if image_shape is not None and int(np.prod(image_shape)) != n:
-    raise ValueError(f"cov is [{n}, {n}] but image_shape {tuple(image_shape)} has "
+    raise checks.InputError(f"cov is [{n}, {n}] but image_shape {tuple(image_shape)} has "
                      f"{int(np.prod(image_shape))} entries.")
   scale = max(np.abs(cov).max(), 1e-300)
   if not np.allclose(cov, cov.T, rtol=0, atol=1e-10 * scale):
-    raise ValueError("cov is not symmetric (max |cov - cov^T| = "
+    raise checks.InputError("cov is not symmetric (max |cov - cov^T| = "
                      f"{np.abs(cov - cov.T).max():.3g}).")
   eigvals, eigvecs = np.linalg.eigh(0.5 * (cov + cov.T))
   if eigvals[0] <= 1e-12 * max(eigvals[-1], 0.0) or eigvals[0] <= 0:
-    raise ValueError(f"cov is not positive definite: its smallest eigenvalue is "
+    raise checks.InputError(f"cov is not positive definite: its smallest eigenvalue is "
                      f"{eigvals[0]:.3g} (largest {eigvals[-1]:.3g}).")
   mean = np.zeros(n) if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
   if mean.shape != (n,):
-    raise ValueError(f"mean has {mean.size} entries; expected {n} to match cov.")
+    raise checks.InputError(f"mean has {mean.size} entries; expected {n} to match cov.")
   return Partial(_gaussian_eps, jnp.asarray(mean), jnp.asarray(eigvecs), jnp.asarray(eigvals))
 
 
@@ -272,10 +273,10 @@ def check_image_map(fn: Callable, x, name: str = "fn") -> None:
   """`x` must be one image `[H, W, C]` and `fn(x)` must have its shape."""
   shape = tuple(np.shape(x))
   if len(shape) != 3:
-    raise ValueError(f"x has shape {shape}; expected one image [H, W, C] (no batch axis).")
+    raise checks.InputError(f"x has shape {shape}; expected one image [H, W, C] (no batch axis).")
   if not callable(fn):
-    raise ValueError(f"{name} must be callable, got {type(fn).__name__}.")
+    raise checks.InputError(f"{name} must be callable, got {type(fn).__name__}.")
   out_shape = _output_shape(fn, shape, jnp.result_type(x))
   if out_shape != shape:
-    raise ValueError(f"{name} maps x of shape {shape} to an output of shape {out_shape}; "
+    raise checks.InputError(f"{name} maps x of shape {shape} to an output of shape {out_shape}; "
                      "the Jacobian tools need a map from [H, W, C] to the same shape.")

@@ -40,7 +40,7 @@ _TINY = 1e-30
 def check_iters(num_iters, tol):
   checks.check_positive_int(num_iters, "num_iters")
   if not tol >= 0:
-    raise ValueError(f"tol = {tol}; expected >= 0.")
+    raise checks.InputError(f"tol = {tol}; expected >= 0.")
 
 
 def unit(v, axis=None):
@@ -306,7 +306,7 @@ def block_norms(fn: Callable, x, *, patch_size: int, key=None, num_iters: int = 
   _, _, nk = patch_grid(np.shape(x), patch_size)
   check_iters(num_iters, tol)
   if method not in ("auto", "power", "exact"):
-    raise ValueError(f"method = {method!r}; expected 'auto', 'power' or 'exact'.")
+    raise checks.InputError(f"method = {method!r}; expected 'auto', 'power' or 'exact'.")
   x = jnp.asarray(x)
   fn = as_partial(fn)
   info = {}
@@ -321,7 +321,7 @@ def block_norms(fn: Callable, x, *, patch_size: int, key=None, num_iters: int = 
     norms = _block_exact(fn, x, int(patch_size), bs)
   else:
     if key is None:
-      raise ValueError("block_norms with the power method needs a PRNG key.")
+      raise checks.InputError("block_norms with the power method needs a PRNG key.")
     bs = int(batch_size or auto_batch_size(x.size, m * m))
     v0 = jax.random.normal(key, (m, m, nk), x.dtype)
     norms, iters = _block_power_core(fn, x, v0, jnp.asarray(tol, x.dtype),

@@ -34,10 +34,10 @@ def _as_chain(step_fns):
   if isinstance(step_fns, Chain):
     t = len(step_fns)
     if t < 1:
-      raise ValueError("step_fns is an empty Chain; need at least one step.")
+      raise checks.InputError("step_fns is an empty Chain; need at least one step.")
     return step_fns, t
   if callable(step_fns) or not isinstance(step_fns, Sequence) or not step_fns:
-    raise ValueError("step_fns must be a non-empty sequence of maps [H, W, C] -> "
+    raise checks.InputError("step_fns must be a non-empty sequence of maps [H, W, C] -> "
                      "[H, W, C] (applied in order) or a pifs_operators.Chain; got "
                      f"{type(step_fns).__name__}.")
   return tuple(as_partial(f) for f in step_fns), len(step_fns)
@@ -54,23 +54,23 @@ def _apply_chain(chain, x):
 def _check(step_fns, x, num_vectors):
   shape = tuple(np.shape(x))
   if len(shape) != 3:
-    raise ValueError(f"x has shape {shape}; expected one image [H, W, C].")
+    raise checks.InputError(f"x has shape {shape}; expected one image [H, W, C].")
   chain, t = _as_chain(step_fns)
   spec = jax.ShapeDtypeStruct(shape, jnp.result_type(x))
   if isinstance(chain, Chain):
     out = jax.eval_shape(chain, spec)
     if out.shape != shape:
-      raise ValueError(f"the Chain maps [H, W, C] = {shape} to {out.shape}; the steps "
+      raise checks.InputError(f"the Chain maps [H, W, C] = {shape} to {out.shape}; the steps "
                        "must keep the shape.")
   else:
     for i, f in enumerate(chain):
       out = jax.eval_shape(f, spec)
       if getattr(out, "shape", None) != shape:
-        raise ValueError(f"step_fns[{i}] maps x of shape {shape} to shape "
+        raise checks.InputError(f"step_fns[{i}] maps x of shape {shape} to shape "
                          f"{getattr(out, 'shape', None)}; every step must keep [H, W, C].")
   n = int(np.prod(shape))
   if int(num_vectors) != num_vectors or not 1 <= num_vectors <= n:
-    raise ValueError(f"num_vectors = {num_vectors}; expected an integer in [1, n] with "
+    raise checks.InputError(f"num_vectors = {num_vectors}; expected an integer in [1, n] with "
                      f"n = H * W * C = {n} for x of shape {shape}.")
   return chain, t
 

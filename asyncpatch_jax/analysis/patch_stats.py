@@ -25,12 +25,12 @@ def patch_grid(image_shape, patch_size: int) -> tuple[int, int, int]:
     patch_size: p, which must divide both H and W.
   """
   if len(image_shape) != 3:
-    raise ValueError(f"image shape {tuple(image_shape)}; expected [H, W, C].")
+    raise checks.InputError(f"image shape {tuple(image_shape)}; expected [H, W, C].")
   h, w, c = image_shape
   checks.check_positive_int(patch_size, "patch_size")
   patch_size = int(patch_size)
   if h % patch_size or w % patch_size:
-    raise ValueError(f"patch_size = {patch_size} does not divide the image of shape "
+    raise checks.InputError(f"patch_size = {patch_size} does not divide the image of shape "
                      f"[H, W, C] = [{h}, {w}, {c}]; H and W must both be multiples of it.")
   return h // patch_size, w // patch_size, patch_size * patch_size * c
 
@@ -94,19 +94,19 @@ def patch_covariance_spectra(batches: Iterable, patch_size: int) -> PatchSpectra
   for i, batch in enumerate(batches):
     b = np.asarray(batch, dtype=np.float64)
     if b.ndim != 4:
-      raise ValueError(f"batch {i} has shape {b.shape}; expected [B, H, W, C].")
+      raise checks.InputError(f"batch {i} has shape {b.shape}; expected [B, H, W, C].")
     if shape is None:
       shape = b.shape[1:]
       patch_grid(shape, patch_size)
     elif b.shape[1:] != shape:
-      raise ValueError(f"batch {i} has images {b.shape[1:]}; earlier batches had {shape}.")
+      raise checks.InputError(f"batch {i} has images {b.shape[1:]}; earlier batches had {shape}.")
     pts = patchify(b, patch_size)  # [B, M, n_k]
     s1 = pts.sum(0)
     s2 = np.einsum("bmi,bmj->mij", pts, pts)
     total = (s1, s2) if total is None else (total[0] + s1, total[1] + s2)
     count += b.shape[0]
   if count < 2:
-    raise ValueError(f"batches held {count} images; need at least 2 for a covariance.")
+    raise checks.InputError(f"batches held {count} images; need at least 2 for a covariance.")
   mean = total[0] / count
   cov = (total[1] - count * np.einsum("mi,mj->mij", mean, mean)) / (count - 1)
   cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import checks
+
 # -----------------------------------------------------------------------------
 # Schedules and chains.
 # -----------------------------------------------------------------------------
@@ -70,7 +72,7 @@ def cosine_schedule(num_steps: int, s: float = 0.008,
   """
   num_steps = _check_num_steps(num_steps)
   if not s >= 0:
-    raise ValueError(f"s = {s}; the cosine offset must be >= 0.")
+    raise checks.InputError(f"s = {s}; the cosine offset must be >= 0.")
   t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
   f = np.cos((t + s) / (1.0 + s) * np.pi / 2.0) ** 2
   betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
@@ -93,7 +95,7 @@ def ddim_chain(num_steps: int, stride: int, first: int = 0) -> np.ndarray:
   """
   num_steps = _check_num_steps(num_steps)
   if stride < 1 or first < 0 or (num_steps - first) % stride:
-    raise ValueError(f"stride = {stride}, first = {first}: the chain first + k * stride "
+    raise checks.InputError(f"stride = {stride}, first = {first}: the chain first + k * stride "
                      f"must reach T = {num_steps} exactly.")
   return np.arange(first, num_steps + 1, stride)
 
@@ -114,18 +116,18 @@ def check_chain(timesteps, num_steps: int | None = None) -> np.ndarray:
   """
   ts = np.asarray(timesteps)
   if ts.ndim != 1 or ts.size < 2:
-    raise ValueError(f"chain has shape {ts.shape}; expected at least two timesteps [N + 1].")
+    raise checks.InputError(f"chain has shape {ts.shape}; expected at least two timesteps [N + 1].")
   if not np.issubdtype(ts.dtype, np.integer):
     if not np.all(np.equal(np.mod(ts, 1), 0)):
-      raise ValueError(f"chain {ts.tolist()} holds non-integer timesteps.")
+      raise checks.InputError(f"chain {ts.tolist()} holds non-integer timesteps.")
     ts = ts.astype(np.int64)
   if np.any(np.diff(ts) <= 0):
     bad = int(np.argmax(np.diff(ts) <= 0))
-    raise ValueError(f"chain is not strictly increasing: t[{bad}] = {ts[bad]} >= "
+    raise checks.InputError(f"chain is not strictly increasing: t[{bad}] = {ts[bad]} >= "
                      f"t[{bad + 1}] = {ts[bad + 1]}. Give the timesteps in increasing "
                      "order, each once.")
   if ts[0] < 0 or (num_steps is not None and ts[-1] > num_steps):
-    raise ValueError(f"chain spans [{ts[0]}, {ts[-1]}]; timesteps must lie in "
+    raise checks.InputError(f"chain spans [{ts[0]}, {ts[-1]}]; timesteps must lie in "
                      f"[0, {num_steps}].")
   return ts.astype(np.int64)
 
@@ -142,11 +144,11 @@ def chain_steps(abar, timesteps) -> ChainSteps:
   """
   abar = np.asarray(abar, dtype=np.float64)
   if abar.ndim != 1 or abar.size < 2:
-    raise ValueError(f"abar has shape {abar.shape}; expected [T + 1] with T >= 1.")
+    raise checks.InputError(f"abar has shape {abar.shape}; expected [T + 1] with T >= 1.")
   ts = check_chain(timesteps, abar.size - 1)
   a = abar[ts]
   if np.any(a <= 0) or np.any(a > 1) or np.any(np.diff(a) >= 0):
-    raise ValueError("abar must lie in (0, 1] and decrease strictly along the chain "
+    raise checks.InputError("abar must lie in (0, 1] and decrease strictly along the chain "
                      f"(got abar[chain] in [{a.min():.3g}, {a.max():.3g}]).")
   return ChainSteps(t=ts[1:], t_prev=ts[:-1], abar_t=a[1:], abar_prev=a[:-1])
 
@@ -160,7 +162,7 @@ def _pair(abar_t, abar_prev):
   a = np.asarray(abar_t, dtype=np.float64)
   ap = np.asarray(abar_prev, dtype=np.float64)
   if np.any(a <= 0) or np.any(ap > 1) or np.any(ap <= a):
-    raise ValueError("need 0 < abar_t < abar_prev <= 1 at every step (a strictly "
+    raise checks.InputError("need 0 < abar_t < abar_prev <= 1 at every step (a strictly "
                      "decreasing schedule).")
   return a, ap
 
@@ -206,7 +208,7 @@ def expansion_function(lam, abar_t, abar_prev) -> np.ndarray:
   a, ap = _pair(abar_t, abar_prev)
   lam = np.asarray(lam, dtype=np.float64)
   if np.any(lam < 0):
-    raise ValueError(f"lam has negative entries (min {lam.min():.3g}); variances are >= 0.")
+    raise checks.InputError(f"lam has negative entries (min {lam.min():.3g}); variances are >= 0.")
   if a.ndim:
     lam = lam[..., None]
   v = 1.0 - a
@@ -271,9 +273,9 @@ def moran_threshold(abar_t, abar_prev, *, tol: float = 1e-12) -> float:
   """
   a, ap = _pair(np.atleast_1d(abar_t), np.atleast_1d(abar_prev))
   if a.ndim != 1 or a.shape != ap.shape:
-    raise ValueError(f"abar_t {a.shape} and abar_prev {ap.shape} must both be [S].")
+    raise checks.InputError(f"abar_t {a.shape} and abar_prev {ap.shape} must both be [S].")
   if not tol > 0:
-    raise ValueError(f"tol = {tol}; expected > 0.")
+    raise checks.InputError(f"tol = {tol}; expected > 0.")
   with jax.enable_x64(True):
     a_j = jnp.asarray(a, jnp.float64)
     ap_j = jnp.asarray(ap, jnp.float64)
@@ -312,11 +314,11 @@ def _moran_bisect(a, ap, tol):
 def _check_patches(lambdas, n_k):
   lam = np.atleast_1d(np.asarray(lambdas, dtype=np.float64))
   if lam.ndim != 1 or np.any(lam <= 0):
-    raise ValueError(f"lambdas has shape {lam.shape} (min {lam.min():.3g}); expected "
+    raise checks.InputError(f"lambdas has shape {lam.shape} (min {lam.min():.3g}); expected "
                      "positive patch variances [M].")
   n = np.broadcast_to(np.asarray(n_k), lam.shape).astype(np.int64)
   if np.any(n < 1):
-    raise ValueError("n_k must be >= 1 (the dimension of each patch).")
+    raise checks.InputError("n_k must be >= 1 (the dimension of each patch).")
   return lam, n
 
 
@@ -392,7 +394,7 @@ def kaplan_yorke_dimension(exponents):
   xp = jnp if isinstance(exponents, jax.Array) else np
   l = xp.asarray(exponents)
   if l.ndim != 1 or l.shape[0] == 0:
-    raise ValueError(f"exponents has shape {l.shape}; expected a non-empty vector [k].")
+    raise checks.InputError(f"exponents has shape {l.shape}; expected a non-empty vector [k].")
   l = xp.sort(l)[::-1]
   cs = xp.cumsum(l)
   j = xp.sum(cs >= 0)  # the non-negative partial sums form a prefix
@@ -451,5 +453,5 @@ def ky_dimension_growth(lambdas, n_k, abar_t, abar_prev,
 
 def _check_num_steps(num_steps) -> int:
   if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f"num_steps = {num_steps}; expected an integer T >= 1.")
+    raise checks.InputError(f"num_steps = {num_steps}; expected an integer T >= 1.")
   return int(num_steps)

@@ -45,7 +45,7 @@ def pc_quantities(norms) -> PCQuantities:
   """
   norms = jnp.asarray(norms)
   if norms.ndim != 2 or norms.shape[0] != norms.shape[1]:
-    raise ValueError(f"norms has shape {norms.shape}; expected square block norms [M, M].")
+    raise checks.InputError(f"norms has shape {norms.shape}; expected square block norms [M, M].")
   kappa = jnp.diagonal(norms)
   coupling = norms.sum(axis=1) - kappa
   kd, dc = kappa.max(), coupling.max()
@@ -140,7 +140,7 @@ def diagonal_rayleigh(fn: Callable, x, vectors, *, patch_size: int) -> jax.Array
   x = jnp.asarray(x)
   vecs = jnp.asarray(vectors, x.dtype)
   if vecs.shape != (mh * mw, nk):
-    raise ValueError(f"vectors has shape {vecs.shape}; expected [M, n_k] = "
+    raise checks.InputError(f"vectors has shape {vecs.shape}; expected [M, n_k] = "
                      f"[{mh * mw}, {nk}] for patch_size {patch_size}.")
   return _rayleigh_core(as_partial(fn), x, unit(vecs, -1), int(patch_size))
 
@@ -171,7 +171,7 @@ def suppression_field(phi_fn: Callable, x, top_vectors, lambdas, abar_t: float,
   """
   lam = np.asarray(lambdas, dtype=np.float64)
   if lam.shape != (np.shape(top_vectors)[0],):
-    raise ValueError(f"lambdas has shape {lam.shape}; expected [M] = "
+    raise checks.InputError(f"lambdas has shape {lam.shape}; expected [M] = "
                      f"[{np.shape(top_vectors)[0]}] to match top_vectors.")
   rq = diagonal_rayleigh(phi_fn, x, top_vectors, patch_size=patch_size)
   f = pifs.expansion_function(lam, abar_t, abar_prev)

@@ -76,7 +76,7 @@ def get_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
     module, cls_name = _EMBEDDED[name]
     cls = getattr(importlib.import_module(f"asyncpatch_jax.data.{module}"), cls_name)
     if data_dir:
-      raise ValueError(f"Dataset {name!r} is embedded and takes no data_dir "
+      raise checks.InputError(f"Dataset {name!r} is embedded and takes no data_dir "
                        f"(got {data_dir!r}).")
   elif name in _TFDS:
     from asyncpatch_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -89,6 +89,6 @@ def get_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
   allowed = [p for p in params if p not in ("self", "name", "split", "data_dir")]
   unknown = sorted(set(kwargs) - set(allowed) - {"name", "data_dir"})
   if unknown:
-    raise ValueError(f"Unknown option(s) {unknown} for dataset {name!r}; "
+    raise checks.InputError(f"Unknown option(s) {unknown} for dataset {name!r}; "
                      f"it accepts {allowed}.")
   return cls(split=split, **kwargs)

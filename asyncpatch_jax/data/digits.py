@@ -16,6 +16,8 @@ import functools
 
 import numpy as np
 
+from asyncpatch_jax import checks
+
 NUM_CLASSES = 10
 RAW_SIZE = 8
 RAW_MAX = 16.0  # sklearn digits pixel values are integers 0..16
@@ -25,7 +27,7 @@ SPLITS = ("train", "test")
 
 def _check_split(split: str) -> None:
   if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r} for digits; expected one of {SPLITS}.")
+    raise checks.InputError(f"Unknown split {split!r} for digits; expected one of {SPLITS}.")
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,7 +91,7 @@ class DigitsSource:
     _check_split(split)
     if (not isinstance(image_size, (int, np.integer)) or image_size < RAW_SIZE
             or image_size % RAW_SIZE):
-      raise ValueError(
+      raise checks.InputError(
               f"digits: image_size must be a positive multiple of {RAW_SIZE} "
               f"(nearest-neighbour upsampling of 8x8 digits), got {image_size!r}.")
     self.split = split

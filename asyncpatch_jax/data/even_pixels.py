@@ -46,15 +46,15 @@ class EvenPixelsSource:
                seed: int = 0, saturation: float = DEFAULT_SATURATION,
                value: float = DEFAULT_VALUE):
     if split not in SPLITS:
-      raise ValueError(f"Unknown split {split!r} for even_pixels; expected one of {SPLITS}.")
+      raise checks.InputError(f"Unknown split {split!r} for even_pixels; expected one of {SPLITS}.")
     if not isinstance(image_size, (int, np.integer)) or image_size < 2 or image_size % 2:
-      raise ValueError(
+      raise checks.InputError(
           f"even_pixels: image_size must be an even int >= 2 (half the pixels per colour), "
           f"got {image_size!r}.")
     num_examples = checks.check_dataset_size("even_pixels", num_examples, DEFAULT_NUM_EXAMPLES,
                                              split, seed)
     if not (0.0 < saturation <= 1.0 and 0.0 < value <= 1.0):
-      raise ValueError(f"even_pixels: saturation and value must lie in (0, 1], got "
+      raise checks.InputError(f"even_pixels: saturation and value must lie in (0, 1], got "
                        f"{saturation}, {value}.")
     self.split = split
     self.image_size = int(image_size)
@@ -100,9 +100,9 @@ def _to_hsv(images: np.ndarray) -> np.ndarray:
 
   images = np.asarray(images, np.float64)
   if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"Even Pixels images must be [B, H, W, 3], got shape {images.shape}.")
+    raise checks.InputError(f"Even Pixels images must be [B, H, W, 3], got shape {images.shape}.")
   if (images.shape[1] * images.shape[2]) % 2:
-    raise ValueError(f"Even Pixels images need an even pixel count, got {images.shape[1:3]}.")
+    raise checks.InputError(f"Even Pixels images need an even pixel count, got {images.shape[1:3]}.")
   rgb = np.clip((images + 1.0) / 2.0, 0.0, 1.0)
   return color.rgb2hsv(rgb, channel_axis=-1)
 
@@ -124,9 +124,9 @@ def even_pixels_stats(images: np.ndarray, num_bins: int = NUM_HUE_BINS,
     pixels of the image; both colours share S and V by construction).
   """
   if second_peak not in ("search", "antipodal"):
-    raise ValueError(f"second_peak must be 'search' or 'antipodal', got {second_peak!r}.")
+    raise checks.InputError(f"second_peak must be 'search' or 'antipodal', got {second_peak!r}.")
   if num_bins < 4 or num_bins % 2:
-    raise ValueError(f"num_bins must be an even int >= 4, got {num_bins}.")
+    raise checks.InputError(f"num_bins must be an even int >= 4, got {num_bins}.")
   hsv = _to_hsv(images)
   b = hsv.shape[0]
   n_pix = hsv.shape[1] * hsv.shape[2]

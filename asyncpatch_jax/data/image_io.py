@@ -8,6 +8,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from asyncpatch_jax import checks
+
 
 def to_uint8(images) -> np.ndarray:
   """[-1, 1] floats -> uint8 (round to nearest, clipped)."""
@@ -50,14 +52,14 @@ def load_image(path: str, shape) -> np.ndarray:
   """A PNG/JPEG as float32 [H, W, C] in [-1, 1]; ValueError if its size or channels differ."""
   h, w, c = shape
   if not os.path.isfile(path):
-    raise ValueError(f"image file {path!r} does not exist.")
+    raise checks.InputError(f"image file {path!r} does not exist.")
   img = Image.open(path)
   arr = np.asarray(img.convert("L" if c == 1 else "RGB"))
   if img.mode not in (("L", "P", "1", "LA") if c == 1 else ("RGB", "RGBA", "P")):
-    raise ValueError(f"image {path!r} has mode {img.mode!r}; the model expects {c} "
+    raise checks.InputError(f"image {path!r} has mode {img.mode!r}; the model expects {c} "
                      f"channel{'s' if c > 1 else ''} ({'grayscale' if c == 1 else 'RGB'}).")
   if arr.shape[:2] != (h, w):
-    raise ValueError(f"image {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
+    raise checks.InputError(f"image {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
                      f"{w}x{h}.")
   return from_uint8(arr.reshape(h, w, c))
 
@@ -65,15 +67,15 @@ def load_image(path: str, shape) -> np.ndarray:
 def load_mask(path: str, hw) -> np.ndarray:
   """A mask PNG as float32 [H, W]: white (255) or 1 = known, black (0) = generate."""
   if not os.path.isfile(path):
-    raise ValueError(f"mask file {path!r} does not exist.")
+    raise checks.InputError(f"mask file {path!r} does not exist.")
   arr = np.asarray(Image.open(path).convert("L"))
   if arr.shape != tuple(hw):
-    raise ValueError(f"mask {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
+    raise checks.InputError(f"mask {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
                      f"{hw[1]}x{hw[0]}.")
   values = np.unique(arr)
   if set(values.tolist()) <= {0, 255}:
     return (arr == 255).astype(np.float32)
   if set(values.tolist()) <= {0, 1}:
     return arr.astype(np.float32)
-  raise ValueError(f"mask {path!r} has values {values[:6].tolist()}...; a mask must be "
+  raise checks.InputError(f"mask {path!r} has values {values[:6].tolist()}...; a mask must be "
                    "binary: 255 (or 1) = known pixel, 0 = pixel to generate.")

@@ -39,14 +39,14 @@ def _process_index_count(process_index: int | None, process_count: int | None) -
     process_index = jax.process_index()
   checks.check_positive_int(process_count, "process_count")
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index}.")
+    raise checks.InputError(f"process_index must lie in [0, {process_count}), got {process_index}.")
   return int(process_index), int(process_count)
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   checks.check_positive_int(global_batch_size, "global_batch_size")
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+    raise checks.InputError(f"global_batch_size={global_batch_size} is not divisible by "
                      f"process_count={process_count}; every process reads an equal share.")
   return int(global_batch_size) // process_count
 
@@ -88,10 +88,10 @@ class InputPipeline:
     self.local_batch_size = _local_batch_size(global_batch_size, self.process_count)
     self.global_batch_size = int(global_batch_size)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+      raise checks.InputError(f"seed must be a non-negative int, got {seed!r}.")
     self.num_records = len(source)
     if self.num_records < 1:
-      raise ValueError(f"source {source!r} is empty.")
+      raise checks.InputError(f"source {source!r} is empty.")
     self.source = source
     self.seed = int(seed)
     self.shuffle = bool(shuffle)
@@ -120,14 +120,14 @@ class InputPipeline:
   def global_indices(self, step: int) -> np.ndarray:
     """Source indices of the global batch of `step`: [G] int64, process p owns slice p."""
     if step < 0:
-      raise ValueError(f"step must be >= 0, got {step}.")
+      raise checks.InputError(f"step must be >= 0, got {step}.")
     g = self.global_batch_size
     return self._indices(np.arange(step * g, (step + 1) * g, dtype=np.int64))
 
   def local_indices(self, step: int) -> np.ndarray:
     """Source indices this process reads at `step`: [L] int64."""
     if step < 0:
-      raise ValueError(f"step must be >= 0, got {step}.")
+      raise checks.InputError(f"step must be >= 0, got {step}.")
     lo = step * self.global_batch_size + self.process_index * self.local_batch_size
     return self._indices(np.arange(lo, lo + self.local_batch_size, dtype=np.int64))
 
@@ -145,7 +145,7 @@ class InputPipeline:
     import grain  # pylint: disable=g-import-not-at-top
 
     if start_step < 0:
-      raise ValueError(f"start_step must be >= 0, got {start_step}.")
+      raise checks.InputError(f"start_step must be >= 0, got {start_step}.")
     stop = start_step + num_steps if num_steps is not None else 2**62
     ds = grain.MapDataset.range(start_step, stop).map(self.get_batch)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch, 1))
@@ -192,10 +192,10 @@ def make_global_batch(local_batch: Batch, mesh_or_sharding: Mesh | NamedSharding
     dict of global arrays [L * process_count, ...] (`jax.make_array_from_process_local_data`).
   """
   if not local_batch:
-    raise ValueError("local_batch is empty.")
+    raise checks.InputError("local_batch is empty.")
   sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local_batch.items()}
   if None in sizes.values() or len(set(sizes.values())) != 1:
-    raise ValueError(f"every entry of local_batch needs the same leading batch size, got {sizes}.")
+    raise checks.InputError(f"every entry of local_batch needs the same leading batch size, got {sizes}.")
   local = next(iter(sizes.values()))
   if isinstance(mesh_or_sharding, NamedSharding):
     sharding = mesh_or_sharding
@@ -208,14 +208,14 @@ def make_global_batch(local_batch: Batch, mesh_or_sharding: Mesh | NamedSharding
         (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
     unknown = [a for a in axes if a not in mesh.axis_names]
     if unknown:
-      raise ValueError(f"batch_axes {unknown} are not axes of the mesh {mesh.axis_names}.")
+      raise checks.InputError(f"batch_axes {unknown} are not axes of the mesh {mesh.axis_names}.")
     sharding = NamedSharding(mesh, PartitionSpec(axes))
   else:
-    raise ValueError(f"expected a jax.sharding.Mesh or NamedSharding, got {type(mesh_or_sharding)}.")
+    raise checks.InputError(f"expected a jax.sharding.Mesh or NamedSharding, got {type(mesh_or_sharding)}.")
   shards = math.prod(mesh.shape[a] for a in axes)
   global_size = local * jax.process_count()
   if global_size % shards:
-    raise ValueError(f"global batch {global_size} (= {local} per process x "
+    raise checks.InputError(f"global batch {global_size} (= {local} per process x "
                      f"{jax.process_count()} processes) is not divisible by the {shards} "
                      f"shards of mesh axes {axes}.")
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

@@ -64,7 +64,7 @@ def sudoku_valid(grid: np.ndarray) -> np.ndarray:
   """
   grid = np.asarray(grid)
   if grid.shape[-2:] != (GRID, GRID):
-    raise ValueError(f"sudoku grid must be [..., 9, 9], got shape {grid.shape}.")
+    raise checks.InputError(f"sudoku grid must be [..., 9, 9], got shape {grid.shape}.")
   lead = grid.shape[:-2]
   boxes = grid.reshape(lead + (3, 3, 3, 3)).swapaxes(-3, -2).reshape(lead + (GRID, GRID))
   target = np.arange(1, GRID + 1)
@@ -79,7 +79,7 @@ def grid_cells(images: np.ndarray, cell_size: int = CELL) -> np.ndarray:
   images = np.asarray(images)
   h, w, ch = images.shape[-3:]
   if h != GRID * cell_size or w != GRID * cell_size:
-    raise ValueError(f"sudoku images must be [..., {GRID * cell_size}, {GRID * cell_size}, C], "
+    raise checks.InputError(f"sudoku images must be [..., {GRID * cell_size}, {GRID * cell_size}, C], "
                      f"got shape {images.shape}.")
   lead = images.shape[:-3]
   x = images.reshape(lead + (GRID, cell_size, GRID, cell_size, ch))
@@ -109,14 +109,14 @@ class SudokuSource:
                num_examples: int | None = None, seed: int = 0,
                num_givens: int | tuple[int, int] = HARD_GIVENS):
     if split not in SPLITS:
-      raise ValueError(f"Unknown split {split!r} for sudoku; expected one of {SPLITS}.")
+      raise checks.InputError(f"Unknown split {split!r} for sudoku; expected one of {SPLITS}.")
     if (not isinstance(image_size, (int, np.integer)) or image_size < GRID * CELL
             or image_size % (GRID * CELL)):
-      raise ValueError(f"sudoku: image_size must be a positive multiple of {GRID * CELL} "
+      raise checks.InputError(f"sudoku: image_size must be a positive multiple of {GRID * CELL} "
                        f"(9 cells of 8x8 digits), got {image_size!r}.")
     lo, hi = (num_givens, num_givens) if np.isscalar(num_givens) else tuple(num_givens)
     if not 0 <= lo <= hi <= GRID * GRID:
-      raise ValueError(f"sudoku: num_givens must be an int or (lo, hi) with "
+      raise checks.InputError(f"sudoku: num_givens must be an int or (lo, hi) with "
                        f"0 <= lo <= hi <= 81, got {num_givens!r}.")
     num_examples = checks.check_dataset_size("sudoku", num_examples, DEFAULT_NUM_EXAMPLES,
                                              split, seed)

@@ -35,13 +35,13 @@ _SPLIT_ID = {"train": 0, "test": 1}
 def load_image(name: str) -> np.ndarray:
   """A bundled scikit-image image as uint8 [H, W, 3] (grayscale replicated)."""
   if name not in BUNDLED_IMAGES:
-    raise ValueError(
+    raise checks.InputError(
         f"Unknown texture image {name!r}; bundled images are {BUNDLED_IMAGES}.")
   import skimage.data  # pylint: disable=g-import-not-at-top
 
   img = np.asarray(getattr(skimage.data, name)())
   if img.dtype != np.uint8:
-    raise ValueError(f"skimage.data.{name}() is {img.dtype}, expected uint8.")
+    raise checks.InputError(f"skimage.data.{name}() is {img.dtype}, expected uint8.")
   if img.ndim == 2:
     img = np.repeat(img[..., None], 3, axis=-1)
   img = np.ascontiguousarray(img[..., :3])
@@ -67,16 +67,16 @@ class TexturesSource:
   def __init__(self, split: str = "train", image_size: int = 32, num_examples: int | None = None,
                seed: int = 0, images: tuple[str, ...] = DEFAULT_IMAGES):
     if split not in SPLITS:
-      raise ValueError(f"Unknown split {split!r} for textures; expected one of {SPLITS}.")
+      raise checks.InputError(f"Unknown split {split!r} for textures; expected one of {SPLITS}.")
     images = tuple(images)
     if not images:
-      raise ValueError("textures: `images` must name at least one bundled image.")
+      raise checks.InputError("textures: `images` must name at least one bundled image.")
     self._pixels = [load_image(n) for n in images]
     checks.check_positive_int(image_size, "textures: image_size")
     for n, img in zip(images, self._pixels):
       r0, r1 = split_rows(img.shape[0], split)
       if image_size > min(r1 - r0, img.shape[1]):
-        raise ValueError(
+        raise checks.InputError(
             f"textures: image_size={image_size} does not fit the {split!r} band of "
             f"{n!r} ({r1 - r0} rows x {img.shape[1]} columns); use a smaller crop.")
     num_examples = checks.check_dataset_size("textures", num_examples, DEFAULT_NUM_EXAMPLES,

@@ -23,6 +23,8 @@ import re
 import numpy as np
 from PIL import Image
 
+from asyncpatch_jax import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
@@ -86,34 +88,34 @@ def check_prepared(name: str, split: str, data_dir) -> tuple[TfdsSpec, str]:
   from etils import epath  # pylint: disable=g-import-not-at-top
 
   if name not in DATASETS:
-    raise ValueError(f"Unknown TFDS-backed dataset {name!r}; known: {sorted(DATASETS)}.")
+    raise checks.InputError(f"Unknown TFDS-backed dataset {name!r}; known: {sorted(DATASETS)}.")
   spec = DATASETS[name]
   tfds_split = spec.splits.get(split, split)
   base_split = _base_split(tfds_split)
   if split not in spec.splits and base_split not in {_base_split(v) for v in spec.splits.values()}:
-    raise ValueError(f"Unknown split {split!r} for {name}; expected one of "
+    raise checks.InputError(f"Unknown split {split!r} for {name}; expected one of "
                      f"{sorted(spec.splits)} (or a TFDS split string such as "
                      f"'{_base_split(next(iter(spec.splits.values())))}[:10%]').")
   if not data_dir:
-    raise ValueError(f"Dataset {name!r} ({spec.tfds_name}) is read from a prepared TFDS "
+    raise checks.InputError(f"Dataset {name!r} ({spec.tfds_name}) is read from a prepared TFDS "
                      f"data_dir, but data_dir is not set. " + _how_to_prepare(spec, None))
   if not epath.Path(data_dir).is_dir():
-    raise ValueError(f"data_dir {str(data_dir)!r} for dataset {name!r} does not exist. "
+    raise checks.InputError(f"data_dir {str(data_dir)!r} for dataset {name!r} does not exist. "
                      + _how_to_prepare(spec, data_dir))
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
-    raise ValueError(f"Dataset {spec.tfds_name} (version {builder.version}) is not prepared "
+    raise checks.InputError(f"Dataset {spec.tfds_name} (version {builder.version}) is not prepared "
                      f"in data_dir {str(data_dir)!r}: {builder.data_dir} has no complete "
                      f"dataset. " + _how_to_prepare(spec, data_dir))
   fmt = builder.info.file_format
   if fmt is None or fmt.value not in ("array_record", "parquet"):
-    raise ValueError(
+    raise checks.InputError(
         f"Dataset {spec.tfds_name} in {builder.data_dir} is stored as "
         f"{getattr(fmt, 'value', fmt)}, which is not random-access. Rebuild it with "
         f"--file_format=array_record, or convert it with: tfds convert_format "
         f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record")
   if base_split not in builder.info.splits:
-    raise ValueError(f"Split {base_split!r} of {spec.tfds_name} is not prepared in "
+    raise checks.InputError(f"Split {base_split!r} of {spec.tfds_name} is not prepared in "
                      f"{builder.data_dir}; prepared splits: {sorted(builder.info.splits)}.")
   return spec, tfds_split
 
@@ -133,7 +135,7 @@ def to_float_image(image: np.ndarray, size: int) -> np.ndarray:
     image = np.repeat(image, 3, axis=-1)
   image = image[..., :3]
   if image.dtype != np.uint8:
-    raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    raise checks.InputError(f"expected a uint8 image, got {image.dtype}")
   h, w, _ = image.shape
   if (h, w) != (size, size):
     pil = Image.fromarray(image)
@@ -160,7 +162,7 @@ class TfdsSource:
     if image_size is None:
       image_size = spec.image_size
     if not isinstance(image_size, (int, np.integer)) or not 8 <= image_size <= spec.image_size:
-      raise ValueError(f"{name}: image_size must be an int in [8, {spec.image_size}] "
+      raise checks.InputError(f"{name}: image_size must be an int in [8, {spec.image_size}] "
                        f"(images are only downsampled), got {image_size!r}.")
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

@@ -97,7 +97,7 @@ def loss_weight(t: jax.Array, weighting: LossWeighting = "sigmoid",
     return sigmoid_loss_weight(t, bias)
   if weighting == "mse":
     return jnp.where(jnp.asarray(t) > 0, 1.0, 0.0)
-  raise ValueError(
+  raise checks.InputError(
       f"weighting={weighting!r} is not a loss weighting; expected 'sigmoid' or 'mse'.")
 
 

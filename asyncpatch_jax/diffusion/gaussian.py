@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import checks
+
 
 class GaussianVelocity:
   """The exact velocity field `v*(z, t_map)` of data N(mu, Sigma) on images [H, W, C].
@@ -30,16 +32,16 @@ class GaussianVelocity:
   def __init__(self, mean, cov):
     mean = np.asarray(mean)
     if mean.ndim != 3:
-      raise ValueError(f"mean has shape {mean.shape}; expected an image [H, W, C].")
+      raise checks.InputError(f"mean has shape {mean.shape}; expected an image [H, W, C].")
     d = mean.size
     cov = np.asarray(cov)
     if cov.shape != (d, d):
-      raise ValueError(f"cov has shape {cov.shape}; expected [{d}, {d}] for a mean of "
+      raise checks.InputError(f"cov has shape {cov.shape}; expected [{d}, {d}] for a mean of "
                        f"shape {mean.shape}.")
     if not np.allclose(cov, cov.T, atol=1e-6 * np.abs(cov).max()):
-      raise ValueError("cov is not symmetric.")
+      raise checks.InputError("cov is not symmetric.")
     if np.linalg.eigvalsh(cov).min() <= 0:
-      raise ValueError("cov is not positive definite.")
+      raise checks.InputError("cov is not positive definite.")
     self.shape = mean.shape
     self.mean = jnp.asarray(mean)
     self.cov = jnp.asarray(cov)

@@ -37,13 +37,13 @@ def check_regions(regions, image_hw: Sequence[int]) -> tuple[np.ndarray, int]:
   """A region map [H, W] of ints whose values are exactly 0..N-1; returns it and N."""
   arr = np.asarray(regions)
   if arr.shape != tuple(image_hw):
-    raise ValueError(f"regions has shape {arr.shape}; expected the image size "
+    raise checks.InputError(f"regions has shape {arr.shape}; expected the image size "
                      f"{tuple(image_hw)} (an int region id per pixel, see schedules.grid_regions).")
   if not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"regions has dtype {arr.dtype}; expected integer region ids 0..N-1.")
+    raise checks.InputError(f"regions has dtype {arr.dtype}; expected integer region ids 0..N-1.")
   ids = np.unique(arr)
   if ids[0] != 0 or ids[-1] != len(ids) - 1:
-    raise ValueError(f"regions must use every id 0..N-1 (got ids {ids.min()}..{ids.max()} "
+    raise checks.InputError(f"regions must use every id 0..N-1 (got ids {ids.min()}..{ids.max()} "
                      f"with {len(ids)} distinct values).")
   return arr.astype(np.int32), len(ids)
 
@@ -141,24 +141,24 @@ class Refiner(samplers.Sampler):
     num_rounds = checks.check_positive_int(num_rounds, "num_rounds")
     num_steps = checks.check_positive_int(num_steps, "num_steps")
     if not 0.0 < float(alpha) <= 1.0:
-      raise ValueError(f"alpha={alpha}; the resampling ratio must lie in (0, 1].")
+      raise checks.InputError(f"alpha={alpha}; the resampling ratio must lie in (0, 1].")
     if not 0.0 <= float(eta) <= 1.0:
-      raise ValueError(f"eta={eta}; expected a value in [0, 1] (0 = deterministic).")
+      raise checks.InputError(f"eta={eta}; expected a value in [0, 1] (0 = deterministic).")
     if condition is None:
       condition = np.zeros((b, n_regions), bool)
     condition = np.asarray(condition)
     if condition.shape == (n_regions,):
       condition = np.broadcast_to(condition, (b, n_regions))
     if condition.shape != (b, n_regions):
-      raise ValueError(f"condition has shape {condition.shape}; expected [{n_regions}] or "
+      raise checks.InputError(f"condition has shape {condition.shape}; expected [{n_regions}] or "
                        f"[{b}, {n_regions}] (one flag per region, 1 = given, never resampled).")
     if not np.isin(condition, (0, 1)).all():
-      raise ValueError("condition must hold booleans or 0/1 (1 = region given).")
+      raise checks.InputError("condition must hold booleans or 0/1 (1 = region given).")
     condition = condition.astype(bool)
     n = np.asarray(num_resampled(float(alpha), n_regions, condition.sum(axis=1)))
     if (n < 1).any():
       i = int(np.argmin(n))
-      raise ValueError(f"image {i}: alpha * (N - |C|) = {alpha} * {n_regions - condition[i].sum()} "
+      raise checks.InputError(f"image {i}: alpha * (N - |C|) = {alpha} * {n_regions - condition[i].sum()} "
                        "< 1, so no region would be resampled; raise alpha or free more regions.")
     x = self._place(jnp.asarray(x, jnp.float32), True, b)
     condition = self._place(jnp.asarray(condition), True, b)

@@ -111,7 +111,7 @@ class Sampler:
   def __init__(self, velocity_fn: VelocityFn, *, mesh: jax.sharding.Mesh | None = None,
                batched_cond: Sequence[str] = ("y",)):
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-      raise ValueError(f"mesh={mesh!r}; expected a jax.sharding.Mesh with a 'data' axis or None.")
+      raise checks.InputError(f"mesh={mesh!r}; expected a jax.sharding.Mesh with a 'data' axis or None.")
     self.velocity_fn = velocity_fn
     self.batched_cond = tuple(batched_cond)
     self.mesh = mesh
@@ -140,18 +140,18 @@ class Sampler:
     """
     if x is None:
       if shape is None or len(shape) != 4:
-        raise ValueError(f"shape={shape}; pass x [B, H, W, C] or shape=(B, H, W, C).")
+        raise checks.InputError(f"shape={shape}; pass x [B, H, W, C] or shape=(B, H, W, C).")
       x = jnp.zeros(tuple(shape), jnp.float32)
     checks.check_image(x, "x")
     b, h, w, _ = x.shape
     if checks.is_concrete(tau):
       tau_np = schedules.validate_schedule(tau, (h, w), batch=b)
       if shape is not None and tau_np[0].min() < 1.0:
-        raise ValueError("tau[0] < 1 at some pixels, so they start from known content: "
+        raise checks.InputError("tau[0] < 1 at some pixels, so they start from known content: "
                          "pass x [B, H, W, C] instead of shape.")
       tau = tau_np
     if not 0.0 <= float(eta) <= 1.0:
-      raise ValueError(f"eta={eta}; expected a value in [0, 1] (0 = deterministic).")
+      raise checks.InputError(f"eta={eta}; expected a value in [0, 1] (0 = deterministic).")
     tau = jnp.asarray(tau, jnp.float32)
     cond = self.place_cond(cond, b)
     x = self._place(jnp.asarray(x, jnp.float32), True, b)

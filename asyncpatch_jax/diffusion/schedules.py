@@ -43,29 +43,29 @@ def validate_schedule(tau, image_hw: Sequence[int] | None = None,
   """
   tau = np.asarray(tau, dtype=np.float64)
   if tau.ndim not in (3, 4):
-    raise ValueError(f"{name} has shape {tau.shape}; expected [N+1, H, W] or "
+    raise checks.InputError(f"{name} has shape {tau.shape}; expected [N+1, H, W] or "
                      "[N+1, B, H, W].")
   if tau.shape[0] < 2:
-    raise ValueError(f"{name} has {tau.shape[0]} time slices; a schedule needs N+1 >= 2.")
+    raise checks.InputError(f"{name} has {tau.shape[0]} time slices; a schedule needs N+1 >= 2.")
   if image_hw is not None and tuple(tau.shape[-2:]) != tuple(image_hw):
-    raise ValueError(f"{name} has spatial shape {tau.shape[-2:]}; expected "
+    raise checks.InputError(f"{name} has spatial shape {tau.shape[-2:]}; expected "
                      f"{tuple(image_hw)} to match the image.")
   if batch is not None and tau.ndim == 4 and tau.shape[1] != batch:
-    raise ValueError(f"{name} has batch size {tau.shape[1]}; expected {batch}.")
+    raise checks.InputError(f"{name} has batch size {tau.shape[1]}; expected {batch}.")
   if not np.isfinite(tau).all():
-    raise ValueError(f"{name} holds non-finite values.")
+    raise checks.InputError(f"{name} holds non-finite values.")
   if tau.min() < 0.0 or tau.max() > 1.0:
-    raise ValueError(f"{name} has values in [{tau.min():.4g}, {tau.max():.4g}]; times "
+    raise checks.InputError(f"{name} has values in [{tau.min():.4g}, {tau.max():.4g}]; times "
                      "must lie in [0, 1].")
   inc = np.argwhere(tau[1:] > tau[:-1])
   if inc.size:
     k, *pix = inc[0]
-    raise ValueError(
+    raise checks.InputError(
         f"{name} increases in time at step {k} -> {k + 1}, pixel {tuple(pix)}: "
         f"{tau[(k, *pix)]:.4g} -> {tau[(k + 1, *pix)]:.4g}; each pixel's time must be "
         "non-increasing along the steps.")
   if np.any(tau[-1] != 0.0):
-    raise ValueError(f"{name}[-1] has values up to {tau[-1].max():.4g}; a schedule must "
+    raise checks.InputError(f"{name}[-1] has values up to {tau[-1].max():.4g}; a schedule must "
                      "end at 0 (clean) for every pixel.")
   return tau.astype(np.float32)
 
@@ -84,7 +84,7 @@ def synchronous(num_steps: int, height: int, width: int,
   """All pixels go from t_start to 0 together: `[N+1, H, W]`."""
   _check_steps(num_steps)
   if not 0.0 < t_start <= 1.0:
-    raise ValueError(f"t_start={t_start}; expected 0 < t_start <= 1.")
+    raise checks.InputError(f"t_start={t_start}; expected 0 < t_start <= 1.")
   tau = _ramp(num_steps, t_start)[:, None, None] * np.ones((1, height, width))
   return validate_schedule(tau)
 
@@ -92,7 +92,7 @@ def synchronous(num_steps: int, height: int, width: int,
 def _check_mask_2d_or_3d(mask, name="mask") -> np.ndarray:
   arr = np.asarray(mask)
   if arr.ndim not in (2, 3):
-    raise ValueError(f"{name} has shape {arr.shape}; expected [H, W] or [B, H, W] "
+    raise checks.InputError(f"{name} has shape {arr.shape}; expected [H, W] or [B, H, W] "
                      "(1 = known pixel, 0 = pixel to generate).")
   return checks.check_mask(arr, arr.shape, name)
 
@@ -112,7 +112,7 @@ def box_mask(height: int, width: int, box: Sequence[int]) -> np.ndarray:
   """A [H, W] mask with 1 inside `box = (top, left, box_height, box_width)`."""
   top, left, bh, bw = (int(v) for v in box)
   if bh < 1 or bw < 1 or top < 0 or left < 0 or top + bh > height or left + bw > width:
-    raise ValueError(f"box={tuple(box)} (top, left, height, width) does not fit in a "
+    raise checks.InputError(f"box={tuple(box)} (top, left, height, width) does not fit in a "
                      f"{height}x{width} image.")
   m = np.zeros((height, width), np.float32)
   m[top:top + bh, left:left + bw] = 1.0
@@ -146,7 +146,7 @@ def from_stages(groups, stages: Sequence[tuple[int, int, float]]) -> np.ndarray:
 def grid_regions(height: int, width: int, grid: Sequence[int]) -> np.ndarray:
   """[H, W] int32 region ids of a (rows, cols) grid of equal patches, raster order."""
   if len(grid) != 2 or min(grid) < 1:
-    raise ValueError(f"grid={tuple(grid)}; expected (rows, cols) of positive ints.")
+    raise checks.InputError(f"grid={tuple(grid)}; expected (rows, cols) of positive ints.")
   rows, cols = (int(g) for g in grid)
   checks.check_divisible(height, rows, "height", f"grid rows {rows}")
   checks.check_divisible(width, cols, "width", f"grid cols {cols}")
@@ -180,7 +180,7 @@ def stripe_groups(mask, num_stripes: int) -> np.ndarray:
   if m.ndim == 3:
     return np.stack([stripe_groups(mi, num_stripes) for mi in m])
   if not m.any():
-    raise ValueError("mask has no known pixel; progressive schedules grow from the known "
+    raise checks.InputError("mask has no known pixel; progressive schedules grow from the known "
                      "region (use synchronous for unconditional generation).")
   unknown = m == 0
   dist = ndimage.distance_transform_edt(unknown)  # distance to the nearest known pixel
@@ -227,5 +227,5 @@ def outpainting(height: int, width: int, known_box: Sequence[int], num_steps: in
   if num_bands == 1:
     return inpainting(mask, num_steps), mask
   if num_steps % num_bands:
-    raise ValueError(f"num_steps={num_steps} is not divisible by num_bands={num_bands}.")
+    raise checks.InputError(f"num_steps={num_steps} is not divisible by num_bands={num_bands}.")
   return progressive(mask, num_bands, num_steps // num_bands), mask

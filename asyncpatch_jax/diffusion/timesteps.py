@@ -106,25 +106,25 @@ class TimestepSampler:
   def __post_init__(self):
     checks.check_choice(self.name, SAMPLER_NAMES, "timestep sampler")
     if not 0.0 <= self.t_min < self.t_max <= 1.0:
-      raise ValueError(f"t_min={self.t_min}, t_max={self.t_max}; expected "
+      raise checks.InputError(f"t_min={self.t_min}, t_max={self.t_max}; expected "
                        "0 <= t_min < t_max <= 1.")
     if self.patch_sizes is not None:
       object.__setattr__(self, "patch_sizes", tuple(int(p) for p in self.patch_sizes))
       if not self.patch_sizes or min(self.patch_sizes) < 1:
-        raise ValueError(f"patch_sizes={self.patch_sizes}; expected positive sizes.")
+        raise checks.InputError(f"patch_sizes={self.patch_sizes}; expected positive sizes.")
     object.__setattr__(self, "perlin_cells", tuple(int(c) for c in self.perlin_cells))
     if not self.perlin_cells or min(self.perlin_cells) < 1 or self.perlin_octaves < 1:
-      raise ValueError(f"perlin_cells={self.perlin_cells}, perlin_octaves="
+      raise checks.InputError(f"perlin_cells={self.perlin_cells}, perlin_octaves="
                        f"{self.perlin_octaves}; expected positive values.")
     lo, hi = self.perlin_threshold
     if lo > hi:
-      raise ValueError(f"perlin_threshold={self.perlin_threshold}; expected lo <= hi.")
+      raise checks.InputError(f"perlin_threshold={self.perlin_threshold}; expected lo <= hi.")
 
   def patch_sizes_for(self, height: int, width: int) -> tuple[int, ...]:
     sizes = self.patch_sizes or default_patch_sizes(height, width)
     for p in sizes:
       if height % p or width % p:
-        raise ValueError(f"patch size {p} in patch_sizes={sizes} does not divide the "
+        raise checks.InputError(f"patch size {p} in patch_sizes={sizes} does not divide the "
                          f"image {height}x{width}; use sizes that divide both sides.")
     return sizes
 

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.models.unet import UNet
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -16,7 +17,7 @@ def build_unet(model_config) -> UNet:
   """The UNet described by a `config.model` ConfigDict (see configs/)."""
   dtype = model_config.get("dtype", "float32")
   if dtype not in _DTYPES:
-    raise ValueError(f"model.dtype={dtype!r}; expected one of {sorted(_DTYPES)}.")
+    raise checks.InputError(f"model.dtype={dtype!r}; expected one of {sorted(_DTYPES)}.")
   return UNet(
       out_channels=model_config.out_channels,
       base_channels=model_config.base_channels,

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from asyncpatch_jax import checks
+
 zeros = nn.initializers.zeros
 
 
@@ -30,7 +32,7 @@ class Norm(nn.Module):
     elif self.kind == "rms":
       y = nn.RMSNorm(epsilon=1e-6, dtype=jnp.float32)(x32)
     else:
-      raise ValueError(f"norm={self.kind!r}; expected 'group' or 'rms'.")
+      raise checks.InputError(f"norm={self.kind!r}; expected 'group' or 'rms'.")
     return y.astype(self.dtype)
 
 

@@ -68,7 +68,7 @@ class UNet(nn.Module):
     """Raises ValueError for inputs the UNet cannot take (shapes, time range, labels)."""
     checks.check_image(z, "z")
     if len(self.num_res_blocks) != len(self.channel_mult):
-      raise ValueError(f"num_res_blocks={self.num_res_blocks} and channel_mult="
+      raise checks.InputError(f"num_res_blocks={self.num_res_blocks} and channel_mult="
                        f"{self.channel_mult} must have the same length (one per level).")
     _, h, w, c = z.shape
     for size, name in ((h, "height"), (w, "width")):
@@ -76,20 +76,20 @@ class UNet(nn.Module):
                              f"the UNet's total downsampling with {len(self.channel_mult)} "
                              "levels")
     if c != self.out_channels:
-      raise ValueError(f"z has {c} channels; this UNet was built for out_channels="
+      raise checks.InputError(f"z has {c} channels; this UNet was built for out_channels="
                        f"{self.out_channels}.")
     checks.check_time(t, z.shape, "t")
     if self.num_classes:
       if y is None or tuple(jnp.shape(y)) != (z.shape[0],):
-        raise ValueError(f"y has shape {None if y is None else tuple(jnp.shape(y))}; a "
+        raise checks.InputError(f"y has shape {None if y is None else tuple(jnp.shape(y))}; a "
                          f"class-conditional UNet needs labels [{z.shape[0]}] in "
                          f"0..{self.num_classes} ({self.num_classes} = null class).")
       if checks.is_concrete(y) and np.size(y) and (
           np.min(np.asarray(y)) < 0 or np.max(np.asarray(y)) > self.num_classes):
-        raise ValueError(f"y has labels outside 0..{self.num_classes} "
+        raise checks.InputError(f"y has labels outside 0..{self.num_classes} "
                          f"({self.num_classes} = null class).")
     elif y is not None:
-      raise ValueError("y was given to an unconditional UNet (num_classes=0).")
+      raise checks.InputError("y was given to an unconditional UNet (num_classes=0).")
 
   @nn.compact
   def __call__(self, z: jax.Array, t: jax.Array, y: jax.Array | None = None, *,

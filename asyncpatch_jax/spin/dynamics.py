@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int, blume_capel_response
 from asyncpatch_jax.spin.schedules import (Schedule, check_record_every, check_schedule,
                                            make_schedule, schedule_weights)
@@ -82,7 +83,7 @@ def _scan_batch(m0, params, tables, periods, stops, num_steps):
 def _check_m0(m0, chain: BlockChain, dtype) -> jax.Array:
   shape = np.shape(m0)
   if len(shape) != 2 or shape[1] != chain.num_blocks:
-    raise ValueError(f"m0 has shape {shape}; expected initial magnetisations [S, L] with "
+    raise checks.InputError(f"m0 has shape {shape}; expected initial magnetisations [S, L] with "
                      f"L = {chain.num_blocks} (one row per seed).")
   m0 = jnp.asarray(m0, dtype)
   return jnp.where(jnp.asarray(chain.clamp_mask), jnp.asarray(chain.clamp_values, dtype), m0)
@@ -129,12 +130,12 @@ def run_mean_field_batch(m0, chain: BlockChain, schedules: Sequence[Schedule]) -
     [K, S, L] magnetisations m^(T_k) at each schedule's horizon.
   """
   if not schedules:
-    raise ValueError("schedules is empty; expected at least one Schedule.")
+    raise checks.InputError("schedules is empty; expected at least one Schedule.")
   for schedule in schedules:
     check_schedule(schedule, chain)
   shapes = {s.table.shape for s in schedules}
   if len(shapes) != 1:
-    raise ValueError(f"schedules have different table shapes {sorted(shapes)}; batch schedules "
+    raise checks.InputError(f"schedules have different table shapes {sorted(shapes)}; batch schedules "
                      "of one kind (e.g. one name at several horizons).")
   params = chain.params()
   dtype = params.coupling.dtype
@@ -211,7 +212,7 @@ def initial_magnetisation(key, chain: BlockChain, num_seeds: int, scale: float =
   """
   num_seeds = as_int(num_seeds, "num_seeds", 1)
   if not np.isfinite(scale) or scale < 0:
-    raise ValueError(f"scale must be finite and >= 0; got {scale!r}.")
+    raise checks.InputError(f"scale must be finite and >= 0; got {scale!r}.")
   dtype = jnp.asarray(0.0).dtype
   m0 = scale * jax.random.normal(key, (int(num_seeds), chain.num_blocks), dtype)
   return jnp.where(jnp.asarray(chain.clamp_mask), jnp.asarray(chain.clamp_values, dtype), m0)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.spin.model import log_partition_and_mean
 
 PHASE_CLASSES = {
@@ -142,13 +143,13 @@ def _diagram(j, hs, deltas, gammas, num_m, num_quadrature):
 
 def _check(j, gamma, num_m, num_quadrature):
   if not np.isfinite(j) or j <= 0:
-    raise ValueError(f"j must be a finite coupling > 0 (f(m) = J m^2/2 - ...); got {j!r}.")
+    raise checks.InputError(f"j must be a finite coupling > 0 (f(m) = J m^2/2 - ...); got {j!r}.")
   gammas = np.atleast_1d(np.asarray(gamma, dtype=np.float64))
   if not np.all(np.isfinite(gammas)) or np.any(gammas < 0):
-    raise ValueError(f"gamma must be finite and >= 0; got {np.asarray(gamma).tolist()!r}.")
+    raise checks.InputError(f"gamma must be finite and >= 0; got {np.asarray(gamma).tolist()!r}.")
   for name, value, low in (("num_m", num_m, 3), ("num_quadrature", num_quadrature, 1)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+      raise checks.InputError(f"{name} must be an integer >= {low}; got {value!r}.")
 
 
 def prior_marginal(*, j: float, h: float, delta: float, num_m: int = 2001):
@@ -214,5 +215,5 @@ def phase_diagram(*, j: float, hs, deltas, gammas, num_m: int = 401,
                         for a in (hs, deltas, gammas))
   for name, arr in (("hs", hs), ("deltas", deltas)):
     if arr.ndim != 1 or not bool(jnp.all(jnp.isfinite(arr))):
-      raise ValueError(f"{name} must be a finite 1-D grid; got shape {arr.shape}.")
+      raise checks.InputError(f"{name} must be a finite 1-D grid; got shape {arr.shape}.")
   return _diagram(j, hs, deltas, gammas, int(num_m), int(num_quadrature))

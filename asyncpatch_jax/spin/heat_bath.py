@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int
 from asyncpatch_jax.spin.schedules import (Schedule, check_distribution, check_record_every,
                                            check_schedule, schedule_weights)
@@ -69,7 +70,7 @@ def _check_spins(spins, chain: BlockChain, name: str, leading: tuple[int, ...] |
   expected = tuple(lead) + block
   if arr.shape != expected or not np.all(np.isin(arr, (-1.0, 0.0, 1.0))):
     where = "[..., L, N]" if leading is None else str(list(expected))
-    raise ValueError(f"{name} has shape {arr.shape}; expected spins {where} with [L, N] = "
+    raise checks.InputError(f"{name} has shape {arr.shape}; expected spins {where} with [L, N] = "
                      f"{list(block)} and values in {{-1, 0, +1}}.")
   return arr
 
@@ -77,7 +78,7 @@ def _check_spins(spins, chain: BlockChain, name: str, leading: tuple[int, ...] |
 def _check_clamps(chain: BlockChain) -> None:
   bad = {l: v for l, v in chain.clamped.items() if v not in (-1.0, 0.0, 1.0)}
   if bad:
-    raise ValueError(f"clamped values {bad} are not spins; the heat-bath chain clamps whole "
+    raise checks.InputError(f"clamped values {bad} are not spins; the heat-bath chain clamps whole "
                      "blocks to -1, 0 or +1.")
 
 
@@ -105,7 +106,7 @@ def site_conditional(spins, block: int, site: int, chain: BlockChain) -> jax.Arr
   as_int(block, "block", 0)
   as_int(site, "site", 0)
   if not (block < chain.num_blocks and site < chain.block_size):
-    raise ValueError(f"(block, site) = ({block}, {site}) is out of range for L = "
+    raise checks.InputError(f"(block, site) = ({block}, {site}) is out of range for L = "
                      f"{chain.num_blocks}, N = {chain.block_size}.")
   params = chain.params()
   return _conditional_batch(jnp.asarray(arr, params.coupling.dtype), block, site, params)
@@ -125,7 +126,7 @@ def heat_bath_step(key, spins, pi, chain: BlockChain) -> jax.Array:
   arr = _check_spins(spins, chain, "spins")
   pi = np.asarray(pi, dtype=np.float64)
   if pi.shape != (chain.num_blocks,):
-    raise ValueError(f"pi has shape {pi.shape}; expected [L] = [{chain.num_blocks}].")
+    raise checks.InputError(f"pi has shape {pi.shape}; expected [L] = [{chain.num_blocks}].")
   check_distribution(pi, chain, "pi")
   params = chain.params()
   dtype = params.coupling.dtype

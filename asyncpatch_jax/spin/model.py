@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import checks
+
 SPIN_VALUES = (-1, 0, 1)
 
 
@@ -45,9 +47,9 @@ class ChainParams(NamedTuple):
 def as_int(value, name: str, minimum: int) -> int:
   """`value` as an int >= `minimum`, or a ValueError naming `name` (API-boundary check)."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    raise checks.InputError(f"{name} must be an integer >= {minimum}; got {value!r}.")
   if value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}; got {value}.")
+    raise checks.InputError(f"{name} must be an integer >= {minimum}; got {value}.")
   return int(value)
 
 
@@ -55,9 +57,9 @@ def _as_float(value, name: str) -> float:
   try:
     out = float(value)
   except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a real number; got {value!r}.") from None
+    raise checks.InputError(f"{name} must be a real number; got {value!r}.") from None
   if not np.isfinite(out):
-    raise ValueError(f"{name} must be finite; got {value!r}.")
+    raise checks.InputError(f"{name} must be finite; got {value!r}.")
   return out
 
 
@@ -99,7 +101,7 @@ class BlockChain:
     if delta.ndim == 0:
       delta = np.full((num_blocks,), float(delta))
     if delta.shape != (num_blocks,) or not np.all(np.isfinite(delta)):
-      raise ValueError(f"delta has shape {delta.shape}; expected a finite scalar or one "
+      raise checks.InputError(f"delta has shape {delta.shape}; expected a finite scalar or one "
                        f"value per block [{num_blocks}].")
     set_("delta", delta)
 
@@ -110,26 +112,26 @@ class BlockChain:
       fields = fields[:, None]
     if (fields.ndim != 2 or fields.shape[0] != num_blocks
         or fields.shape[1] not in (1, block_size) or not np.all(np.isfinite(fields))):
-      raise ValueError(f"fields has shape {np.shape(self.fields)}; expected a finite scalar, "
+      raise checks.InputError(f"fields has shape {np.shape(self.fields)}; expected a finite scalar, "
                        f"one field per block [{num_blocks}] or one per site "
                        f"[{num_blocks}, {block_size}].")
     set_("fields", fields)
 
     if not isinstance(self.clamped, Mapping):
-      raise ValueError(f"clamped must be a mapping {{block index: value}}; got {self.clamped!r}.")
+      raise checks.InputError(f"clamped must be a mapping {{block index: value}}; got {self.clamped!r}.")
     clamped = {}
     for index, value in self.clamped.items():
       if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise ValueError(f"clamped block index {index!r} is not an integer.")
+        raise checks.InputError(f"clamped block index {index!r} is not an integer.")
       if not 0 <= index < num_blocks:
-        raise ValueError(f"clamped block index {index} is out of range; expected 0 <= index < "
+        raise checks.InputError(f"clamped block index {index} is out of range; expected 0 <= index < "
                          f"num_blocks = {num_blocks} (indices are 0-based).")
       value = _as_float(value, f"clamped[{index}]")
       if not -1.0 <= value <= 1.0:
-        raise ValueError(f"clamped[{index}] = {value}; a block magnetisation lies in [-1, 1].")
+        raise checks.InputError(f"clamped[{index}] = {value}; a block magnetisation lies in [-1, 1].")
       clamped[int(index)] = value
     if len(clamped) == num_blocks:
-      raise ValueError(f"all {num_blocks} blocks are clamped; at least one hidden block is needed.")
+      raise checks.InputError(f"all {num_blocks} blocks are clamped; at least one hidden block is needed.")
     set_("clamped", dict(sorted(clamped.items())))
 
   @property
@@ -217,12 +219,12 @@ def energy(spins, chain: BlockChain | ChainParams):
   params = chain.params() if isinstance(chain, BlockChain) else chain
   spins = jnp.asarray(spins, params.coupling.dtype)
   if isinstance(chain, BlockChain) and spins.ndim >= 1 and spins.shape[-1] != chain.block_size:
-    raise ValueError(f"spins has shape {spins.shape}; expected [..., L, N={chain.block_size}].")
+    raise checks.InputError(f"spins has shape {spins.shape}; expected [..., L, N={chain.block_size}].")
   num_blocks = params.coupling.shape[0]
   if spins.ndim < 2 or spins.shape[-2] != num_blocks:
-    raise ValueError(f"spins has shape {spins.shape}; expected [..., L={num_blocks}, N].")
+    raise checks.InputError(f"spins has shape {spins.shape}; expected [..., L={num_blocks}, N].")
   if params.fields.shape[1] not in (1, spins.shape[-1]):
-    raise ValueError(f"spins has N = {spins.shape[-1]} sites per block but the chain has "
+    raise checks.InputError(f"spins has N = {spins.shape[-1]} sites per block but the chain has "
                      f"{params.fields.shape[1]} site fields per block.")
   n = spins.shape[-1]
   sums = spins.sum(-1)                                    # [..., L]

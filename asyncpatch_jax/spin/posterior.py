@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.spin.model import BlockChain
 
 
@@ -67,15 +68,15 @@ def tilted_posterior(chain: BlockChain, gamma, clean, noise) -> BlockChain:
   clean = np.asarray(clean, dtype=np.float64)
   noise = np.asarray(noise, dtype=np.float64)
   if gamma.shape != (chain.num_blocks,):
-    raise ValueError(f"gamma has shape {gamma.shape}; expected one signal-to-noise ratio per "
+    raise checks.InputError(f"gamma has shape {gamma.shape}; expected one signal-to-noise ratio per "
                      f"block [{chain.num_blocks}].")
   if not np.all(np.isfinite(gamma)) or np.any(gamma < 0):
-    raise ValueError(f"gamma = {gamma.tolist()}; signal-to-noise ratios must be finite and >= 0.")
+    raise checks.InputError(f"gamma = {gamma.tolist()}; signal-to-noise ratios must be finite and >= 0.")
   if clean.shape != shape or not np.all(np.isin(clean, (-1.0, 0.0, 1.0))):
-    raise ValueError(f"clean has shape {clean.shape}; expected a configuration [L, N] = "
+    raise checks.InputError(f"clean has shape {clean.shape}; expected a configuration [L, N] = "
                      f"{list(shape)} with values in {{-1, 0, +1}}.")
   if noise.shape != shape or not np.all(np.isfinite(noise)):
-    raise ValueError(f"noise has shape {noise.shape}; expected finite values of shape "
+    raise checks.InputError(f"noise has shape {noise.shape}; expected finite values of shape "
                      f"{list(shape)}.")
   delta_eff, fields_eff = effective_fields(gamma, clean, noise, chain.delta, chain.fields)
   return chain.replace(delta=delta_eff, fields=fields_eff)

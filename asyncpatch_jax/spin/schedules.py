@@ -24,6 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.spin.model import BlockChain, as_int
 
 SCHEDULE_NAMES = ("parallel", "progressive_lr", "progressive_rl", "interleaved")
@@ -65,28 +66,28 @@ def check_record_every(record_every, num_steps: int) -> int:
     return num_steps
   record_every = as_int(record_every, "record_every", 1)
   if num_steps % record_every:
-    raise ValueError(f"record_every = {record_every} must divide T = {num_steps}.")
+    raise checks.InputError(f"record_every = {record_every} must divide T = {num_steps}.")
   return record_every
 
 
 def check_distribution(pi: np.ndarray, chain: BlockChain, what: str) -> None:
   """Rows of `pi` ([..., L]) must be probability vectors over the hidden blocks."""
   if not np.all(np.isfinite(pi)):
-    raise ValueError(f"{what} holds non-finite values; expected probabilities over the "
+    raise checks.InputError(f"{what} holds non-finite values; expected probabilities over the "
                      "hidden blocks.")
   if np.any(pi < 0):
-    raise ValueError(f"{what} has a negative entry (min {pi.min():.4g}); probabilities must "
+    raise checks.InputError(f"{what} has a negative entry (min {pi.min():.4g}); probabilities must "
                      "be >= 0.")
   if chain.clamped:
     observed = list(chain.clamped)
     mass = pi[..., observed]
     if np.any(mass != 0):
-      raise ValueError(f"{what} puts mass {mass.max():.4g} on a clamped block (clamped blocks "
+      raise checks.InputError(f"{what} puts mass {mass.max():.4g} on a clamped block (clamped blocks "
                        f"{observed}); a schedule only updates hidden blocks {list(chain.hidden)}.")
   sums = pi.sum(-1)
   bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-6)
   if bad.size:
-    raise ValueError(f"{what} does not sum to 1 (row {bad[0]} sums to "
+    raise checks.InputError(f"{what} does not sum to 1 (row {bad[0]} sums to "
                      f"{np.ravel(sums)[bad[0]]:.6g}); a schedule is a probability distribution "
                      "over the hidden blocks.")
 
@@ -111,7 +112,7 @@ def make_schedule(spec, chain: BlockChain, num_steps: int, *,
   num_blocks = chain.num_blocks
   if isinstance(spec, str):
     if spec not in SCHEDULE_NAMES:
-      raise ValueError(f"unknown schedule {spec!r}; expected one of {list(SCHEDULE_NAMES)} or a "
+      raise checks.InputError(f"unknown schedule {spec!r}; expected one of {list(SCHEDULE_NAMES)} or a "
                        "probability vector [L] / [T, L] over the hidden blocks.")
     one_hot = np.eye(num_blocks)[hidden]                               # [|H|, L]
     if spec == "parallel":
@@ -120,7 +121,7 @@ def make_schedule(spec, chain: BlockChain, num_steps: int, *,
       interleave_steps = as_int(interleave_steps, "interleave_steps (T_int)", 1)
       return Schedule(spec, one_hot, interleave_steps, num_steps)
     if num_steps % len(hidden):
-      raise ValueError(f"schedule {spec!r} splits T = {num_steps} steps into |H| = {len(hidden)} "
+      raise checks.InputError(f"schedule {spec!r} splits T = {num_steps} steps into |H| = {len(hidden)} "
                        f"phases of T_phase = T / |H| steps, but {num_steps} is not divisible by "
                        f"{len(hidden)}; choose T as a multiple of {len(hidden)}.")
     table = one_hot if spec == "progressive_lr" else one_hot[::-1]
@@ -133,16 +134,16 @@ def make_schedule(spec, chain: BlockChain, num_steps: int, *,
   if pi.shape == (num_steps, num_blocks):
     check_distribution(pi, chain, "schedule pi^(t)")
     return Schedule("custom", pi, 1, num_steps)
-  raise ValueError(f"schedule array has shape {pi.shape}; expected [L] = [{num_blocks}] or "
+  raise checks.InputError(f"schedule array has shape {pi.shape}; expected [L] = [{num_blocks}] or "
                    f"[T, L] = [{num_steps}, {num_blocks}].")
 
 
 def check_schedule(schedule: "Schedule", chain) -> None:
   """A Schedule from make_schedule() over this chain's blocks, valid on its hidden blocks."""
   if not isinstance(schedule, Schedule):
-    raise ValueError("schedule must be a Schedule from make_schedule(); "
+    raise checks.InputError("schedule must be a Schedule from make_schedule(); "
                      f"got {type(schedule).__name__}.")
   if schedule.table.shape[1] != chain.num_blocks:
-    raise ValueError(f"schedule is over {schedule.table.shape[1]} blocks; the chain has "
+    raise checks.InputError(f"schedule is over {schedule.table.shape[1]} blocks; the chain has "
                      f"{chain.num_blocks}.")
   check_distribution(schedule.table, chain, f"schedule {schedule.name!r}")

@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.training import sharding
 
 
@@ -30,7 +31,7 @@ def check_writable(workdir: str) -> None:
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
       pass
   except OSError as e:
-    raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose a "
+    raise checks.InputError(f"workdir {workdir!r} is not writable ({e.strerror}); choose a "
                      "directory you can write to with --workdir.") from None
 
 
@@ -97,7 +98,7 @@ class Checkpointer:
     if saved["image_shape"] != self.meta["image_shape"]:
       diffs.append(f"image_shape: {saved['image_shape']} -> {self.meta['image_shape']}")
     if diffs:
-      raise ValueError(
+      raise checks.InputError(
           f"workdir {self.workdir!r} holds a checkpoint (step {step}) of a different model; "
           "refusing to resume it. Differing keys (checkpoint -> this run):\n  "
           + "\n  ".join(diffs) + "\nUse another --workdir, or the checkpoint's config "

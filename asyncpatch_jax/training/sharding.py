@@ -15,6 +15,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from asyncpatch_jax import checks
+
 BATCH_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated: sharding them saves nothing.
 MIN_FSDP_SIZE = 2 ** 14
@@ -53,7 +55,7 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
   devices = np.asarray(jax.devices() if devices is None else devices)
   n = devices.size
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"train.fsdp={fsdp} must divide the number of devices ({n}).")
+    raise checks.InputError(f"train.fsdp={fsdp} must divide the number of devices ({n}).")
   return Mesh(devices.reshape(n // fsdp, fsdp), BATCH_AXES)
 
 

@@ -62,12 +62,12 @@ class Setup:
     self.image_shape = tuple(image_shape)
     self.model = models.build_unet(cfg.model)
     if self.model.out_channels != self.image_shape[-1]:
-      raise ValueError(f"model.out_channels={self.model.out_channels} but dataset "
+      raise checks.InputError(f"model.out_channels={self.model.out_channels} but dataset "
                        f"{cfg.data.dataset!r} has {self.image_shape[-1]} channels; set "
                        f"--config.model.out_channels={self.image_shape[-1]}.")
     num_classes = self.source.num_classes if self.source is not None else self.model.num_classes
     if self.model.num_classes and self.model.num_classes != (num_classes or 0):
-      raise ValueError(f"model.num_classes={self.model.num_classes} but dataset "
+      raise checks.InputError(f"model.num_classes={self.model.num_classes} but dataset "
                        f"{cfg.data.dataset!r} has {num_classes or 'no'} classes; "
                        f"set --config.model.num_classes={num_classes or 0}.")
     ts = cfg.timesteps
@@ -83,7 +83,7 @@ class Setup:
         cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
     n_dev = jax.device_count() if devices is None else len(devices)
     if cfg.train.batch_size % n_dev:
-      raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+      raise checks.InputError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                        f"{n_dev} devices.")
     # Traces the model once (shape and input checks happen here, before compiling).
     self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))
@@ -294,13 +294,13 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None, 
   if config is None:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-      raise ValueError(f"workdir {workdir!r} has no config.json; train there first "
+      raise checks.InputError(f"workdir {workdir!r} has no config.json; train there first "
                        f"(python -m asyncpatch_jax.main --config=configs/default.py "
                        f"--workdir={workdir}).")
     with open(path) as f:
       config = ml_collections.ConfigDict(json.load(f))
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise ValueError(f"workdir {workdir!r} has no checkpoints; train first "
+    raise checks.InputError(f"workdir {workdir!r} has no checkpoints; train first "
                      "(python -m asyncpatch_jax.main --config=... --workdir=...).")
   setup = setup or Setup(config)
   ckpt = checkpointing.Checkpointer(workdir, config, setup.image_shape, every=1, keep=None)
@@ -310,7 +310,7 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None, 
   finally:
     ckpt.close()
   if state is None:
-    raise ValueError(f"workdir {workdir!r} has no checkpoint to sample from.")
+    raise checks.InputError(f"workdir {workdir!r} has no checkpoint to sample from.")
   return setup, state
 
 

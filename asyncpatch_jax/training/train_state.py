@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from asyncpatch_jax import checks
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -44,7 +46,7 @@ def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
         [warmup])
-  raise ValueError(f"optim.decay={optim_config.decay!r}; expected 'cosine' or 'constant'.")
+  raise checks.InputError(f"optim.decay={optim_config.decay!r}; expected 'cosine' or 'constant'.")
 
 
 def make_optimizer(optim_config, num_steps: int, *, flatten: bool = False
