@@ -155,6 +155,21 @@ def grid_regions(height: int, width: int, grid: Sequence[int]) -> np.ndarray:
   return (r[:, None] * cols + c[None, :]).astype(np.int32)
 
 
+def check_regions(regions, image_hw: Sequence[int]) -> tuple[np.ndarray, int]:
+  """A region map [H, W] of ints whose values are exactly 0..N-1; returns it and N."""
+  arr = np.asarray(regions)
+  if arr.shape != tuple(image_hw):
+    raise checks.InputError(f"regions has shape {arr.shape}; expected the image size "
+                     f"{tuple(image_hw)} (an int region id per pixel, see schedules.grid_regions).")
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise checks.InputError(f"regions has dtype {arr.dtype}; expected integer region ids 0..N-1.")
+  ids = np.unique(arr)
+  if ids[0] != 0 or ids[-1] != len(ids) - 1:
+    raise checks.InputError(f"regions must use every id 0..N-1 (got ids {ids.min()}..{ids.max()} "
+                     f"with {len(ids)} distinct values).")
+  return arr.astype(np.int32), len(ids)
+
+
 def autoregressive(height: int, width: int, grid: Sequence[int],
                    steps_per_group: int) -> np.ndarray:
   """Raster-ordered generation of a `grid = (rows, cols)` of patches (AsyncPatch Sec. 3.2).
