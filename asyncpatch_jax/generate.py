@@ -8,8 +8,6 @@ Iterative Partial Refinement (ipr.py) with the same model and guidance.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,7 @@ import numpy as np
 from asyncpatch_jax import checks
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.data import image_io
+from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import ipr
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.training import sharding
@@ -101,13 +100,15 @@ def left_half_mask(height: int, width: int) -> np.ndarray:
 
 
 def write_grids(generator: Generator, params, sample_config, references: np.ndarray,
-                key: jax.Array, out_dir: str, num_classes: int = 0) -> dict[str, str]:
+                key: jax.Array, out_dir, num_classes: int = 0) -> dict[str, str]:
   """Sample, inpainting and schedule grids of a model, as PNGs in `out_dir`.
 
   references: [N, H, W, C] real images used as inpainting inputs.
+  out_dir: a local folder or a gs:// URL; every process samples (the sampler may be
+    sharded over all devices), process 0 writes.
   Returns {name: path}.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.path(out_dir, "sample folder")
   n = sample_config.num_images
   _, h, w, c = references.shape
   steps, eta = sample_config.num_steps, sample_config.eta
@@ -115,9 +116,11 @@ def write_grids(generator: Generator, params, sample_config, references: np.ndar
   keys = jax.random.split(key, 5)
 
   def save(name, images, ncols=None):
-    path = os.path.join(out_dir, f"{name}.png")
-    image_io.save_grid(np.asarray(images), path, ncols=ncols, scale=4 if h <= 32 else 1)
-    paths[name] = path
+    path = out_dir / f"{name}.png"
+    images = np.asarray(images)
+    if jax.process_index() == 0:
+      image_io.save_grid(images, path, ncols=ncols, scale=4 if h <= 32 else 1)
+    paths[name] = str(path)
 
   sync = schedules.synchronous(steps, h, w)
   save("samples", generator(params, sync, key=keys[0], shape=(n, h, w, c), eta=eta))

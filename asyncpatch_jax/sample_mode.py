@@ -2,12 +2,14 @@
 sampling, or Iterative Partial Refinement (`ipr`), from the latest checkpoint in a workdir
 (EMA parameters); writes PNGs and the settings used to `config.sample.out_dir` (default
 `<workdir>/samples/<task>`).
+
+Needs only the workdir (a local folder or a gs:// URL): the image shape is read from the
+checkpoint, and no dataset is opened.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ import numpy as np
 from asyncpatch_jax import checks
 from asyncpatch_jax import generate
 from asyncpatch_jax.data import image_io
+from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.training import train
 
@@ -51,10 +54,7 @@ def _schedule_and_input(sc, shape):
   if not sc.image:
     raise checks.InputError(f"sample.task={sc.task!r} needs --config.sample.image=<PNG>.")
   if sc.task == "outpaint":
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    if not os.path.isfile(sc.image):
-      raise checks.InputError(f"image file {sc.image!r} does not exist.")
-    iw, ih = Image.open(sc.image).size
+    iw, ih = image_io.open_image(sc.image).size
     if ih > h or iw > w:
       raise checks.InputError(f"image {sc.image!r} is {iw}x{ih}; outpainting needs an image smaller "
                        f"than the model's {w}x{h} canvas.")
@@ -100,11 +100,14 @@ def sample_from_workdir(config, workdir: str) -> dict:
   """Runs config.sample.task from the workdir's latest checkpoint; returns the settings."""
   sc = config.sample
   checks.check_choice(sc.task, TASKS, "sample.task")
-  setup = train.Setup(config)
+  workdir = storage.check_bucket(workdir, "workdir")
+  setup = train.Setup(config, image_shape=train.saved_image_shape(workdir))
   shape = setup.image_shape
   tau, x, mask = _schedule_and_input(sc, shape)        # bad inputs fail before restoring
   if sc.task == "ipr":
     regions, condition = _ipr_regions(sc, shape, mask)
+  out_dir = storage.check_writable(sc.out_dir or workdir / "samples" / sc.task,
+                                   "sample.out_dir")
   setup, state = train.load_trained(workdir, config, setup=setup)
   n = sc.num_images
   labels = _labels(str(sc.label), n, setup.model.num_classes)
@@ -115,8 +118,6 @@ def sample_from_workdir(config, workdir: str) -> dict:
             labels=labels, guidance_weight=sc.guidance if labels is not None else 0.0,
             eta=sc.eta, input_guidance=sc.input_guidance if x is not None else 0.0,
             input_guidance_t=sc.input_guidance_t)
-  out_dir = sc.out_dir or os.path.join(workdir, "samples", sc.task)
-  os.makedirs(out_dir, exist_ok=True)
   extra = {}
   if sc.task == "ipr":
     out, history, _ = gen.refine(
@@ -128,23 +129,25 @@ def sample_from_workdir(config, workdir: str) -> dict:
     # Rows: the first 8 samples at rounds 0 (sequential inference), ~R/4, ~R/2, R.
     shown = sorted({0, sc.ipr_rounds // 4, sc.ipr_rounds // 2, sc.ipr_rounds})
     rows = np.asarray(history)[shown, :min(n, 8)]
-    rounds_path = os.path.join(out_dir, "rounds.png")
-    image_io.save_grid(rows.reshape(-1, *shape), rounds_path, ncols=rows.shape[1],
-                       scale=4 if shape[0] <= 32 else 1)
+    rounds_path = str(out_dir / "rounds.png")
+    if jax.process_index() == 0:
+      image_io.save_grid(rows.reshape(-1, *shape), rounds_path, ncols=rows.shape[1],
+                         scale=4 if shape[0] <= 32 else 1)
     extra = {"ipr_rounds": sc.ipr_rounds, "ipr_alpha": sc.ipr_alpha, "regions_grid": list(sc.grid),
              "condition_regions": np.flatnonzero(condition).tolist(), "rounds_shown": shown,
              "rounds_grid": rounds_path}
   out = np.asarray(out)
-  grid_path = os.path.join(out_dir, "samples.png")
-  image_io.save_grid(out, grid_path, scale=4 if shape[0] <= 32 else 1)
-  for i in range(min(n, 16)):
-    image_io.save_png(image_io.to_uint8(out[i]), os.path.join(out_dir, f"sample_{i:03d}.png"))
-  if mask is not None:
-    image_io.save_png((mask[..., None] * 255).astype(np.uint8), os.path.join(out_dir, "mask.png"))
+  grid_path = str(out_dir / "samples.png")
   settings = {"task": sc.task, "step": int(jax.device_get(state.step)), "num_images": n,
               "steps": int(tau.shape[0] - 1), "eta": sc.eta, "guidance": sc.guidance,
               "input_guidance": sc.input_guidance, "label": str(sc.label),
-              "image": sc.image, "mask": sc.mask, "grid": grid_path, "out_dir": out_dir, **extra}
-  with open(os.path.join(out_dir, "settings.json"), "w") as f:
-    json.dump(settings, f, indent=2)
+              "image": sc.image, "mask": sc.mask, "grid": grid_path, "out_dir": str(out_dir),
+              **extra}
+  if jax.process_index() == 0:
+    image_io.save_grid(out, grid_path, scale=4 if shape[0] <= 32 else 1)
+    for i in range(min(n, 16)):
+      image_io.save_png(image_io.to_uint8(out[i]), out_dir / f"sample_{i:03d}.png")
+    if mask is not None:
+      image_io.save_png((mask[..., None] * 255).astype(np.uint8), out_dir / "mask.png")
+    storage.write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=2))
   return settings

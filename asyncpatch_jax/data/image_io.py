@@ -1,14 +1,19 @@
-"""Images at the file boundary: PNG grids out, PNG images and masks in (uint8 <-> [-1, 1])."""
+"""Images at the file boundary: PNG grids out, PNG images and masks in (uint8 <-> [-1, 1]).
+
+Paths may be local or gs:// URLs: files are read and written as bytes through
+etils.epath (data/storage.py), Pillow only encodes and decodes.
+"""
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
 
 from asyncpatch_jax import checks
+from asyncpatch_jax.data import storage
 
 
 def to_uint8(images) -> np.ndarray:
@@ -35,47 +40,60 @@ def make_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
   return grid
 
 
-def save_png(array: np.ndarray, path: str, scale: int = 1) -> None:
-  """Writes a uint8 [H, W, C] (C = 1 or 3) array as PNG, upscaled by `scale` (nearest)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_png(array: np.ndarray, path, scale: int = 1) -> None:
+  """Writes a uint8 [H, W, C] (C = 1 or 3) array as PNG, upscaled by `scale` (nearest).
+
+  path: a local path or a gs:// URL; missing folders are created.
+  """
+  out = storage.path(path, "image path")
   img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(buf.getvalue())
 
 
-def save_grid(images, path: str, ncols: int | None = None, scale: int = 1) -> None:
+def save_grid(images, path, ncols: int | None = None, scale: int = 1) -> None:
   save_png(make_grid(images, ncols), path, scale)
 
 
-def load_image(path: str, shape) -> np.ndarray:
+def open_image(path, what: str = "image file") -> Image.Image:
+  """The image file at `path` (local or gs://), decoded by Pillow; InputError if it is missing."""
+  p = storage.check_bucket(path, what)
+  if not p.is_file():
+    raise checks.InputError(f"{what} {str(path)!r} does not exist.")
+  return Image.open(io.BytesIO(p.read_bytes()))
+
+
+def load_image(path, shape) -> np.ndarray:
   """A PNG/JPEG as float32 [H, W, C] in [-1, 1]; ValueError if its size or channels differ."""
   h, w, c = shape
-  if not os.path.isfile(path):
-    raise checks.InputError(f"image file {path!r} does not exist.")
-  img = Image.open(path)
+  name = str(path)
+  img = open_image(path)
   arr = np.asarray(img.convert("L" if c == 1 else "RGB"))
   if img.mode not in (("L", "P", "1", "LA") if c == 1 else ("RGB", "RGBA", "P")):
-    raise checks.InputError(f"image {path!r} has mode {img.mode!r}; the model expects {c} "
-                     f"channel{'s' if c > 1 else ''} ({'grayscale' if c == 1 else 'RGB'}).")
+    raise checks.InputError(f"image {name!r} has mode {img.mode!r}; the model expects {c} "
+                            f"channel{'s' if c > 1 else ''} "
+                            f"({'grayscale' if c == 1 else 'RGB'}).")
   if arr.shape[:2] != (h, w):
-    raise checks.InputError(f"image {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
-                     f"{w}x{h}.")
+    raise checks.InputError(f"image {name!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); "
+                            f"expected {w}x{h}.")
   return from_uint8(arr.reshape(h, w, c))
 
 
-def load_mask(path: str, hw) -> np.ndarray:
+def load_mask(path, hw) -> np.ndarray:
   """A mask PNG as float32 [H, W]: white (255) or 1 = known, black (0) = generate."""
-  if not os.path.isfile(path):
-    raise checks.InputError(f"mask file {path!r} does not exist.")
-  arr = np.asarray(Image.open(path).convert("L"))
+  name = str(path)
+  arr = np.asarray(open_image(path, "mask file").convert("L"))
   if arr.shape != tuple(hw):
-    raise checks.InputError(f"mask {path!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); expected "
-                     f"{hw[1]}x{hw[0]}.")
+    raise checks.InputError(f"mask {name!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); "
+                            f"expected {hw[1]}x{hw[0]}.")
   values = np.unique(arr)
   if set(values.tolist()) <= {0, 255}:
     return (arr == 255).astype(np.float32)
   if set(values.tolist()) <= {0, 1}:
     return arr.astype(np.float32)
-  raise checks.InputError(f"mask {path!r} has values {values[:6].tolist()}...; a mask must be "
-                   "binary: 255 (or 1) = known pixel, 0 = pixel to generate.")
+  raise checks.InputError(f"mask {name!r} has values {values[:6].tolist()}...; a mask must be "
+                          "binary: 255 (or 1) = known pixel, 0 = pixel to generate.")

@@ -85,7 +85,7 @@ def check_prepared(name: str, split: str, data_dir) -> tuple[TfdsSpec, str]:
   as TFRecord instead of ArrayRecord, split absent).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.data import storage  # pylint: disable=g-import-not-at-top
 
   if name not in DATASETS:
     raise checks.InputError(f"Unknown TFDS-backed dataset {name!r}; known: {sorted(DATASETS)}.")
@@ -99,7 +99,8 @@ def check_prepared(name: str, split: str, data_dir) -> tuple[TfdsSpec, str]:
   if not data_dir:
     raise checks.InputError(f"Dataset {name!r} ({spec.tfds_name}) is read from a prepared TFDS "
                      f"data_dir, but data_dir is not set. " + _how_to_prepare(spec, None))
-  if not epath.Path(data_dir).is_dir():
+  # storage.path: a gs:// data_dir without gcsfs names the extra to install.
+  if not storage.path(data_dir, "data_dir").is_dir():
     raise checks.InputError(f"data_dir {str(data_dir)!r} for dataset {name!r} does not exist. "
                      + _how_to_prepare(spec, data_dir))
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)

@@ -2,17 +2,18 @@
 
 Each checkpoint holds two items: `state` (the TrainState, restored straight into
 its shardings) and `meta` (JSON: the model config, the image shape, the full
-config). A run refuses to resume a checkpoint whose model config differs from its
-own and lists the differing keys. Saves are asynchronous and atomic (orbax writes a
-temporary directory and renames it), and older checkpoints are only removed after
-a newer one is complete, so a failing run never damages what was saved.
+config), so a workdir alone is enough to rebuild and sample its model
+(`saved_meta`). A run refuses to resume a checkpoint whose model config differs from
+its own and lists the differing keys. Saves are asynchronous and atomic (orbax writes
+a temporary directory and renames it, or on GCS marks it complete with a commit file),
+and older checkpoints are only removed after a newer one is complete, so a failing run
+never damages what was saved. The workdir may be a local folder or a gs:// URL
+(data/storage.py); orbax reaches GCS through etils.epath and tensorstore.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any
 
 import jax
@@ -21,18 +22,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from asyncpatch_jax import checks
+from asyncpatch_jax.data import storage
 from asyncpatch_jax.training import sharding
 
-
-def check_writable(workdir: str) -> None:
-  """Creates `workdir` if needed and checks that files can be written in it."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-      pass
-  except OSError as e:
-    raise checks.InputError(f"workdir {workdir!r} is not writable ({e.strerror}); choose a "
-                     "directory you can write to with --workdir.") from None
+ITEMS = ("state", "meta")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -66,21 +59,43 @@ def _use_serial_array_writes_on_cpu() -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
-class Checkpointer:
-  """Saves every `every` steps (and when forced), keeps `keep`, restores the latest."""
+def saved_meta(workdir) -> dict | None:
+  """The `meta` item (model config, image shape, config) of the workdir's latest checkpoint.
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict,
+  None if the workdir holds no checkpoint. Reads only JSON: no dataset, no arrays.
+  """
+  directory = storage.check_bucket(workdir, "workdir") / "checkpoints"
+  if not directory.is_dir():
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_names=ITEMS)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+
+
+class Checkpointer:
+  """Saves every `every` steps (and when forced), keeps `keep`, restores the latest.
+
+  workdir: a local folder or a gs:// URL (str or epath.Path).
+  """
+
+  def __init__(self, workdir, config: ml_collections.ConfigDict,
                image_shape: tuple[int, ...], *, every: int, keep: int):
     _use_serial_array_writes_on_cpu()
-    self.workdir = workdir
+    self.workdir = storage.path(workdir, "workdir")
     self.meta = _json({"model": config.model.to_dict(), "image_shape": list(image_shape),
                        "config": config.to_dict()})
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        self.workdir / "checkpoints",
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(every), 1), max_to_keep=keep, create=True,
             enable_async_checkpointing=True),
-        item_names=("state", "meta"))
+        item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -99,18 +114,19 @@ class Checkpointer:
       diffs.append(f"image_shape: {saved['image_shape']} -> {self.meta['image_shape']}")
     if diffs:
       raise checks.InputError(
-          f"workdir {self.workdir!r} holds a checkpoint (step {step}) of a different model; "
+          f"workdir {str(self.workdir)!r} holds a checkpoint (step {step}) of a different model; "
           "refusing to resume it. Differing keys (checkpoint -> this run):\n  "
           + "\n  ".join(diffs) + "\nUse another --workdir, or the checkpoint's config "
-          f"({os.path.join(self.workdir, 'config.json')}).")
+          f"({self.workdir / 'config.json'}).")
     other = config_differences(saved["config"], self.meta["config"])
     if other:
       logging.info("Resuming with changed non-model settings: %s", "; ".join(other))
 
   def write_config_json(self) -> None:
+    """`workdir/config.json`: the run's full config, readable without orbax (process 0)."""
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        json.dump(self.meta["config"], f, indent=2, sort_keys=True)
+      storage.write_text_atomic(self.workdir / "config.json",
+                                json.dumps(self.meta["config"], indent=2, sort_keys=True))
 
   def restore(self, abstract_state):
     """The latest state, restored into the shardings of `abstract_state`, or None.
@@ -125,7 +141,7 @@ class Checkpointer:
     abstract_state = jax.tree.map(
         lambda a: a if getattr(a, "sharding", None) is not None else
         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
-    logging.info("Restoring checkpoint of step %d from %s", step, self.workdir)
+    logging.info("Restoring checkpoint of step %d from %s", step, str(self.workdir))
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]

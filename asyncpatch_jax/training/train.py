@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax import generate
 from asyncpatch_jax.data import input_pipeline
+from asyncpatch_jax.data import storage
 from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax import models
 from asyncpatch_jax.training import sharding
@@ -43,8 +43,9 @@ class Setup:
   Args:
     config: the experiment config.
     devices: the devices training will use (default: all).
-    image_shape: build without a dataset for this [H, W, C] (benchmarks); by default
-      the training source is opened and gives the shape.
+    image_shape: build without a dataset for this [H, W, C] (benchmarks, and sampling
+      from a workdir, whose checkpoints record it); by default the training source
+      is opened and gives the shape.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None, image_shape=None):
@@ -187,20 +188,25 @@ def _progress(cfg, start: int, total: int):
   return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
                        devices=None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming its latest checkpoint), then samples and evaluates.
 
   Args:
     config: a config from configs/ (see base_config.py for every key).
-    workdir: checkpoints, config.json, metrics.jsonl, tensorboard/, samples/, eval.json.
+    workdir: a local folder or a gs:// URL (data/storage.py) for checkpoints,
+      config.json, metrics.jsonl, tensorboard/, samples/, eval.json.
     devices: the devices of the mesh (default: all devices of all processes).
   Returns:
     A summary: final step, last metrics, eval results, the PNG grids, whether it was
     preempted, and the final `state` (TrainState).
   """
+  if "uncertainty" in config and config.uncertainty.model_workdir:
+    # An uncertainty head on a trained model's frozen parameters (AsyncPatch Sec. 5.5).
+    from asyncpatch_jax.training import head_train  # pylint: disable=g-import-not-at-top
+    return head_train.train_head(config, workdir, devices=devices)
   sharding.maybe_initialize_distributed()
-  checkpointing.check_writable(workdir)
+  workdir = storage.check_writable(workdir, "workdir")
   setup = Setup(config, devices)
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
@@ -208,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = checkpointing.Checkpointer(workdir, cfg, setup.image_shape,
                                     every=cfg.train.checkpoint_every,
                                     keep=cfg.train.keep_checkpoints)
+  writer = None
   try:
     ckpt.check_compatible()
     ckpt.write_config_json()
@@ -231,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
     pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
-    writer = metric_writer.MetricWriter(workdir)
+    writer = metric_writer.MetricWriter(workdir, start)
     keys = ("image", "label") if setup.model.num_classes else ("image",)
     generator = generate.Generator(setup.model, mesh=None if devices is not None else "auto")
     summary: dict[str, Any] = {"preempted": False}
@@ -280,29 +287,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     summary["eval"] = _evaluate(generator, state, cfg, setup, workdir)
     return summary
   finally:
+    if writer is not None:
+      writer.close()
     ckpt.close()
 
 
-def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None, *,
+def saved_image_shape(workdir) -> tuple[int, int, int]:
+  """The [H, W, C] recorded in the workdir's latest checkpoint; InputError if it has none."""
+  meta = checkpointing.saved_meta(workdir)
+  if meta is None:
+    raise checks.InputError(f"workdir {str(workdir)!r} has no checkpoints; train first "
+                            "(python -m asyncpatch_jax.main --config=... --workdir=...).")
+  return tuple(meta["image_shape"])
+
+
+def load_trained(workdir, config: ml_collections.ConfigDict | None = None, *,
                  setup: Setup | None = None) -> tuple[Setup, train_state.TrainState]:
   """(setup, state) of the latest checkpoint in a trained workdir, for sampling and analysis.
 
+  Needs only the workdir (a local folder or a gs:// URL): the image shape comes from
+  the checkpoint, so the training data is never opened.
   config: the run's config; None reads `workdir/config.json`. A config of another
   model is refused with the differing keys listed (checkpointing.Checkpointer).
-  setup: a `Setup(config)` already built (e.g. to check inputs before restoring).
+  setup: a `Setup` already built (e.g. to check inputs before restoring).
   """
+  path = storage.check_bucket(workdir, "workdir")
   if config is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-      raise checks.InputError(f"workdir {workdir!r} has no config.json; train there first "
-                       f"(python -m asyncpatch_jax.main --config=configs/default.py "
-                       f"--workdir={workdir}).")
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise checks.InputError(f"workdir {workdir!r} has no checkpoints; train first "
-                     "(python -m asyncpatch_jax.main --config=... --workdir=...).")
-  setup = setup or Setup(config)
+    if not (path / "config.json").is_file():
+      raise checks.InputError(f"workdir {str(workdir)!r} has no config.json; train there first "
+                              f"(python -m asyncpatch_jax.main --config=configs/default.py "
+                              f"--workdir={workdir}).")
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+  if setup is None:
+    setup = Setup(config, image_shape=saved_image_shape(path))
   ckpt = checkpointing.Checkpointer(workdir, config, setup.image_shape, every=1, keep=None)
   try:
     ckpt.check_compatible()
@@ -310,17 +327,18 @@ def load_trained(workdir: str, config: ml_collections.ConfigDict | None = None, 
   finally:
     ckpt.close()
   if state is None:
-    raise checks.InputError(f"workdir {workdir!r} has no checkpoint to sample from.")
+    raise checks.InputError(f"workdir {str(workdir)!r} has no checkpoint to sample from.")
   return setup, state
 
 
 def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
+  # The inpainting references come from the test split, which training has at hand.
   test = datasets.get_dataset(cfg.data.dataset, "test", data_dir=cfg.data.data_dir or None,
                               **dict(cfg.data.options))
   refs = np.stack([test[i]["image"] for i in range(min(16, len(test)))])
   key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 1)
   paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
-                               os.path.join(workdir, "samples", name),
+                               workdir / "samples" / name,
                                num_classes=setup.model.num_classes)
   return paths if jax.process_index() == 0 else {}
 
@@ -334,6 +352,5 @@ def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
     result.update(end_of_training.evaluate_digits(generator, state.ema_params, cfg.sample, cfg.eval,
                                              setup.image_shape, key))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    storage.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
   return result
