@@ -7,6 +7,7 @@ command that stops working fails this test. A README command that matches no rul
 fails it too.
 """
 
+import json
 import os
 import re
 import shlex
@@ -16,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from asyncpatch_jax import base_config
+from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +30,7 @@ MODEL_SMOKE = ["--config.model.channel_mult=(1,)", "--config.model.num_res_block
                "--config.model.attention_resolutions=()"]
 TRAIN_SMOKE = MODEL_SMOKE + ["--config.train.num_steps=3", "--config.train.batch_size=16",
                "--config.train.checkpoint_every=3", "--config.eval.num_samples=8",
-               "--config.eval.classifier_steps=5", "--config.sample.num_images=4",
+               "--config.eval.classifier_steps=40", "--config.sample.num_images=4",
                "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
 SAMPLE_SMOKE = MODEL_SMOKE + ["--config.sample.num_steps=4", "--config.sample.num_images=4",
                 "--config.sample.batch_size=4"]
@@ -98,6 +101,42 @@ def _run(cmd, tmp, workdir, extra):
   return res
 
 
+def _check_smoke_eval(result):
+  """The shortened main job's eval.json: what it scored and how.
+
+  Its model trained 3 steps, so the sample scores are only checked to be shares of the
+  8 samples; the in-project classifier (40 steps here) must classify the held-out digits
+  far above chance (0.1; it reaches ~0.88 at 40 steps, 0.97 at the main job's 600).
+  """
+  flags = dict(a[len("--config."):].split("=", 1) for a in TRAIN_SMOKE)
+  n = int(flags["eval.num_samples"])
+  assert (result["step"], result["dataset"], result["num_samples"], result["sampler_steps"]) == (
+      int(flags["train.num_steps"]), "digits", n, int(flags["sample.num_steps"]))
+  defaults = base_config.get_base_config().sample
+  assert (result["eta"], result["guidance"]) == (defaults.eta, defaults.guidance)
+  for key in ("unconditional_confident_fraction", "conditional_label_accuracy"):
+    assert 0.0 <= result[key] <= 1.0 and (result[key] * n) % 1 == 0, (key, result[key])
+  held_out = len(datasets.get_dataset("digits", "test"))
+  acc = result["classifier_held_out_accuracy"]
+  assert abs(acc * held_out - round(acc * held_out)) < 1e-6, acc     # a share of the test split
+  assert acc > 0.6, acc
+
+
+def test_readme_main_job_numbers_are_the_stored_runs_eval_json():
+  """README's main-job table states what results/default_run/eval.json (the full run) holds."""
+  text = open(os.path.join(ROOT, "README.md")).read()
+  result = json.load(open(os.path.join(ROOT, "results", "default_run", "eval.json")))
+  rows = dict(re.findall(r"`eval\.json` `(\w+)` \((\d+) samples", text))
+  values = dict(re.findall(r"`eval\.json` `(\w+)`[^|]*\| \*\*([0-9.]+)\*\*", text))
+  assert rows == {"unconditional_confident_fraction": str(result["num_samples"]),
+                  "conditional_label_accuracy": str(result["num_samples"])}
+  assert values == {k: f"{result[k]:.3f}" for k in rows}
+  held_out = re.search(r"digit classifier, held-out accuracy[^|]*\| ([0-9.]+)", text).group(1)
+  assert held_out == f"{result['classifier_held_out_accuracy']:.3f}"
+  assert result["step"] == base_config.load_config_file(
+      os.path.join(ROOT, "configs", "default.py")).train.num_steps
+
+
 def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
   """The main job (shortened), then every command that uses its workdir."""
   tmp, workdir = str(tmp_path), str(tmp_path / "workdir")
@@ -113,7 +152,7 @@ def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
       _run(cmd, tmp, workdir, TRAIN_SMOKE)
       for name in ("samples", "samples_conditional", "inpainting", "autoregressive"):
         assert os.path.exists(f"{workdir}/samples/final/{name}.png")
-      assert os.path.exists(f"{workdir}/eval.json")
+      _check_smoke_eval(json.load(open(f"{workdir}/eval.json")))
     elif kind == "sample":
       _run(cmd, tmp, workdir, SAMPLE_SMOKE)
     elif kind == "workdir":

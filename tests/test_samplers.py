@@ -158,3 +158,54 @@ def test_bad_schedules_and_inputs_raise():
     SAMPLER(schedules.inpainting(np.eye(H), 4), key=jax.random.key(0), shape=(2, H, W, C))
   with pytest.raises(ValueError, match="eta"):
     SAMPLER(schedules.synchronous(4, H, W), key=jax.random.key(0), shape=(2, H, W, C), eta=2.0)
+
+
+def _posterior_float64(x, z_t, t, s):
+  """Mean and std of q(z_s | z_t, x) for z_u = (1 - u) x + u eps, by Gaussian conditioning.
+
+  The forward process factorises as z_s = (1 - s) x + s e1 and z_t = a z_s + sd e2 with
+  a = (1 - t) / (1 - s) and sd^2 = t^2 - a^2 s^2 (so that z_t has std t); (z_s, z_t) is
+  jointly Gaussian given x and the conditional follows from its 2x2 covariance.
+  """
+  a = (1 - t) / (1 - s)
+  var_s, cov_st = s ** 2, a * s ** 2
+  var_t = a ** 2 * s ** 2 + (t ** 2 - a ** 2 * s ** 2)
+  np.testing.assert_allclose(var_t, t ** 2)
+  mean = (1 - s) * x + cov_st / var_t * (z_t - (1 - t) * x)
+  return mean, np.sqrt(np.maximum(var_s - cov_st ** 2 / var_t, 0.0))
+
+
+def test_stochastic_ddim_step_is_the_ddim_family_around_the_ddpm_posterior():
+  """samplers.ddim_step at known x and eps against float64 references.
+
+  For eta = 1 the step must be the DDPM posterior q(z_s | z_t, x) itself (mean and noise
+  scale). For any eta, the DDIM family (Song et al. 2021, Eq. 12): noise scale
+  c = eta * std of the posterior, and the mean alpha_s x + k (z_t - alpha_t x) with k
+  fixed by keeping the marginal q(z_s | x) = N(alpha_s x, s^2): k^2 t^2 + c^2 = s^2.
+  With the exact velocity v = eps - x the step's x_hat and eps_hat are exact, so the
+  step's mean is its output at zero noise and its scale the change per unit noise.
+  """
+  rng = np.random.default_rng(11)
+  ts = np.array([1.0, 1.0, 0.9, 0.9, 0.6, 0.5, 0.5, 0.3, 0.2, 0.05])
+  ss = np.array([0.8, 0.0, 0.85, 0.3, 0.59, 0.25, 0.0, 0.1, 0.19, 0.01])
+  shape = (2, 1, len(ts), 3)
+  x, eps = rng.uniform(-1, 1, shape), rng.normal(size=shape)
+  t = np.broadcast_to(ts, shape[:3]).astype(np.float64)
+  s = np.broadcast_to(ss, shape[:3]).astype(np.float64)
+  t4, s4 = t[..., None], s[..., None]
+  z_t = (1 - t4) * x + t4 * eps
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  step = jax.jit(samplers.ddim_step)
+  post_mean, post_std = _posterior_float64(x, z_t, t4, s4)
+  for eta in (0.0, 0.25, 0.6, 1.0):
+    args = (f32(z_t), f32(eps - x), f32(t), f32(s), jnp.float32(eta))
+    mean = np.asarray(step(*args, jnp.zeros(shape, jnp.float32)), np.float64)
+    scale = np.asarray(step(*args, jnp.ones(shape, jnp.float32)), np.float64) - mean
+    c = eta * post_std
+    k = np.sqrt(s4 ** 2 - c ** 2) / t4
+    np.testing.assert_allclose(scale, np.broadcast_to(c, shape), atol=3e-6, err_msg=f"eta={eta}")
+    np.testing.assert_allclose(mean, (1 - s4) * x + k * (z_t - (1 - t4) * x), atol=3e-6,
+                               err_msg=f"eta={eta}")
+    if eta == 1.0:
+      np.testing.assert_allclose(mean, post_mean, atol=3e-6)
+      np.testing.assert_allclose(scale, np.broadcast_to(post_std, shape), atol=3e-6)

@@ -95,3 +95,72 @@ def test_bad_arguments_raise():
     timesteps.get_sampler("patchwise", patch_sizes=(3,))(jax.random.key(0), 2, 8, 8)
   with pytest.raises(ValueError, match="t_min"):
     timesteps.get_sampler("global", t_min=0.5, t_max=0.2)
+
+
+def _mean_of_uniforms_moments(n):
+  """Central moments (variance, 4th) of the mean of n iid U(0, 1) values (closed form)."""
+  var, mu4 = 1.0 / 12.0, 1.0 / 80.0
+  return var / n, (n * mu4 + 3 * n * (n - 1) * var ** 2) / n ** 4
+
+
+def _assert_patch_structure(t, sizes):
+  """Each map is constant on the patches of one size in `sizes` and differs across them.
+
+  Returns the detected patch size per image: the largest size whose patches are constant.
+  """
+  def blocks(p):                                        # [B, H/p, p, W/p, p]
+    return t.reshape(len(t), HW // p, p, HW // p, p)
+  constant = np.stack([np.all(blocks(p) == blocks(p)[:, :, :1, :, :1], axis=(1, 2, 3, 4))
+                       for p in sizes])                   # [S, B]
+  assert constant.any(axis=0).all(), "not constant on patches of any size"
+  p_img = np.array(sizes)[len(sizes) - 1 - np.argmax(constant[::-1], axis=0)]
+  for p in sizes:
+    values = t[p_img == p][:, ::p, ::p]                   # one value per patch
+    assert np.all(values[:, 1:] != values[:, :-1]) and np.all(
+        values[:, :, 1:] != values[:, :, :-1]), f"neighbouring {p}x{p} patches share a time"
+  return p_img
+
+
+def _assert_patchwise_mean_statistics(t, sizes, t_min, t_max):
+  """The per-image mean time against its closed form for `patchwise` (AsyncPatch Fig. 3 middle).
+
+  With patch size p drawn uniformly from `sizes` and n_p = (H/p)(W/p) iid U(t_min, t_max)
+  patch values, the per-image mean m has E m = (t_min + t_max)/2 and, given p,
+  Var(m | p) = r^2 / (12 n_p) (r = t_max - t_min); all conditional means agree, so the
+  mixture has Var m = mean_p r^2 / (12 n_p). Sampling errors from the closed-form 4th
+  moments; every check at 5 standard errors.
+  """
+  n_img, r = len(t), t_max - t_min
+  means = t.mean(axis=(1, 2))
+  p_img = _assert_patch_structure(t, sizes)
+  counts = np.array([np.sum(p_img == p) for p in sizes])
+  q = 1.0 / len(sizes)
+  assert np.all(np.abs(counts - n_img * q) < 5 * np.sqrt(n_img * q * (1 - q))), counts
+  mix_var = mix_mu4 = 0.0
+  for p, count in zip(sizes, counts):
+    var, mu4 = _mean_of_uniforms_moments((HW // p) ** 2)
+    var, mu4 = var * r ** 2, mu4 * r ** 4
+    mix_var, mix_mu4 = mix_var + q * var, mix_mu4 + q * mu4
+    m = means[p_img == p]
+    assert abs(m.mean() - (t_min + r / 2)) < 5 * np.sqrt(var / count), (p, m.mean())
+    assert abs(m.var() - var) < 5 * np.sqrt((mu4 - var ** 2) / count), (p, m.var(), var)
+  assert abs(means.var() - mix_var) < 5 * np.sqrt((mix_mu4 - mix_var ** 2) / n_img), (
+      means.var(), mix_var)
+  # The patch values themselves are U(t_min, t_max) (one per patch, first 64 images).
+  values = np.concatenate([img[::p, ::p].ravel() for img, p in zip(t[:64], p_img[:64])])
+  assert stats.kstest(values, "uniform", args=(t_min, r)).pvalue > 1e-3
+
+
+def test_patchwise_matches_its_closed_form_and_a_global_map_does_not():
+  sizes, t_min, t_max = (2, 4, 8, 16), 0.2, 0.9          # the default sizes for 32x32
+  assert timesteps.default_patch_sizes(HW, HW) == sizes
+  t = _draw("patchwise", t_min=t_min, t_max=t_max)
+  assert t.min() >= t_min and t.max() <= t_max
+  _assert_patchwise_mean_statistics(t, sizes, t_min, t_max)
+  # A global map is constant on every patch but equal across them, and its per-image
+  # mean has variance r^2 / 12: it fails the structure and the statistics.
+  g = _draw("global", t_min=t_min, t_max=t_max)
+  with pytest.raises(AssertionError, match="neighbouring"):
+    _assert_patch_structure(g, sizes)
+  with pytest.raises(AssertionError):
+    _assert_patchwise_mean_statistics(g, sizes, t_min, t_max)
