@@ -519,4 +519,6 @@ def test_checkpoint_holds_the_ema_parameters(trained_workdir):
   assert_trees_equal(restored.params, summary["state"].params)
   gaps = [float(np.abs(np.asarray(e) - np.asarray(p)).max())
           for e, p in zip(jax.tree.leaves(restored.ema_params), jax.tree.leaves(restored.params))]
-  assert max(gaps) > 1e-3, max(gaps)
+  # 24 steps at lr 1e-3 with EMA decay (1 + k) / (10 + k) leave the EMA ~3e-4 behind the
+  # parameters: far above float32 rounding, and exactly 0 if the EMA were the parameters.
+  assert max(gaps) > 3e-5, max(gaps)
