@@ -67,8 +67,9 @@ def prepare_command(spec: TfdsSpec, data_dir: str = "DIR") -> str:
 
 def _how_to_prepare(spec: TfdsSpec, data_dir) -> str:
   d = str(data_dir) if data_dir else "DIR"
-  return (f"To prepare it: {spec.manual.replace('DIR', d)}on a machine with TensorFlow run\n"
-          f"  {prepare_command(spec, d)}\n"
+  # One line: the command line prints an InputError as a single line.
+  return (f"To prepare it: {spec.manual.replace('DIR', d)}on a machine with TensorFlow run "
+          f"`{prepare_command(spec, d)}`, "
           f"then pass data_dir={d} (the folder that contains '{spec.tfds_name.split('/')[0]}/').")
 
 
