@@ -30,10 +30,12 @@ def test_autoregressive_matches_the_papers_piecewise_linear_tau():
       np.testing.assert_allclose(tau[:, i, j], ref, atol=1e-6)
 
 
-def test_autoregressive_closed_form_on_a_non_square_grid():
-  """2 x 3 patches of 2 x 2 on a 4 x 6 image: group k = 1..6 in raster order (row-major
-  over the patch grid) follows tau_k(u) = clip(K (k/K - u), 0, 1), u = n / N (float64)."""
-  rows, cols, ph, pw, spg = 2, 3, 2, 2, 4
+@pytest.mark.parametrize("ph, pw", [(2, 2), (3, 2)])
+def test_autoregressive_closed_form_on_a_non_square_grid(ph, pw):
+  """A 2 x 3 grid of ph x pw patches (4 x 6 and 6 x 6 images): group k = 1..6 in raster
+  order (row-major over the patch grid) follows tau_k(u) = clip(K (k/K - u), 0, 1),
+  u = n / N (AsyncPatch Sec. 3.2), against float64."""
+  rows, cols, spg = 2, 3, 4
   K = rows * cols
   n = K * spg
   tau = schedules.autoregressive(rows * ph, cols * pw, (rows, cols), spg)
@@ -42,7 +44,7 @@ def test_autoregressive_closed_form_on_a_non_square_grid():
   k = (np.arange(rows * ph)[:, None] // ph) * cols + np.arange(cols * pw)[None, :] // pw + 1
   ref = np.clip(K * (k[None] / K - u[:, None, None]), 0.0, 1.0)
   np.testing.assert_allclose(tau, ref, rtol=0, atol=1e-7)
-  np.testing.assert_array_equal(k[:, 0], [1, 1, 4, 4])        # second patch row starts at 4
+  assert k[ph, 0] == 4 and k[0, pw] == 2                       # raster order over patches
 
 
 def test_progressive_fills_stripes_from_the_boundary_inward():
