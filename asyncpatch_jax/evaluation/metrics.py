@@ -1,0 +1,252 @@
+"""Image metrics: PSNR and SSIM (dm-pix), the Frechet distance, streaming feature statistics, PRDC.
+
+All take images in [-1, 1] or features `[N, D]` from any extractor (feature_nets.py).
+The Frechet distance of Inception-v3 pool3 features is FID (Heusel et al. 2017); on
+the features of another network it is reported under that network's name
+(`fd_digits`, never "FID"), see `feature_nets.metric_names`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from asyncpatch_jax import checks
+
+
+# ---------------------------------------------------------------------------- PSNR, SSIM
+
+
+def _check_pair(a, b) -> None:
+  checks.check_image(a, "a")
+  if np.shape(a) != np.shape(b):
+    raise checks.InputError(f"images of shapes {tuple(np.shape(a))} and {tuple(np.shape(b))}; "
+                            "PSNR/SSIM compare two batches of the same shape [B, H, W, C].")
+
+
+def psnr(a, b) -> jax.Array:
+  """Per-image PSNR in dB of images a, b: [B, H, W, C] in [-1, 1] (peak = the [0, 1] range).
+
+  10 log10(1 / MSE) of the images mapped to [0, 1] (dm-pix `psnr`).
+  """
+  _check_pair(a, b)
+  return pix.psnr((jnp.asarray(a) + 1.0) / 2.0, (jnp.asarray(b) + 1.0) / 2.0)
+
+
+def ssim(a, b, filter_size: int = 11) -> jax.Array:
+  """Per-image SSIM (Wang et al. 2004) of a, b: [B, H, W, C] in [-1, 1], mapped to [0, 1].
+
+  dm-pix `ssim`: Gaussian window of `filter_size` (sigma 1.5), K1 = 0.01, K2 = 0.03,
+  valid filtering, mean over pixels and channels.
+  """
+  _check_pair(a, b)
+  if min(np.shape(a)[1:3]) < filter_size:
+    raise checks.InputError(f"images of size {tuple(np.shape(a)[1:3])} are smaller than the SSIM "
+                            f"window filter_size={filter_size}; pass a smaller odd filter_size.")
+  return pix.ssim((jnp.asarray(a) + 1.0) / 2.0, (jnp.asarray(b) + 1.0) / 2.0,
+                  filter_size=filter_size)
+
+
+# ---------------------------------------------------------------------------- Frechet distance
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+  """||mu1 - mu2||^2 + tr C1 + tr C2 - 2 tr (C1 C2)^(1/2) between N(mu1, C1) and N(mu2, C2).
+
+  Heusel et al. 2017 (FID), Dowson & Landau 1982. float64. The trace of the matrix
+  square root uses symmetric eigendecompositions only: with A = C1^(1/2) (eigh of C1),
+  C1 C2 is similar to the symmetric PSD A C2 A, so tr (C1 C2)^(1/2) is the sum of the
+  square roots of its (clipped non-negative) eigenvalues. This stays finite for
+  rank-deficient covariances (fewer samples than dimensions), where `sqrtm` of the
+  non-symmetric product needs pytorch-fid's eps retry.
+
+  Args:
+    mu1, mu2: [D] means. cov1, cov2: [D, D] covariances.
+  """
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+  for name, mu, cov in (("1", mu1, cov1), ("2", mu2, cov2)):
+    if mu.ndim != 1 or cov.shape != (mu.size, mu.size):
+      raise checks.InputError(f"mu{name} has shape {mu.shape} and cov{name} {cov.shape}; expected "
+                              "a mean [D] and a covariance [D, D].")
+    if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
+      raise checks.InputError(f"mu{name} or cov{name} holds NaN or inf.")
+  if mu1.size != mu2.size:
+    raise checks.InputError(f"feature widths differ: {mu1.size} vs {mu2.size}; both statistics "
+                            "must come from the same feature extractor.")
+  cov1, cov2 = (cov1 + cov1.T) / 2.0, (cov2 + cov2.T) / 2.0
+  w, v = scipy.linalg.eigh(cov1, driver="evd")
+  keep = w > 0.0                                    # A = V_+ sqrt(W_+) V_+^T on the PSD part
+  a_half = v[:, keep] * np.sqrt(w[keep])            # [D, r], a_half a_half^T = C1
+  # eig(A C2 A) = eig(a_half^T C2 a_half) apart from zeros: an r x r problem.
+  m = a_half.T @ cov2 @ a_half
+  eig = scipy.linalg.eigvalsh((m + m.T) / 2.0, driver="evd") if m.size else np.zeros(0)
+  tr_sqrt = float(np.sum(np.sqrt(np.clip(eig, 0.0, None))))
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
+
+
+class FeatureStats:
+  """Streaming mean and covariance of features, batch by batch, in float64.
+
+  stats = FeatureStats(); for f in batches: stats.update(f); mu, cov = stats.mean_cov()
+
+  Batches are merged with the pairwise update of Chan et al. (1979) (means and
+  centred scatter matrices), so no sample is kept and the result equals the two-pass
+  `np.mean` / `np.cov(rowvar=False)` (ddof = 1, as pytorch-fid) up to rounding.
+  """
+
+  def __init__(self):
+    self.n = 0
+    self.mean: np.ndarray | None = None
+    self.scatter: np.ndarray | None = None       # sum of centred outer products [D, D]
+
+  @property
+  def dim(self) -> int | None:
+    return None if self.mean is None else self.mean.size
+
+  def update(self, features) -> "FeatureStats":
+    """Adds a batch of features [B, D]."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2:
+      raise checks.InputError(f"features have shape {f.shape}; expected [B, D].")
+    if self.mean is not None and f.shape[1] != self.dim:
+      raise checks.InputError(f"features of width {f.shape[1]} added to statistics of width "
+                              f"{self.dim}; use one feature extractor per FeatureStats.")
+    if not np.isfinite(f).all():
+      raise checks.InputError("features hold NaN or inf.")
+    nb = f.shape[0]
+    if nb == 0:
+      return self
+    mean_b = f.mean(0)
+    centred = f - mean_b
+    scatter_b = centred.T @ centred
+    if self.mean is None:
+      self.n, self.mean, self.scatter = nb, mean_b, scatter_b
+      return self
+    n = self.n + nb
+    delta = mean_b - self.mean
+    self.scatter = self.scatter + scatter_b + np.outer(delta, delta) * (self.n * nb / n)
+    self.mean = self.mean + delta * (nb / n)
+    self.n = n
+    return self
+
+  def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], covariance [D, D]); warns when fewer samples than dimensions + 1."""
+    if self.n < 2:
+      raise checks.InputError(f"feature statistics of {self.n} sample(s); a covariance needs at "
+                              "least 2.")
+    if self.n - 1 < self.dim:
+      warnings.warn(f"{self.n} samples of {self.dim}-d features: the covariance has rank at "
+                    f"most {self.n - 1} < {self.dim} (rank deficient); the Frechet distance "
+                    "stays finite but is biased, compare it only at equal sample counts.",
+                    RuntimeWarning, stacklevel=2)
+    return self.mean.copy(), self.scatter / (self.n - 1)
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, covariance) of features [N, D] in float64 (one `FeatureStats` batch)."""
+  return FeatureStats().update(features).mean_cov()
+
+
+# ---------------------------------------------------------------------------- PRDC
+
+
+def _sq_dists(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Squared Euclidean distances [n, m] (full float32 matmul precision on every backend)."""
+  ab = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * ab, 0.0)
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+  """[N, D] -> [ceil(N / block), block, D], zero padded."""
+  nb = -(-x.shape[0] // block)
+  return jnp.pad(x, ((0, nb * block - x.shape[0]), (0, 0))).reshape(nb, block, x.shape[1])
+
+
+def _kth_nn_sq(x: jax.Array, k: int, block: int) -> jax.Array:
+  """Squared distance of every point of x [N, D] to its k-th nearest neighbour in x (not itself)."""
+  n = x.shape[0]
+
+  def one(args):
+    rows, start = args
+    d = _sq_dists(rows, x)
+    self_col = (start + jnp.arange(block))[:, None] == jnp.arange(n)[None, :]
+    d = jnp.where(self_col, jnp.inf, d)
+    return -jax.lax.top_k(-d, k)[0][:, k - 1]
+
+  starts = jnp.arange(-(-n // block)) * block
+  return jax.lax.map(one, (_blocks(x, block), starts)).reshape(-1)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _prdc(real: jax.Array, fake: jax.Array, k: int, block: int):
+  centre = jnp.mean(real, 0)                 # distances are shift invariant; centring helps float32
+  real, fake = real - centre, fake - centre
+  real_r2, fake_r2 = _kth_nn_sq(real, k, block), _kth_nn_sq(fake, k, block)
+
+  def fake_block(rows):                      # per fake point: inside some real ball; how many
+    inside = _sq_dists(rows, real) < real_r2[None, :]
+    return jnp.any(inside, 1), jnp.sum(inside, 1)
+
+  def real_block(args):                      # per real point: inside some fake ball; covered
+    rows, r2 = args
+    d = _sq_dists(rows, fake)
+    return jnp.any(d < fake_r2[None, :], 1), jnp.min(d, 1) < r2
+
+  nf, nr = fake.shape[0], real.shape[0]
+  in_real, count = jax.lax.map(fake_block, _blocks(fake, block))
+  r2_blocks = _blocks(real_r2[:, None], block)[..., 0]
+  in_fake, covered = jax.lax.map(real_block, (_blocks(real, block), r2_blocks))
+  return {                                   # integer counts; ratios are taken on the host
+      "precision": jnp.sum(in_real.reshape(-1)[:nf]),
+      "recall": jnp.sum(in_fake.reshape(-1)[:nr]),
+      "density": jnp.sum(count.reshape(-1)[:nf]),
+      "coverage": jnp.sum(covered.reshape(-1)[:nr]),
+  }
+
+
+def prdc(real_features, fake_features, k: int = 5, block: int = 1024) -> dict:
+  """Precision, recall, density and coverage (Naeem et al. 2020, Eq. 1-4 with Kynkaanniemi et al.).
+
+  With B_k(x) the ball around x whose radius is the distance to its k-th nearest
+  neighbour in its own set (itself excluded), and all comparisons strict (<):
+    precision = share of fake points inside some real ball,
+    recall    = share of real points inside some fake ball,
+    density   = (1 / k) mean over fake points of the number of real balls holding it,
+    coverage  = share of real points whose ball holds some fake point.
+  Distances are computed in float32 on the default device, `block` rows at a time, so
+  10k x 10k sets of 2048-d features never hold a full distance matrix.
+
+  Args:
+    real_features: [N, D]. fake_features: [M, D]. k: neighbours (k < N and k < M).
+  Returns:
+    {"precision", "recall", "density", "coverage"} as floats.
+  """
+  real, fake = np.asarray(real_features), np.asarray(fake_features)
+  for name, f in (("real_features", real), ("fake_features", fake)):
+    if f.ndim != 2:
+      raise checks.InputError(f"{name} has shape {f.shape}; expected [N, D].")
+    if not np.isfinite(f).all():
+      raise checks.InputError(f"{name} holds NaN or inf.")
+  if real.shape[1] != fake.shape[1]:
+    raise checks.InputError(f"feature widths differ: real {real.shape[1]} vs fake {fake.shape[1]}; "
+                            "both sets must come from the same feature extractor.")
+  k = checks.check_positive_int(k, "k")
+  block = checks.check_positive_int(block, "block")
+  n_min = min(real.shape[0], fake.shape[0])
+  if k >= n_min:
+    raise checks.InputError(f"k={k} nearest neighbours need more than k samples in each set; got "
+                            f"{real.shape[0]} real and {fake.shape[0]} fake.")
+  block = min(block, max(real.shape[0], fake.shape[0]))
+  out = _prdc(jnp.asarray(real, jnp.float32), jnp.asarray(fake, jnp.float32), k=k, block=block)
+  counts = {name: int(v) for name, v in out.items()}
+  nr, nf = real.shape[0], fake.shape[0]
+  return {"precision": counts["precision"] / nf, "recall": counts["recall"] / nr,
+          "density": counts["density"] / (k * nf), "coverage": counts["coverage"] / nr}
