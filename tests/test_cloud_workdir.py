@@ -355,3 +355,17 @@ def test_local_workdir_that_cannot_be_written(tmp_path):
   with pytest.raises(checks.InputError, match="only local paths and gs:// URLs"):
     storage.path("s3://bucket/run")
   assert storage.path("rel/dir") == storage.path(os.path.join(os.getcwd(), "rel", "dir"))
+
+
+def test_metric_writer_keeps_the_steps_up_to_the_resumed_checkpoint(tmp_path):
+  from asyncpatch_jax.training import metric_writer  # pylint: disable=g-import-not-at-top
+  old = [{"step": s, "loss": float(s)} for s in range(1, 11)]
+  path = tmp_path / "metrics.jsonl"
+  for start, kept in [(6, [1, 2, 3, 4, 5, 6]), (0, []), (None, list(range(1, 11)))]:
+    # A kill mid-append (older versions) leaves a cut line, which is dropped.
+    path.write_text("".join(json.dumps(r) + "\n" for r in old) + '{"step": 11, "lo')
+    writer = metric_writer.MetricWriter(str(tmp_path), start)
+    writer.write(99, {"loss": 0.5})
+    writer.close()
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert lines == [r for r in old if r["step"] in kept] + [{"step": 99, "loss": 0.5}], start

@@ -65,7 +65,7 @@ def check_bucket(p, what: str = "workdir") -> epath.Path:
   if bucket is not None:
     try:
       found = epath.Path(f"gs://{bucket}").exists()
-    except OSError as e:      # 403 on the bucket itself: no access at all
+    except _errors(out) as e:      # 401/403 on the bucket itself: no access at all
       raise checks.InputError(f"{what} {os.fspath(p)!r}: bucket gs://{bucket} cannot be read "
                               f"({_reason(e)}).") from None
     if not found:
@@ -81,16 +81,12 @@ def check_writable(p, what: str = "workdir") -> epath.Path:
   Raises InputError (naming the folder and the reason) if any of it fails.
   """
   out = check_bucket(p, what)
-  errors: tuple[type[BaseException], ...] = (OSError,)
-  if is_url(out):
-    from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
-    errors += (HttpError,)
   try:
     out.mkdir(parents=True, exist_ok=True)
     probe = out / f".write_test_{uuid.uuid4().hex}"
     probe.write_bytes(b"")
     probe.unlink()
-  except errors as e:
+  except _errors(out) as e:
     raise checks.InputError(f"{what} {os.fspath(p)!r} is not writable ({_reason(e)}); choose a "
                             f"{'bucket' if is_url(out) else 'directory'} you can write to.") from None
   return out
@@ -107,6 +103,14 @@ def write_text_atomic(p: epath.Path, text: str) -> None:
   tmp = p.parent / f".{p.name}.{uuid.uuid4().hex}.tmp"
   tmp.write_text(text)
   tmp.replace(p)
+
+
+def _errors(p: epath.Path) -> tuple[type[BaseException], ...]:
+  """What a refused file operation on `p` raises: OSError, and gcsfs's HttpError (e.g. 401)."""
+  if not is_url(p):
+    return (OSError,)
+  from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
+  return (OSError, HttpError)
 
 
 def _reason(e: BaseException) -> str:

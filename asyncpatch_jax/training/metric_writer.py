@@ -18,15 +18,15 @@ import jax
 from asyncpatch_jax.data import storage
 
 
-def _records(text: str, last_step: int) -> list[str]:
-  """The JSON lines of `text` whose step is at most `last_step`."""
+def _records(text: str, last_step: int | None) -> list[str]:
+  """The JSON lines of `text` whose step is at most `last_step` (all if None)."""
   kept = []
   for line in text.splitlines():
     try:
       step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
       continue  # a line cut by a kill (older runs appended in place)
-    if step <= last_step:
+    if last_step is None or step <= last_step:
       kept.append(line)
   return kept
 
@@ -35,10 +35,10 @@ class MetricWriter:
   """One JSON line per logged step in metrics.jsonl, mirrored to TensorBoard.
 
   workdir: a local folder or gs:// URL; start_step: the step training resumes from
-  (0 for a fresh run).
+  (0 for a fresh run): records after it are dropped; None keeps every record.
   """
 
-  def __init__(self, workdir, start_step: int = 0):
+  def __init__(self, workdir, start_step: int | None = None):
     self.active = jax.process_index() == 0
     if not self.active:
       return
@@ -47,9 +47,9 @@ class MetricWriter:
     workdir = storage.path(workdir)
     self._path = workdir / "metrics.jsonl"
     self._lines = (_records(self._path.read_text(), start_step)
-                   if start_step > 0 and self._path.exists() else [])
+                   if start_step != 0 and self._path.exists() else [])
     self._tb = SummaryWriter(str(workdir / "tensorboard"),
-                             purge_step=start_step + 1 if start_step > 0 else None)
+                             purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
