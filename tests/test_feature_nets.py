@@ -1,0 +1,92 @@
+"""FID Inception-v3 and LPIPS against their reference implementations on the same random weights.
+
+tests/fixtures/feature_nets_reference.npz holds outputs computed once by
+tests/fixtures/make_feature_fixtures.py with pytorch-fid 0.3.0 (`fid_inception_v3`,
+`InceptionV3([3])`, resize to 299) and the `lpips` 0.1.4 package (AlexNet and VGG
+trunks), on weights drawn by tests/fixtures/feature_weights.py from fixed seeds (one
+NumPy stream per tensor name) and inputs drawn by its `inputs(seed, shape)`. Here the
+same weights are drawn again in NumPy for the names our flax modules expect, loaded
+through a weights file, and our outputs are compared with the stored ones.
+"""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asyncpatch_jax import checks
+from asyncpatch_jax.evaluation import inception
+from asyncpatch_jax.evaluation import lpips
+from fixtures import feature_weights
+from fixtures import make_feature_fixtures as spec   # seeds and shapes only (torch not imported)
+
+REF = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "feature_nets_reference.npz"))
+
+
+def _weights_file(tmp_path, expected, seed, fmt="npz"):
+  tensors = feature_weights.random_tensors(expected, seed)
+  path = str(tmp_path / f"weights.{fmt}")
+  if fmt == "npz":
+    np.savez(path, **tensors)
+  else:
+    from safetensors.numpy import save_file
+    save_file(tensors, path)
+  return path, tensors
+
+
+def test_inception_pool3_equals_pytorch_fid(tmp_path):
+  path, _ = _weights_file(tmp_path, inception.expected_tensors(), spec.SEEDS["inception"])
+  net = inception.load(path)
+  seed, shape = spec.INCEPTION_INPUT
+  got = np.asarray(net(feature_weights.inputs(seed, shape)))
+  ref = REF["inception_features"]
+  assert got.shape == (2, 2048)
+  np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_resize_to_299_equals_torch_bilinear():
+  seed, shape = spec.RESIZE_INPUT                 # 320 x 300 -> 299 x 299 (downsampling)
+  got = np.asarray(inception.resize_299(jnp.asarray(feature_weights.inputs(seed, shape))))
+  s = spec.RESIZE_STRIDE
+  np.testing.assert_allclose(got[:, ::s, ::s], REF["resize_299_subsampled"], atol=1e-5)
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_equals_the_lpips_package(tmp_path, net):
+  path, _ = _weights_file(tmp_path, lpips.expected_tensors(net), spec.SEEDS[net],
+                          fmt="safetensors" if net == "vgg" else "npz")
+  dist = lpips.load(path)                         # the trunk is detected from the file
+  assert dist.net == net
+  (sx, sy), shape = spec.LPIPS_INPUTS[net]
+  x, y = feature_weights.inputs(sx, shape), feature_weights.inputs(sy, shape)
+  got = np.asarray(dist(x, y))
+  np.testing.assert_allclose(got, REF[f"lpips_{net}"], rtol=1e-5)
+  np.testing.assert_allclose(REF[f"lpips_{net}_layers"].sum(0), REF[f"lpips_{net}"], rtol=1e-5)
+  assert np.all(np.abs(np.asarray(dist(x, x))) < 1e-7)          # LPIPS(x, x) = 0
+  np.testing.assert_allclose(np.asarray(dist(y, x)), got, rtol=1e-5)   # symmetric
+
+
+def test_mismatched_weight_files_name_the_first_bad_tensor(tmp_path):
+  expected = lpips.expected_tensors("alex")
+  tensors = feature_weights.random_tensors(expected, 0)
+  first = next(iter(expected))
+  missing = dict(tensors)
+  del missing[first]
+  np.savez(tmp_path / "missing.npz", **missing)
+  with pytest.raises(checks.InputError, match=f"tensor '{first}'.*is missing"):
+    lpips.load(str(tmp_path / "missing.npz"), net="alex")
+  bad = dict(tensors)
+  bad["lin2.model.1.weight"] = np.zeros((1, 385, 1, 1), np.float32)
+  np.savez(tmp_path / "bad.npz", **bad)
+  with pytest.raises(checks.InputError,
+                     match=r"'lin2.model.1.weight' has shape \(1, 385, 1, 1\); expected \(1, 384, 1, 1\)"):
+    lpips.load(str(tmp_path / "bad.npz"), net="alex")
+  # LPIPS weights are not Inception weights.
+  with pytest.raises(checks.InputError, match="FID Inception-v3 weights: tensor 'Conv2d_1a_3x3"):
+    inception.load(str(tmp_path / "bad.npz"))
+  with pytest.raises(checks.InputError, match="does not exist"):
+    inception.load(str(tmp_path / "nope.npz"))
+  with pytest.raises(checks.InputError, match="expected a .npz or .safetensors"):
+    open(tmp_path / "w.pth", "w").close()
+    inception.load(str(tmp_path / "w.pth"))
