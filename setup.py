@@ -19,6 +19,10 @@ INSTALL_REQUIRES = [
     # Embedded offline datasets ship inside these two packages.
     "scikit-learn>=1.5,<2",
     "scikit-image>=0.24,<1",
+    # PSNR/SSIM (evaluation/metrics.py); pretrained feature weights from user files
+    # (evaluation/weights_file.py).
+    "dm-pix==0.4.5",
+    "safetensors>=0.4,<1",
     # Plots of the experiments/ scripts.
     "matplotlib>=3.8,<4",
     "pillow>=10,<14",
