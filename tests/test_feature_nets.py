@@ -90,3 +90,26 @@ def test_mismatched_weight_files_name_the_first_bad_tensor(tmp_path):
   with pytest.raises(checks.InputError, match="expected a .npz or .safetensors"):
     open(tmp_path / "w.pth", "w").close()
     inception.load(str(tmp_path / "w.pth"))
+
+
+def test_digit_features_are_the_classifier_penultimate_layer_and_name_the_metrics():
+  import jax
+  from asyncpatch_jax.evaluation import digit_classifier, feature_nets
+  params = digit_classifier.DigitClassifier().init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
+  images = feature_weights.inputs(7, (40, 16, 16, 1))
+  extractor = feature_nets.DigitFeatures(params)
+  f = np.asarray(feature_nets.extract(extractor, images, batch_size=16))   # ragged last batch
+  assert f.shape == (40, 128) and f.min() >= 0.0                          # post-ReLU
+  # The last Dense layer applied to the features gives the classifier's logits.
+  logits = digit_classifier.DigitClassifier().apply({"params": params}, jnp.asarray(images))
+  head = params["Dense_1"]
+  np.testing.assert_allclose(f @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
+                             np.asarray(logits), rtol=1e-5, atol=1e-5)
+  with pytest.warns(RuntimeWarning, match="rank deficient"):      # 20 samples of 128-d
+    out = feature_nets.feature_metrics(extractor, images[:20], images[:20], k=3)
+  assert set(out) == {"fd_digits", "precision_digits", "recall_digits", "density_digits",
+                      "coverage_digits"}
+  assert abs(out["fd_digits"]) < 1e-6 and out["precision_digits"] == 1.0
+  assert feature_nets.metric_names("inception")["frechet"] == "fid"
+  with pytest.raises(checks.InputError, match=r"take the digits dataset's \[B, 16, 16, 1\]"):
+    extractor(np.zeros((2, 32, 32, 1)))

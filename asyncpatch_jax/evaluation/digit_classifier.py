@@ -26,6 +26,7 @@ class DigitClassifier(nn.Module):
     x = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2))(x))
     x = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2))(x))
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+    self.sow("intermediates", "features", x)     # penultimate features (feature_nets.py)
     return nn.Dense(self.num_classes)(x)
 
 
@@ -82,3 +83,10 @@ def train_classifier(key: jax.Array, num_steps: int = 600, batch_size: int = 128
 def classify(params, images: jax.Array) -> jax.Array:
   """Class probabilities [B, 10] of images [B, 16, 16, 1] in [-1, 1]."""
   return jax.nn.softmax(DigitClassifier().apply({"params": params}, images), axis=-1)
+
+
+@jax.jit
+def features(params, images: jax.Array) -> jax.Array:
+  """Penultimate (128-d, post-ReLU) features [B, 128] of images [B, 16, 16, 1] in [-1, 1]."""
+  _, state = DigitClassifier().apply({"params": params}, images, mutable=["intermediates"])
+  return state["intermediates"]["features"][0]
