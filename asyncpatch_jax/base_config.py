@@ -91,7 +91,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_images=64,         # images per grid
       batch_size=64,
       # --mode=sample (python -m asyncpatch_jax.main --mode=sample ...):
-      task="generate",       # generate | inpaint | outpaint | autoregressive | progressive | interleaved | ipr
+      task="generate",       # generate | inpaint | outpaint | autoregressive | progressive | interleaved | ipr | adaptive | ordered
       label="cycle",         # generate: 'cycle' (0, 1, ...), 'null' (unconditional) or a class id
       image="",              # inpaint/progressive/interleaved: PNG of the model's size;
                              # outpaint: a smaller PNG placed at `box`
@@ -103,6 +103,28 @@ def get_base_config() -> ml_collections.ConfigDict:
       ipr_rounds=10,         # ipr: refinement rounds R (IPR Alg. 1)
       ipr_alpha=0.25,        # ipr: resampling ratio alpha
       out_dir="",            # default: <workdir>/samples/<task>
+  )
+
+  # Uncertainty head and adaptive sampling (AsyncPatch Sec. 5.5; SRM; Patch Forcing):
+  # a config with model_workdir set trains a head on that workdir's frozen model.
+  config.uncertainty = dict(
+      model_workdir="",      # head training: the trained workdir whose (EMA) model is frozen
+      head_workdir="",       # sampling: the trained head (tasks adaptive, ordered; ipr order)
+      channels=16,           # head width (models/uncertainty_head.py)
+      num_layers=3,          # 3x3 convolutions
+      time_features=16,      # sinusoidal features of the per-pixel time
+      logvar_min=-12.0,      # clamp of the predicted log-variance
+      logvar_max=6.0,
+      policy="uncertainty_accelerated",  # task adaptive: uncertainty_accelerated | look_ahead | dual_loop
+      budget=0,              # steps (network evaluations); 0 = sample.num_steps
+      speedup=2.0,           # uncertainty_accelerated: pace of the most certain region
+      overlap=0.0,           # uncertainty_ordered (task ordered, ipr order): SRM overlap
+      quantile=0.4,          # look_ahead / dual_loop: certain = below this per-image quantile
+      look_ahead=1.4,        # look_ahead: progress factor of the certain regions
+      sub_steps=4,           # dual_loop: sub-steps of the uncertain regions
+      grid=(),               # policy regions (rows, cols); () = pixels (adaptive), sample.grid (ordered)
+      ipr_order="raster",    # ipr: raster (inpainting) | uncertainty (SRM order, needs head_workdir)
+      debug=False,           # check the policy's invariants at every step
   )
 
   config.eval = dict(

@@ -17,6 +17,8 @@ from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import ipr
+from asyncpatch_jax.diffusion import policies
+from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.training import sharding
 
@@ -24,10 +26,15 @@ from asyncpatch_jax.training import sharding
 class Generator:
   """generator(params, tau, key=..., shape=... | x=..., labels=..., guidance=...) -> images."""
 
-  def __init__(self, model, *, mesh="auto"):
-    """mesh: 'auto' (all devices, `training.sharding.sampling_mesh`), a Mesh, or None."""
+  def __init__(self, model, *, mesh="auto", head=None):
+    """mesh: 'auto' (all devices, `training.sharding.sampling_mesh`), a Mesh, or None.
+
+    head: an uncertainty head (models/uncertainty_head.py) whose prediction schedule
+    policies see (pass its parameters as head_params); None: uncertainty 0.
+    """
     self.model = model
     self.mesh = sharding.sampling_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
+    self.head = head
     self._samplers: dict[tuple[bool, bool], ipr.Refiner] = {}
 
   def _sampler(self, cfg: bool, input_guided: bool) -> ipr.Refiner:
@@ -38,31 +45,44 @@ class Generator:
       if input_guided:
         fn = guidance.input_guidance(fn)
       self._samplers[cfg, input_guided] = ipr.Refiner(
-          fn, mesh=self.mesh, batched_cond=("y", "guide_mask", "guide_noise"))
+          fn, mesh=self.mesh, batched_cond=("y", "guide_mask", "guide_noise"),
+          uncertainty_fn=None if self.head is None else uncertainty_head.uncertainty_fn(
+              self.head))
     return self._samplers[cfg, input_guided]
 
   def __call__(self, params, tau, *, key, x=None, shape=None, labels=None,
                guidance_weight: float = 0.0, eta: float = 0.0, input_guidance: float = 0.0,
-               input_guidance_t: float = 0.6, guide_mask=None) -> jax.Array:
+               input_guidance_t: float = 0.6, guide_mask=None, head_params=None,
+               **policy_kwargs):
     """Samples a batch; see samplers.Sampler for tau, key, x, shape and eta.
 
     labels: [B] class labels (None or the null label = unconditional) for a
       class-conditional model. guidance_weight: CFG weight w_c. input_guidance: w_i;
       guide_mask [B, H, W] defaults to the pixels known from the start (tau[0] = 0).
+    tau may be a schedule policy (diffusion/policies.py): then pass `budget` (and
+    `known`, `debug`, `return_history`: samplers.Sampler.run_policy) in policy_kwargs and
+    the head's parameters as head_params; it returns a samplers.AdaptiveResult.
     """
     b = (x.shape if x is not None else shape)[0]
     cond, cfg = self._class_cond(params, labels, guidance_weight, b)
+    is_policy = isinstance(tau, policies.Policy)
+    if is_policy and head_params is not None:
+      if self.head is None:
+        raise checks.InputError("head_params given to a Generator built without a head.")
+      policy_kwargs["uncertainty_cond"] = {"head_params": head_params}
     if input_guidance > 0:
-      tau0 = np.asarray(tau)[0]
       if guide_mask is None:
-        guide_mask = np.broadcast_to(tau0 == 0, (b, *tau0.shape[-2:]))
+        hw = tuple((x.shape if x is not None else shape)[1:3])
+        given = (np.asarray(policy_kwargs.get("known", np.zeros(hw))) > 0 if is_policy
+                 else np.asarray(tau)[0] == 0)
+        guide_mask = np.broadcast_to(given, (b, *hw))
       img_shape = (x.shape if x is not None else shape)
       cond.update(guide_mask=jnp.asarray(guide_mask, jnp.float32),
                   guide_noise=jax.random.normal(jax.random.fold_in(key, 2 ** 31 - 1), img_shape),
                   input_guidance=jnp.float32(input_guidance),
                   input_guidance_t=jnp.float32(input_guidance_t))
     return self._sampler(cfg, input_guidance > 0)(tau, key=key, x=x, shape=shape, eta=eta,
-                                                   **cond)
+                                                   **policy_kwargs, **cond)
 
   def _class_cond(self, params, labels, guidance_weight: float, batch: int) -> tuple[dict, bool]:
     """The velocity function's arguments for labels and CFG; and whether CFG is on."""
@@ -83,13 +103,18 @@ class Generator:
   def refine(self, params, x, *, key, regions, num_rounds: int, alpha: float = 0.25,
              num_steps: int = 50, condition=None, labels=None, guidance_weight: float = 0.0,
              eta: float = 0.0, fixed_noise: bool = False, fixed_regions: bool = False,
-             return_history: bool = False):
-    """Iterative Partial Refinement of the samples x [B, H, W, C]; see `ipr.Refiner.refine`."""
+             return_history: bool = False, policy=None, head_params=None):
+    """Iterative Partial Refinement of the samples x [B, H, W, C]; see `ipr.Refiner.refine`.
+
+    policy: regenerate with a schedule policy (e.g. policies.uncertainty_ordered, the
+    IPR paper's SRM order) and this Generator's head (head_params).
+    """
     cond, cfg = self._class_cond(params, labels, guidance_weight, np.shape(x)[0])
+    ucond = None if head_params is None else {"head_params": head_params}
     return self._sampler(cfg, False).refine(
         x, key=key, regions=regions, num_rounds=num_rounds, alpha=alpha, num_steps=num_steps,
         condition=condition, eta=eta, fixed_noise=fixed_noise, fixed_regions=fixed_regions,
-        return_history=return_history, **cond)
+        return_history=return_history, policy=policy, uncertainty_cond=ucond, **cond)
 
 
 def left_half_mask(height: int, width: int) -> np.ndarray:

@@ -21,7 +21,8 @@ from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.training import train
 
-TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "interleaved", "ipr")
+TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "interleaved", "ipr",
+         "adaptive", "ordered")
 
 
 def _labels(spec: str, n: int, num_classes: int):
@@ -100,6 +101,11 @@ def sample_from_workdir(config, workdir: str) -> dict:
   """Runs config.sample.task from the workdir's latest checkpoint; returns the settings."""
   sc = config.sample
   checks.check_choice(sc.task, TASKS, "sample.task")
+  if sc.task in ("adaptive", "ordered") or (sc.task == "ipr" and
+                                            config.uncertainty.ipr_order != "raster"):
+    # Tasks with an uncertainty head and schedule policies (AsyncPatch Sec. 5.5, SRM).
+    from asyncpatch_jax import adaptive_mode  # pylint: disable=g-import-not-at-top
+    return adaptive_mode.sample_from_workdir(config, workdir)
   workdir = storage.check_bucket(workdir, "workdir")
   setup = train.Setup(config, image_shape=train.saved_image_shape(workdir))
   shape = setup.image_shape

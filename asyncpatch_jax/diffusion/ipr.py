@@ -22,6 +22,7 @@ Regions are any partition of the pixels, given as an integer map [H, W] with val
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -59,9 +60,10 @@ def select_regions(key: jax.Array, condition: jax.Array, alpha) -> jax.Array:
 
 def refine_loop(velocity_fn: samplers.VelocityFn, x: jax.Array, key: jax.Array,
                 regions: jax.Array, condition: jax.Array, alpha, eta=0.0,
-                cond: dict | None = None, *, num_rounds: int, num_steps: int,
+                cond: dict | None = None, policy_params: dict | None = None,
+                uncertainty_cond: dict | None = None, *, num_rounds: int, num_steps: int,
                 fixed_noise: bool = False, fixed_regions: bool = False,
-                return_history: bool = False):
+                return_history: bool = False, policy_fn=None, uncertainty_fn=None):
   """R rounds of IPR; pure and traceable (see `Refiner` for the checked, compiled form).
 
   Args:
@@ -75,6 +77,10 @@ def refine_loop(velocity_fn: samplers.VelocityFn, x: jax.Array, key: jax.Array,
     alpha: resampling ratio in (0, 1].
     eta: the sampler's stochastic coefficient.
     num_rounds, num_steps: R and the sampler steps of each regeneration.
+    policy_fn, policy_params, uncertainty_fn, uncertainty_cond: regenerate with a schedule
+      policy within num_steps steps (samplers.policy_loop; the IPR paper's sequential
+      backbone regenerates in SRM's uncertainty order, policies.uncertainty_ordered)
+      instead of the inpainting schedule; None: the inpainting schedule.
   Returns:
     x^(R) [B, H, W, C]; with return_history also the samples of every round
     [R + 1, B, H, W, C] (x^(0) first) and the selections M^(r) as [R, B, N] bool.
@@ -86,9 +92,14 @@ def refine_loop(velocity_fn: samplers.VelocityFn, x: jax.Array, key: jax.Array,
     selected = select_regions(
         jax.random.fold_in(key_select, 1 if fixed_regions else r), condition, alpha)
     renoised = jnp.take(selected, regions, axis=1).astype(jnp.float32)   # [B, H, W]
-    tau = ramp[:, None, None, None] * renoised[None]
-    x = samplers.sample_loop(velocity_fn, tau, x,
-                             jax.random.fold_in(key_generate, 1 if fixed_noise else r), eta, cond)
+    key_r = jax.random.fold_in(key_generate, 1 if fixed_noise else r)
+    if policy_fn is None:
+      tau = ramp[:, None, None, None] * renoised[None]
+      x = samplers.sample_loop(velocity_fn, tau, x, key_r, eta, cond)
+    else:
+      x = samplers.policy_loop(velocity_fn, uncertainty_fn, x, renoised == 0, key_r, eta,
+                               num_steps, policy_params, cond, uncertainty_cond,
+                               policy_fn=policy_fn).samples
     return x, ((x, selected) if return_history else None)
 
   x_final, history = jax.lax.scan(round_fn, x, jnp.arange(1, num_rounds + 1))
@@ -111,19 +122,24 @@ class Refiner(samplers.Sampler):
   """
 
   def __init__(self, velocity_fn: samplers.VelocityFn, *, mesh=None,
-               batched_cond: Sequence[str] = ("y",)):
-    super().__init__(velocity_fn, mesh=mesh, batched_cond=batched_cond)
+               batched_cond: Sequence[str] = ("y",), uncertainty_fn=None):
+    super().__init__(velocity_fn, mesh=mesh, batched_cond=batched_cond,
+                     uncertainty_fn=uncertainty_fn)
     self._refine = jax.jit(
-        functools.partial(refine_loop, velocity_fn),
+        functools.partial(refine_loop, velocity_fn, uncertainty_fn=uncertainty_fn),
         static_argnames=("num_rounds", "num_steps", "fixed_noise", "fixed_regions",
-                         "return_history"))
+                         "return_history", "policy_fn"))
 
   def refine(self, x, *, key: jax.Array, regions, num_rounds: int, alpha: float = 0.25,
              num_steps: int = 50, condition=None, eta: float = 0.0, fixed_noise: bool = False,
-             fixed_regions: bool = False, return_history: bool = False, **cond):
+             fixed_regions: bool = False, return_history: bool = False, policy=None,
+             uncertainty_cond: dict | None = None, **cond):
     """IPR from the sample x [B, H, W, C]; see `refine_loop` for the arguments and returns.
 
     condition: None (C empty), [N] or [B, N] booleans (or 0/1) over the regions.
+    policy: None (regenerate with the inpainting schedule) or a `policies.Policy` that
+      regenerates the selected regions within num_steps steps (its regions default to
+      IPR's); uncertainty_cond: arguments of the sampler's uncertainty_fn.
     """
     checks.check_image(x, "x")
     b, h, w, _ = np.shape(x)
@@ -150,10 +166,22 @@ class Refiner(samplers.Sampler):
       i = int(np.argmin(n))
       raise checks.InputError(f"image {i}: alpha * (N - |C|) = {alpha} * {n_regions - condition[i].sum()} "
                        "< 1, so no region would be resampled; raise alpha or free more regions.")
+    policy_params, policy_fn = None, None
+    if policy is not None:
+      if policy.regions is None:
+        policy = dataclasses.replace(policy, regions=regions)
+      policy_params = self._place(policy.arguments((h, w), None, int(num_steps),
+                                                   num_unknown=int(n.max())), False, b)
+      policy_fn = policy.fn
+    if uncertainty_cond and self.uncertainty_fn is None:
+      raise checks.InputError("uncertainty_cond was given, but this refiner has no "
+                              "uncertainty_fn (build it with Refiner(..., uncertainty_fn=...)).")
     x = self._place(jnp.asarray(x, jnp.float32), True, b)
     condition = self._place(jnp.asarray(condition), True, b)
     cond = self.place_cond(cond, b)
+    ucond = self._place(dict(uncertainty_cond or {}), False, b)
     return self._refine(x, key, jnp.asarray(regions), condition, jnp.float32(alpha),
-                        jnp.float32(eta), cond, num_rounds=int(num_rounds),
+                        jnp.float32(eta), cond, policy_params, ucond, num_rounds=int(num_rounds),
                         num_steps=int(num_steps), fixed_noise=bool(fixed_noise),
-                        fixed_regions=bool(fixed_regions), return_history=bool(return_history))
+                        fixed_regions=bool(fixed_regions), return_history=bool(return_history),
+                        policy_fn=policy_fn)

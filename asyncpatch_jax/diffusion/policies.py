@@ -92,15 +92,20 @@ class Policy:
       return schedules.grid_regions(h, w, tuple(int(g) for g in self.regions))
     return schedules.check_regions(self.regions, (h, w))[0]
 
-  def arguments(self, image_hw: Sequence[int], known: np.ndarray | None, budget: int) -> dict:
+  def arguments(self, image_hw: Sequence[int], known: np.ndarray | None, budget: int,
+                num_unknown: int | None = None) -> dict:
     """The traced parameters for images [H, W] with known pixels `known` [B, H, W].
 
+    num_unknown: the most regions any image has to generate, when known is not given
+    (e.g. IPR's resampled regions); default: counted from `known`, or all regions.
     Raises InputError when the budget is smaller than the policy needs (e.g. fewer steps
     than the regions a sequential order must start one after another).
     """
     regions = self.region_map(image_hw)
     if self.min_budget is not None:
-      if known is None:
+      if num_unknown is not None:
+        n_unknown = int(num_unknown)
+      elif known is None:
         n_unknown = int(regions.max()) + 1
       else:
         known = np.asarray(known, bool).reshape(-1, *regions.shape)

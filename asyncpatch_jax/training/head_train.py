@@ -1,0 +1,317 @@
+"""Training an uncertainty head on top of a frozen trained model (AsyncPatch Sec. 5.5).
+
+`train_head(config, workdir)` is what `train.train_and_evaluate` runs for a config whose
+`uncertainty.model_workdir` names a trained workdir: it restores that workdir's model
+(EMA parameters, frozen: they are an input of the step, never updated or donated) and
+trains models/uncertainty_head.py with the Gaussian NLL of the velocity target under the
+frozen prediction (SRM / Patch Forcing), on the model's own dataset and with the model's
+own timestep sampler and label dropout. The machinery is the model's: one jitted step
+with donated head state over the ('data', 'fsdp') mesh, per-process batches assembled
+into a global array (input_pipeline), `fold_in(root_key, step)` randomness, orbax
+checkpoints resumed before anything else, SIGTERM saves, metrics.jsonl/TensorBoard.
+
+The head's checkpoints live in their own workdir and record the model they belong to
+(its model config, image shape, step and a SHA-256 fingerprint of the frozen parameters);
+resuming or loading a head with any other model is refused with the differences listed.
+The config's own data, model and timesteps sections are not used.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from asyncpatch_jax import checks
+from asyncpatch_jax.data import input_pipeline
+from asyncpatch_jax.diffusion import flow
+from asyncpatch_jax.models import uncertainty_head
+from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.training import metric_writer
+from asyncpatch_jax.training import sharding
+from asyncpatch_jax.training import train
+from asyncpatch_jax.training import train_state
+
+
+def fingerprint(params) -> str:
+  """SHA-256 of a parameter tree: every leaf's path, dtype, shape and bytes, in tree order."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    arr = np.asarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+    digest.update(np.ascontiguousarray(arr).tobytes())
+  return digest.hexdigest()
+
+
+def frozen_identity(model_config, image_shape, frozen_params, step: int) -> dict:
+  """What a head checkpoint records about the model it belongs to."""
+  return {"model": model_config.to_dict(), "image_shape": list(image_shape),
+          "params": "ema_params", "step": int(step), "fingerprint": fingerprint(frozen_params)}
+
+
+def _json(obj):
+  return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+class HeadCheckpointer(checkpointing.Checkpointer):
+  """The model's Checkpointer, with meta['model'] = the head and the frozen model's identity.
+
+  `check_compatible` (inherited) then refuses a head workdir whose head architecture or
+  frozen model differ, listing the differing keys ('frozen.fingerprint: ... -> ...').
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, image_shape,
+               identity: dict, **kwargs):
+    super().__init__(workdir, config, image_shape, **kwargs)
+    u = config.uncertainty
+    self.meta["model"] = _json({
+        "head": {k: u[k] for k in ("channels", "num_layers", "time_features", "logvar_min",
+                                   "logvar_max")},
+        "frozen": identity})
+
+
+def head_update(state: train_state.TrainState, x: jax.Array, y, frozen, key: jax.Array, *,
+                head: uncertainty_head.UncertaintyHead, tx: optax.GradientTransformation,
+                velocity_fn, timestep_sampler, ema_decay: float, lr_schedule=None):
+  """One head step on clean images x [B, H, W, C]: pure, for any frozen velocity function.
+
+  velocity_fn(frozen, z, t, y) -> v_hat is the frozen model (a UNet's apply, or the exact
+  Gaussian field in the tests); timestep_sampler(key, B, H, W) -> t [B, H, W].
+  """
+  k_t, k_eps = jax.random.split(key)
+  b, h, w, _ = x.shape
+  t = timestep_sampler(k_t, b, h, w)
+  eps = jax.random.normal(k_eps, x.shape, x.dtype)
+  z = flow.add_noise(x, eps, t)
+  v = flow.velocity_target(x, eps)
+  v_hat = jax.lax.stop_gradient(velocity_fn(frozen, z, t, y)).astype(jnp.float32)
+
+  def loss_fn(params):
+    logvar = head.apply({"params": params}, z, t, v_hat)
+    return uncertainty_head.gaussian_nll(logvar, v, v_hat, t), logvar
+
+  (loss, logvar), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = train_state.ema_update(state.ema_params, params,
+                               train_state.ema_decay_at(state.step, ema_decay))
+  grad_norm = optax.tree.norm(grads)
+  bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  new_state = train_state.TrainState(
+      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+      nonfinite_step=jnp.where((state.nonfinite_step < 0) & bad, state.step,
+                               state.nonfinite_step))
+  err2 = jnp.mean(jnp.square(v - v_hat), axis=-1)
+  weight = (t > 0).astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(weight), 1.0)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+             "update_norm": optax.tree.norm(updates),
+             # The frozen model's velocity MSE (constant in the head's parameters) and the
+             # calibration E[err^2 / sigma^2] (1 for a calibrated head), over t > 0.
+             "velocity_mse": jnp.sum(weight * err2) / n,
+             "calibration": jnp.sum(weight * err2 * jnp.exp(-logvar)) / n,
+             "mean_logvar": jnp.sum(weight * logvar) / n}
+  if lr_schedule is not None:
+    metrics["learning_rate"] = lr_schedule(state.step)
+  return new_state, metrics
+
+
+class HeadSetup:
+  """The frozen model (restored), the head, its optimizer: validated before compiling."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    self.config = cfg = config
+    model_workdir = cfg.uncertainty.model_workdir
+    if not model_workdir:
+      raise checks.InputError("uncertainty.model_workdir is empty; set it to the trained "
+                              "workdir whose model the head extends.")
+    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+      checks.check_positive_int(cfg.train[key], f"train.{key}")
+    checks.check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
+    self.head = uncertainty_head.build_head(cfg.uncertainty)
+    n_dev = jax.device_count() if devices is None else len(devices)
+    if cfg.train.batch_size % n_dev:
+      raise checks.InputError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                              f"{n_dev} devices.")
+    # The model's own Setup (with its dataset: the head trains on the model's data), then
+    # its latest checkpoint (refused if it is not that config's model).
+    model_config = read_config(model_workdir)
+    self.model_setup = train.Setup(model_config)
+    _, model_state = train.load_trained(model_workdir, model_config, setup=self.model_setup)
+    self.model = self.model_setup.model
+    self.image_shape = self.model_setup.image_shape
+    self.frozen = model_state.ema_params
+    self.identity = frozen_identity(self.model_setup.config.model, self.image_shape,
+                                    self.frozen, int(jax.device_get(model_state.step)))
+    self.tx, self.lr_schedule = train_state.make_optimizer(
+        cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
+    self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))
+
+  def init_state(self, key: jax.Array) -> train_state.TrainState:
+    params = self.head.init(key, *uncertainty_head.example_inputs(self.image_shape))["params"]
+    return train_state.create(params, self.tx)
+
+  def velocity(self, frozen, z, t, y):
+    return self.model.apply({"params": frozen}, z, t, y)
+
+
+def head_train_step(state, batch, frozen, *, setup: HeadSetup, root_key):
+  """The jitted step of `train_head`: the model's label dropout, then `head_update`."""
+  key = jax.random.fold_in(root_key, state.step)
+  k_label, k_update = jax.random.split(key)
+  model = setup.model
+  y = None
+  if model.num_classes:
+    drop = jax.random.bernoulli(k_label, setup.model_setup.config.train.label_dropout,
+                                batch["label"].shape)
+    y = jnp.where(drop, model.null_label, batch["label"]).astype(jnp.int32)
+  return head_update(state, batch["image"], y, frozen, k_update, head=setup.head, tx=setup.tx,
+                     velocity_fn=setup.velocity,
+                     timestep_sampler=setup.model_setup.timestep_sampler,
+                     ema_decay=setup.config.train.ema_decay, lr_schedule=setup.lr_schedule)
+
+
+def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
+  """Trains the head of `config.uncertainty` in `workdir` (resuming its latest checkpoint).
+
+  Returns a summary: step, last metrics, whether it was preempted, the frozen model's
+  identity, the final `state` (head TrainState) and the `frozen` parameters it used.
+  """
+  sharding.maybe_initialize_distributed()
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise checks.InputError(f"workdir {workdir!r} cannot be created ({e}); choose another "
+                            "--workdir.") from None
+  setup = HeadSetup(config, devices)
+  cfg = config
+  mesh = sharding.make_mesh(cfg.train.fsdp, devices)
+  state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
+  frozen_shardings = sharding.state_shardings(setup.frozen, mesh)
+  frozen = jax.device_put(setup.frozen, frozen_shardings)
+  ckpt = HeadCheckpointer(workdir, cfg, setup.image_shape, setup.identity,
+                          every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
+  try:
+    ckpt.check_compatible()
+    ckpt.write_config_json()
+    root_key = jax.random.key(cfg.seed)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          setup.abstract_state, state_shardings)
+    state = ckpt.restore(target)
+    if state is None:
+      init_key = jax.random.fold_in(root_key, -1 % 2 ** 31)
+      state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_key)
+    start, total = int(jax.device_get(state.step)), cfg.train.num_steps
+    logging.info("Training an uncertainty head for %s (frozen model step %d, fingerprint %s) "
+                 "from step %d to %d.", cfg.uncertainty.model_workdir, setup.identity["step"],
+                 setup.identity["fingerprint"][:12], start, total)
+    step_fn = jax.jit(functools.partial(head_train_step, setup=setup, root_key=root_key),
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                    frozen_shardings),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
+    pipeline = input_pipeline.InputPipeline(setup.model_setup.source, cfg.train.batch_size,
+                                            seed=cfg.seed)
+    writer = metric_writer.MetricWriter(workdir)
+    keys = ("image", "label") if setup.model.num_classes else ("image",)
+    summary: dict[str, Any] = {"preempted": False, "frozen_model": setup.identity}
+    metrics = None
+    bar = train._progress(cfg, start, total)  # pylint: disable=protected-access
+    with train._Preemption() as preemption:   # pylint: disable=protected-access
+      t_log, n_log = time.time(), 0
+      for step, local in zip(range(start, total), pipeline.iterate(start, total - start)):
+        batch = input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
+        state, metrics = step_fn(state, batch, frozen)
+        done, n_log = step + 1, n_log + 1
+        if bar is not None:
+          bar.update(1)
+        if done % cfg.train.log_every == 0 or done == total:
+          scalars = jax.device_get(metrics)
+          scalars.update(steps_per_s=n_log / (time.time() - t_log))
+          train._check_finite(state, metrics)  # pylint: disable=protected-access
+          writer.write(done, scalars)
+          if bar is not None:
+            bar.set_postfix(nll=f"{scalars['loss']:.4f}", calib=f"{scalars['calibration']:.2f}")
+          t_log, n_log = time.time(), 0
+        preempted = (ckpt.reached_preemption(done) if jax.process_count() > 1
+                     else preemption.requested)
+        if done % cfg.train.checkpoint_every == 0 or done == total or preempted:
+          train._check_finite(state, metrics)  # pylint: disable=protected-access
+          ckpt.save(done, state, force=True)
+        if preempted:
+          logging.warning("Preemption requested: saved step %d, stopping.", done)
+          summary["preempted"] = True
+          break
+    if bar is not None:
+      bar.close()
+    writer.close()
+    ckpt.manager.wait_until_finished()
+    summary.update(step=int(jax.device_get(state.step)), state=state, frozen=frozen)
+    if metrics is not None:
+      summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    return summary
+  finally:
+    ckpt.close()
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json of a head (or model) workdir."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise checks.InputError(f"workdir {workdir!r} has no config.json; train the head there "
+                            "first (python -m asyncpatch_jax.main "
+                            "--config=configs/uncertainty_digits.py --workdir=...).")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_head(head_workdir: str, model_setup: train.Setup, model_state: train_state.TrainState
+              ) -> tuple[uncertainty_head.UncertaintyHead, Any]:
+  """(head, EMA head parameters) of a trained head workdir, checked against a model.
+
+  model_setup, model_state: the model the head will be used with (train.load_trained).
+  Raises InputError, listing the differences, if the head was trained on another model
+  (model config, image shape, step or parameters).
+  """
+  config = read_config(head_workdir)
+  if "uncertainty" not in config:
+    raise checks.InputError(f"workdir {head_workdir!r} does not hold an uncertainty head (its "
+                            "config has no 'uncertainty' section).")
+  head = uncertainty_head.build_head(config.uncertainty)
+  identity = frozen_identity(model_setup.config.model, model_setup.image_shape,
+                             model_state.ema_params, int(jax.device_get(model_state.step)))
+  tx, _ = train_state.make_optimizer(config.optim, config.train.num_steps,
+                                     flatten=config.train.fsdp == 1)
+  image_shape = model_setup.image_shape
+
+  def init_state(key):
+    params = head.init(key, *uncertainty_head.example_inputs(image_shape))["params"]
+    return train_state.create(params, tx)
+
+  ckpt = HeadCheckpointer(head_workdir, config, image_shape, identity, every=1, keep=None)
+  try:
+    if ckpt.latest_step() is None:
+      raise checks.InputError(f"workdir {head_workdir!r} has no head checkpoint; train it first.")
+    step = ckpt.latest_step()
+    saved = ckpt.saved_meta(step)["model"]
+    diffs = checkpointing.config_differences(saved["frozen"], ckpt.meta["model"]["frozen"])
+    if diffs:
+      raise checks.InputError(
+          f"the uncertainty head in {head_workdir!r} (step {step}) was trained on another "
+          "model; refusing to use it. Differences (head's model -> this model):\n  "
+          + "\n  ".join(diffs) + "\nTrain a head for this model (configs/uncertainty_digits.py "
+          "with --config.uncertainty.model_workdir=<this workdir>).")
+    ckpt.check_compatible()
+    state = ckpt.restore(jax.eval_shape(init_state, jax.random.key(0)))
+  finally:
+    ckpt.close()
+  return head, state.ema_params
