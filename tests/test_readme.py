@@ -185,6 +185,12 @@ assert out.shape == (8, 4, 4, 1)
 assert (out[:, :, :2] == 1).all()                        # known pixels bit-identical
 np.testing.assert_array_equal(x[:, :2, :2], x0[:, :2, :2])  # condition region 0 untouched
 assert not np.array_equal(x, x0)
+# Metrics, masks and RePaint: the numbers the section promises.
+assert np.isfinite(fd) and fd > 0 and set(scores) == {"precision", "recall", "density", "coverage"}
+assert thin.shape == (4, 16, 16) and set(np.unique(thin)) <= {0.0, 1.0}
+assert ts[:3].tolist() == [249, 248, 247] and ts[-1] == -1 and repaint.num_model_steps(ts) == 2410
+painted = np.asarray(painted)
+assert (painted[square == 1] == 1).all() and not (painted[square == 0] == 1).all()
 print("ok")
 """
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
