@@ -60,11 +60,12 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
   """||mu1 - mu2||^2 + tr C1 + tr C2 - 2 tr (C1 C2)^(1/2) between N(mu1, C1) and N(mu2, C2).
 
   Heusel et al. 2017 (FID), Dowson & Landau 1982. float64. The trace of the matrix
-  square root uses symmetric eigendecompositions only: with A = C1^(1/2) (eigh of C1),
-  C1 C2 is similar to the symmetric PSD A C2 A, so tr (C1 C2)^(1/2) is the sum of the
-  square roots of its (clipped non-negative) eigenvalues. This stays finite for
-  rank-deficient covariances (fewer samples than dimensions), where `sqrtm` of the
-  non-symmetric product needs pytorch-fid's eps retry.
+  square root uses symmetric eigenvalues only: for any factor A A^T = C1 (Cholesky, or
+  V W^(1/2) from eigh of C1 when C1 is singular), C1 C2 has the eigenvalues of the
+  symmetric PSD A^T C2 A (as it has those of C1^(1/2) C2 C1^(1/2)), so tr (C1 C2)^(1/2)
+  is the sum of the square roots of its (clipped non-negative) eigenvalues. This stays
+  finite for rank-deficient covariances (fewer samples than dimensions), where `sqrtm`
+  of the non-symmetric product needs pytorch-fid's eps retry.
 
   Args:
     mu1, mu2: [D] means. cov1, cov2: [D, D] covariances.
@@ -81,15 +82,29 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     raise checks.InputError(f"feature widths differ: {mu1.size} vs {mu2.size}; both statistics "
                             "must come from the same feature extractor.")
   cov1, cov2 = (cov1 + cov1.T) / 2.0, (cov2 + cov2.T) / 2.0
-  w, v = scipy.linalg.eigh(cov1, driver="evd")
-  keep = w > 0.0                                    # A = V_+ sqrt(W_+) V_+^T on the PSD part
-  a_half = v[:, keep] * np.sqrt(w[keep])            # [D, r], a_half a_half^T = C1
-  # eig(A C2 A) = eig(a_half^T C2 a_half) apart from zeros: an r x r problem.
-  m = a_half.T @ cov2 @ a_half
-  eig = scipy.linalg.eigvalsh((m + m.T) / 2.0, driver="evd") if m.size else np.zeros(0)
+  m = _congruence(cov1, cov2)
+  eig = scipy.linalg.eigvalsh((m + m.T) / 2.0, driver="evr") if m.size else np.zeros(0)
   tr_sqrt = float(np.sum(np.sqrt(np.clip(eig, 0.0, None))))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
+
+
+def _congruence(cov1: np.ndarray, cov2: np.ndarray) -> np.ndarray:
+  """A^T C2 A for a factor A A^T = C1; its eigenvalues are those of C1 C2 (and zeros).
+
+  A is the Cholesky factor when C1 is positive definite (BLAS-3 triangular products),
+  else V_+ W_+^(1/2) from the eigendecomposition of C1 restricted to its positive
+  eigenvalues (rank-deficient covariances: an r x r problem).
+  """
+  try:
+    a = scipy.linalg.cholesky(cov1, lower=True)
+  except np.linalg.LinAlgError:
+    w, v = scipy.linalg.eigh(cov1, driver="evd")
+    keep = w > 0.0
+    a = v[:, keep] * np.sqrt(w[keep])                # [D, r]
+    return a.T @ cov2 @ a
+  trmm = scipy.linalg.blas.dtrmm
+  return trmm(1.0, a, trmm(1.0, a, cov2, side=1, lower=1), side=0, lower=1, trans_a=1)
 
 
 class FeatureStats:
