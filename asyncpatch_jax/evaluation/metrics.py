@@ -206,23 +206,28 @@ def _prdc(real: jax.Array, fake: jax.Array, k: int, block: int):
   real, fake = real - centre, fake - centre
   real_r2, fake_r2 = _kth_nn_sq(real, k, block), _kth_nn_sq(fake, k, block)
 
-  def fake_block(rows):                      # per fake point: inside some real ball; how many
-    inside = _sq_dists(rows, real) < real_r2[None, :]
-    return jnp.any(inside, 1), jnp.sum(inside, 1)
-
-  def real_block(args):                      # per real point: inside some fake ball; covered
-    rows, r2 = args
-    d = _sq_dists(rows, fake)
-    return jnp.any(d < fake_r2[None, :], 1), jnp.min(d, 1) < r2
-
   nf, nr = fake.shape[0], real.shape[0]
-  in_real, count = jax.lax.map(fake_block, _blocks(fake, block))
+  # One pass over the real-fake distances, a block of real rows at a time: per real point
+  # (recall, coverage) directly; per fake point (precision, density) as a running count of
+  # the real balls holding it. Padded real rows get radius -inf: they hold nothing.
   r2_blocks = _blocks(real_r2[:, None], block)[..., 0]
-  in_fake, covered = jax.lax.map(real_block, (_blocks(real, block), r2_blocks))
+  r2_blocks = jnp.where(jnp.arange(r2_blocks.size).reshape(r2_blocks.shape) < nr, r2_blocks,
+                        -jnp.inf)
+
+  def real_block(count, args):
+    rows, r2 = args
+    d = _sq_dists(rows, fake)                                  # [block, nf]
+    inside_real_ball = d < r2[:, None]
+    count = count + jnp.sum(inside_real_ball, 0, dtype=jnp.int32)
+    return count, (jnp.any(d < fake_r2[None, :], 1), jnp.min(d, 1) < r2)
+
+  count, (in_fake, covered) = jax.lax.scan(real_block, jnp.zeros((nf,), jnp.int32),
+                                           (_blocks(real, block), r2_blocks))
+  in_real = count > 0
   return {                                   # integer counts; ratios are taken on the host
-      "precision": jnp.sum(in_real.reshape(-1)[:nf]),
+      "precision": jnp.sum(in_real),
       "recall": jnp.sum(in_fake.reshape(-1)[:nr]),
-      "density": jnp.sum(count.reshape(-1)[:nf]),
+      "density": jnp.sum(count),
       "coverage": jnp.sum(covered.reshape(-1)[:nr]),
   }
 
