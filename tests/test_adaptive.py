@@ -10,6 +10,7 @@ import pytest
 
 from asyncpatch_jax import checks
 from asyncpatch_jax.diffusion import gaussian
+from asyncpatch_jax.diffusion import ipr
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
@@ -230,6 +231,18 @@ def test_policies_keep_the_sampler_invariants(policy):
   np.testing.assert_array_equal(out.evaluations, done)
 
 
+def _slow(state, params):
+  return state.t * params["factor"]
+
+
+def test_the_last_step_of_the_budget_finishes_every_pixel():
+  # A policy that never reaches 0 by itself (t -> 0.9 t): the budget's last step does.
+  out = toy(policies.custom(_slow, factor=0.9), 5)
+  times = np.asarray(out.history["times"])[:6, 0, 0, 0]
+  np.testing.assert_allclose(times, [1, 0.9, 0.81, 0.729, 0.6561, 0], rtol=1e-6)
+  assert (np.asarray(out.steps) == 5).all() and (np.asarray(out.evaluations) == 5).all()
+
+
 def test_srm_order_follows_the_uncertainty():
   # u decreases with the region id: SRM starts the region with the lowest mean sigma, so
   # the 2x2 grid is generated in reverse raster order (region 3 first, then 2, 1, 0).
@@ -298,6 +311,28 @@ def test_sharded_adaptive_sampling_equals_single_device():
     np.testing.assert_allclose(np.asarray(a.samples), np.asarray(s.samples), atol=1e-5)
     np.testing.assert_array_equal(a.steps, s.steps)
     np.testing.assert_array_equal(a.evaluations, s.evaluations)
+
+
+def test_ipr_regenerates_its_regions_in_srm_order():
+  # IPR (papers/004 Alg. 1) with the sequential backbone's order: each round regenerates
+  # floor(alpha (N - |C|)) = 2 of the 3 free 2x2 regions, one after the other in the order
+  # of the (given) uncertainty, and leaves the rest bit-identical.
+  refiner = ipr.Refiner(_toy_velocity, uncertainty_fn=_toy_uncertainty)
+  regions = schedules.grid_regions(H, W, (2, 2))
+  x0 = np.asarray(jax.random.normal(jax.random.key(11), (B, H, W, C)))
+  kw = dict(key=jax.random.key(12), regions=regions, num_rounds=3, alpha=0.7, num_steps=4,
+            condition=[1, 0, 0, 0], eta=0.25, y=jnp.zeros(B),
+            policy=policies.uncertainty_ordered(None, overlap=0.5),
+            uncertainty_cond={"u_map": jnp.asarray(4.0 - regions, jnp.float32),
+                              "mix": jnp.float32(1.0)})
+  _, history, selected = refiner.refine(x0, return_history=True, **kw)
+  history, selected = np.asarray(history), np.asarray(selected)
+  assert (selected.sum(-1) == 2).all() and not selected[..., 0].any()
+  for r in range(3):
+    changed = np.any(history[r + 1] != history[r], axis=-1)               # [B, H, W]
+    np.testing.assert_array_equal(changed, selected[r][:, regions])
+  with pytest.raises(checks.InputError, match="budget of 2 steps is smaller than the 3"):
+    refiner.refine(x0, **{**kw, "num_steps": 2})
 
 
 # ------------------------------------------------------------------------- bad input

@@ -1,0 +1,276 @@
+"""Adaptive sampling (AsyncPatch Sec. 5.5, Fig. 7; SRM; Patch Forcing) on this project's digits model.
+
+  python experiments/adaptive_sampling.py --workdir=/tmp/asyncpatch_default --head_workdir=/tmp/asyncpatch_head --out=results/adaptive/adaptive_sampling.json
+
+Needs the main job's trained workdir and an uncertainty head trained on it
+(configs/uncertainty_digits.py). For the synchronous schedule and every schedule policy
+(diffusion/policies.py) at each step budget, draws unconditional samples (null label,
+eta 0.25) and scores them against the digits test split with the evaluation wing's
+offline metrics: Frechet distance and precision/recall/density/coverage on the in-project
+digit classifier's penultimate features (`fd_digits`, ..., never called FID), and the main
+job's classifier-confidence share (max class probability >= 0.9). It records the network
+evaluations each setting used (the loop's steps) and the mean steps per pixel.
+Also: the head's calibration on held-out images (E[err^2 / sigma^2] and the correlation of
+predicted and actual squared error per time bin), and the Fig. 7 panels of
+uncertainty_accelerated: per-pixel step-count maps and their histogram with the samples
+(adaptive_steps.png), the predicted uncertainty and the x0 prediction at four times
+(adaptive_evolution.png). Writes the JSON, a Markdown table (.md) and the PNGs next to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+from etils import epath
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from asyncpatch_jax import checks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from asyncpatch_jax import generate
+from asyncpatch_jax.data import datasets
+from asyncpatch_jax.data import image_io
+from asyncpatch_jax.diffusion import flow
+from asyncpatch_jax.diffusion import policies
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.evaluation import digit_classifier
+from asyncpatch_jax.evaluation import feature_nets
+from asyncpatch_jax.models import uncertainty_head
+from asyncpatch_jax.training import head_train
+from asyncpatch_jax.training import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "/tmp/asyncpatch_default", "Trained digits model (the main job).")
+flags.DEFINE_string("head_workdir", "/tmp/asyncpatch_head", "Uncertainty head of that model.")
+flags.DEFINE_string("out", None, "Output JSON path (table and PNGs go next to it).")
+flags.DEFINE_list("budgets", ["8", "16", "32", "50"], "Step budgets (network evaluations).")
+flags.DEFINE_integer("num_samples", 256, "Samples per (schedule, budget).")
+flags.DEFINE_integer("batch_size", 256, "Sampler batch.")
+flags.DEFINE_float("eta", 0.25, "Sampler eta (AsyncPatch App. E).")
+flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project classifier.")
+flags.DEFINE_integer("panel_budget", 32, "Budget of the Fig. 7 panels.")
+flags.DEFINE_integer("seed", 0, "Root seed.")
+
+REPLICATE = "synchronous (2nd seed)"
+# (name, policy or None for the tensor schedule) in the order of the table.
+SETTINGS = [
+    ("synchronous", None),
+    ("uncertainty_accelerated", policies.uncertainty_accelerated(speedup=2.0)),
+    ("uncertainty_ordered", policies.uncertainty_ordered(grid=(2, 2), overlap=0.5)),
+    ("look_ahead", policies.look_ahead(factor=1.4, quantile=0.4, grid=(4, 4))),
+    ("dual_loop", policies.dual_loop(sub_steps=4, quantile=0.4, grid=(4, 4))),
+]
+
+
+def _describe(policy) -> dict:
+  if policy is None:
+    return {"description": "tensor tau = 1 - k/N for every pixel"}
+  return {"params": policy.params,
+          "grid": "pixels" if policy.regions is None else list(policy.regions)}
+
+
+def _calibration(setup, state, head, head_params, images, key) -> list[dict]:
+  """Per time bin (t of the model's timestep sampler, t > 0): mean err^2 / sigma^2 (1 when
+  calibrated) and corr(log sigma^2, log err^2) over pixels, on held-out images."""
+  model = setup.model
+  b, h, w, _ = images.shape
+  k_t, k_eps = jax.random.split(key)
+  t = setup.timestep_sampler(k_t, b, h, w)
+  eps = jax.random.normal(k_eps, images.shape)
+  z = flow.add_noise(images, eps, t)
+  y = jnp.full((b,), model.null_label, jnp.int32) if model.num_classes else None
+  v_hat = jax.jit(lambda p, z, t, y: model.apply({"params": p}, z, t, y))(
+      state.ema_params, z, t, y)
+  var = uncertainty_head.uncertainty_fn(head)(z, t, v_hat, head_params)
+  err2 = np.asarray(jnp.mean(jnp.square(flow.velocity_target(images, eps) - v_hat), -1))
+  t, var = np.asarray(t), np.asarray(var)
+  rows = []
+  for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)):
+    sel = (t > lo) & (t <= hi)
+    rows.append({"t": [lo, hi], "pixels": int(sel.sum()),
+                 "mean_err2_over_var": float(np.mean(err2[sel] / var[sel])),
+                 "corr_log_var_log_err2": float(np.corrcoef(np.log(var[sel]),
+                                                            np.log(err2[sel] + 1e-12))[0, 1])})
+  return rows
+
+
+def _panels(out_dir, result, budget):
+  """Fig. 7: step-count maps + histogram with the samples; uncertainty and x0 at 4 times."""
+  samples = np.asarray(result.samples)[:8, ..., 0]
+  steps = np.asarray(result.steps)
+  hist = result.history
+  fig, axes = plt.subplots(3, 8, figsize=(12, 5.2), gridspec_kw={"height_ratios": [1, 1, 1.2]})
+  for i in range(8):
+    axes[0, i].imshow(samples[i], cmap="gray", vmin=-1, vmax=1)
+    im = axes[1, i].imshow(steps[i], cmap="viridis", vmin=0, vmax=budget)
+    for ax in axes[:2, i]:
+      ax.set_xticks([]); ax.set_yticks([])
+  axes[0, 0].set_ylabel("sample")
+  axes[1, 0].set_ylabel("steps")
+  fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="steps per pixel")
+  gs = axes[2, 0].get_gridspec()
+  for ax in axes[2, :]:
+    ax.remove()
+  ax = fig.add_subplot(gs[2, :])
+  ax.hist(steps.reshape(-1), bins=np.arange(budget + 2) - 0.5, color="tab:blue")
+  ax.set_xlabel(f"steps per pixel (budget {budget}, all {steps.shape[0]} images)")
+  ax.set_ylabel("pixels")
+  path_steps = str(out_dir / "adaptive_steps.png")
+  fig.savefig(path_steps, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+  n = int(hist["num_steps"])
+  shown = [max(0, round(f * n) - 1) for f in (0.25, 0.5, 0.75, 1.0)]
+  times = np.asarray(hist["times"])
+  unc = np.asarray(hist["uncertainty"])
+  x0 = np.asarray(hist["x0"])[..., 0]
+  fig, axes = plt.subplots(8, 5, figsize=(7.5, 12))
+  for r in range(4):
+    for j, k in enumerate(shown):
+      a_u, a_x = axes[2 * r, j], axes[2 * r + 1, j]
+      a_u.imshow(np.log10(np.maximum(unc[k, r], 1e-4)), cmap="magma", vmin=-3, vmax=1)
+      a_x.imshow(np.clip(x0[k, r], -1, 1), cmap="gray", vmin=-1, vmax=1)
+      if r == 0:
+        a_u.set_title(f"step {k + 1}\nmean t {times[k, r].mean():.2f}", fontsize=8)
+    axes[2 * r, 4].imshow(samples[r], cmap="gray", vmin=-1, vmax=1)
+    axes[2 * r + 1, 4].imshow(steps[r], cmap="viridis", vmin=0, vmax=budget)
+    axes[2 * r, 0].set_ylabel("log10 var", fontsize=8)
+    axes[2 * r + 1, 0].set_ylabel("x0 pred.", fontsize=8)
+  axes[0, 4].set_title("final / steps", fontsize=8)
+  for ax in axes.ravel():
+    ax.set_xticks([]); ax.set_yticks([])
+  path_evolution = str(out_dir / "adaptive_evolution.png")
+  fig.savefig(path_evolution, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path_steps, path_evolution, shown
+
+
+def _markdown(rows, budgets) -> str:
+  lines = ["| schedule | budget | network evaluations | mean steps / pixel | fd_digits | "
+           "precision | recall | density | coverage | confident |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['schedule']} | {r['budget']} | {r['network_evaluations']} | "
+                 f"{r['mean_steps_per_pixel']:.1f} | {r['fd_digits']:.2f} | "
+                 f"{r['precision_digits']:.3f} | {r['recall_digits']:.3f} | "
+                 f"{r['density_digits']:.3f} | {r['coverage_digits']:.3f} | "
+                 f"{r['confident_fraction']:.3f} |")
+  del budgets
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  t_start = time.time()
+  out = epath.Path(FLAGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  budgets = [int(b) for b in FLAGS.budgets]
+  setup, state = train.load_trained(FLAGS.workdir)
+  if setup.config.data.dataset != "digits":
+    raise ValueError(f"{FLAGS.workdir} holds a {setup.config.data.dataset!r} model; the "
+                     "digit features score digits models only.")
+  head, head_params = head_train.load_head(FLAGS.head_workdir, setup, state)
+  h, w, c = setup.image_shape
+  key = jax.random.key(FLAGS.seed)
+  extractor, held_out = feature_nets.DigitFeatures.train(jax.random.fold_in(key, 1),
+                                                         FLAGS.classifier_steps)
+  test = datasets.get_dataset("digits", "test")
+  real = np.stack([test[i]["image"] for i in range(len(test))]).astype(np.float32)
+  gen = generate.Generator(setup.model, mesh=None, head=head)
+  n, bs = FLAGS.num_samples, FLAGS.batch_size
+  rows = []
+  # The synchronous schedule twice (another seed): the seed-to-seed spread of the metrics
+  # at this sample size is the scale against which the policies' differences are read.
+  for name, policy in SETTINGS + [(REPLICATE, None)]:
+    for budget in budgets:
+      t0 = time.time()
+      samples, steps, loop_steps, per_image = [], [], 0, []
+      seed_key = jax.random.fold_in(key, 5 if name == REPLICATE else 2)
+      try:
+        for i in range(0, n, bs):
+          b = min(bs, n - i)
+          k = jax.random.fold_in(seed_key, i)
+          if policy is None:
+            x = gen(state.ema_params, schedules.synchronous(budget, h, w), key=k,
+                    shape=(b, h, w, c), eta=FLAGS.eta)
+            samples.append(np.asarray(x))
+            steps.append(np.full((b, h, w), budget))
+            loop_steps, per_image = budget, per_image + [budget] * b
+          else:
+            res = gen(state.ema_params, policy, key=k, shape=(b, h, w, c), eta=FLAGS.eta,
+                      budget=budget, head_params=head_params)
+            samples.append(np.asarray(res.samples))
+            steps.append(np.asarray(res.steps))
+            evaluations = np.asarray(res.evaluations)
+            loop_steps = max(loop_steps, int(evaluations.max()))
+            per_image += evaluations.tolist()
+      except checks.InputError as e:     # a budget below what the policy needs
+        print(f"{name} at budget {budget}: skipped ({e})")
+        continue
+      samples = np.concatenate(samples)
+      row = {"schedule": name, **_describe(policy), "budget": budget,
+             "network_evaluations": loop_steps,
+             "evaluations_per_image_mean": float(np.mean(per_image)),
+             "mean_steps_per_pixel": float(np.concatenate(steps).mean()),
+             **feature_nets.feature_metrics(extractor, real, samples),
+             "confident_fraction": float(np.mean(np.max(np.asarray(
+                 digit_classifier.classify(extractor.params, samples)), -1) >= 0.9)),
+             "seconds": time.time() - t0}
+      rows.append(row)
+      print(json.dumps({k: v for k, v in row.items() if k != "params"}))
+      if policy is None and budget == max(budgets):
+        image_io.save_grid(samples[:64], str(out.parent / "synchronous_samples.png"), scale=4)
+
+  # Fig. 7 panels: uncertainty_accelerated at the panel budget, with its history.
+  pb = FLAGS.panel_budget
+  res = gen(state.ema_params, SETTINGS[1][1], key=jax.random.fold_in(key, 3),
+            shape=(64, h, w, c), eta=FLAGS.eta, budget=pb, head_params=head_params,
+            return_history=True)
+  path_steps, path_evolution, shown = _panels(out.parent, res, pb)
+  image_io.save_grid(np.asarray(res.samples), str(out.parent / "accelerated_samples.png"), scale=4)
+  calibration = _calibration(setup, state, head, head_params, real, jax.random.fold_in(key, 4))
+
+  by = {(r["schedule"], r["budget"]): r for r in rows}
+  comparison = []
+  for name, _ in SETTINGS[1:]:
+    for budget in budgets:
+      if (name, budget) in by:
+        r, s = by[name, budget], by["synchronous", budget]
+        spread = abs(s["fd_digits"] - by[REPLICATE, budget]["fd_digits"])
+        diff = r["fd_digits"] - s["fd_digits"]
+        comparison.append({"schedule": name, "budget": budget,
+                           "fd_digits_minus_synchronous": diff,
+                           "synchronous_seed_spread": spread,
+                           "verdict": ("better" if diff < -spread else
+                                       "worse" if diff > spread else "within seed spread")})
+  result = {
+      "settings": {"model_workdir": FLAGS.workdir, "head_workdir": FLAGS.head_workdir,
+                   "model_step": int(jax.device_get(state.step)), "budgets": budgets,
+                   "num_samples": n, "eta": FLAGS.eta, "labels": "null (unconditional)",
+                   "real_images": f"digits test split ({len(real)})",
+                   "features": "in-project digit classifier, penultimate 128-d (fd_digits is "
+                               "not FID)",
+                   "classifier_held_out_accuracy": held_out},
+      "rows": rows, "comparison_at_equal_budget": comparison,
+      "head_calibration": calibration,
+      "panels": {"budget": pb, "steps": path_steps, "evolution": path_evolution,
+                 "history_steps_shown": [k + 1 for k in shown],
+                 "accelerated_mean_steps_per_pixel": float(np.asarray(res.steps).mean()),
+                 "accelerated_network_evaluations": int(np.asarray(res.evaluations).max())},
+      "wall_seconds": time.time() - t_start,
+  }
+  out.write_text(json.dumps(result, indent=2))
+  out.with_suffix(".md").write_text(_markdown(rows, budgets))
+  print(_markdown(rows, budgets))
+  print(f"wrote {out} in {result['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["out"])
+  app.run(main)
