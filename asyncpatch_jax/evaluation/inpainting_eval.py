@@ -1,0 +1,137 @@
+"""The measurements behind the benchmark tables: samples, inpainting methods with their cost, quality.
+
+Used by experiments/sampler_ablation.py (AsyncPatch Table 1) and
+experiments/inpainting_benchmark.py (Tables 3-4). Quality is PSNR/SSIM against the
+original images, the Frechet distance and PRDC on a feature extractor (named for it,
+e.g. `fd_digits`), and LPIPS when weights are given (images smaller than 64 x 64 are
+bilinearly upsampled to 64 first: AlexNet's strides need the room). Cost is network
+evaluations per image (counted from the schedule) and wall seconds per image (compiled
+calls; the first batch, which compiles, is timed apart).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asyncpatch_jax import checks
+from asyncpatch_jax.data import datasets
+from asyncpatch_jax.diffusion import guidance
+from asyncpatch_jax.diffusion import repaint
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.evaluation import feature_nets
+from asyncpatch_jax.evaluation import metrics
+
+METHODS = ("asyncpatch", "asyncpatch_input_guidance", "progressive", "repaint")
+
+
+def dataset_images(name: str, split: str, num: int | None = None) -> np.ndarray:
+  """The first `num` images [N, H, W, C] in [-1, 1] of a registered dataset split."""
+  src = datasets.get_dataset(name, split)
+  n = len(src) if num is None else min(num, len(src))
+  return np.stack([np.asarray(src[i]["image"], np.float32) for i in range(n)])
+
+
+def sample(generator, params, num: int, image_shape, *, num_steps: int, eta: float,
+           key: jax.Array, batch: int, guidance_weight: float = 0.0) -> np.ndarray:
+  """`num` synchronous samples [N, H, W, C]; labels cycle over the classes of a conditional model."""
+  h, w, c = image_shape
+  tau = schedules.synchronous(num_steps, h, w)
+  out = []
+  for i in range(0, num, batch):
+    b = min(batch, num - i)
+    labels = (np.arange(i, i + b) % generator.model.num_classes).astype(np.int32) if (
+        generator.model.num_classes) else None
+    out.append(np.asarray(generator(params, tau, key=jax.random.fold_in(key, i), shape=(b, h, w, c),
+                                    labels=labels, guidance_weight=guidance_weight, eta=eta)))
+  return np.concatenate(out)
+
+
+def method(name: str, generator, params, *, num_steps: int, eta: float,
+           input_guidance: float = 1.0, num_stripes: int = 4,
+           repaint_params: tuple[int, int, int] = (250, 10, 10)) -> tuple[Callable, int]:
+  """(fn(x [B, H, W, C], masks [B, H, W], key) -> inpainted, network evaluations per image).
+
+  asyncpatch: the Eq. 4 schedule, `num_steps` steps; asyncpatch_input_guidance: the same
+  with input guidance of the known region (Eq. 8, two evaluations a step); progressive:
+  `num_stripes` stripes from the known boundary inward, num_steps / num_stripes steps
+  each (Growing Images Sec. 2); repaint: RePaint's resampling (diffusion/repaint.py) with
+  `repaint_params` = (num_steps, jump_length, jump_n_sample), eta = 1 (its DDPM step).
+  Conditional models get their null label (unconditional inpainting).
+  """
+  checks.check_choice(name, METHODS, "inpainting method")
+  if name == "asyncpatch":
+    return (lambda x, m, k: generator(params, schedules.inpainting(m, num_steps), key=k, x=x,
+                                      eta=eta)), num_steps
+  if name == "asyncpatch_input_guidance":
+    return (lambda x, m, k: generator(params, schedules.inpainting(m, num_steps), key=k, x=x,
+                                      eta=eta, input_guidance=input_guidance)), 2 * num_steps
+  if name == "progressive":
+    per = max(num_steps // num_stripes, 1)
+    return (lambda x, m, k: generator(params, schedules.progressive(m, num_stripes, per), key=k,
+                                      x=x, eta=eta)), per * num_stripes
+  model = generator.model
+  inpaint = repaint.RePaint(guidance.model_velocity_fn(model), mesh=generator.mesh)
+  ns, jl, jn = repaint_params
+  nfe = repaint.num_model_steps(repaint.jump_schedule(ns, jl, jn))
+
+  def run(x, m, k):
+    cond = {"params": params}
+    if model.num_classes:
+      cond["y"] = jnp.full((x.shape[0],), model.null_label, jnp.int32)
+    return inpaint(x, m, key=k, num_steps=ns, jump_length=jl, jump_n_sample=jn, **cond)
+
+  return run, nfe
+
+
+def run_inpainting(fn: Callable, images: np.ndarray, masks: np.ndarray, key: jax.Array,
+                   batch: int) -> tuple[np.ndarray, dict]:
+  """Inpaints all images in batches; (outputs, {'seconds_per_image', 'first_batch_seconds'}).
+
+  A ragged last batch is padded to `batch` (repeating its last image) so that one
+  compilation serves every batch.
+  """
+  out, first, later, n_later = [], 0.0, 0.0, 0
+  for i in range(0, len(images), batch):
+    x, m = images[i:i + batch], masks[i:i + batch]
+    n = len(x)
+    if i > 0 and n < batch:
+      pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch - n, axis=0)])
+      x, m = pad(x), pad(m)
+    t = time.perf_counter()
+    res = np.asarray(jax.block_until_ready(fn(x, m, jax.random.fold_in(key, i))))[:n]
+    dt = time.perf_counter() - t
+    if i == 0:
+      first = dt
+    else:
+      later, n_later = later + dt * n / len(x), n_later + n
+    out.append(res)
+  per_image = later / n_later if n_later else first / len(images)
+  return np.concatenate(out), {"seconds_per_image": per_image, "first_batch_seconds": first}
+
+
+def _lpips_mean(lpips_fn, a: np.ndarray, b: np.ndarray, batch: int) -> float:
+  if a.shape[1] < 64:
+    size = (64, 64 * a.shape[2] // a.shape[1])
+    up = lambda z: jax.image.resize(jnp.asarray(z), (z.shape[0], *size, z.shape[3]), "bilinear")
+  else:
+    up = jnp.asarray
+  return float(np.mean(np.concatenate([np.asarray(lpips_fn(up(a[i:i + batch]), up(b[i:i + batch])))
+                                       for i in range(0, len(a), batch)])))
+
+
+def quality(outputs: np.ndarray, originals: np.ndarray, extractor, *, lpips_fn=None,
+            batch: int = 256, k: int = 5) -> dict[str, float]:
+  """PSNR/SSIM vs the originals, Frechet distance and PRDC vs the originals, LPIPS if given."""
+  window = min(11, *outputs.shape[1:3])
+  window -= 1 - window % 2                               # an odd SSIM window that fits
+  out = {"psnr": float(np.mean(np.asarray(metrics.psnr(outputs, originals)))),
+         "ssim": float(np.mean(np.asarray(metrics.ssim(outputs, originals, filter_size=window))))}
+  out.update(feature_nets.feature_metrics(extractor, originals, outputs, k=k, batch_size=batch))
+  if lpips_fn is not None:
+    out["lpips"] = _lpips_mean(lpips_fn, outputs, originals, batch)
+  return out
