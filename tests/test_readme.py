@@ -35,6 +35,9 @@ TRAIN_SMOKE = MODEL_SMOKE + ["--config.train.num_steps=3", "--config.train.batch
 SAMPLE_SMOKE = MODEL_SMOKE + ["--config.sample.num_steps=4", "--config.sample.num_images=4",
                 "--config.sample.batch_size=4"]
 SMOKE = {
+    "experiments/bench_metrics.py": ["--prdc_n=200", "--dim=32", "--repaint=8,2,2",
+                                     "--feature_batch=1", "--repeats=1", "--feature_nets=digits",
+                                     "--config=configs/test.py", "--compare_steps=8"],
     "experiments/timestep_statistics.py": ["--num_images=1024"],
     "experiments/pifs_tables.py": [],
     "experiments/blume_capel.py": ["--num_seeds=2", "--phase_diagram=false",
