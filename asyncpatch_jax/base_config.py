@@ -131,6 +131,58 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_samples=512,       # samples scored at the end of training (0 = skip)
       classifier_steps=600,  # steps of the in-project digit classifier
   )
+
+  # Latent AsyncPatch (Sec. 5.2): the UNet runs on the latents of a trained autoencoder.
+  config.latent = dict(
+      autoencoder_workdir="",  # workdir of a trained configs/vqae_*.py run ("" = pixel model)
+      scale=0.0,               # latent multiplier; 0 = 1 / std of the training latents
+  )
+  return config
+
+
+def get_autoencoder_base_config() -> ml_collections.ConfigDict:
+  """Defaults of an autoencoder run (configs/vqae_*.py): seed, data, optim, train, eval and
+  `autoencoder` (AsyncPatch App. F, Table 7; latent diffusion's f = 4 VQ model).
+
+  A config with an `autoencoder` section trains the autoencoder (training/autoencoder_train.py).
+  """
+  base = get_base_config()
+  config = ml_collections.ConfigDict()
+  for section in ("seed", "data", "optim", "train", "eval"):
+    config[section] = base[section]
+  config.optim.update(b1=0.5, b2=0.9)   # latent diffusion's autoencoder Adam betas
+  config.autoencoder = dict(
+      # Architecture (models/vqae.py).
+      image_channels=3,
+      base_channels=128,
+      channel_mult=(1, 2, 4),          # f = 2^(L-1) = 4
+      num_res_blocks=2,
+      latent_channels=3,
+      codebook_size=8192,
+      encoder_kernels=(3, 3, 1),       # kernel per encoder level: sets the halo (locality)
+      attention_resolutions=(),        # decoder only; the encoder never attends
+      head_dim=64,
+      mask_embed_dim=128,
+      dtype="float32",
+      # Loss (taming / latent diffusion's VQ loss).
+      beta=0.25,
+      beta_on="codebook",              # codebook: taming legacy; commitment: VQ-VAE paper
+      codebook_weight=1.0,
+      l1_weight=1.0,
+      lpips_weight=0.0,                # > 0 needs lpips_weights (evaluation/ LPIPS module)
+      lpips_weights="",
+      disc_weight=0.0,                 # PatchGAN hinge loss weight (0 = off; LDM: 0.75)
+      disc_start=0,                    # step at which the discriminator starts
+      disc_layers=3,
+      disc_channels=64,
+      # Codebook usage: a code unused for dead_after steps is dead (and restarted).
+      dead_after=1000,
+      restart_dead_codes=True,
+      # Training on masked images (data/training_masks.py).
+      mask_fraction=0.5,               # share of examples that get a random mask
+      mask_families=("box", "stroke"),
+  )
+  config.eval = dict(num_samples=256)  # test images for the reconstruction metrics
   return config
 
 

@@ -85,10 +85,12 @@ class Checkpointer:
   """
 
   def __init__(self, workdir, config: ml_collections.ConfigDict,
-               image_shape: tuple[int, ...], *, every: int, keep: int):
+               image_shape: tuple[int, ...], *, every: int, keep: int,
+               model: dict | None = None):
     _use_serial_array_writes_on_cpu()
     self.workdir = storage.path(workdir, "workdir")
-    self.meta = _json({"model": config.model.to_dict(), "image_shape": list(image_shape),
+    model = config.model.to_dict() if model is None else model
+    self.meta = _json({"model": model, "image_shape": list(image_shape),
                        "config": config.to_dict()})
     self.manager = ocp.CheckpointManager(
         self.workdir / "checkpoints",

@@ -61,6 +61,15 @@ class Setup:
                                          **dict(cfg.data.options))
       image_shape = self.source.image_shape
     self.image_shape = tuple(image_shape)
+    self.pixel_shape = self.image_shape
+    self.codec = None
+    latent_cfg = cfg.get("latent")
+    if latent_cfg is not None and latent_cfg.autoencoder_workdir:
+      # Latent AsyncPatch (Sec. 5.2): the UNet diffuses a frozen autoencoder's latents.
+      from asyncpatch_jax import latent  # pylint: disable=g-import-not-at-top
+      self.codec = latent.LatentCodec.load(latent_cfg.autoencoder_workdir, self.pixel_shape,
+                                           latent_cfg.scale, cfg.model)
+      self.image_shape = self.codec.latent_shape
     self.model = models.build_unet(cfg.model)
     if self.model.out_channels != self.image_shape[-1]:
       raise checks.InputError(f"model.out_channels={self.model.out_channels} but dataset "
@@ -95,14 +104,20 @@ class Setup:
     return train_state.create(params, self.tx)
 
 
-def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, setup: Setup,
-               root_key: jax.Array) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-  """One optimisation step on the global batch; the state is donated by the caller."""
+def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], frozen=None, *,
+               setup: Setup, root_key: jax.Array
+               ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """One optimisation step on the global batch; the state is donated by the caller.
+
+  frozen: the autoencoder's variables of a latent model (setup.codec), else None.
+  """
   cfg = setup.config
   model = setup.model
   key = jax.random.fold_in(root_key, state.step)
   k_t, k_eps, k_label, k_dropout, k_reg = jax.random.split(key, 5)
   x = batch["image"]
+  if setup.codec is not None:
+    x = setup.codec.encode(frozen, x)          # frozen autoencoder: latents [B, h, w, D]
   b, h, w, _ = x.shape
   t = setup.timestep_sampler(k_t, b, h, w)                       # [B, H, W]
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
@@ -201,6 +216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     A summary: final step, last metrics, eval results, the PNG grids, whether it was
     preempted, and the final `state` (TrainState).
   """
+  if "autoencoder" in config:
+    # The localized VQ autoencoder of latent AsyncPatch (Sec. 5.2, App. F).
+    from asyncpatch_jax.training import autoencoder_train  # pylint: disable=g-import-not-at-top
+    return autoencoder_train.train_and_evaluate(config, workdir, devices=devices)
   if "uncertainty" in config and config.uncertainty.model_workdir:
     # An uncertainty head on a trained model's frozen parameters (AsyncPatch Sec. 5.5).
     from asyncpatch_jax.training import head_train  # pylint: disable=g-import-not-at-top
@@ -211,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, cfg, setup.image_shape,
+  ckpt = checkpointing.Checkpointer(workdir, cfg, setup.pixel_shape,
                                     every=cfg.train.checkpoint_every,
                                     keep=cfg.train.keep_checkpoints)
   writer = None
@@ -233,8 +252,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
                  cfg.data.dataset, start, total, jax.device_count(), dict(mesh.shape),
                  sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)))
 
+    frozen = () if setup.codec is None else (
+        jax.device_put(setup.codec.variables, sharding.replicated(mesh)),)
     step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
-                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh))
+                      + (sharding.replicated(mesh),) * len(frozen),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
     pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
@@ -248,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
       t_log, n_log = time.time(), 0
       for step, local in zip(range(start, total), pipeline.iterate(start, total - start)):
         batch = input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, *frozen)
         done, n_log = step + 1, n_log + 1
         if bar is not None:
           bar.update(1)
@@ -320,7 +342,7 @@ def load_trained(workdir, config: ml_collections.ConfigDict | None = None, *,
     config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
   if setup is None:
     setup = Setup(config, image_shape=saved_image_shape(path))
-  ckpt = checkpointing.Checkpointer(workdir, config, setup.image_shape, every=1, keep=None)
+  ckpt = checkpointing.Checkpointer(workdir, config, setup.pixel_shape, every=1, keep=None)
   try:
     ckpt.check_compatible()
     state = ckpt.restore(setup.abstract_state)
@@ -337,6 +359,11 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
                               **dict(cfg.data.options))
   refs = np.stack([test[i]["image"] for i in range(min(16, len(test)))])
   key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 1)
+  if setup.codec is not None:
+    from asyncpatch_jax import latent  # pylint: disable=g-import-not-at-top
+    paths = latent.write_grids(generator, state.ema_params, setup.codec, cfg.sample, refs, key,
+                               workdir / "samples" / name)
+    return paths if jax.process_index() == 0 else {}
   paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
                                workdir / "samples" / name,
                                num_classes=setup.model.num_classes)
@@ -346,7 +373,7 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
 def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
   result: dict[str, Any] = {"step": int(jax.device_get(state.step)),
                             "dataset": cfg.data.dataset}
-  if cfg.data.dataset == "digits" and cfg.eval.num_samples > 0:
+  if cfg.data.dataset == "digits" and cfg.eval.num_samples > 0 and setup.codec is None:
     from asyncpatch_jax.evaluation import end_of_training  # pylint: disable=g-import-not-at-top
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 2)
     result.update(end_of_training.evaluate_digits(generator, state.ema_params, cfg.sample, cfg.eval,
