@@ -49,10 +49,21 @@ def metric_names(extractor_name: str) -> dict[str, str]:
 
 
 def extract(extractor, images, batch_size: int = 256) -> np.ndarray:
-  """Features [N, D] of images [N, H, W, C], `batch_size` at a time (a ragged last batch)."""
+  """Features [N, D] of images [N, H, W, C], `batch_size` at a time.
+
+  A ragged last batch is padded to the batch size (and the padding dropped), so the
+  extractor compiles once.
+  """
   images = np.asarray(images)
-  return np.concatenate([np.asarray(extractor(images[i:i + batch_size]))
-                         for i in range(0, len(images), batch_size)])
+  batch_size = min(batch_size, len(images))
+  out = []
+  for i in range(0, len(images), batch_size):
+    chunk = images[i:i + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+    out.append(np.asarray(extractor(chunk))[:n])
+  return np.concatenate(out)
 
 
 def feature_metrics(extractor, real_images, fake_images, *, k: int = 5,
