@@ -122,14 +122,20 @@ class LatentCodec:
   def decode_latents(self, z) -> np.ndarray:
     return np.asarray(self._decode_jit(self.variables, jnp.asarray(z, jnp.float32)))
 
-  def token_mask(self, mask) -> np.ndarray:
-    """Pixel mask [..., H, W] -> token mask [..., H/f, W/f]: known iff cell and halo known."""
-    return vqae.token_mask(mask, self.ae.factor, self.ae.halo)
+  def token_mask(self, mask, halo: int | None = None) -> np.ndarray:
+    """Pixel mask [..., H, W] -> token mask [..., H/f, W/f]: known iff cell and halo known.
 
-  def latent_schedule(self, tau, known_content: bool) -> np.ndarray:
-    """Pixel schedule [N+1, (B,) H, W] -> token schedule [N+1, (B,) H/f, W/f] (module docstring)."""
+    halo: default the encoder's (exact); a smaller one (e.g. 0: the cell alone) also keeps
+    tokens whose halo is partly hidden, whose latents then differ from the unmasked ones.
+    """
+    return vqae.token_mask(mask, self.ae.factor, self.ae.halo if halo is None else halo)
+
+  def latent_schedule(self, tau, known_content: bool, halo: int | None = None) -> np.ndarray:
+    """Pixel schedule [N+1, (B,) H, W] -> token schedule [N+1, (B,) H/f, W/f] (module docstring).
+
+    halo: as in `token_mask` (used only with known content)."""
     tau = schedules.validate_schedule(tau, self.pixel_shape[:2])
-    halo = self.ae.halo if known_content else 0
+    halo = (self.ae.halo if halo is None else halo) if known_content else 0
     return schedules.validate_schedule(vqae.receptive_field_max(tau, self.ae.factor, halo))
 
   def finish(self, z, x=None, mask=None) -> np.ndarray:
