@@ -126,7 +126,7 @@ def _panels(out_dir, result, budget):
   plt.close(fig)
 
   n = int(hist["num_steps"])
-  shown = [max(0, round(f * n) - 1) for f in (0.25, 0.5, 0.75, 1.0)]
+  shown = [max(0, round(f * n) - 1) for f in (0.25, 0.5, 0.75, 0.9)]
   times = np.asarray(hist["times"])
   unc = np.asarray(hist["uncertainty"])
   x0 = np.asarray(hist["x0"])[..., 0]

@@ -5,8 +5,9 @@
 Same UNet (a config's architecture; random parameters: the cost does not depend on
 training), same batch and the same number of steps: the wall time per step of the
 fixed-tensor sampler (samplers.Sampler with tau, one lax.scan) against the policy
-sampler (one lax.while_loop) for every built-in policy with the uncertainty head, and
-for uncertainty_accelerated without a head (the loop and the policy alone). The runs are
+sampler (one lax.while_loop) for every built-in policy with the uncertainty head, for
+uncertainty_accelerated without a head (the loop and the policy alone), and for the same
+tau run as a policy (the loop alone). The runs are
 interleaved, repetition by repetition, and the median is reported (goal: a policy
 costs <= 1.15x the tensor sampler per step). The head's FLOPs against one UNet forward
 pass come from XLA's cost analysis of the compiled programs (goal: <= 5 %).
@@ -73,6 +74,9 @@ def main(argv):
   ucond = {"head_params": head_params}
   runs = {
       "tensor": lambda k: plain(tau, key=k, shape=shape, eta=0.25, **cond),
+      # The same tau through the policy loop: the while_loop's own cost.
+      "schedule_policy": lambda k: plain(policies.schedule(tau), key=k, shape=shape, budget=n,
+                                         eta=0.25, **cond),
       "accelerated_no_head": lambda k: plain(policies.uncertainty_accelerated(2.0), key=k,
                                              shape=shape, budget=n, eta=0.25, **cond),
   }

@@ -86,6 +86,34 @@ def test_schedule_policy_with_known_pixels_is_the_tensor_sampler():
   np.testing.assert_array_equal(out.steps[0], (np.diff(tau, axis=0) < 0).sum(0))
 
 
+def test_region_statistics_against_numpy():
+  rng = np.random.default_rng(3)
+  regions = schedules.grid_regions(4, 6, (2, 3))
+  values = rng.normal(size=(5, 4, 6))
+  weight = (rng.uniform(size=(5, 4, 6)) < 0.7).astype(np.float32)
+  mean, wsum = policies.region_mean(jnp.asarray(values, jnp.float32), jnp.asarray(weight),
+                                    jnp.asarray(regions))
+  for b in range(5):
+    for r in range(6):
+      sel = (regions == r) & (weight[b] > 0)
+      assert wsum[b, r] == sel.sum()
+      if sel.any():
+        np.testing.assert_allclose(mean[b, r], values[b][sel].mean(), rtol=1e-5)
+  score = rng.normal(size=(5, 7))
+  valid = rng.uniform(size=(5, 7)) < 0.6
+  valid[0] = True
+  for q in (0.0, 0.4, 0.5, 1.0):
+    got = np.asarray(policies.region_quantile(jnp.asarray(score, jnp.float32), jnp.asarray(valid), q))
+    for b in range(5):
+      if valid[b].any():
+        np.testing.assert_allclose(got[b], np.quantile(score[b][valid[b]], q), rtol=1e-5)
+  ranks, count = policies.region_ranks(jnp.asarray(score), jnp.asarray(valid))
+  for b in range(5):
+    order = np.argsort(np.where(valid[b], score[b], np.inf), kind="stable")
+    np.testing.assert_array_equal(np.asarray(ranks)[b][order], np.arange(7))
+    assert count[b] == valid[b].sum()
+
+
 # ------------------------------------------------------------------ synchronous limits
 
 

@@ -34,7 +34,15 @@ TRAIN_SMOKE = MODEL_SMOKE + ["--config.train.num_steps=3", "--config.train.batch
                "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
 SAMPLE_SMOKE = MODEL_SMOKE + ["--config.sample.num_steps=4", "--config.sample.num_images=4",
                 "--config.sample.batch_size=4"]
+# The uncertainty head of the README (configs/uncertainty_digits.py), trained on the
+# shortened main job's model, and its workdir.
+README_HEAD_WORKDIR = "/tmp/asyncpatch_head"
+HEAD_SMOKE = ["--config.train.num_steps=2", "--config.train.batch_size=16",
+              "--config.uncertainty.channels=8"]
 SMOKE = {
+    "experiments/adaptive_sampling.py": ["--num_samples=8", "--batch_size=8", "--budgets=4,6",
+                                         "--classifier_steps=5", "--panel_budget=6"],
+    "experiments/bench_adaptive.py": ["--config=test", "--steps=6", "--repeats=1", "--batch=8"],
     "experiments/bench_metrics.py": ["--prdc_n=200", "--dim=32", "--repaint=8,2,2",
                                      "--feature_batch=1", "--repeats=1", "--feature_nets=digits",
                                      "--config=configs/test.py", "--compare_steps=8"],
@@ -68,7 +76,9 @@ def _kind(cmd):
   if cmd[0] in ("pip", "pytest"):
     return "ci"
   if cmd[:3] == ["python", "-m", "asyncpatch_jax.main"]:
-    return "sample" if "--mode=sample" in cmd else "train"
+    if "--mode=sample" in cmd:
+      return "sample"
+    return "head" if "--config=configs/uncertainty_digits.py" in cmd else "train"
   if cmd[0] == "python" and cmd[1] in SMOKE:
     return "workdir" if any(a.startswith("--workdir=") for a in cmd) else "experiment"
   return "unknown"
@@ -89,7 +99,8 @@ def test_every_readme_command_is_covered():
 def _run(cmd, tmp, workdir, extra):
   args = []
   for a in cmd[1:]:
-    a = a.replace(README_WORKDIR, workdir)
+    a = a.replace(README_WORKDIR, workdir).replace(README_HEAD_WORKDIR,
+                                                   os.path.join(tmp, "head"))
     if a.startswith("--out="):
       a = "--out=" + os.path.join(tmp, "out", os.path.basename(a[len("--out="):]))
     a = re.sub(r"=(digit|mask)\.png$", lambda m: f"={os.path.join(tmp, m.group(1))}.png", a)
@@ -156,6 +167,8 @@ def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
       for name in ("samples", "samples_conditional", "inpainting", "autoregressive"):
         assert os.path.exists(f"{workdir}/samples/final/{name}.png")
       _check_smoke_eval(json.load(open(f"{workdir}/eval.json")))
+    elif kind == "head":
+      _run(cmd, tmp, workdir, HEAD_SMOKE)
     elif kind == "sample":
       _run(cmd, tmp, workdir, SAMPLE_SMOKE)
     elif kind == "workdir":
