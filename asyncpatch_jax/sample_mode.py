@@ -99,6 +99,9 @@ def _ipr_regions(sc, shape, mask):
 
 def sample_from_workdir(config, workdir: str) -> dict:
   """Runs config.sample.task from the workdir's latest checkpoint; returns the settings."""
+  if "autoencoder" in config:
+    raise checks.InputError("an autoencoder workdir has nothing to sample; a latent diffusion "
+                            "config names it in --config.latent.autoencoder_workdir.")
   sc = config.sample
   checks.check_choice(sc.task, TASKS, "sample.task")
   if sc.task in ("adaptive", "ordered") or (sc.task == "ipr" and
@@ -109,9 +112,14 @@ def sample_from_workdir(config, workdir: str) -> dict:
   workdir = storage.check_bucket(workdir, "workdir")
   setup = train.Setup(config, image_shape=train.saved_image_shape(workdir))
   shape = setup.image_shape
-  tau, x, mask = _schedule_and_input(sc, shape)        # bad inputs fail before restoring
+  codec = setup.codec            # a latent workdir: the pixel task runs on tokens (latent.py)
+  tau, x, mask = _schedule_and_input(sc, setup.pixel_shape)   # bad inputs fail before restoring
+  if codec is not None:
+    x_pixels, pixel_mask = x, mask
+    tau, x, mask = codec.token_task(tau, x, mask)
   if sc.task == "ipr":
-    regions, condition = _ipr_regions(sc, shape, mask)
+    regions, condition = (_ipr_regions(sc, shape, mask) if codec is None
+                          else codec.ipr_regions(tuple(sc.grid), mask))
   out_dir = storage.check_writable(sc.out_dir or workdir / "samples" / sc.task,
                                    "sample.out_dir")
   setup, state = train.load_trained(workdir, config, setup=setup)
@@ -135,14 +143,19 @@ def sample_from_workdir(config, workdir: str) -> dict:
     # Rows: the first 8 samples at rounds 0 (sequential inference), ~R/4, ~R/2, R.
     shown = sorted({0, sc.ipr_rounds // 4, sc.ipr_rounds // 2, sc.ipr_rounds})
     rows = np.asarray(history)[shown, :min(n, 8)]
+    if codec is not None:        # decoded, the known pixels pasted back
+      rows = np.stack([codec.finish(r, x_pixels, pixel_mask) for r in rows])
     rounds_path = str(out_dir / "rounds.png")
     if jax.process_index() == 0:
-      image_io.save_grid(rows.reshape(-1, *shape), rounds_path, ncols=rows.shape[1],
+      image_io.save_grid(rows.reshape(-1, *rows.shape[2:]), rounds_path, ncols=rows.shape[1],
                          scale=4 if shape[0] <= 32 else 1)
     extra = {"ipr_rounds": sc.ipr_rounds, "ipr_alpha": sc.ipr_alpha, "regions_grid": list(sc.grid),
              "condition_regions": np.flatnonzero(condition).tolist(), "rounds_shown": shown,
              "rounds_grid": rounds_path}
   out = np.asarray(out)
+  if codec is not None:          # decode the tokens; the known pixels are pasted back exactly
+    out = codec.finish(out, x_pixels, pixel_mask)
+    shape, mask = setup.pixel_shape, pixel_mask
   grid_path = str(out_dir / "samples.png")
   settings = {"task": sc.task, "step": int(jax.device_get(state.step)), "num_images": n,
               "steps": int(tau.shape[0] - 1), "eta": sc.eta, "guidance": sc.guidance,

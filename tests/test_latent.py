@@ -1,0 +1,225 @@
+"""Latent AsyncPatch end to end: autoencoder training (error far below the mean image, bitwise
+resume), latent diffusion encoding inside the train step, latent inpainting that keeps the
+known pixels exactly, token schedules, and bad input."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from asyncpatch_jax import base_config
+from asyncpatch_jax import checks
+from asyncpatch_jax import latent
+from asyncpatch_jax import sample_mode
+from asyncpatch_jax.data import datasets
+from asyncpatch_jax.data import image_io
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.evaluation import reconstruction
+from asyncpatch_jax.models import vqae
+from asyncpatch_jax.training import autoencoder_train
+from asyncpatch_jax.training import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE = dict(devices=jax.devices()[:1])
+DATA = {"image_size": 16, "num_examples": 512}
+STEPS = 300
+
+
+def ae_config(**autoencoder):
+  config = base_config.load_config_file(os.path.join(ROOT, "configs", "vqae_textures.py"))
+  with config.unlocked():
+    config.data.options = DATA
+    # f = 4, halo 3 (kernels (3, 1, 1), one block per level); no discriminator.
+    config.autoencoder.update({**dict(base_channels=8, num_res_blocks=1, codebook_size=32,
+                                      encoder_kernels=(3, 1, 1), mask_embed_dim=8,
+                                      dead_after=20), **autoencoder})
+    config.optim.update(learning_rate=3e-3, warmup_steps=20)
+    config.train.update(batch_size=8, num_steps=STEPS, log_every=50, checkpoint_every=STEPS // 2,
+                        keep_checkpoints=2, progress_bar=False)
+    config.eval.num_samples = 32
+  return config
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("vqae"))
+  summary = autoencoder_train.train_and_evaluate(ae_config(), workdir, **ONE)
+  return workdir, summary
+
+
+def test_autoencoder_reconstructs_far_better_than_the_mean_image(ae_run):
+  workdir, summary = ae_run
+  assert summary["step"] == STEPS and os.path.isfile(os.path.join(workdir, "eval.json"))
+  train_src = datasets.get_dataset("textures", "train", **DATA)
+  test_src = datasets.get_dataset("textures", "test", **DATA)
+  mean_image = np.mean([train_src[i]["image"] for i in range(len(train_src))], axis=0)
+  x = np.stack([test_src[i]["image"] for i in range(64)])
+  baseline = np.abs(x - mean_image).mean()
+  ae, params, meta = autoencoder_train.load_autoencoder(workdir)
+  rec = reconstruction.Reconstructor(ae, params).reconstruct(x)
+  l1 = np.abs(x - rec).mean()
+  assert l1 < 0.5 * baseline, (l1, baseline)
+  assert meta["latent_stats"]["std"] > 0 and meta["step"] == STEPS
+
+
+def test_autoencoder_resume_is_bitwise(ae_run, tmp_path):
+  workdir, summary = ae_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", str(STEPS)))     # back to step STEPS / 2
+  again = autoencoder_train.train_and_evaluate(ae_config(), resumed, **ONE)
+  for a, b in zip(jax.tree.leaves(summary["state"]), jax.tree.leaves(again["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_autoencoder_checkpoints_refuse_another_architecture(ae_run):
+  workdir, _ = ae_run
+  with pytest.raises(checks.InputError, match="codebook_size: 32 -> 64"):
+    autoencoder_train.load_autoencoder(workdir, ae_config(codebook_size=64).autoencoder)
+  with pytest.raises(checks.InputError, match=r"different model(.|\n)*latent_channels: 3 -> 4"):
+    autoencoder_train.train_and_evaluate(ae_config(latent_channels=4), workdir, **ONE)
+
+
+def latent_config(ae_workdir, **model):
+  config = base_config.load_config_file(os.path.join(ROOT, "configs", "latent_textures.py"))
+  with config.unlocked():
+    config.data.options = DATA
+    config.latent.autoencoder_workdir = ae_workdir
+    config.model.update({**dict(base_channels=16, channel_mult=(1,), num_res_blocks=(1,),
+                                attention_resolutions=(), head_dim=16, time_embed_dim=32,
+                                num_groups=8), **model})
+    config.optim.warmup_steps = 2
+    config.train.update(batch_size=8, num_steps=8, log_every=4, checkpoint_every=8,
+                        progress_bar=False)
+    config.sample.update(num_steps=4, num_images=4, batch_size=4)
+  return config
+
+
+@pytest.fixture(scope="module")
+def latent_run(ae_run, tmp_path_factory):
+  ae_workdir, _ = ae_run
+  workdir = str(tmp_path_factory.mktemp("latent"))
+  summary = train.train_and_evaluate(latent_config(ae_workdir), workdir, **ONE)
+  return workdir, summary
+
+
+def test_latent_training_encodes_each_batch_inside_the_step(ae_run, latent_run):
+  """The latent step's loss equals the pixel step's on latents encoded outside (same keys)."""
+  ae_workdir, _ = ae_run
+  workdir, summary = latent_run
+  assert summary["step"] == 8 and np.isfinite(summary["metrics"]["loss"])
+  for name in ("samples", "inpainting", "autoregressive"):     # decoded grids, 16x16 images
+    assert os.path.isfile(summary["grids"][name])
+  setup = train.Setup(latent_config(ae_workdir), **ONE)
+  codec = setup.codec
+  assert setup.image_shape == (4, 4, 3) and setup.pixel_shape == (16, 16, 3)
+  x = np.stack([setup.source[i]["image"] for i in range(8)])
+  z = codec.encode_images(x)
+  ae, params, meta = autoencoder_train.load_autoencoder(ae_workdir)
+  h = reconstruction.Reconstructor(ae, params).encode(x)
+  np.testing.assert_allclose(z, h / meta["latent_stats"]["std"], rtol=1e-5, atol=1e-6)
+  pixel_cfg = latent_config("")
+  pixel_setup = train.Setup(pixel_cfg, image_shape=setup.image_shape, **ONE)
+  key = jax.random.key(3)
+
+  @jax.jit
+  def losses(state, x, z, frozen):     # only the losses are kept: the updates compile away
+    _, on_pixels = train.train_step(state, {"image": x}, frozen, setup=setup, root_key=key)
+    _, on_latents = train.train_step(state, {"image": z}, setup=pixel_setup, root_key=key)
+    return on_pixels["loss"], on_latents["loss"]
+
+  loss_latent, loss_pixel = losses(summary["state"], x, z, codec.variables)
+  np.testing.assert_allclose(loss_latent, loss_pixel, rtol=1e-5)
+
+
+def test_token_schedule_knows_exactly_the_tokens_whose_cell_and_halo_are_known(ae_run):
+  ae_workdir, _ = ae_run
+  codec = latent.LatentCodec.load(ae_workdir, (16, 16, 3))
+  mask = np.ones((16, 16), np.float32)
+  mask[5:9, 10:12] = 0.0
+  tau = codec.latent_schedule(schedules.inpainting(mask, 6), known_content=True)
+  tokens = codec.token_mask(mask)
+  assert tau.shape == (7, 4, 4)
+  np.testing.assert_array_equal(tau[0] == 0, tokens == 1)
+  # halo 3: rows 5..8 / cols 10..11 hidden -> token rows 0..2 (4i-3 <= 8, 4i+6 >= 5), cols 1..3.
+  expected = np.ones((4, 4))
+  expected[0:3, 1:4] = 0
+  np.testing.assert_array_equal(tokens, expected)
+  # Without known content the cell alone counts (autoregressive patches keep their tokens).
+  auto = codec.latent_schedule(schedules.autoregressive(16, 16, (2, 2), 3), known_content=False)
+  np.testing.assert_array_equal(auto, schedules.autoregressive(4, 4, (2, 2), 3))
+
+
+def test_latent_inpainting_keeps_the_known_pixels_exactly(ae_run, latent_run, tmp_path):
+  ae_workdir, _ = ae_run
+  workdir, _ = latent_run
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  mask = np.full((16, 16, 1), 255, np.uint8)
+  mask[4:12, 6:14] = 0
+  image_io.save_png(image, str(tmp_path / "in.png"))
+  image_io.save_png(mask, str(tmp_path / "mask.png"))
+  config = latent_config(ae_workdir)
+  with config.unlocked():
+    config.sample.update(task="inpaint", image=str(tmp_path / "in.png"),
+                         mask=str(tmp_path / "mask.png"), num_images=4, out_dir=str(tmp_path / "o"))
+  settings = sample_mode.sample_from_workdir(config, workdir)
+  assert settings["step"] == 8
+  from PIL import Image
+  out = np.stack([np.asarray(Image.open(tmp_path / "o" / f"sample_{i:03d}.png")) for i in range(4)])
+  known = mask[..., 0] == 255
+  assert out.shape == (4, 16, 16, 3)
+  for i in range(4):
+    np.testing.assert_array_equal(out[i][known], image[known])
+    assert not np.array_equal(out[i][~known], image[~known])
+
+
+def test_latent_configs_fail_clearly(ae_run, latent_run, tmp_path):
+  ae_workdir, _ = ae_run
+  latent_workdir, _ = latent_run
+  with pytest.raises(checks.InputError, match="has no checkpoints; train the autoencoder"):
+    train.Setup(latent_config(str(tmp_path / "missing")), **ONE)
+  with pytest.raises(checks.InputError, match="holds a checkpoint of a diffusion model"):
+    train.Setup(latent_config(latent_workdir), **ONE)
+  with pytest.raises(checks.InputError, match="latent has 3 channels; set --config.model.out_"):
+    train.Setup(latent_config(ae_workdir, out_channels=4), **ONE)
+  with pytest.raises(checks.InputError, match="not divisible by the UNet's downsampling 8"):
+    train.Setup(latent_config(ae_workdir, channel_mult=(1, 2, 2, 2), num_res_blocks=(1,) * 4),
+                **ONE)
+  cfg = latent_config(ae_workdir)
+  with cfg.unlocked():
+    cfg.data.options = {"image_size": 18, "num_examples": 64}
+  with pytest.raises(checks.InputError, match="image height=18 is not divisible by 4"):
+    train.Setup(cfg, **ONE)
+  with pytest.raises(checks.InputError, match="nothing to sample"):
+    sample_mode.sample_from_workdir(ae_config(), ae_workdir)
+  assert vqae.token_mask(np.zeros((16, 16)), 4, 3).sum() == 0
+
+
+def test_latent_sample_mode_serves_the_pixel_tasks(ae_run, latent_run, tmp_path):
+  ae_workdir, _ = ae_run
+  workdir, _ = latent_run
+  from PIL import Image
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  mask = np.zeros((16, 16, 1), np.uint8)
+  mask[:, :8] = 255
+  image_io.save_png(image, str(tmp_path / "in.png"))
+  image_io.save_png(mask, str(tmp_path / "mask.png"))
+  for task in ("generate", "autoregressive", "progressive", "ipr"):
+    config = latent_config(ae_workdir)
+    with config.unlocked():
+      config.sample.update(task=task, num_images=2, batch_size=2, grid=(2, 2), ipr_rounds=1,
+                           ipr_alpha=0.5, num_stripes=2, out_dir=str(tmp_path / task))
+      if task in ("progressive", "ipr"):
+        config.sample.update(image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"))
+    settings = sample_mode.sample_from_workdir(config, workdir)
+    out = np.asarray(Image.open(tmp_path / task / "sample_000.png"))
+    assert out.shape == (16, 16, 3), task
+    if task in ("progressive", "ipr"):
+      np.testing.assert_array_equal(out[:, :8], image[:, :8])
+    if task == "ipr":
+      # Halo 3: token column 0 alone has a known cell and halo, so no 2x2 region is known.
+      assert settings["condition_regions"] == []
