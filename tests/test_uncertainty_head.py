@@ -266,17 +266,9 @@ def _sample_config(out_dir, **overrides):
                  sample__batch_size=4, sample__num_steps=8, **overrides)
 
 
-def test_sample_mode_adaptive_ordered_and_ipr_tasks(models, tmp_path):
+def test_sample_mode_ordered_task_and_its_bad_inputs(models, tmp_path):
+  # (tests/test_readme.py runs the README's adaptive, ordered and ipr-in-SRM-order commands.)
   a, head_dir = models["a"], models["head_dir"]
-  out = str(tmp_path / "adaptive")
-  settings = sample_mode.sample_from_workdir(
-      _sample_config(out, sample__task="adaptive", uncertainty__head_workdir=head_dir,
-                     uncertainty__policy="dual_loop", uncertainty__budget=12,
-                     uncertainty__debug=True), a)
-  assert settings["policy"] == "dual_loop" and settings["budget"] == 12
-  assert 1 <= settings["network_evaluations_max"] <= 12
-  for name in ("samples.png", "steps.png", "settings.json", "sample_000.png"):
-    assert os.path.exists(os.path.join(out, name))
   # ordered, conditioned on an image: the known (white) half comes back exactly.
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
@@ -289,17 +281,13 @@ def test_sample_mode_adaptive_ordered_and_ipr_tasks(models, tmp_path):
       _sample_config(out, sample__task="ordered", sample__grid=(2, 2),
                      sample__image=str(tmp_path / "in.png"), sample__mask=str(tmp_path / "mask.png"),
                      uncertainty__head_workdir=head_dir, uncertainty__overlap=0.5), a)
-  assert settings["policy"] == "uncertainty_ordered"
+  assert settings["policy"] == "uncertainty_ordered" and settings["budget"] == 8
+  assert settings["network_evaluations_max"] == 8          # 2 unknown quadrants, overlap 0.5
+  for name in ("samples.png", "steps.png", "settings.json"):
+    assert os.path.exists(os.path.join(out, name))
   for i in range(4):
     got = image_io.load_image(os.path.join(out, f"sample_{i:03d}.png"), (16, 16, 1))
     np.testing.assert_array_equal(image_io.to_uint8(got)[:, :8], image[:, :8])
-  # ipr in SRM's order.
-  out = str(tmp_path / "ipr")
-  settings = sample_mode.sample_from_workdir(
-      _sample_config(out, sample__task="ipr", sample__grid=(2, 2), sample__ipr_rounds=2,
-                     sample__ipr_alpha=0.5, uncertainty__ipr_order="uncertainty",
-                     uncertainty__head_workdir=head_dir), a)
-  assert settings["ipr_rounds"] == 2 and os.path.exists(os.path.join(out, "rounds.png"))
   # Bad input: no head, a head of another model, an unknown policy, too small a budget.
   with pytest.raises(checks.InputError, match="head_workdir"):
     sample_mode.sample_from_workdir(_sample_config(out, sample__task="ordered"), a)
