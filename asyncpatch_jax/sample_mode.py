@@ -104,7 +104,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
                             "config names it in --config.latent.autoencoder_workdir.")
   sc = config.sample
   checks.check_choice(sc.task, TASKS, "sample.task")
-  if sc.task in ("adaptive", "ordered") or (sc.task == "ipr" and
+  if sc.task in ("adaptive", "ordered") or (sc.task == "ipr" and "uncertainty" in config and
                                             config.uncertainty.ipr_order != "raster"):
     # Tasks with an uncertainty head and schedule policies (AsyncPatch Sec. 5.5, SRM).
     from asyncpatch_jax import adaptive_mode  # pylint: disable=g-import-not-at-top
