@@ -90,7 +90,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
     regions, condition = sample_mode._ipr_regions(sc, shape, mask)  # pylint: disable=protected-access
   head, head_params = head_train.load_head(u.head_workdir, setup, state)
   n = sc.num_images
-  labels = sample_mode._labels(str(sc.label), n, setup.model.num_classes)  # pylint: disable=protected-access
+  labels = sample_mode._labels(str(sc.label), n, setup.model.num_classes,  # pylint: disable=protected-access
+                               known_image=x is not None)
   out_dir = epath.Path(sc.out_dir or epath.Path(workdir) / "samples" / sc.task)
   out_dir.mkdir(parents=True, exist_ok=True)
   key = jax.random.key(config.seed)

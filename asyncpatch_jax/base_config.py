@@ -79,7 +79,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       sample_every=0,        # sample grids every N steps (0 = only at the end)
-      progress_bar=True,
+      progress_bar=True,     # progress bars of every phase (training, grids, evaluation, sampling)
+      # Resuming with changed training settings (schedule, optimizer, batch, data, loss):
+      # refused unless True; config.json then stays and the new one is config.step_<k>.json.
+      allow_schedule_change=False,
   )
 
   config.sample = dict(
@@ -89,10 +92,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       input_guidance=0.0,    # input guidance weight w_i (Eq. 8)
       input_guidance_t=0.6,  # extra noise level of the guidance region
       num_images=64,         # images per grid
-      batch_size=64,
+      batch_size=64,         # images per sampler call (evaluation, --mode=sample)
       # --mode=sample (python -m asyncpatch_jax.main --mode=sample ...):
       task="generate",       # generate | inpaint | outpaint | autoregressive | progressive | interleaved | ipr | adaptive | ordered
-      label="cycle",         # generate: 'cycle' (0, 1, ...), 'null' (unconditional) or a class id
+      label="auto",          # 'cycle' (0, 1, ...), 'null' (unconditional) or a class id; 'auto':
+                             # 'null' for tasks that start from a known image, else 'cycle'
       image="",              # inpaint/progressive/interleaved: PNG of the model's size;
                              # outpaint: a smaller PNG placed at `box`
       mask="",               # PNG, white (255) = known pixel, black (0) = generate
@@ -192,11 +196,81 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def _merge_saved(config: ml_collections.ConfigDict, saved: dict, path: str,
+                 prefix: str = "") -> list[str]:
+  """Sets the keys of a saved config (JSON) on `config`, converting lists back to tuples.
+
+  Returns the saved keys that `config` does not have (they are skipped).
+  """
+
+  def like(default, value):
+    if isinstance(default, tuple) and isinstance(value, list):
+      return tuple(like(default[0] if default else None, v) for v in value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+      return float(value)
+    return value
+
+  ignored = []
+  for key, value in saved.items():
+    name = f"{prefix}{key}"
+    if key not in config:
+      if prefix and not list(config.keys()):   # a free-form dict (e.g. data.options)
+        config[key] = value
+      else:       # a key an older version had; a model that differs is refused on restore
+        ignored.append(name)
+      continue
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      ignored += _merge_saved(config[key], value, path, name + ".")
+    else:
+      try:
+        config[key] = like(config[key], value)
+      except TypeError as e:
+        raise checks.InputError(f"config file {path!r}: {name}={value!r} has the wrong type "
+                                f"({e}).") from None
+  return ignored
+
+
+def load_config_json(path) -> ml_collections.ConfigDict:
+  """A run's saved `config.json` (local or gs://) as a locked config with this version's keys.
+
+  Keys the file lacks keep their defaults; keys this version does not know (written by
+  an older version) are skipped with one warning (a checkpoint of a model that then
+  differs is refused when it is restored). Tuples come back as tuples, so
+  `--config.x=...` overrides parse as usual.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.data import storage  # pylint: disable=g-import-not-at-top
+
+  p = storage.check_bucket(path, "config file")
+  if not p.is_file():
+    raise checks.InputError(f"config file {str(path)!r} does not exist"
+                            + (" (the workdir has no config.json: train there first, or pass "
+                               "--config=configs/<name>.py)" if p.name == "config.json" else "")
+                            + ".")
+  try:
+    saved = json.loads(p.read_text())
+  except ValueError as e:
+    raise checks.InputError(f"config file {str(path)!r} is not valid JSON ({e}).") from None
+  if not isinstance(saved, dict):
+    raise checks.InputError(f"config file {str(path)!r} does not hold a config (a JSON object).")
+  make = get_autoencoder_base_config if "autoencoder" in saved and \
+      "get_autoencoder_base_config" in globals() else get_base_config
+  config = make()
+  ignored = _merge_saved(config, saved, str(path))
+  if ignored:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("config file %s: ignoring keys this version does not know: %s", path,
+                    ", ".join(ignored))
+  return finalize(config)
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file such as `configs/default.py`."""
+  """Loads `get_config()` from a config file such as `configs/default.py`, or a saved config.json."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
 
+  if str(path).endswith(".json"):
+    return load_config_json(path)
   if not os.path.isfile(path):
     raise checks.InputError(f"config file {path!r} does not exist; the configs are in configs/ "
                      "at the repository root (e.g. configs/default.py).")

@@ -94,6 +94,32 @@ def check_positive_int(value, name: str) -> int:
   return int(value)
 
 
+def check_range(value, name: str, low=None, high=None, *, low_open: bool = False,
+                high_open: bool = False, hint: str = "") -> float:
+  """`value` must be a number in [low, high] (an end is excluded when `*_open`; None: unbounded).
+
+  The error names the interval, e.g. "optim.b2=1.5; expected a number in [0, 1)."
+  """
+  try:
+    x = float(value)
+    ok = not isinstance(value, bool) and x == x
+  except (TypeError, ValueError):
+    ok, x = False, 0.0
+  if ok and low is not None:
+    ok = x > low if low_open else x >= low
+  if ok and high is not None:
+    ok = x < high if high_open else x <= high
+  if not ok:
+    if low is not None and high is not None:
+      interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+      interval = f"{'>' if low_open else '>='} {low:g}"
+    else:
+      interval = f"{'<' if high_open else '<='} {high:g}"
+    raise InputError(f"{name}={value!r}; expected a number {interval}.{' ' + hint if hint else ''}")
+  return x
+
+
 def check_dataset_size(dataset: str, num_examples, default_num_examples: dict, split: str,
                        seed) -> int:
   """A generated dataset's `num_examples` (None: the split's default) and `seed`."""

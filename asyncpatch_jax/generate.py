@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asyncpatch_jax import checks
+from asyncpatch_jax import progress as progress_lib
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import storage
@@ -125,14 +126,24 @@ def left_half_mask(height: int, width: int) -> np.ndarray:
 
 
 def write_grids(generator: Generator, params, sample_config, references: np.ndarray,
-                key: jax.Array, out_dir, num_classes: int = 0) -> dict[str, str]:
+                key: jax.Array, out_dir, num_classes: int = 0,
+                progress: bool = False) -> dict[str, str]:
   """Sample, inpainting and schedule grids of a model, as PNGs in `out_dir`.
 
   references: [N, H, W, C] real images used as inpainting inputs.
   out_dir: a local folder or a gs:// URL; every process samples (the sampler may be
     sharded over all devices), process 0 writes.
+  progress: show a progress bar over the sampling calls.
   Returns {name: path}.
   """
+  with progress_lib.bar(5 if num_classes else 4, "grids", enabled=progress,
+                        unit="grid") as bar:
+    return _write_grids(generator, params, sample_config, references, key, out_dir,
+                        num_classes, bar)
+
+
+def _write_grids(generator, params, sample_config, references, key, out_dir, num_classes,
+                 bar) -> dict[str, str]:
   out_dir = storage.path(out_dir, "sample folder")
   n = sample_config.num_images
   _, h, w, c = references.shape
@@ -143,6 +154,7 @@ def write_grids(generator: Generator, params, sample_config, references: np.ndar
   def save(name, images, ncols=None):
     path = out_dir / f"{name}.png"
     images = np.asarray(images)
+    bar.update(1)
     if jax.process_index() == 0:
       image_io.save_grid(images, path, ncols=ncols, scale=4 if h <= 32 else 1)
     paths[name] = str(path)
@@ -162,6 +174,7 @@ def write_grids(generator: Generator, params, sample_config, references: np.ndar
   progressive = generator(params, schedules.progressive(mask, 4, max(steps // 4, 1)),
                           key=keys[3], x=x, eta=eta)
   masked = np.where(mask[None, :, :, None] > 0, x, -1.0)
+  bar.update(1)
   save("inpainting", np.concatenate([masked, np.asarray(inpainted), np.asarray(progressive), x]),
        ncols=k)
   grid = (2, 2) if h % 2 == 0 and w % 2 == 0 else (1, 1)

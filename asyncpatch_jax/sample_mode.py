@@ -1,14 +1,26 @@
 """`--mode=sample`: generate, inpaint, outpaint, autoregressive, progressive or interleaved
 sampling, or Iterative Partial Refinement (`ipr`), from the latest checkpoint in a workdir
-(EMA parameters); writes PNGs and the settings used to `config.sample.out_dir` (default
-`<workdir>/samples/<task>`).
+(EMA parameters); writes PNGs, `samples.npz` (every sample, uint8 and float32) and the
+settings used to `config.sample.out_dir` (default `<workdir>/samples/<task>`).
 
 Needs only the workdir (a local folder or a gs:// URL): the image shape is read from the
-checkpoint, and no dataset is opened.
+checkpoint, and no dataset is opened. The command line's default config is the
+workdir's own `config.json`. `sample.num_images` are generated in batches of
+`sample.batch_size` (the last batch padded to the same shape, so one compilation
+serves all), batch b with the key fold_in(key, b * batch_size); IPR runs its rounds one
+compiled round at a time (round r with fold_in(fold_in(batch key, 1), r)), so the
+progress bar moves per round and only the rounds shown in `rounds.png` are kept.
+
+Labels (`sample.label`): `auto` (the default) is `null` (unconditional, no guidance) for
+tasks that start from a known image (inpaint, outpaint, progressive, interleaved, ipr
+with an image): a class label with guidance would pull the completion away from the
+known pixels; the user's class id (e.g. the image's class) is used when given. For the
+other tasks `auto` is `cycle` (0, 1, 2, ...).
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 import jax
@@ -16,6 +28,7 @@ import numpy as np
 
 from asyncpatch_jax import checks
 from asyncpatch_jax import generate
+from asyncpatch_jax import progress as progress_lib
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import schedules
@@ -25,7 +38,25 @@ TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "in
          "adaptive", "ordered")
 
 
-def _labels(spec: str, n: int, num_classes: int):
+# Tasks whose samples start from a known image (sample.image): label 'auto' means 'null'.
+KNOWN_IMAGE_TASKS = ("inpaint", "outpaint", "progressive", "interleaved")
+
+
+def label_spec(sc) -> str:
+  """The label setting in force: sample.label, with 'auto' resolved for sc.task."""
+  spec = str(sc.label)
+  if spec != "auto":
+    return spec
+  known = sc.task in KNOWN_IMAGE_TASKS or (sc.task in ("ipr", "adaptive", "ordered")
+                                           and bool(sc.image))
+  return "null" if known else "cycle"
+
+
+def _labels(spec: str, n: int, num_classes: int, known_image: bool = False):
+  """Labels [n] (or None = unconditional) for 'cycle', 'null', a class id, or 'auto'
+  ('null' when the task starts from a known image, else 'cycle')."""
+  if spec == "auto":
+    spec = "null" if known_image else "cycle"
   if not num_classes:
     if spec not in ("cycle", "null"):
       raise checks.InputError(f"sample.label={spec!r} given for an unconditional model.")
@@ -37,7 +68,8 @@ def _labels(spec: str, n: int, num_classes: int):
   try:
     label = int(spec)
   except ValueError:
-    raise checks.InputError(f"sample.label={spec!r}; expected 'cycle', 'null' or a class id.") from None
+    raise checks.InputError(f"sample.label={spec!r}; expected 'auto', 'cycle', 'null' or a class "
+                            "id.") from None
   if not 0 <= label < num_classes:
     raise checks.InputError(f"sample.label={label} is not a class id in 0..{num_classes - 1}.")
   return np.full((n,), label)
@@ -113,60 +145,87 @@ def sample_from_workdir(config, workdir: str) -> dict:
   setup = train.Setup(config, image_shape=train.saved_image_shape(workdir))
   shape = setup.image_shape
   codec = setup.codec            # a latent workdir: the pixel task runs on tokens (latent.py)
-  tau, x, mask = _schedule_and_input(sc, setup.pixel_shape)   # bad inputs fail before restoring
+  # Bad inputs fail here, before restoring or compiling anything.
+  n = checks.check_positive_int(sc.num_images, "sample.num_images")
+  bs = checks.check_positive_int(sc.batch_size, "sample.batch_size")
+  tau, x, mask = _schedule_and_input(sc, setup.pixel_shape)
   if codec is not None:
     x_pixels, pixel_mask = x, mask
     tau, x, mask = codec.token_task(tau, x, mask)
+  spec = label_spec(sc)
+  labels = _labels(spec, n, setup.model.num_classes)
   if sc.task == "ipr":
     regions, condition = (_ipr_regions(sc, shape, mask) if codec is None
                           else codec.ipr_regions(tuple(sc.grid), mask))
   out_dir = storage.check_writable(sc.out_dir or workdir / "samples" / sc.task,
                                    "sample.out_dir")
   setup, state = train.load_trained(workdir, config, setup=setup)
-  n = sc.num_images
-  labels = _labels(str(sc.label), n, setup.model.num_classes)
   key = jax.random.key(config.seed)
-  xs = None if x is None else np.broadcast_to(x, (n, *shape))
   gen = generate.Generator(setup.model)
-  out = gen(state.ema_params, tau, key=key, x=xs, shape=None if x is not None else (n, *shape),
-            labels=labels, guidance_weight=sc.guidance if labels is not None else 0.0,
-            eta=sc.eta, input_guidance=sc.input_guidance if x is not None else 0.0,
-            input_guidance_t=sc.input_guidance_t)
+  guidance = sc.guidance if labels is not None else 0.0
+  b = min(n, bs)                     # every call has this batch (the last one padded)
+  starts = list(range(0, n, b))
+  rounds = sc.ipr_rounds if sc.task == "ipr" else 0
+  shown = sorted({0, rounds // 4, rounds // 2, rounds})
+  outs, history = [], {}
+  with progress_lib.bar(len(starts) * (1 + rounds), f"sample {sc.task}",
+                        enabled=bool(config.train.progress_bar), unit="call") as bar:
+    for start in starts:
+      k = jax.random.fold_in(key, start)
+      ys = None if labels is None else np.resize(labels[start:start + b], (b,))
+      xs = None if x is None else np.broadcast_to(x, (b, *shape))
+      out = gen(state.ema_params, tau, key=k, x=xs, shape=None if x is not None else (b, *shape),
+                labels=ys, guidance_weight=guidance, eta=sc.eta,
+                input_guidance=sc.input_guidance if x is not None else 0.0,
+                input_guidance_t=sc.input_guidance_t)
+      bar.update(1)
+      for r in range(1, rounds + 1):
+        if start == 0 and r - 1 in shown:
+          history[r - 1] = np.asarray(out[:min(n, 8)])
+        out = gen.refine(state.ema_params, out, key=jax.random.fold_in(jax.random.fold_in(k, 1), r),
+                         regions=regions, num_rounds=1, alpha=sc.ipr_alpha,
+                         num_steps=sc.num_steps, condition=condition, labels=ys,
+                         guidance_weight=guidance, eta=sc.eta)
+        bar.update(1)
+      out = np.asarray(out)
+      if start == 0 and rounds:
+        history[rounds] = out[:min(n, 8)]
+      outs.append(out[:n - start])
+  out = np.concatenate(outs)
+  if codec is not None:          # decode the tokens; the known pixels are pasted back exactly
+    out = codec.finish(out, x_pixels, pixel_mask)
+    history = {r: codec.finish(v, x_pixels, pixel_mask) for r, v in history.items()}
+    shape, mask = setup.pixel_shape, pixel_mask
   extra = {}
   if sc.task == "ipr":
-    out, history, _ = gen.refine(
-        state.ema_params, out, key=jax.random.fold_in(key, 1), regions=regions,
-        num_rounds=sc.ipr_rounds, alpha=sc.ipr_alpha, num_steps=sc.num_steps,
-        condition=condition, labels=labels,
-        guidance_weight=sc.guidance if labels is not None else 0.0, eta=sc.eta,
-        return_history=True)
     # Rows: the first 8 samples at rounds 0 (sequential inference), ~R/4, ~R/2, R.
-    shown = sorted({0, sc.ipr_rounds // 4, sc.ipr_rounds // 2, sc.ipr_rounds})
-    rows = np.asarray(history)[shown, :min(n, 8)]
-    if codec is not None:        # decoded, the known pixels pasted back
-      rows = np.stack([codec.finish(r, x_pixels, pixel_mask) for r in rows])
+    rows = np.stack([history[r] for r in shown])
     rounds_path = str(out_dir / "rounds.png")
     if jax.process_index() == 0:
-      image_io.save_grid(rows.reshape(-1, *rows.shape[2:]), rounds_path, ncols=rows.shape[1],
+      image_io.save_grid(rows.reshape(-1, *shape), rounds_path, ncols=rows.shape[1],
                          scale=4 if shape[0] <= 32 else 1)
     extra = {"ipr_rounds": sc.ipr_rounds, "ipr_alpha": sc.ipr_alpha, "regions_grid": list(sc.grid),
              "condition_regions": np.flatnonzero(condition).tolist(), "rounds_shown": shown,
              "rounds_grid": rounds_path}
-  out = np.asarray(out)
-  if codec is not None:          # decode the tokens; the known pixels are pasted back exactly
-    out = codec.finish(out, x_pixels, pixel_mask)
-    shape, mask = setup.pixel_shape, pixel_mask
   grid_path = str(out_dir / "samples.png")
+  npz_path = str(out_dir / "samples.npz")
   settings = {"task": sc.task, "step": int(jax.device_get(state.step)), "num_images": n,
-              "steps": int(tau.shape[0] - 1), "eta": sc.eta, "guidance": sc.guidance,
-              "input_guidance": sc.input_guidance, "label": str(sc.label),
-              "image": sc.image, "mask": sc.mask, "grid": grid_path, "out_dir": str(out_dir),
-              **extra}
+              "batch_size": b, "steps": int(tau.shape[0] - 1), "eta": sc.eta,
+              "guidance": guidance, "input_guidance": sc.input_guidance,
+              "label": spec if str(sc.label) == spec else f"{spec} (sample.label={sc.label})",
+              "image": sc.image, "mask": sc.mask, "grid": grid_path, "npz": npz_path,
+              "out_dir": str(out_dir), **extra}
   if jax.process_index() == 0:
     image_io.save_grid(out, grid_path, scale=4 if shape[0] <= 32 else 1)
     for i in range(min(n, 16)):
       image_io.save_png(image_io.to_uint8(out[i]), out_dir / f"sample_{i:03d}.png")
     if mask is not None:
       image_io.save_png((mask[..., None] * 255).astype(np.uint8), out_dir / "mask.png")
+    arrays = {"samples_uint8": image_io.to_uint8(out), "samples": out.astype(np.float32)}
+    if labels is not None:
+      arrays["labels"] = np.asarray(labels, np.int32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    storage.write_bytes_atomic(out_dir / "samples.npz", buf.getvalue())
     storage.write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=2))
   return settings

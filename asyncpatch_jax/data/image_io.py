@@ -59,24 +59,59 @@ def save_grid(images, path, ncols: int | None = None, scale: int = 1) -> None:
   save_png(make_grid(images, ncols), path, scale)
 
 
+# Pillow's single-channel 16- and 32-bit integer modes (a 16-bit grayscale PNG opens as one).
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def open_image(path, what: str = "image file") -> Image.Image:
-  """The image file at `path` (local or gs://), decoded by Pillow; InputError if it is missing."""
+  """The image file at `path` (local or gs://), decoded by Pillow.
+
+  InputError if it is missing or is not an image Pillow can decode (e.g. a text file
+  named .png, or a truncated file).
+  """
   p = storage.check_bucket(path, what)
   if not p.is_file():
     raise checks.InputError(f"{what} {str(path)!r} does not exist.")
-  return Image.open(io.BytesIO(p.read_bytes()))
+  try:
+    img = Image.open(io.BytesIO(p.read_bytes()))
+    img.load()
+  except Image.UnidentifiedImageError:
+    raise checks.InputError(f"{what} {str(path)!r} is not an image file (Pillow does not "
+                            "recognise its format); give a PNG or JPEG file.") from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise checks.InputError(f"{what} {str(path)!r} cannot be decoded ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:120]}); give an intact PNG or JPEG "
+                            "file.") from None
+  return img
+
+
+def _gray_uint8(img: Image.Image, name: str) -> np.ndarray:
+  """A 16-bit (or 32-bit integer) grayscale image scaled to uint8: v -> round(v * 255 / 65535)."""
+  arr = np.asarray(img).astype(np.int64)
+  if arr.min() < 0 or arr.max() > 65535:
+    raise checks.InputError(f"image {name!r} (mode {img.mode!r}) has values in "
+                            f"[{arr.min()}, {arr.max()}]; expected 8- or 16-bit grayscale.")
+  return np.round(arr * (255.0 / 65535.0)).astype(np.uint8)
 
 
 def load_image(path, shape) -> np.ndarray:
-  """A PNG/JPEG as float32 [H, W, C] in [-1, 1]; ValueError if its size or channels differ."""
+  """A PNG/JPEG as float32 [H, W, C] in [-1, 1]; InputError if its size or channels differ.
+
+  8-bit grayscale, palette and RGB(A) images are accepted for their channel count; a
+  16-bit grayscale PNG is scaled to 8 bits (65535 -> 255) for a grayscale model.
+  """
   h, w, c = shape
   name = str(path)
   img = open_image(path)
-  arr = np.asarray(img.convert("L" if c == 1 else "RGB"))
-  if img.mode not in (("L", "P", "1", "LA") if c == 1 else ("RGB", "RGBA", "P")):
+  if img.mode not in (("L", "P", "1", "LA") + WIDE_GRAY_MODES if c == 1 else
+                      ("RGB", "RGBA", "P")):
     raise checks.InputError(f"image {name!r} has mode {img.mode!r}; the model expects {c} "
                             f"channel{'s' if c > 1 else ''} "
                             f"({'grayscale' if c == 1 else 'RGB'}).")
+  if img.mode in WIDE_GRAY_MODES:
+    arr = _gray_uint8(img, name)
+  else:
+    arr = np.asarray(img.convert("L" if c == 1 else "RGB"))
   if arr.shape[:2] != (h, w):
     raise checks.InputError(f"image {name!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); "
                             f"expected {w}x{h}.")
@@ -86,7 +121,12 @@ def load_image(path, shape) -> np.ndarray:
 def load_mask(path, hw) -> np.ndarray:
   """A mask PNG as float32 [H, W]: white (255) or 1 = known, black (0) = generate."""
   name = str(path)
-  arr = np.asarray(open_image(path, "mask file").convert("L"))
+  img = open_image(path, "mask file")
+  if img.mode in WIDE_GRAY_MODES:
+    arr = np.asarray(img).astype(np.int64)
+    arr = np.where(arr == 65535, 255, arr)     # a 16-bit white is the mask's 255
+  else:
+    arr = np.asarray(img.convert("L"))
   if arr.shape != tuple(hw):
     raise checks.InputError(f"mask {name!r} is {arr.shape[1]}x{arr.shape[0]} (WxH); "
                             f"expected {hw[1]}x{hw[0]}.")

@@ -26,6 +26,14 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 INSTALL_GCS = "pip install -e '.[tpu]' (or pip install gcsfs)"
 
 
+class WriteError(RuntimeError):
+  """A file under a workdir could not be written (disk full, permissions, a lost bucket).
+
+  The command line prints it as one line; the message names the file, the reason and
+  what was kept.
+  """
+
+
 def is_url(p) -> bool:
   """True for `scheme://...` paths (gs://bucket/run), False for local paths."""
   return "://" in os.fspath(p)
@@ -96,13 +104,32 @@ def write_text_atomic(p: epath.Path, text: str) -> None:
   """Writes `text` to `p` so that a reader (or a killed writer) never sees half a file.
 
   A GCS object upload is atomic by itself; a local file is written beside and renamed.
+  Raises WriteError (naming the file and the reason) if it cannot be written; a
+  half-written temporary file is removed.
   """
+  write_bytes_atomic(p, text.encode())
+
+
+def write_bytes_atomic(p: epath.Path, data: bytes) -> None:
+  """`write_text_atomic` for bytes (e.g. an npz archive)."""
+  p = epath.Path(p)
   if is_url(p):
-    p.write_text(text)
+    try:
+      p.write_bytes(data)
+    except _errors(p) as e:
+      raise WriteError(f"writing {p} failed ({_reason(e)}).") from e
     return
   tmp = p.parent / f".{p.name}.{uuid.uuid4().hex}.tmp"
-  tmp.write_text(text)
-  tmp.replace(p)
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(p)
+  except OSError as e:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:
+      pass
+    raise WriteError(f"writing {p} failed ({_reason(e)}); the previous version of the file, "
+                     "if any, is unchanged.") from e
 
 
 def _errors(p: epath.Path) -> tuple[type[BaseException], ...]:
@@ -111,6 +138,11 @@ def _errors(p: epath.Path) -> tuple[type[BaseException], ...]:
     return (OSError,)
   from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
   return (OSError, HttpError)
+
+
+def reason(e: BaseException) -> str:
+  """A short one-line reason for a failed file operation (e.g. 'No space left on device')."""
+  return _reason(e)
 
 
 def _reason(e: BaseException) -> str:

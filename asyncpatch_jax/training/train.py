@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -25,6 +27,7 @@ from absl import logging
 
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax import checks
+from asyncpatch_jax import progress as progress_lib
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax import generate
@@ -54,6 +57,9 @@ class Setup:
     checks.check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
       checks.check_positive_int(cfg.train[key], f"train.{key}")
+    checks.check_range(cfg.train.ema_decay, "train.ema_decay", 0, 1, high_open=True)
+    checks.check_range(cfg.train.label_dropout, "train.label_dropout", 0, 1)
+    train_state.check_optim(cfg.optim)
     self.source = None
     if image_shape is None:
       self.source = datasets.get_dataset(cfg.data.dataset, "train",
@@ -96,7 +102,8 @@ class Setup:
       raise checks.InputError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                        f"{n_dev} devices.")
     # Traces the model once (shape and input checks happen here, before compiling).
-    self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))
+    # (The key is made inside the trace: nothing runs, nothing compiles.)
+    self.abstract_state = jax.eval_shape(lambda: self.init_state(jax.random.key(0)))
 
   def init_state(self, key: jax.Array) -> train_state.TrainState:
     z, t, y = models.example_inputs(self.model, self.image_shape)
@@ -161,29 +168,50 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], froze
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop then saves and stops (single process).
+  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop then saves and stops.
 
-  With several processes, orbax's `reached_preemption` makes them agree on the step.
+  A second SIGINT exits at once (exit code 130, no save). With several processes,
+  SIGINT keeps Python's default (KeyboardInterrupt) and SIGTERM goes through orbax's
+  `reached_preemption`, which makes the processes agree on the step.
   """
+
+  signum: int | None = None   # the signal that stopped the last run (for the exit code)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
+    _Preemption.signum = None
+    wanted = [signal.SIGTERM] + ([signal.SIGINT] if jax.process_count() == 1 else [])
+    for sig in wanted:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      sys.stderr.write("\nInterrupted again: exiting now without saving.\n")
+      sys.stderr.flush()
+      os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
     self.requested = True
+    _Preemption.signum = signum
+    if signum == signal.SIGINT:
+      sys.stderr.write("\nInterrupted: saving a checkpoint of the current step, then stopping "
+                       "(Ctrl-C again to exit at once, without saving).\n")
+      sys.stderr.flush()
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+
+
+def interrupt_exit_code() -> int:
+  """128 + the signal that stopped the last training run: 130 (SIGINT) or 143 (SIGTERM)."""
+  return 128 + (_Preemption.signum or signal.SIGTERM)
 
 
 def _check_finite(state: train_state.TrainState, last_metrics: dict | None) -> None:
@@ -225,8 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     from asyncpatch_jax.training import head_train  # pylint: disable=g-import-not-at-top
     return head_train.train_head(config, workdir, devices=devices)
   sharding.maybe_initialize_distributed()
+  setup = Setup(config, devices)           # bad settings stop before the workdir is touched
   workdir = storage.check_writable(workdir, "workdir")
-  setup = Setup(config, devices)
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
@@ -274,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
         done, n_log = step + 1, n_log + 1
         if bar is not None:
           bar.update(1)
+        ckpt.poll()              # a failed background save stops training here
         if done % cfg.train.log_every == 0 or done == total:
           scalars = jax.device_get(metrics)
           dt = time.time() - t_log
@@ -291,13 +320,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
         if cfg.train.sample_every and done % cfg.train.sample_every == 0 and done != total:
           _write_grids(generator, state, cfg, setup, workdir, f"step_{done}")
         if preempted:
-          logging.warning("Preemption requested: saved step %d, stopping.", done)
           summary["preempted"] = True
+          summary["signal"] = signal.Signals(_Preemption.signum or signal.SIGTERM).name
           break
     if bar is not None:
       bar.close()
     writer.close()
-    ckpt.manager.wait_until_finished()
+    ckpt.wait()
+    if summary["preempted"]:
+      logging.warning("%s: saved step %d, stopping; rerun the same command to resume.",
+                      summary["signal"], done)
     summary["step"] = int(jax.device_get(state.step))
     summary["state"] = state
     if metrics is not None:
@@ -342,9 +374,10 @@ def load_trained(workdir, config: ml_collections.ConfigDict | None = None, *,
     config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
   if setup is None:
     setup = Setup(config, image_shape=saved_image_shape(path))
-  ckpt = checkpointing.Checkpointer(workdir, config, setup.pixel_shape, every=1, keep=None)
+  ckpt = checkpointing.Checkpointer(workdir, config, setup.pixel_shape, every=1, keep=None,
+                                    read_only=True)
   try:
-    ckpt.check_compatible()
+    ckpt.check_compatible(training=False)
     state = ckpt.restore(setup.abstract_state)
   finally:
     ckpt.close()
@@ -366,7 +399,8 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
     return paths if jax.process_index() == 0 else {}
   paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
                                workdir / "samples" / name,
-                               num_classes=setup.model.num_classes)
+                               num_classes=setup.model.num_classes,
+                               progress=bool(cfg.train.progress_bar))
   return paths if jax.process_index() == 0 else {}
 
 
@@ -377,7 +411,8 @@ def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
     from asyncpatch_jax.evaluation import end_of_training  # pylint: disable=g-import-not-at-top
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 2)
     result.update(end_of_training.evaluate_digits(generator, state.ema_params, cfg.sample, cfg.eval,
-                                             setup.image_shape, key))
+                                             setup.image_shape, key,
+                                             progress=bool(cfg.train.progress_bar)))
   if jax.process_index() == 0:
     storage.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
   return result

@@ -35,6 +35,22 @@ class TrainState:
   nonfinite_step: jax.Array
 
 
+def check_optim(optim_config) -> None:
+  """Range checks of the optimizer and schedule settings (InputError naming the key)."""
+  o = optim_config
+  checks.check_range(o.learning_rate, "optim.learning_rate", 0, low_open=True)
+  checks.check_range(o.b1, "optim.b1", 0, 1, high_open=True)
+  checks.check_range(o.b2, "optim.b2", 0, 1, high_open=True)
+  checks.check_range(o.eps, "optim.eps", 0, low_open=True)
+  checks.check_range(o.weight_decay, "optim.weight_decay", 0)
+  checks.check_range(o.grad_clip, "optim.grad_clip", 0, low_open=True,
+                     hint="(the global gradient norm is clipped to it)")
+  checks.check_range(o.end_lr_ratio, "optim.end_lr_ratio", 0, 1)
+  if not (isinstance(o.warmup_steps, int) and o.warmup_steps >= 0) or \
+      isinstance(o.warmup_steps, bool):
+    raise checks.InputError(f"optim.warmup_steps={o.warmup_steps!r}; expected an integer >= 0.")
+
+
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
   """Linear warmup to the peak, then cosine decay to end_lr_ratio * peak or constant."""
   peak, warmup = optim_config.learning_rate, optim_config.warmup_steps
@@ -57,6 +73,7 @@ def make_optimizer(optim_config, num_steps: int, *, flatten: bool = False
   update, but one fused kernel instead of one per parameter leaf, which halves XLA:CPU
   compile times for small models. Only for unsharded parameters (no FSDP).
   """
+  check_optim(optim_config)
   schedule = learning_rate_schedule(optim_config, num_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(optim_config.grad_clip),
