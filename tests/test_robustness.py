@@ -368,6 +368,10 @@ def test_accepted_schedule_change_keeps_the_original_config(reference, tmp_path)
   workdir = str(tmp_path / "w")
   shutil.copytree(ref_dir, workdir)
   original = open(os.path.join(workdir, "config.json")).read()
+  # The saved config.json is a config (--config=DIR/config.json): the run's own, key by key.
+  saved = base_config.load_config_file(os.path.join(workdir, "config.json"))
+  assert checkpointing.config_differences(saved.to_dict(), make_config().to_dict()) == []
+  assert isinstance(saved.model.channel_mult, tuple)
   config = make_config({"train.num_steps": 48, "optim.learning_rate": 2e-3,
                         "train.allow_schedule_change": True})
   ckpt = checkpointing.Checkpointer(workdir, config, (16, 16, 1), every=4, keep=2)
