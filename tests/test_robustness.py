@@ -442,3 +442,22 @@ def test_tasks_that_start_from_an_image_default_to_the_unconditional_label(task,
     assert labels is None
   else:
     np.testing.assert_array_equal(labels, reference)
+
+
+def test_second_ctrl_c_exits_at_once():
+  """The first SIGINT asks the loop to save and stop; a second one exits with 130 at once."""
+  script = """
+import os, signal, time
+from asyncpatch_jax.training import train
+with train._Preemption() as preemption:
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(0.2)
+  print("requested", preemption.requested, train.interrupt_exit_code(), flush=True)
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(5)
+print("not reached")
+"""
+  res = run([sys.executable, "-c", script], timeout=120)
+  assert res.returncode == 130, res.stderr[-2000:]
+  assert res.stdout.split() == ["requested", "True", "130"]
+  assert "Interrupted again: exiting now without saving." in res.stderr
