@@ -132,7 +132,8 @@ def main(argv):
       "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
       "autoencoder_seconds_per_call": ae_times, "autoencoder_images_per_s": throughput,
       "train_step_seconds": step_times,
-      "train_step_ratio_latent_over_same_unet_pixels": lat / step_times["same_unet_on_32x32x3_pixels"],
+      "train_step_ratio_latent_over_same_unet_pixels":
+          lat / step_times["same_unet_on_32x32x3_pixels"],
       "train_step_ratio_latent_over_textures_pixel_unet":
           lat / step_times["textures_pixel_unet_on_32x32x3"],
       "unet_parameters": {"latent": n_latent, "same_unet_pixels": n_same,

@@ -68,12 +68,12 @@ flags.DEFINE_bool("tiny", False, "Tiny widths and batches (a smoke run for the t
 
 TINY = {
     "vqae_textures": {"autoencoder": {"base_channels": 4, "mask_embed_dim": 8,
-                                      "codebook_size": 16}, "train": {"batch_size": 4},
+                                      "codebook_size": 16}, "train": {"batch_size": 8},
                       "eval": {"num_samples": 8}},
     "latent_textures": {"model": {"base_channels": 8, "channel_mult": (1,),
                                   "num_res_blocks": (1,), "attention_resolutions": (),
                                   "head_dim": 8, "time_embed_dim": 16, "num_groups": 4},
-                        "train": {"batch_size": 4}},
+                        "train": {"batch_size": 8}},
     "textures": {"model": {"base_channels": 8, "channel_mult": (1,), "num_res_blocks": (1,),
                            "attention_resolutions": (), "head_dim": 8, "time_embed_dim": 16,
                            "num_groups": 4}},
@@ -106,7 +106,8 @@ def _ssim(a, b) -> np.ndarray:
 
 def _hidden_psnr(x, y, m) -> float:
   w = (1.0 - m)[..., None]
-  mse = (w * ((x - y) / 2) ** 2).sum(axis=(1, 2, 3)) / np.maximum(w.sum(axis=(1, 2, 3)) * x.shape[-1], 1)
+  n = np.maximum(w.sum(axis=(1, 2, 3)) * x.shape[-1], 1)
+  mse = (w * ((x - y) / 2) ** 2).sum(axis=(1, 2, 3)) / n
   return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
 
 
@@ -131,8 +132,8 @@ def main(argv):
                                sample={"num_images": 0}), latent_dir),
       "pixel": _train(_config("textures", model=PIXEL_MODEL,
                               train={"num_steps": FLAGS.pixel_steps,
-                                                 "batch_size": 4 if FLAGS.tiny else FLAGS.pixel_batch,
-                                                 "checkpoint_every": 1000, **off},
+                                     "batch_size": 8 if FLAGS.tiny else FLAGS.pixel_batch,
+                                     "checkpoint_every": 1000, **off},
                               sample={"num_images": 0}), pixel_dir),
   }
   n = FLAGS.num_images
@@ -171,11 +172,12 @@ def main(argv):
     # The cell-only token mask also keeps tokens whose halo is partly hidden (not exact).
     z_cell = lgen(lstate.ema_params, codec.latent_schedule(tau_pixels, True, halo=0), key=kf,
                   x=z_known, eta=FLAGS.eta)
+    cell_out = codec.finish(z_cell, x, m)
     inpainting[f] = {"hidden_fraction": float(1 - m.mean()),
                      "known_token_fraction": float(tokens.mean()),
                      "known_token_fraction_cell_only": float(codec.token_mask(m, halo=0).mean()),
                      "latent": _inpaint_scores(x, lat_out, m),
-                     "latent_cell_only_token_mask": _inpaint_scores(x, codec.finish(z_cell, x, m), m),
+                     "latent_cell_only_token_mask": _inpaint_scores(x, cell_out, m),
                      "pixel": _inpaint_scores(x, pix_out, m)}
     show = slice(0, 8)
     rows += [np.where(m[show, ..., None] > 0, x[show], -1.0), lat_out[show], pix_out[show], x[show]]

@@ -223,3 +223,29 @@ def test_latent_sample_mode_serves_the_pixel_tasks(ae_run, latent_run, tmp_path)
     if task == "ipr":
       # Halo 3: token column 0 alone has a known cell and halo, so no 2x2 region is known.
       assert settings["condition_regions"] == []
+
+
+@pytest.mark.parametrize("name,ae_name", [("latent_imagenet256", "vqae_imagenet256"),
+                                          ("latent_lsun_bedroom", "vqae_lsun_bedroom")])
+def test_paper_latent_configs_build_through_eval_shape(name, ae_name):
+  """Table 6's ~620M UNet on Table 7's 64x64x3 latents of 256x256 images: the parameter count
+  of configs/imagenet64_620m.py's UNet (Table 6, tests/test_unet.py), minus the class
+  embedding (1001 x 512) for unconditional LSUN."""
+  from asyncpatch_jax import models
+  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+  ae = vqae.build_autoencoder(base_config.load_config_file(
+      os.path.join(ROOT, "configs", f"{ae_name}.py")).autoencoder)
+  latent_shape = ae.latent_shape((256, 256, 3))
+  assert latent_shape == (64, 64, 3) and config.model.out_channels == ae.latent_channels
+
+  def count(model_config):
+    unet = models.build_unet(model_config)
+    shapes = jax.eval_shape(lambda k: unet.init(k, *models.example_inputs(unet, latent_shape)),
+                            jax.random.key(0))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+  reference = count(base_config.load_config_file(
+      os.path.join(ROOT, "configs", "imagenet64_620m.py")).model)
+  n = count(config.model)
+  assert n == reference - (1001 * 512 if config.model.num_classes == 0 else 0)
+  assert n == {"latent_imagenet256": 622_184_707, "latent_lsun_bedroom": 621_672_195}[name]

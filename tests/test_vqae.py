@@ -224,7 +224,8 @@ def _expected_parameter_count(c=3, base=128, mult=(1, 2, 4), nrb=2, latent=3, k=
   dense = lambda i, o: i * o + o
 
   def res(i, o, s):
-    return i + conv(i, o, s) + dense(e, 2 * o) + o + conv(o, o, s) + (conv(i, o, 1) if i != o else 0)
+    skip = conv(i, o, 1) if i != o else 0
+    return i + conv(i, o, s) + dense(e, 2 * o) + o + conv(o, o, s) + skip
 
   embed = 2 * dense(e, e)
   chans = [base * m for m in mult]

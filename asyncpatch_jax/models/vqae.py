@@ -170,8 +170,8 @@ class VectorQuantizer(nn.Module):
 
   h [..., D] -> (z_q_st, z_q, indices): z_q = codebook[argmin_k ||h - e_k||^2] [..., D];
   z_q_st = (h - sg(h)) + sg(z_q) equals z_q exactly and passes the gradient to h
-  unchanged (none to the codebook); indices [...] int32. The codebook is learned by the codebook loss (no EMA),
-  initialised uniform in [-1/K, 1/K] as in taming-transformers.
+  unchanged (none to the codebook); indices [...] int32. The codebook is learned by the
+  codebook loss (no EMA), initialised uniform in [-1/K, 1/K] as in taming-transformers.
   """
   codebook_size: int
   dim: int
@@ -179,9 +179,8 @@ class VectorQuantizer(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array):
     k = self.codebook_size
-    codebook = self.param(
-        "codebook", lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -1.0 / k, 1.0 / k),
-        (k, self.dim))
+    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -1.0 / k, 1.0 / k)
+    codebook = self.param("codebook", init, (k, self.dim))
     flat = h.reshape(-1, self.dim).astype(jnp.float32)
     # ||h||^2 - 2 h.e + ||e||^2; the ||h||^2 term does not change the argmin.
     dist = (-2.0 * flat @ codebook.T) + jnp.sum(codebook ** 2, axis=1)[None, :]
@@ -286,8 +285,8 @@ class VQAutoencoder(nn.Module):
   def check_latent(self, h, mask) -> None:
     """Latent [B, H/f, W/f, latent_channels] and the pixel mask [B, H, W]."""
     if np.ndim(h) != 4 or np.shape(h)[-1] != self.latent_channels:
-      raise checks.InputError(f"latent has shape {tuple(np.shape(h))}; expected [B, H/{self.factor}, "
-                              f"W/{self.factor}, {self.latent_channels}].")
+      raise checks.InputError(f"latent has shape {tuple(np.shape(h))}; expected "
+                              f"[B, H/{self.factor}, W/{self.factor}, {self.latent_channels}].")
     b, hh, ww, _ = np.shape(h)
     expected = (b, hh * self.factor, ww * self.factor)
     if tuple(np.shape(mask)) != expected:

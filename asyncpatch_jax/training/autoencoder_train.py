@@ -277,7 +277,8 @@ def train_step(state: AutoencoderState, batch: dict[str, jax.Array], *, setup: A
       nonfinite_step=jnp.where((state.nonfinite_step < 0) & bad, state.step,
                                state.nonfinite_step))
   metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-             "update_norm": optax.tree.norm(updates), "learning_rate": setup.lr_schedule(state.step),
+             "update_norm": optax.tree.norm(updates),
+             "learning_rate": setup.lr_schedule(state.step),
              "perplexity": perplexity, "codes_used": jnp.sum(counts > 0),
              "dead_codes": jnp.sum(dead), **scalars}
   return new_state, metrics
