@@ -19,7 +19,6 @@ from asyncpatch_jax import checks
 from asyncpatch_jax.evaluation import inception
 from asyncpatch_jax.evaluation import lpips
 from fixtures import feature_weights
-from fixtures import make_feature_fixtures as spec   # seeds and shapes only (torch not imported)
 
 REF = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "feature_nets_reference.npz"))
 
@@ -36,9 +35,9 @@ def _weights_file(tmp_path, expected, seed, fmt="npz"):
 
 
 def test_inception_pool3_equals_pytorch_fid(tmp_path):
-  path, _ = _weights_file(tmp_path, inception.expected_tensors(), spec.SEEDS["inception"])
+  path, _ = _weights_file(tmp_path, inception.expected_tensors(), feature_weights.SEEDS["inception"])
   net = inception.load(path)
-  seed, shape = spec.INCEPTION_INPUT
+  seed, shape = feature_weights.INCEPTION_INPUT
   got = np.asarray(net(feature_weights.inputs(seed, shape)))
   ref = REF["inception_features"]
   assert got.shape == (2, 2048)
@@ -46,19 +45,19 @@ def test_inception_pool3_equals_pytorch_fid(tmp_path):
 
 
 def test_resize_to_299_equals_torch_bilinear():
-  seed, shape = spec.RESIZE_INPUT                 # 320 x 300 -> 299 x 299 (downsampling)
+  seed, shape = feature_weights.RESIZE_INPUT                 # 320 x 300 -> 299 x 299 (downsampling)
   got = np.asarray(inception.resize_299(jnp.asarray(feature_weights.inputs(seed, shape))))
-  s = spec.RESIZE_STRIDE
+  s = feature_weights.RESIZE_STRIDE
   np.testing.assert_allclose(got[:, ::s, ::s], REF["resize_299_subsampled"], atol=1e-5)
 
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_equals_the_lpips_package(tmp_path, net):
-  path, _ = _weights_file(tmp_path, lpips.expected_tensors(net), spec.SEEDS[net],
+  path, _ = _weights_file(tmp_path, lpips.expected_tensors(net), feature_weights.SEEDS[net],
                           fmt="safetensors" if net == "vgg" else "npz")
   dist = lpips.load(path)                         # the trunk is detected from the file
   assert dist.net == net
-  (sx, sy), shape = spec.LPIPS_INPUTS[net]
+  (sx, sy), shape = feature_weights.LPIPS_INPUTS[net]
   x, y = feature_weights.inputs(sx, shape), feature_weights.inputs(sy, shape)
   got = np.asarray(dist(x, y))
   np.testing.assert_allclose(got, REF[f"lpips_{net}"], rtol=1e-5)
