@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from asyncpatch_jax import checks
 from asyncpatch_jax.diffusion import schedules
 
 
@@ -93,3 +94,66 @@ def test_bad_inputs_raise():
     schedules.synchronous(0, 4, 4)
   with pytest.raises(ValueError, match=r"expected \[H, W\] or \[B, H, W\]"):
     schedules.inpainting(np.zeros(4), 3)
+
+
+STUDY_STRIPES = (1, 2, 3, 4, 6, 8, 10)      # Growing Images Sec. 2
+
+
+def _changing_steps(tau, row, col):
+  """The steps k at which pixel (row, col) moves (tau[k+1] != tau[k]), by a plain loop."""
+  return [k for k in range(tau.shape[0] - 1) if tau[k + 1, row, col] != tau[k, row, col]]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_progressive_stripes_get_exactly_the_stated_steps(steps):
+  h, w = 4, 32
+  mask = np.zeros((h, w)); mask[:, :16] = 1                   # left half known, 16 wide hole
+  for k in STUDY_STRIPES:
+    tau = schedules.progressive(mask, k, steps)
+    assert tau.shape[0] == k * steps + 1                      # K T network evaluations in all
+    groups = schedules.stripe_groups(mask, k)[0]              # columns 16..31
+    widths = np.bincount(groups[16:], minlength=k)
+    assert widths.sum() == 16 and widths.min() >= 1 and widths.max() - widths.min() <= 1
+    assert np.all(np.diff(groups[16:]) >= 0)                  # from the boundary inward
+    for col in range(16, w):
+      j = groups[col]                                         # stripe j moves in stage j only
+      assert _changing_steps(tau, 0, col) == list(range(j * steps, (j + 1) * steps))
+    counts = schedules.steps_per_pixel(tau)
+    np.testing.assert_array_equal(counts[:, 16:], steps)
+    np.testing.assert_array_equal(counts[:, :16], 0)
+    np.testing.assert_array_equal(schedules.stripe_groups(mask, k), groups[None].repeat(h, 0))
+
+
+def test_interleaved_stripes_get_rounds_times_visit_steps():
+  mask = np.zeros((2, 32)); mask[:, :16] = 1
+  rounds, visit = 3, 2
+  for k in STUDY_STRIPES:
+    tau = schedules.interleaved(mask, k, rounds, visit)
+    assert tau.shape[0] == k * rounds * visit + 1
+    groups = schedules.stripe_groups(mask, k)[0]
+    for col in range(16, 32):
+      j = groups[col]                                         # visit r of stripe j: stage r K + j
+      ref = [(r * k + j) * visit + i for r in range(rounds) for i in range(visit)]
+      assert _changing_steps(tau, 1, col) == ref
+    np.testing.assert_array_equal(schedules.steps_per_pixel(tau)[:, 16:], rounds * visit)
+    np.testing.assert_array_equal(schedules.steps_per_pixel(tau)[:, :16], 0)
+
+
+def test_more_stripes_than_the_masked_width_is_refused():
+  mask = np.zeros((2, 32)); mask[:, :16] = 1
+  groups = schedules.stripe_groups(mask, 16)                  # one column each: allowed
+  np.testing.assert_array_equal(groups[0, 16:], np.arange(16))
+  for build in (lambda k: schedules.progressive(mask, k, 2),
+                lambda k: schedules.interleaved(mask, k, 2, 1)):
+    with pytest.raises(checks.InputError, match=r"num_stripes=17 is larger than the masked "
+                       r"width.*16 pixel\(s\) deep.*num_stripes <= 16"):
+      build(17)
+  wide = np.zeros((2, 32)); wide[:, :12] = 1                  # a 20-wide hole takes K = 20
+  batch = np.stack([wide, mask])
+  assert schedules.stripe_groups(wide, 20).max() == 19
+  with pytest.raises(checks.InputError, match=r"mask 1 of the batch: num_stripes=20"):
+    schedules.progressive(batch, 20, 1)
+  # allow_empty keeps the old behaviour (random masks of a benchmark): an empty stripe.
+  tau = schedules.progressive(mask, 17, 2, allow_empty=True)
+  assert tau.shape[0] == 35
+  assert len(np.unique(schedules.stripe_groups(mask, 17, allow_empty=True)[0, 16:])) == 16

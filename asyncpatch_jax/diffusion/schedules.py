@@ -18,8 +18,9 @@ sampler as data, so every schedule of the same shape reuses one compilation):
                      boundary, filled one after another from the boundary inward
                      (Growing Images Sec. 2);
   interleaved        the same stripes visited round-robin, each visit lowering the
-                     stripe's time by 1/R (Growing Images Sec. 3, T_int steps a visit);
+                     stripe's time by 1/R (Growing Images Sec. 4.2, T_int steps a visit);
   from_stages        the general engine behind the last four.
+`steps_per_pixel(tau)` counts the network evaluations each pixel receives.
 """
 
 from __future__ import annotations
@@ -181,19 +182,28 @@ def autoregressive(height: int, width: int, grid: Sequence[int],
   return from_stages(ids, [(k, steps_per_group, 0.0) for k in range(int(ids.max()) + 1)])
 
 
-def stripe_groups(mask, num_stripes: int) -> np.ndarray:
+def stripe_groups(mask, num_stripes: int, *, allow_empty: bool = False) -> np.ndarray:
   """Splits the unknown pixels of `mask` into K stripes by distance from the known region.
 
   Stripe 0 touches the known boundary, stripe K-1 is the deepest. For a half-image
-  mask these are the K vertical stripes of Growing Images Sec. 2. Distances are
-  Euclidean (scipy's distance transform), binned into K equal-width intervals.
+  mask these are the K vertical stripes of Growing Images Sec. 2 (as equal in width as
+  the masked width allows). Distances are Euclidean (scipy's distance transform),
+  binned into K equal-width intervals.
   mask: [H, W] or [B, H, W], 1 = known (at least one known pixel per image).
+  allow_empty: keep going when a stripe would hold no pixel (its steps then move
+    nothing); by default a K larger than the masked width is refused.
   Returns int [H, W] / [B, H, W] group ids with KNOWN for known pixels.
   """
   checks.check_positive_int(num_stripes, "num_stripes")
   m = _check_mask_2d_or_3d(mask)
   if m.ndim == 3:
-    return np.stack([stripe_groups(mi, num_stripes) for mi in m])
+    out = []
+    for i, mi in enumerate(m):
+      try:
+        out.append(stripe_groups(mi, num_stripes, allow_empty=allow_empty))
+      except checks.InputError as e:
+        raise checks.InputError(f"mask {i} of the batch: {e}") from None
+    return np.stack(out)
   if not m.any():
     raise checks.InputError("mask has no known pixel; progressive schedules grow from the known "
                      "region (use synchronous for unconditional generation).")
@@ -201,31 +211,57 @@ def stripe_groups(mask, num_stripes: int) -> np.ndarray:
   dist = ndimage.distance_transform_edt(unknown)  # distance to the nearest known pixel
   groups = np.full(m.shape, KNOWN, np.int64)
   if unknown.any():
-    d = dist[unknown]
-    lo, hi = d.min(), d.max()
-    frac = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
-    groups[unknown] = np.minimum((frac * num_stripes).astype(np.int64), num_stripes - 1)
+    groups[unknown] = _bin_depths(dist[unknown], num_stripes)
+    if not allow_empty and len(np.unique(groups[unknown])) < num_stripes:
+      most = max(k for k in range(1, num_stripes)
+                 if len(np.unique(_bin_depths(dist[unknown], k))) == k)
+      raise checks.InputError(
+          f"num_stripes={num_stripes} is larger than the masked width: the unknown region is "
+          f"{int(np.ceil(dist.max()))} pixel(s) deep from the known boundary, so some stripe "
+          f"would hold no pixel; use num_stripes <= {most} for this mask.")
   return groups
 
 
-def progressive(mask, num_stripes: int, steps_per_stripe: int) -> np.ndarray:
+def _bin_depths(d: np.ndarray, num_stripes: int) -> np.ndarray:
+  """Stripe ids 0..K-1 of depths d: K equal-width intervals of [d.min(), d.max()]."""
+  lo, hi = d.min(), d.max()
+  frac = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
+  return np.minimum((frac * num_stripes).astype(np.int64), num_stripes - 1)
+
+
+def steps_per_pixel(tau) -> np.ndarray:
+  """Network evaluations each pixel receives: the number of steps at which its time changes.
+
+  tau: [N+1, (B,) H, W]. Returns int [(B,) H, W]; 0 for known pixels. (The sampler
+  evaluates the network on the whole image every step; this counts the steps that move
+  a pixel, e.g. T for every unknown pixel of progressive(mask, K, T).)
+  """
+  tau = np.asarray(tau)
+  return np.sum(tau[1:] != tau[:-1], axis=0)
+
+
+def progressive(mask, num_stripes: int, steps_per_stripe: int, *,
+                allow_empty: bool = False) -> np.ndarray:
   """K stripes filled one after another from the known boundary inward.
 
   Each stripe runs 1 -> 0 over `steps_per_stripe` steps while the deeper ones stay
   at 1 (Growing Images Sec. 2: T steps per stripe, K * T in all). K = 1 is inpainting.
+  A K larger than the masked width is refused unless allow_empty (stripe_groups).
   """
-  groups = stripe_groups(mask, num_stripes)
+  groups = stripe_groups(mask, num_stripes, allow_empty=allow_empty)
   return from_stages(groups, [(j, steps_per_stripe, 0.0) for j in range(num_stripes)])
 
 
-def interleaved(mask, num_stripes: int, num_rounds: int, steps_per_visit: int) -> np.ndarray:
+def interleaved(mask, num_stripes: int, num_rounds: int, steps_per_visit: int, *,
+                allow_empty: bool = False) -> np.ndarray:
   """The stripes visited round-robin; visit r of a stripe lowers it to 1 - (r+1)/R.
 
-  Growing Images Sec. 3: concentrated on one region at a time like progressive, but
-  every region is revisited R times, T_int = steps_per_visit steps a visit.
+  Growing Images Sec. 4.2: concentrated on one region at a time like progressive, but
+  every region is revisited R times, T_int = steps_per_visit steps a visit (R T_int
+  steps per pixel, K R T_int in all: progressive's budget when R T_int = T).
   """
   _check_steps(num_rounds, "num_rounds")
-  groups = stripe_groups(mask, num_stripes)
+  groups = stripe_groups(mask, num_stripes, allow_empty=allow_empty)
   stages = [(j, steps_per_visit, 1.0 - (r + 1) / num_rounds)
             for r in range(num_rounds) for j in range(num_stripes)]
   return from_stages(groups, stages)

@@ -72,7 +72,9 @@ def method(name: str, generator, params, *, num_steps: int, eta: float,
                                       eta=eta, input_guidance=input_guidance)), 2 * num_steps
   if name == "progressive":
     per = max(num_steps // num_stripes, 1)
-    return (lambda x, m, k: generator(params, schedules.progressive(m, num_stripes, per), key=k,
+    # Random masks' holes may be shallower than num_stripes: such stripes stay empty.
+    return (lambda x, m, k: generator(params, schedules.progressive(m, num_stripes, per,
+                                                                    allow_empty=True), key=k,
                                       x=x, eta=eta)), per * num_stripes
   model = generator.model
   inpaint = repaint.RePaint(guidance.model_velocity_fn(model), mesh=generator.mesh)
