@@ -279,3 +279,13 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def get_config(path: str) -> ml_collections.ConfigDict:
+  """This file as an ml_collections config file for a run's saved config.json (`path:argument`).
+
+  The command line turns `--config=DIR/config.json` into `--config=<this file>:DIR/config.json`
+  (and, in `--mode=sample`, a missing --config into the workdir's own config.json), so
+  `--config.key=value` overrides apply on top of a saved config exactly as on configs/*.py.
+  """
+  return load_config_json(path)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asyncpatch_jax import checks
-from asyncpatch_jax import progress as progress_lib
+from asyncpatch_jax.training import progress as progress_lib
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import storage

@@ -40,7 +40,7 @@ flags.DEFINE_enum("mode", "train", ["train", "sample"],
 flags.mark_flags_as_required(["workdir"])
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_SAVED_CONFIG = os.path.join(_PACKAGE_DIR, "saved_config.py")
+_SAVED_CONFIG = os.path.join(_PACKAGE_DIR, "base_config.py")  # its get_config(path)
 
 
 def _flag_value(argv: list[str], name: str) -> tuple[int, str | None]:

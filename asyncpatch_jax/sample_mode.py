@@ -28,7 +28,7 @@ import numpy as np
 
 from asyncpatch_jax import checks
 from asyncpatch_jax import generate
-from asyncpatch_jax import progress as progress_lib
+from asyncpatch_jax.training import progress as progress_lib
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import schedules
@@ -144,7 +144,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   workdir = storage.check_bucket(workdir, "workdir")
   setup = train.Setup(config, image_shape=train.saved_image_shape(workdir))
   shape = setup.image_shape
-  codec = setup.codec            # a latent workdir: the pixel task runs on tokens (latent.py)
+  codec = setup.codec            # a latent workdir: the pixel task runs on tokens (training/latent_codec.py)
   # Bad inputs fail here, before restoring or compiling anything.
   n = checks.check_positive_int(sc.num_images, "sample.num_images")
   bs = checks.check_positive_int(sc.batch_size, "sample.batch_size")

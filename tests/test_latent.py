@@ -11,7 +11,7 @@ import pytest
 
 from asyncpatch_jax import base_config
 from asyncpatch_jax import checks
-from asyncpatch_jax import latent
+from asyncpatch_jax.training import latent_codec as latent
 from asyncpatch_jax import sample_mode
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io

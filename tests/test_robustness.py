@@ -196,7 +196,7 @@ def test_full_disk_stops_training_with_one_line_and_keeps_the_earlier_step(refer
                  glob.glob(os.path.join(ref_dir, "checkpoints", "20", "**"), recursive=True)
                  if os.path.isfile(f))
   mount = str(tmp_path / "disk")
-  with small_disk(mount, one_step + 150_000) as mounted:   # room for one checkpoint
+  with small_disk(mount, one_step * 3 // 2) as mounted:   # room for one checkpoint, not two
     workdir = os.path.join(mount, "w")
     if not mounted:
       if os.geteuid() == 0:

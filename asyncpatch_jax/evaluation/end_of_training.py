@@ -10,28 +10,26 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from asyncpatch_jax import progress as progress_lib
 from asyncpatch_jax.evaluation import digit_classifier as classifier
 from asyncpatch_jax.diffusion import schedules
 
 
+def num_updates(sample_config, eval_config) -> int:
+  """How many times `evaluate_digits` advances its progress bar (the caller's bar total)."""
+  return 1 + 2 * -(-eval_config.num_samples // sample_config.batch_size)
+
+
 def evaluate_digits(generator, params, sample_config, eval_config, image_shape, key,
-                    progress: bool = False) -> dict:
+                    bar=None) -> dict:
   """unconditional_confident_fraction, conditional_label_accuracy and the classifier's accuracy.
 
-  progress: show a progress bar (the classifier's training, then the sample batches).
+  bar: an optional progress bar (anything with `update(n)`), advanced `num_updates` times:
+  once for the classifier's training, then once per sample batch.
   """
-  n, bs = eval_config.num_samples, sample_config.batch_size
-  with progress_lib.bar(1 + 2 * -(-n // bs), "evaluation", enabled=progress) as bar:
-    return _evaluate_digits(generator, params, sample_config, eval_config, image_shape, key,
-                            bar)
-
-
-def _evaluate_digits(generator, params, sample_config, eval_config, image_shape, key,
-                     bar) -> dict:
+  update = bar.update if bar is not None else lambda n: None
   k_cls, k_unc, k_con = jax.random.split(key, 3)
   cls_params, held_out = classifier.train_classifier(k_cls, eval_config.classifier_steps)
-  bar.update(1)
+  update(1)
   n, bs = eval_config.num_samples, sample_config.batch_size
   h, w, c = image_shape
   tau = schedules.synchronous(sample_config.num_steps, h, w)
@@ -41,12 +39,12 @@ def _evaluate_digits(generator, params, sample_config, eval_config, image_shape,
     unc = generator(params, tau, key=jax.random.fold_in(k_unc, i), shape=(b, h, w, c),
                     eta=sample_config.eta)
     confident.append(np.max(np.asarray(classifier.classify(cls_params, unc)), -1) >= 0.9)
-    bar.update(1)
+    update(1)
     labels = (np.arange(i, i + b) % 10).astype(np.int32)
     con = generator(params, tau, key=jax.random.fold_in(k_con, i), shape=(b, h, w, c),
                     labels=labels, guidance_weight=sample_config.guidance, eta=sample_config.eta)
     correct.append(np.argmax(np.asarray(classifier.classify(cls_params, con)), -1) == labels)
-    bar.update(1)
+    update(1)
   return {
       "unconditional_confident_fraction": float(np.mean(np.concatenate(confident))),
       "conditional_label_accuracy": float(np.mean(np.concatenate(correct))),

@@ -27,7 +27,7 @@ from absl import logging
 
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax import checks
-from asyncpatch_jax import progress as progress_lib
+from asyncpatch_jax.training import progress as progress_lib
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax import generate
@@ -72,7 +72,7 @@ class Setup:
     latent_cfg = cfg.get("latent")
     if latent_cfg is not None and latent_cfg.autoencoder_workdir:
       # Latent AsyncPatch (Sec. 5.2): the UNet diffuses a frozen autoencoder's latents.
-      from asyncpatch_jax import latent  # pylint: disable=g-import-not-at-top
+      from asyncpatch_jax.training import latent_codec as latent  # pylint: disable=g-import-not-at-top
       self.codec = latent.LatentCodec.load(latent_cfg.autoencoder_workdir, self.pixel_shape,
                                            latent_cfg.scale, cfg.model)
       self.image_shape = self.codec.latent_shape
@@ -393,7 +393,7 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
   refs = np.stack([test[i]["image"] for i in range(min(16, len(test)))])
   key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 1)
   if setup.codec is not None:
-    from asyncpatch_jax import latent  # pylint: disable=g-import-not-at-top
+    from asyncpatch_jax.training import latent_codec as latent  # pylint: disable=g-import-not-at-top
     paths = latent.write_grids(generator, state.ema_params, setup.codec, cfg.sample, refs, key,
                                workdir / "samples" / name)
     return paths if jax.process_index() == 0 else {}
@@ -410,9 +410,10 @@ def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
   if cfg.data.dataset == "digits" and cfg.eval.num_samples > 0 and setup.codec is None:
     from asyncpatch_jax.evaluation import end_of_training  # pylint: disable=g-import-not-at-top
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 2)
-    result.update(end_of_training.evaluate_digits(generator, state.ema_params, cfg.sample, cfg.eval,
-                                             setup.image_shape, key,
-                                             progress=bool(cfg.train.progress_bar)))
+    with progress_lib.bar(end_of_training.num_updates(cfg.sample, cfg.eval), "evaluation",
+                          enabled=bool(cfg.train.progress_bar)) as bar:
+      result.update(end_of_training.evaluate_digits(generator, state.ema_params, cfg.sample,
+                                                    cfg.eval, setup.image_shape, key, bar))
   if jax.process_index() == 0:
     storage.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
   return result
