@@ -1,12 +1,17 @@
 """Unconditional model of Even Pixels (IPR App. C.4): 32x32 two-colour balanced images.
 
   python -m asyncpatch_jax.main --config=configs/even_pixels.py --workdir=/tmp/asyncpatch_even
+  python -m asyncpatch_jax.main --config=configs/even_pixels.py:cpu --workdir=/tmp/asyncpatch_even_cpu
+
+`:cpu` is the tiny variant that experiments/ipr_benchmarks.py trains on a 2-core CPU: each
+4x4 patch gets its own uniform time (`patchwise`, the SRM / IPR paper's 4x4 patches).
 """
 
 from asyncpatch_jax import base_config
+from asyncpatch_jax import checks
 
 
-def get_config():
+def get_config(variant: str = ""):
   config = base_config.get_base_config()
   config.data.dataset = "even_pixels"
   config.model.update(out_channels=3, base_channels=48, channel_mult=(1, 2, 2),
@@ -15,4 +20,14 @@ def get_config():
   config.train.update(batch_size=64, num_steps=20_000, checkpoint_every=2000)
   config.sample.guidance = 0.0
   config.eval.num_samples = 0
+  if variant == "cpu":
+    config.model.update(base_channels=16, num_res_blocks=(1, 1, 1), head_dim=16,
+                        time_embed_dim=32, num_groups=8)
+    config.timesteps.update(sampler="patchwise", patch_sizes=(4,))
+    config.optim.update(learning_rate=2e-3, warmup_steps=100)
+    config.train.update(batch_size=16, num_steps=2000, checkpoint_every=200, log_every=50,
+                        ema_decay=0.995)
+    config.sample.update(num_images=16, grid=(8, 8))
+  elif variant:
+    raise checks.InputError(f"configs/even_pixels.py: unknown variant {variant!r}; use '' or 'cpu'.")
   return base_config.finalize(config)

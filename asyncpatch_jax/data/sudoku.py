@@ -1,4 +1,4 @@
-"""Digit Sudoku: 9x9 grids of bundled 8x8 digit images forming a valid Sudoku.
+"""Digit Sudoku: 9x9 (or 4x4) grids of bundled 8x8 digit images forming a valid Sudoku.
 
 The MNIST-Sudoku benchmark of SRM (Wewer et al., 2025) as used by IPR
 (papers/004, Section 4.2 and Appendix C.2), with scikit-learn's bundled 8x8
@@ -15,9 +15,17 @@ permutations within stacks, stack permutations and transposition. Example `i`
 of a split is a pure function of `(seed, split, i)`, built on demand; cell
 images for `train` come from the digits train split and for `test` from the
 held-out digits (see `datasets/digits.py`).
+
+The 4x4 variant (`grid_size=4`, for CPU budgets): 2x2 boxes, digits 1..4, 32x32 images
+of 8x8 cells, the same rules, solutions uniform over all 288 valid 4x4 grids, and
+HARD-style givens in the same proportion
+of the cells: N_hint ~ U{0, ..., floor(26 * 16 / 81)} = U{0, ..., 5} (`hard_givens`).
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
 
 import numpy as np
 
@@ -25,6 +33,7 @@ from asyncpatch_jax import checks
 from asyncpatch_jax.data import digits as digits_lib
 
 GRID = 9
+GRID_SIZES = (4, 9)           # n x n grids of sqrt(n) x sqrt(n) boxes
 CELL = digits_lib.RAW_SIZE  # 8
 SPLITS = ("train", "test")
 DEFAULT_NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
@@ -32,21 +41,71 @@ HARD_GIVENS = (0, 26)  # IPR App. C.2.2: N_hint ~ U{0, ..., 26}
 _SPLIT_ID = {"train": 0, "test": 1}
 
 
-def base_solution() -> np.ndarray:
-  """The classic pattern solution, [9, 9] int32 with entries 1..9."""
-  r = np.arange(GRID)[:, None]
-  c = np.arange(GRID)[None, :]
-  return ((3 * (r % 3) + r // 3 + c) % GRID + 1).astype(np.int32)
+def check_grid_size(grid_size) -> int:
+  """The side n of an n x n Sudoku (one of GRID_SIZES); InputError otherwise."""
+  if not isinstance(grid_size, (int, np.integer)) or int(grid_size) not in GRID_SIZES:
+    raise checks.InputError(f"sudoku: grid_size must be one of {GRID_SIZES} (9: the classic "
+                            f"9x9 grid; 4: the 4x4 variant with 2x2 boxes), got {grid_size!r}.")
+  return int(grid_size)
 
 
-def random_solution(rng: np.random.Generator) -> np.ndarray:
-  """A random valid Sudoku solution [9, 9] int32 (validity-preserving transforms)."""
-  g = base_solution()
-  g = rng.permutation(GRID).astype(np.int32)[g - 1] + 1  # relabel digits
+def box_size(grid_size: int) -> int:
+  """sqrt(n): the side of a box of an n x n Sudoku."""
+  return int(round(np.sqrt(grid_size)))
+
+
+def hard_givens(grid_size: int = GRID) -> tuple[int, int]:
+  """The HARD setting's range of givens (IPR App. C.2.2: 0..26 of 81), scaled to n x n cells."""
+  return (HARD_GIVENS[0], (HARD_GIVENS[1] * grid_size * grid_size) // (GRID * GRID))
+
+
+def base_solution(grid_size: int = GRID) -> np.ndarray:
+  """The classic pattern solution, [n, n] int32 with entries 1..n."""
+  b = box_size(grid_size)
+  r = np.arange(grid_size)[:, None]
+  c = np.arange(grid_size)[None, :]
+  return ((b * (r % b) + r // b + c) % grid_size + 1).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def all_4x4_solutions() -> np.ndarray:
+  """Every valid 4x4 Sudoku, [288, 4, 4] int32, by depth-first search over rows."""
+  rows = [np.array(p, np.int32) for p in itertools.permutations(range(1, 5))]
+  found = []
+
+  def extend(grid):
+    if len(grid) == 4:
+      found.append(np.stack(grid))
+      return
+    for row in rows:
+      cols_ok = all(not np.any(row == g) for g in grid)   # no digit twice in a column
+      box_ok = len(grid) % 2 == 0 or all(                 # second row of a band: boxes
+          set(row[2 * k:2 * k + 2]).isdisjoint(grid[-1][2 * k:2 * k + 2]) for k in range(2))
+      if cols_ok and box_ok:
+        extend(grid + [row])
+
+  extend([])
+  out = np.stack(found)
+  out.setflags(write=False)
+  return out
+
+
+def random_solution(rng: np.random.Generator, grid_size: int = GRID) -> np.ndarray:
+  """A random valid Sudoku solution [n, n] int32.
+
+  9x9: validity-preserving transforms of `base_solution`; 4x4: uniform over all 288
+  valid grids (the transforms reach only 192 of them).
+  """
+  n, b = grid_size, box_size(grid_size)
+  if n == 4:
+    sols = all_4x4_solutions()
+    return np.array(sols[rng.integers(len(sols))])
+  g = base_solution(n)
+  g = rng.permutation(n).astype(np.int32)[g - 1] + 1  # relabel digits
 
   def line_order():  # a band (stack) order, then an order inside each
-    bands = rng.permutation(3)
-    return np.concatenate([3 * b + rng.permutation(3) for b in bands])
+    bands = rng.permutation(b)
+    return np.concatenate([b * k + rng.permutation(b) for k in bands])
 
   g = g[line_order()][:, line_order()]
   if rng.integers(2):
@@ -55,116 +114,132 @@ def random_solution(rng: np.random.Generator) -> np.ndarray:
 
 
 def sudoku_valid(grid: np.ndarray) -> np.ndarray:
-  """Sudoku rule check (IPR App. C.2.3): every row, column and 3x3 box holds 1..9 once.
+  """Sudoku rule check (IPR App. C.2.3): every row, column and box holds 1..n once.
 
   Args:
-    grid: [..., 9, 9] integer digits (e.g. the cell classifier's predictions).
+    grid: [..., n, n] integer digits, n = 9 (3x3 boxes) or 4 (2x2 boxes), e.g. the cell
+      classifier's predictions.
   Returns:
     [...] bool.
   """
   grid = np.asarray(grid)
-  if grid.shape[-2:] != (GRID, GRID):
-    raise checks.InputError(f"sudoku grid must be [..., 9, 9], got shape {grid.shape}.")
+  n = grid.shape[-1] if grid.ndim >= 2 else 0
+  if grid.ndim < 2 or grid.shape[-2] != n or n not in GRID_SIZES:
+    raise checks.InputError(f"sudoku grid must be [..., n, n] with n in {GRID_SIZES}, got "
+                            f"shape {grid.shape}.")
+  b = box_size(n)
   lead = grid.shape[:-2]
-  boxes = grid.reshape(lead + (3, 3, 3, 3)).swapaxes(-3, -2).reshape(lead + (GRID, GRID))
-  target = np.arange(1, GRID + 1)
+  boxes = grid.reshape(lead + (b, b, b, b)).swapaxes(-3, -2).reshape(lead + (n, n))
+  target = np.arange(1, n + 1)
   ok = np.ones(lead, bool)
   for units in (grid, np.swapaxes(grid, -1, -2), boxes):
     ok &= np.all(np.sort(units, axis=-1) == target, axis=(-2, -1))
   return ok
 
 
-def grid_cells(images: np.ndarray, cell_size: int = CELL) -> np.ndarray:
-  """Cuts grid images [..., 9c, 9c, C] into cells [..., 9, 9, c, c, C] (for a cell classifier)."""
+def grid_cells(images: np.ndarray, cell_size: int = CELL, grid_size: int = GRID) -> np.ndarray:
+  """Cuts grid images [..., nc, nc, C] into cells [..., n, n, c, c, C] (for a cell classifier)."""
   images = np.asarray(images)
+  n = grid_size
   h, w, ch = images.shape[-3:]
-  if h != GRID * cell_size or w != GRID * cell_size:
-    raise checks.InputError(f"sudoku images must be [..., {GRID * cell_size}, {GRID * cell_size}, C], "
+  if h != n * cell_size or w != n * cell_size:
+    raise checks.InputError(f"sudoku images must be [..., {n * cell_size}, {n * cell_size}, C], "
                      f"got shape {images.shape}.")
   lead = images.shape[:-3]
-  x = images.reshape(lead + (GRID, cell_size, GRID, cell_size, ch))
+  x = images.reshape(lead + (n, cell_size, n, cell_size, ch))
   return np.moveaxis(x, -4, -3)
 
 
 def cell_mask_to_pixels(cell_mask: np.ndarray, cell_size: int = CELL) -> np.ndarray:
-  """[..., 9, 9] cell mask -> [..., 9c, 9c] pixel mask (m = 1 known)."""
+  """[..., n, n] cell mask -> [..., nc, nc] pixel mask (m = 1 known)."""
   return np.repeat(np.repeat(cell_mask, cell_size, axis=-2), cell_size, axis=-1)
 
 
 class SudokuSource:
   """Random-access source of Digit Sudoku grids (grain `RandomAccessDataSource`).
 
-  Each example is a dict:
-    image:     [72, 72, 1] float32 in [-1, 1] (cell size 8; `image_size` a
-               multiple of 72 upsamples by pixel repetition),
-    solution:  [9, 9] int32, the digits 1..9 shown in the cells,
-    cell_mask: [9, 9] float32, 1 = given cell,
+  Each example is a dict (n = grid_size, 9 or 4):
+    image:     [8n, 8n, 1] float32 in [-1, 1] (cell size 8; `image_size` a
+               multiple of 8n upsamples by pixel repetition),
+    solution:  [n, n] int32, the digits 1..n shown in the cells,
+    cell_mask: [n, n] float32, 1 = given cell,
     mask:      [S, S] float32 pixel mask, 1 = pixel of a given cell (SPEC: m = 1 known).
+  num_givens: an int or (lo, hi) range; default the HARD setting (`hard_givens(n)`).
   """
 
   name = "sudoku"
   num_classes = None
 
-  def __init__(self, split: str = "train", image_size: int = GRID * CELL,
+  def __init__(self, split: str = "train", image_size: int | None = None,
                num_examples: int | None = None, seed: int = 0,
-               num_givens: int | tuple[int, int] = HARD_GIVENS):
+               num_givens: int | tuple[int, int] | None = None, grid_size: int = GRID):
     if split not in SPLITS:
       raise checks.InputError(f"Unknown split {split!r} for sudoku; expected one of {SPLITS}.")
-    if (not isinstance(image_size, (int, np.integer)) or image_size < GRID * CELL
-            or image_size % (GRID * CELL)):
-      raise checks.InputError(f"sudoku: image_size must be a positive multiple of {GRID * CELL} "
-                       f"(9 cells of 8x8 digits), got {image_size!r}.")
+    n = check_grid_size(grid_size)
+    image_size = n * CELL if image_size is None else image_size
+    if (not isinstance(image_size, (int, np.integer)) or image_size < n * CELL
+            or image_size % (n * CELL)):
+      raise checks.InputError(f"sudoku: image_size must be a positive multiple of {n * CELL} "
+                       f"({n} cells of 8x8 digits), got {image_size!r}.")
+    num_givens = hard_givens(n) if num_givens is None else num_givens
     lo, hi = (num_givens, num_givens) if np.isscalar(num_givens) else tuple(num_givens)
-    if not 0 <= lo <= hi <= GRID * GRID:
+    if not 0 <= lo <= hi <= n * n:
       raise checks.InputError(f"sudoku: num_givens must be an int or (lo, hi) with "
-                       f"0 <= lo <= hi <= 81, got {num_givens!r}.")
+                       f"0 <= lo <= hi <= {n * n}, got {num_givens!r}.")
     num_examples = checks.check_dataset_size("sudoku", num_examples, DEFAULT_NUM_EXAMPLES,
                                              split, seed)
     self.split = split
+    self.grid_size = n
     self.image_size = int(image_size)
-    self.cell_size = self.image_size // GRID
+    self.cell_size = self.image_size // n
     self.image_shape = (self.image_size, self.image_size, 1)
     self.num_examples = int(num_examples)
     self.seed = int(seed)
     self.num_givens = (int(lo), int(hi))
     raw, labels = digits_lib.load_split(split)  # [N, 8, 8] in [-1, 1]
     cells = digits_lib.upsample_nearest(raw, self.cell_size // CELL).astype(np.float32)
-    # Pool of cell images per digit 1..9 (index d - 1); digit-0 images unused.
-    self._pool = [cells[labels == d] for d in range(1, GRID + 1)]
+    # Pool of cell images per digit 1..n (index d - 1); digit-0 images unused.
+    self._pool = [cells[labels == d] for d in range(1, n + 1)]
 
   def __len__(self) -> int:
     return self.num_examples
 
   def example_params(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(solution [9, 9], pool index of each cell's image [9, 9], cell_mask [9, 9] bool)."""
+    """(solution [n, n], pool index of each cell's image [n, n], cell_mask [n, n] bool)."""
     if not 0 <= index < self.num_examples:
       raise IndexError(f"index {index} out of range for {len(self)} examples")
+    n = self.grid_size
     rng = np.random.default_rng([self.seed, _SPLIT_ID[self.split], int(index)])
-    solution = random_solution(rng)
+    solution = random_solution(rng, n)
     sizes = np.array([len(p) for p in self._pool])
     pick = rng.integers(0, sizes[solution - 1])  # per cell, uniform within its digit's pool
     n_given = int(rng.integers(self.num_givens[0], self.num_givens[1] + 1))
-    cell_mask = np.zeros(GRID * GRID, bool)
-    cell_mask[rng.permutation(GRID * GRID)[:n_given]] = True
-    return solution, pick, cell_mask.reshape(GRID, GRID)
+    cell_mask = np.zeros(n * n, bool)
+    cell_mask[rng.permutation(n * n)[:n_given]] = True
+    return solution, pick, cell_mask.reshape(n, n)
+
+  def render(self, solution: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """The grid image [S, S, 1] showing digit solution[r, c] with pool image pick[r, c]."""
+    n, c = self.grid_size, self.cell_size
+    cells = np.stack([self._pool[d - 1][k] for d, k in zip(np.ravel(solution), np.ravel(pick))])
+    image = cells.reshape(n, n, c, c).swapaxes(1, 2).reshape(n * c, n * c)
+    return image[..., None].astype(np.float32)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     solution, pick, cell_mask = self.example_params(int(index))
-    c = self.cell_size
-    cells = np.stack([self._pool[d - 1][k] for d, k in zip(solution.ravel(), pick.ravel())])
-    image = cells.reshape(GRID, GRID, c, c).swapaxes(1, 2).reshape(GRID * c, GRID * c)
     cell_mask = cell_mask.astype(np.float32)
     return {
-        "image": image[..., None].astype(np.float32),
+        "image": self.render(solution, pick),
         "solution": solution.astype(np.int32),
         "cell_mask": cell_mask,
-        "mask": cell_mask_to_pixels(cell_mask, c),
+        "mask": cell_mask_to_pixels(cell_mask, self.cell_size),
     }
 
   def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
     return [self[int(i)] for i in indices]
 
   def __repr__(self) -> str:
+    grid = "" if self.grid_size == GRID else f", grid_size={self.grid_size}"
     return (f"SudokuSource(split={self.split!r}, image_size={self.image_size}, "
             f"num_examples={self.num_examples}, seed={self.seed}, "
-            f"num_givens={self.num_givens})")
+            f"num_givens={self.num_givens}{grid})")
