@@ -11,6 +11,7 @@ Embedded, no download:
   textures     32x32x3 crops of scikit-image's bundled photos and textures
   even_pixels  IPR App. C.4 two-colour 32x32x3 images, half the pixels per colour
   sudoku       72x72x1 grids of 8x8 digits forming valid Sudokus, given-cell mask
+               (option grid_size=4: 32x32x1 4x4 grids with 2x2 boxes, digits 1..4)
 From a prepared TFDS data_dir (see `tfds_source.py`):
   imagenet64, imagenet256, lsun_bedroom, celeba_hq
 """
