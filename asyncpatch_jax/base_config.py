@@ -136,6 +136,27 @@ def get_base_config() -> ml_collections.ConfigDict:
       classifier_steps=600,  # steps of the in-project digit classifier
   )
 
+  # --mode=evaluate (evaluate_mode.py, evaluation/workdir_eval.py): a trained workdir's
+  # generation and inpainting quality, written to <workdir>/evaluate.json. The sampler
+  # settings (num_steps, eta, num_stripes) are config.sample's.
+  config.evaluate = dict(
+      num_samples=1000,      # generated samples (labels cycle over the classes); >= 2, > k
+      batch_size=250,        # images per sampler / feature-network call
+      guidance=0.0,          # CFG weight of the generated samples
+      reference_split="train",  # real images the samples are compared with (train | test)
+      num_reference=0,       # real images; 0 = num_samples (at most the split's size)
+      mask_families=("thin", "wide", "square", "extrema"),  # data/masks.py families
+      num_inpaint=256,       # held-out (test split) images inpainted per family; 0 = none
+      inpaint_method="asyncpatch",  # asyncpatch | asyncpatch_input_guidance | progressive | repaint
+      input_guidance=1.0,    # asyncpatch_input_guidance: weight w_i (Eq. 8)
+      repaint=(250, 10, 10),  # repaint: num_steps, jump_length, jump_n_sample
+      k=5,                   # PRDC nearest neighbours
+      feature_steps=600,     # training steps of the in-project feature network (digits, textures)
+      inception_weights="",  # FID Inception-v3 weights (.npz/.safetensors): adds fid, *_inception
+      lpips_weights="",      # LPIPS weights (.npz/.safetensors): adds lpips to inpainting
+      out="",                # default <workdir>/evaluate.json
+  )
+
   # Latent AsyncPatch (Sec. 5.2): the UNet runs on the latents of a trained autoencoder.
   config.latent = dict(
       autoencoder_workdir="",  # workdir of a trained configs/vqae_*.py run ("" = pixel model)

@@ -1,11 +1,13 @@
-"""Command line: train (default) or sample from a workdir.
+"""Command line: train (default), sample from a workdir, or evaluate it.
 
   python -m asyncpatch_jax.main --config=configs/default.py --workdir=DIR [--config.key=value ...]
   python -m asyncpatch_jax.main --mode=sample --workdir=DIR \
       --config.sample.task=inpaint --config.sample.image=in.png --config.sample.mask=mask.png
+  python -m asyncpatch_jax.main --mode=evaluate --workdir=DIR [--config.evaluate.num_samples=N]
 
-`--config` also takes a run's saved `config.json`; in `--mode=sample` it defaults to
-the workdir's own `config.json`, and `--config.key=value` overrides apply on top.
+`--config` also takes a run's saved `config.json`; in `--mode=sample` and `--mode=evaluate`
+it defaults to the workdir's own `config.json`, and `--config.key=value` overrides apply on
+top.
 
 Exit codes: 0 done; 1 an error, printed as one line `error: ...` (bad flags or config,
 bad input files, a damaged workdir, a failed write, a diverging loss), before anything
@@ -32,11 +34,12 @@ from asyncpatch_jax.data import storage
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/<name>.py) or a run's saved config.json; in "
-    "--mode=sample the default is <workdir>/config.json.", lock_config=True)
+    "--mode=sample and --mode=evaluate the default is <workdir>/config.json.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (or gs:// URL) for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"],
                   "train: train (resuming the workdir), then sample and evaluate; "
-                  "sample: sample from the workdir's latest checkpoint (config.sample).")
+                  "sample: sample from the workdir's latest checkpoint (config.sample); "
+                  "evaluate: score it, writing <workdir>/evaluate.json (config.evaluate).")
 flags.mark_flags_as_required(["workdir"])
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -64,12 +67,12 @@ def _with_config(argv: list[str]) -> list[str]:
   if value is None:
     _, mode = _flag_value(argv, "mode")
     _, workdir = _flag_value(argv, "workdir")
-    if mode != "sample" or not workdir:
+    if mode not in ("sample", "evaluate") or not workdir:
       return argv
     value = workdir.rstrip("/") + "/config.json"
     if "://" not in value and not os.path.isfile(value):
       raise checks.InputError(
-          f"--mode=sample without --config reads the workdir's config.json, but {value} does "
+          f"--mode={mode} without --config reads the workdir's config.json, but {value} does "
           "not exist; train in that workdir first, or pass --config=configs/<name>.py.")
     argv.insert(1, f"--config={_SAVED_CONFIG}:{value}")
     return argv
@@ -170,6 +173,9 @@ def main(argv):
     print(_describe_devices(), file=sys.stderr, flush=True)
     if FLAGS.mode == "train":
       summary = train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "evaluate":
+      from asyncpatch_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
+      summary = evaluate_mode.evaluate_workdir(config, FLAGS.workdir)
     else:
       from asyncpatch_jax import sample_mode  # pylint: disable=g-import-not-at-top
       summary = sample_mode.sample_from_workdir(config, FLAGS.workdir)

@@ -1,21 +1,31 @@
 """Feature extractors for the distribution metrics, and the metrics named after them.
 
 An extractor is a callable `images [B, H, W, C] in [-1, 1] -> features [B, D]` with a
-`name`. The offline default is `DigitFeatures`: the penultimate 128-d layer of the
-in-project digit classifier (digit_classifier.py), trained on the embedded digits;
-its Frechet distance is reported as `fd_digits`, never as FID. With Inception-v3
-weights from a file (`inception.load`), the same code gives `fid` (FID is only ever
-the Frechet distance of those features).
+`name`. The offline defaults are the in-project networks of the embedded datasets
+(`IN_PROJECT`, trained on the dataset's train split in seconds):
+  - `DigitFeatures`: the penultimate 128-d layer of the digit classifier
+    (digit_classifier.py); metrics `fd_digits`, `precision_digits`, ...;
+  - `TextureFeatures`: the penultimate 128-d layer of a small CNN trained to tell which
+    source image a textures crop comes from (texture_features.py); `fd_textures`, ...
+Their Frechet distances are never called FID. With Inception-v3 weights from a file
+(`inception.load`), the same code gives `fid` (FID is only ever the Frechet distance of
+those features).
+
+Feature extraction and PRDC take an optional `jax.sharding.Mesh` (built by the caller,
+training/sharding.py): the batch is split over all of the mesh's devices.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from asyncpatch_jax import checks
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import metrics
+from asyncpatch_jax.evaluation import texture_features
 
 
 class DigitFeatures:
@@ -27,8 +37,17 @@ class DigitFeatures:
     self.params = params
 
   @classmethod
-  def train(cls, key: jax.Array, num_steps: int = 600) -> tuple["DigitFeatures", float]:
-    """Trains the digit classifier on the digits train split; (extractor, held-out accuracy)."""
+  def train(cls, key: jax.Array, num_steps: int = 600,
+            options: dict | None = None) -> tuple["DigitFeatures", float]:
+    """Trains the digit classifier on the digits train split; (extractor, held-out accuracy).
+
+    options: the digits dataset options of the scored model; the classifier takes the
+    default 16 x 16 digits only.
+    """
+    if dict(options or {}).get("image_size", 16) != 16:
+      raise checks.InputError(f"the in-project digit features take 16x16 digits; the model's "
+                              f"data.options={dict(options)} change the size. Score it with "
+                              "Inception features (evaluate.inception_weights) instead.")
     params, accuracy = digit_classifier.train_classifier(key, num_steps)
     return cls(params), accuracy
 
@@ -37,7 +56,55 @@ class DigitFeatures:
     if tuple(np.shape(images)[1:]) != (16, 16, 1):
       raise checks.InputError(f"images have shape {tuple(np.shape(images))}; the digit features "
                               "take the digits dataset's [B, 16, 16, 1].")
-    return digit_classifier.features(self.params, np.asarray(images, np.float32))
+    # jnp (not np): a batch sharded over a mesh stays sharded.
+    return digit_classifier.features(self.params, jnp.asarray(images, jnp.float32))
+
+
+class TextureFeatures:
+  """features = TextureFeatures(params, shape)(crops [B, S, S, 3] in [-1, 1]) -> [B, 128].
+
+  The penultimate layer of the in-project textures network (texture_features.py:
+  a small CNN trained to tell which source image a crop comes from).
+  """
+  name = "textures"
+  dim = texture_features.FEATURE_DIM
+
+  def __init__(self, params, image_shape: tuple[int, int, int]):
+    self.params, self.image_shape = params, tuple(image_shape)
+
+  @classmethod
+  def train(cls, key: jax.Array, num_steps: int = 600,
+            options: dict | None = None) -> tuple["TextureFeatures", float]:
+    """Trains on the textures train split with the model's data.options (image_size,
+    images, ...); (extractor, held-out accuracy on the test split, chance 1 / #images)."""
+    params, shape, accuracy = texture_features.train_classifier(key, num_steps, options=options)
+    return cls(params, shape), accuracy
+
+  def __call__(self, images) -> jax.Array:
+    checks.check_image(images, "images")
+    if tuple(np.shape(images)[1:]) != self.image_shape:
+      raise checks.InputError(f"images have shape {tuple(np.shape(images))}; these texture "
+                              f"features were trained on crops of {self.image_shape}.")
+    return texture_features.features(self.params, jnp.asarray(images, jnp.float32))
+
+
+# dataset name -> its in-project feature network (the offline default of the metrics).
+IN_PROJECT = {"digits": DigitFeatures, "textures": TextureFeatures}
+
+
+def in_project(dataset: str, key: jax.Array, num_steps: int = 600, options: dict | None = None):
+  """(the in-project feature extractor of an embedded dataset, its held-out accuracy).
+
+  Trained from `key` on the dataset's train split (seconds on a CPU); InputError for a
+  dataset without one (score it with Inception weights from a file).
+  """
+  if dataset not in IN_PROJECT:
+    raise checks.InputError(f"dataset {dataset!r} has no in-project feature network (those of "
+                            f"{sorted(IN_PROJECT)} do); give FID Inception-v3 weights "
+                            "(--config.evaluate.inception_weights=<file.npz>, made by "
+                            "experiments/convert_weights.py).")
+  checks.check_positive_int(num_steps, "feature network training steps")
+  return IN_PROJECT[dataset].train(key, num_steps, options=options)
 
 
 def metric_names(extractor_name: str) -> dict[str, str]:
@@ -48,35 +115,51 @@ def metric_names(extractor_name: str) -> dict[str, str]:
   return out
 
 
-def extract(extractor, images, batch_size: int = 256) -> np.ndarray:
+def extract(extractor, images, batch_size: int = 256,
+            mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
   """Features [N, D] of images [N, H, W, C], `batch_size` at a time.
 
   A ragged last batch is padded to the batch size (and the padding dropped), so the
-  extractor compiles once.
+  extractor compiles once. With a mesh, the batch size is rounded up to a multiple of
+  the mesh's device count and every batch is split over all of its axes (the
+  extractor's jitted function then runs sharded); the features are gathered to the host.
   """
   images = np.asarray(images)
-  batch_size = min(batch_size, len(images))
+  batch_size = checks.check_positive_int(min(batch_size, len(images)), "batch_size")
+  put = lambda x: x
+  if mesh is not None:
+    if not isinstance(mesh, jax.sharding.Mesh):
+      raise checks.InputError(f"mesh={mesh!r}; expected a jax.sharding.Mesh (training/sharding.py "
+                              "builds one) or None.")
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    batch = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    put = lambda x: jax.device_put(x, batch)
   out = []
   for i in range(0, len(images), batch_size):
     chunk = images[i:i + batch_size]
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-    out.append(np.asarray(extractor(chunk))[:n])
+    out.append(np.asarray(extractor(put(chunk)))[:n])
   return np.concatenate(out)
 
 
-def feature_metrics(extractor, real_images, fake_images, *, k: int = 5,
-                    batch_size: int = 256) -> dict[str, float]:
+def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_size: int = 256,
+                    mesh: jax.sharding.Mesh | None = None,
+                    real_features: np.ndarray | None = None) -> dict[str, float]:
   """Frechet distance (streaming float64 statistics) and PRDC of two image sets, named by extractor.
 
   Returns e.g. {'fd_digits', 'precision_digits', 'recall_digits', 'density_digits',
   'coverage_digits'} for DigitFeatures ('fid', 'precision_inception', ... for Inception).
+  mesh: feature extraction and PRDC split over its devices. real_features: the real
+  images' features when already extracted (real_images is then not read).
   """
   names = metric_names(extractor.name)
-  real, fake = extract(extractor, real_images, batch_size), extract(extractor, fake_images, batch_size)
+  real = (extract(extractor, real_images, batch_size, mesh) if real_features is None
+          else np.asarray(real_features))
+  fake = extract(extractor, fake_images, batch_size, mesh)
   mu_r, cov_r = metrics.FeatureStats().update(real).mean_cov()
   mu_f, cov_f = metrics.FeatureStats().update(fake).mean_cov()
   out = {names["frechet"]: metrics.frechet_distance(mu_r, cov_r, mu_f, cov_f)}
-  out.update({names[m]: v for m, v in metrics.prdc(real, fake, k=k).items()})
+  out.update({names[m]: v for m, v in metrics.prdc(real, fake, k=k, mesh=mesh).items()})
   return out

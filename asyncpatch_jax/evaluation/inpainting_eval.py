@@ -29,25 +29,40 @@ from asyncpatch_jax.evaluation import metrics
 METHODS = ("asyncpatch", "asyncpatch_input_guidance", "progressive", "repaint")
 
 
-def dataset_images(name: str, split: str, num: int | None = None) -> np.ndarray:
-  """The first `num` images [N, H, W, C] in [-1, 1] of a registered dataset split."""
-  src = datasets.get_dataset(name, split)
+def dataset_images(name: str, split: str, num: int | None = None, *, data_dir: str | None = None,
+                   options: dict | None = None) -> np.ndarray:
+  """The first `num` images [N, H, W, C] in [-1, 1] of a registered dataset split.
+
+  data_dir, options: the run's `data.data_dir` and `data.options` (image size, ...).
+  """
+  src = datasets.get_dataset(name, split, data_dir=data_dir or None, **dict(options or {}))
   n = len(src) if num is None else min(num, len(src))
   return np.stack([np.asarray(src[i]["image"], np.float32) for i in range(n)])
 
 
 def sample(generator, params, num: int, image_shape, *, num_steps: int, eta: float,
-           key: jax.Array, batch: int, guidance_weight: float = 0.0) -> np.ndarray:
-  """`num` synchronous samples [N, H, W, C]; labels cycle over the classes of a conditional model."""
+           key: jax.Array, batch: int, guidance_weight: float = 0.0, bar=None,
+           multiple_of: int = 1) -> np.ndarray:
+  """`num` synchronous samples [N, H, W, C]; labels cycle over the classes of a conditional model.
+
+  The batch is min(batch, num) rounded up to a multiple of `multiple_of` (the device
+  count of the generator's mesh, so that every batch is split over it); batch i (images
+  i .. i + batch) draws from fold_in(key, i); a ragged last batch is padded to the batch
+  (so one compilation serves all) and the padding dropped. bar: an optional progress
+  bar, advanced once per batch.
+  """
   h, w, c = image_shape
   tau = schedules.synchronous(num_steps, h, w)
+  batch = -(-min(batch, num) // multiple_of) * multiple_of
+  num_classes = generator.model.num_classes
   out = []
   for i in range(0, num, batch):
-    b = min(batch, num - i)
-    labels = (np.arange(i, i + b) % generator.model.num_classes).astype(np.int32) if (
-        generator.model.num_classes) else None
-    out.append(np.asarray(generator(params, tau, key=jax.random.fold_in(key, i), shape=(b, h, w, c),
-                                    labels=labels, guidance_weight=guidance_weight, eta=eta)))
+    labels = (np.arange(i, i + batch) % num_classes).astype(np.int32) if num_classes else None
+    images = generator(params, tau, key=jax.random.fold_in(key, i), shape=(batch, h, w, c),
+                       labels=labels, guidance_weight=guidance_weight, eta=eta)
+    out.append(np.asarray(images)[:num - i])
+    if bar is not None:
+      bar.update(1)
   return np.concatenate(out)
 
 
@@ -91,17 +106,20 @@ def method(name: str, generator, params, *, num_steps: int, eta: float,
 
 
 def run_inpainting(fn: Callable, images: np.ndarray, masks: np.ndarray, key: jax.Array,
-                   batch: int) -> tuple[np.ndarray, dict]:
+                   batch: int, bar=None, multiple_of: int = 1) -> tuple[np.ndarray, dict]:
   """Inpaints all images in batches; (outputs, {'seconds_per_image', 'first_batch_seconds'}).
 
-  A ragged last batch is padded to `batch` (repeating its last image) so that one
-  compilation serves every batch.
+  The batch is min(batch, #images) rounded up to a multiple of `multiple_of` (the
+  device count of a mesh); a ragged batch is padded to it (repeating its last image) so
+  that one compilation serves every batch. bar: an optional progress bar, advanced per
+  batch.
   """
+  batch = -(-min(batch, len(images)) // multiple_of) * multiple_of
   out, first, later, n_later = [], 0.0, 0.0, 0
   for i in range(0, len(images), batch):
     x, m = images[i:i + batch], masks[i:i + batch]
     n = len(x)
-    if i > 0 and n < batch:
+    if n < batch:
       pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch - n, axis=0)])
       x, m = pad(x), pad(m)
     t = time.perf_counter()
@@ -112,7 +130,9 @@ def run_inpainting(fn: Callable, images: np.ndarray, masks: np.ndarray, key: jax
     else:
       later, n_later = later + dt * n / len(x), n_later + n
     out.append(res)
-  per_image = later / n_later if n_later else first / len(images)
+    if bar is not None:
+      bar.update(1)
+  per_image = later / n_later if n_later else first / batch     # (compile time included)
   return np.concatenate(out), {"seconds_per_image": per_image, "first_batch_seconds": first}
 
 
@@ -127,13 +147,22 @@ def _lpips_mean(lpips_fn, a: np.ndarray, b: np.ndarray, batch: int) -> float:
 
 
 def quality(outputs: np.ndarray, originals: np.ndarray, extractor, *, lpips_fn=None,
-            batch: int = 256, k: int = 5) -> dict[str, float]:
-  """PSNR/SSIM vs the originals, Frechet distance and PRDC vs the originals, LPIPS if given."""
+            batch: int = 256, k: int = 5, mesh: jax.sharding.Mesh | None = None,
+            real_features: dict | None = None) -> dict[str, float]:
+  """PSNR/SSIM vs the originals, Frechet distance and PRDC vs the originals, LPIPS if given.
+
+  extractor: one feature extractor or a sequence of them (each adds its named metrics).
+  mesh: feature extraction and PRDC split over its devices. real_features: {extractor
+  name: features of the originals} already extracted (reused across mask families).
+  """
   window = min(11, *outputs.shape[1:3])
   window -= 1 - window % 2                               # an odd SSIM window that fits
   out = {"psnr": float(np.mean(np.asarray(metrics.psnr(outputs, originals)))),
          "ssim": float(np.mean(np.asarray(metrics.ssim(outputs, originals, filter_size=window))))}
-  out.update(feature_nets.feature_metrics(extractor, originals, outputs, k=k, batch_size=batch))
+  for ex in (extractor if isinstance(extractor, (list, tuple)) else [extractor]):
+    out.update(feature_nets.feature_metrics(
+        ex, originals, outputs, k=k, batch_size=batch, mesh=mesh,
+        real_features=(real_features or {}).get(ex.name)))
   if lpips_fn is not None:
     out["lpips"] = _lpips_mean(lpips_fn, outputs, originals, batch)
   return out

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import checks
 
@@ -179,15 +180,13 @@ def _sq_dists(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * ab, 0.0)
 
 
-def _blocks(x: jax.Array, block: int) -> jax.Array:
-  """[N, D] -> [ceil(N / block), block, D], zero padded."""
-  nb = -(-x.shape[0] // block)
-  return jnp.pad(x, ((0, nb * block - x.shape[0]), (0, 0))).reshape(nb, block, x.shape[1])
+def _kth_nn_rows(row_blocks: jax.Array, starts: jax.Array, x: jax.Array, k: int) -> jax.Array:
+  """Squared distance of each row to its k-th nearest neighbour in x [N, D] (itself excluded).
 
-
-def _kth_nn_sq(x: jax.Array, k: int, block: int) -> jax.Array:
-  """Squared distance of every point of x [N, D] to its k-th nearest neighbour in x (not itself)."""
-  n = x.shape[0]
+  row_blocks [nb, block, D] are rows of x (zero padding past its end) whose global
+  indices start at `starts` [nb]; a block at a time against all of x. Returns [nb * block].
+  """
+  n, block = x.shape[0], row_blocks.shape[1]
 
   def one(args):
     rows, start = args
@@ -196,43 +195,84 @@ def _kth_nn_sq(x: jax.Array, k: int, block: int) -> jax.Array:
     d = jnp.where(self_col, jnp.inf, d)
     return -jax.lax.top_k(-d, k)[0][:, k - 1]
 
-  starts = jnp.arange(-(-n // block)) * block
-  return jax.lax.map(one, (_blocks(x, block), starts)).reshape(-1)[:n]
+  return jax.lax.map(one, (row_blocks, starts)).reshape(-1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block"))
-def _prdc(real: jax.Array, fake: jax.Array, k: int, block: int):
-  centre = jnp.mean(real, 0)                 # distances are shift invariant; centring helps float32
-  real, fake = real - centre, fake - centre
-  real_r2, fake_r2 = _kth_nn_sq(real, k, block), _kth_nn_sq(fake, k, block)
+def _real_fake_pass(real_blocks: jax.Array, r2_blocks: jax.Array, fake: jax.Array,
+                    fake_r2: jax.Array, axes: tuple[str, ...] = ()):
+  """One pass over the real-fake distances, a block of real rows at a time.
 
-  nf, nr = fake.shape[0], real.shape[0]
-  # One pass over the real-fake distances, a block of real rows at a time: per real point
-  # (recall, coverage) directly; per fake point (precision, density) as a running count of
-  # the real balls holding it. Padded real rows get radius -inf: they hold nothing.
-  r2_blocks = _blocks(real_r2[:, None], block)[..., 0]
-  r2_blocks = jnp.where(jnp.arange(r2_blocks.size).reshape(r2_blocks.shape) < nr, r2_blocks,
-                        -jnp.inf)
+  Per real row (recall, coverage) directly; per fake point (precision, density) as a
+  running count of the real balls holding it. Padded real rows carry radius -inf: they
+  hold nothing. Returns (count [nf], in_fake [nb * block], covered [nb * block]).
+  axes: inside shard_map, the mesh axes the rows are split over (the count then differs
+  per device until it is summed).
+  """
+  count = jnp.zeros((fake.shape[0],), jnp.int32)
+  if axes:
+    count = jax.lax.pcast(count, axes, to="varying")
 
   def real_block(count, args):
     rows, r2 = args
     d = _sq_dists(rows, fake)                                  # [block, nf]
-    inside_real_ball = d < r2[:, None]
-    count = count + jnp.sum(inside_real_ball, 0, dtype=jnp.int32)
+    count = count + jnp.sum(d < r2[:, None], 0, dtype=jnp.int32)
     return count, (jnp.any(d < fake_r2[None, :], 1), jnp.min(d, 1) < r2)
 
-  count, (in_fake, covered) = jax.lax.scan(real_block, jnp.zeros((nf,), jnp.int32),
-                                           (_blocks(real, block), r2_blocks))
+  count, (in_fake, covered) = jax.lax.scan(real_block, count, (real_blocks, r2_blocks))
+  return count, in_fake.reshape(-1), covered.reshape(-1)
+
+
+def _row_blocks(x: jax.Array, block: int, shards: int):
+  """(x as [nb, block, D] zero-padded blocks, their start rows [nb]); nb a multiple of shards."""
+  nb = -(-x.shape[0] // block)
+  nb = -(-nb // shards) * shards
+  blocks = jnp.pad(x, ((0, nb * block - x.shape[0]), (0, 0))).reshape(nb, block, x.shape[1])
+  return blocks, jnp.arange(nb) * block
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "mesh"))
+def _prdc(real: jax.Array, fake: jax.Array, k: int, block: int, mesh=None):
+  """Integer PRDC counts; with a mesh, the row blocks are split over all its devices.
+
+  The sharded program is the single-device one per shard: each device takes its share
+  of the (padded) row blocks against the replicated other set (shard_map); the per-fake
+  counts are summed over devices (psum), the per-real flags stay sharded.
+  """
+  centre = jnp.mean(real, 0)                 # distances are shift invariant; centring helps float32
+  real, fake = real - centre, fake - centre
+  nr, nf = real.shape[0], fake.shape[0]
+  shards = 1 if mesh is None else mesh.size
+  real_blocks, real_starts = _row_blocks(real, block, shards)
+  fake_blocks, fake_starts = _row_blocks(fake, block, shards)
+  kth = functools.partial(_kth_nn_rows, k=k)
+  rows_pass = _real_fake_pass
+  if mesh is not None:
+    rows = P(tuple(mesh.axis_names))         # the block axis over every device of the mesh
+    kth = jax.shard_map(kth, mesh=mesh, in_specs=(rows, rows, P()), out_specs=rows)
+
+    def summed_pass(*args):
+      axes = tuple(mesh.axis_names)
+      count, in_fake, covered = _real_fake_pass(*args, axes=axes)
+      return jax.lax.psum(count, axes), in_fake, covered
+
+    rows_pass = jax.shard_map(summed_pass, mesh=mesh, in_specs=(rows, rows, P(), P()),
+                              out_specs=(P(), rows, rows))
+  real_r2 = kth(real_blocks, real_starts, real)          # [padded nr]
+  fake_r2 = kth(fake_blocks, fake_starts, fake)[:nf]
+  real_r2 = jnp.where(jnp.arange(real_r2.shape[0]) < nr, real_r2, -jnp.inf)
+  count, in_fake, covered = rows_pass(real_blocks, real_r2.reshape(real_blocks.shape[:2]), fake,
+                                      fake_r2)
   in_real = count > 0
   return {                                   # integer counts; ratios are taken on the host
       "precision": jnp.sum(in_real),
-      "recall": jnp.sum(in_fake.reshape(-1)[:nr]),
+      "recall": jnp.sum(in_fake[:nr]),
       "density": jnp.sum(count),
-      "coverage": jnp.sum(covered.reshape(-1)[:nr]),
+      "coverage": jnp.sum(covered[:nr]),
   }
 
 
-def prdc(real_features, fake_features, k: int = 5, block: int = 1024) -> dict:
+def prdc(real_features, fake_features, k: int = 5, block: int = 1024,
+         mesh: jax.sharding.Mesh | None = None) -> dict:
   """Precision, recall, density and coverage (Naeem et al. 2020, Eq. 1-4 with Kynkaanniemi et al.).
 
   With B_k(x) the ball around x whose radius is the distance to its k-th nearest
@@ -244,8 +284,16 @@ def prdc(real_features, fake_features, k: int = 5, block: int = 1024) -> dict:
   Distances are computed in float32 on the default device, `block` rows at a time, so
   10k x 10k sets of 2048-d features never hold a full distance matrix.
 
+  With a mesh (built by the caller, e.g. `training.sharding.sampling_mesh()`), the row
+  blocks are split over all of its devices (each device: its rows against the whole other
+  set); the block is then at most ceil(rows / devices), and the rows are zero-padded to a
+  whole number of blocks per device (padded rows are dropped), so any set size works on
+  any mesh. The counts equal the single-device ones unless two distances tie to within
+  float32 rounding (the per-block matrix products may round differently).
+
   Args:
     real_features: [N, D]. fake_features: [M, D]. k: neighbours (k < N and k < M).
+    block: rows per distance block. mesh: a jax.sharding.Mesh, or None (default device).
   Returns:
     {"precision", "recall", "density", "coverage"} as floats.
   """
@@ -264,8 +312,13 @@ def prdc(real_features, fake_features, k: int = 5, block: int = 1024) -> dict:
   if k >= n_min:
     raise checks.InputError(f"k={k} nearest neighbours need more than k samples in each set; got "
                             f"{real.shape[0]} real and {fake.shape[0]} fake.")
-  block = min(block, max(real.shape[0], fake.shape[0]))
-  out = _prdc(jnp.asarray(real, jnp.float32), jnp.asarray(fake, jnp.float32), k=k, block=block)
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise checks.InputError(f"mesh={mesh!r}; expected a jax.sharding.Mesh (training/sharding.py "
+                            "builds one) or None.")
+  shards = 1 if mesh is None else mesh.size
+  block = min(block, -(-max(real.shape[0], fake.shape[0]) // shards))
+  out = _prdc(jnp.asarray(real, jnp.float32), jnp.asarray(fake, jnp.float32), k=k, block=block,
+              mesh=mesh)
   counts = {name: int(v) for name, v in out.items()}
   nr, nf = real.shape[0], fake.shape[0]
   return {"precision": counts["precision"] / nf, "recall": counts["recall"] / nr,

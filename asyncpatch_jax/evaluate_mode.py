@@ -1,0 +1,101 @@
+"""`--mode=evaluate`: score a trained workdir's model and write `<workdir>/evaluate.json`.
+
+  python -m asyncpatch_jax.main --mode=evaluate --workdir=DIR [--config.evaluate.KEY=VALUE ...]
+
+Needs only the workdir (a local folder or a gs:// URL; the command line's default
+config is the workdir's own config.json). Loads the latest checkpoint's EMA parameters
+(training/train.load_trained, as --mode=sample), then scores generation and inpainting
+quality (evaluation/workdir_eval.py: Frechet distance and PRDC on the dataset's
+in-project feature network, `fd_digits` / `fd_textures`; FID with Inception-v3 weights;
+PSNR/SSIM and LPIPS per mask family on the held-out split). With several devices the
+sampler batches, feature extraction and PRDC are split over a mesh of all of them
+(training/sharding.sampling_mesh). Every setting is checked, and the weight files read,
+before the checkpoint is restored or anything compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+
+from asyncpatch_jax import checks
+from asyncpatch_jax import generate
+from asyncpatch_jax.data import image_io
+from asyncpatch_jax.data import storage
+from asyncpatch_jax.evaluation import workdir_eval
+from asyncpatch_jax.training import progress as progress_lib
+from asyncpatch_jax.training import sharding
+from asyncpatch_jax.training import train
+
+
+def _summary(result: dict, path: str) -> dict:
+  """The headline numbers: generation metrics, and PSNR / SSIM / Frechet distances per family."""
+  gen = result["generation"]
+  keep = lambda d: {k: v for k, v in d.items() if k.startswith(("fd_", "fid", "precision_",
+                                                                "recall_", "psnr", "ssim",
+                                                                "lpips"))}
+  out = {"evaluate_json": path, "step": result["step"], "generation": keep(gen)}
+  if "inpainting" in result:
+    out["inpainting"] = {f: {k: v for k, v in keep(q).items() if not k.startswith(
+        ("precision_", "recall_"))} for f, q in result["inpainting"]["families"].items()}
+  return out
+
+
+def evaluate_workdir(config, workdir) -> dict:
+  """Scores the workdir's latest checkpoint (config.evaluate); writes evaluate.json; a summary."""
+  if "autoencoder" in config:
+    raise checks.InputError("an autoencoder workdir generates nothing to evaluate; its "
+                            "reconstruction metrics are in its eval.json. Evaluate the latent "
+                            "diffusion workdir that names it instead.")
+  if "latent" in config and config.latent.autoencoder_workdir:
+    raise checks.InputError("--mode=evaluate does not score latent diffusion workdirs yet "
+                            "(latent.autoencoder_workdir is set); experiments/latent_textures.py "
+                            "measures them.")
+  t0 = time.perf_counter()
+  workdir = storage.check_bucket(workdir, "workdir")
+  image_shape = train.saved_image_shape(workdir)       # InputError: no checkpoint
+  setup = train.Setup(config, image_shape=image_shape)
+  workdir_eval.check_settings(config, setup.image_shape)
+  out_path = (storage.check_bucket(config.evaluate.out, "evaluate.out") if config.evaluate.out
+              else workdir / "evaluate.json")
+  storage.check_writable(out_path.parent, "evaluate.out's folder")
+  inception_features, lpips_fn = workdir_eval.load_weight_files(config)
+  setup, state = train.load_trained(workdir, config, setup=setup)
+  mesh = sharding.sampling_mesh()                      # None on one device
+  generator = generate.Generator(setup.model, mesh=mesh)
+  key = jax.random.key(config.seed)
+  shards = 1 if mesh is None else mesh.size
+  with progress_lib.bar(workdir_eval.num_updates(config, shards), "evaluate",
+                        enabled=bool(config.train.progress_bar), unit="call") as bar:
+    extractors, nets = workdir_eval.feature_extractors(config, jax.random.fold_in(key, 1),
+                                                       inception_features, bar)
+    scores, examples = workdir_eval.evaluate(
+        generator, state.ema_params, config, image_shape=setup.image_shape, key=key,
+        extractors=extractors, lpips_fn=lpips_fn, mesh=mesh, bar=bar)
+  result = {"workdir": str(workdir), "step": int(jax.device_get(state.step)),
+            "dataset": config.data.dataset, "image_shape": list(setup.image_shape),
+            "devices": jax.device_count(), "mesh": None if mesh is None else dict(mesh.shape),
+            "feature_nets": nets, **scores, "seconds": time.perf_counter() - t0}
+  if lpips_fn is not None:
+    result["lpips"] = {"network": f"LPIPS-{lpips_fn.net}",
+                       "weights": str(config.evaluate.lpips_weights)}
+  grid_path = out_path.parent / (out_path.stem + ".png")
+  result["grid"] = str(grid_path)
+  if jax.process_index() == 0:
+    # Rows: samples, then per mask family the masked inputs and their inpaintings.
+    rows = [examples["samples"]] + [x for f in config.evaluate.mask_families if f in examples
+                                    for x in examples[f]]
+    image_io.save_grid(_stack(rows), grid_path, ncols=workdir_eval.NUM_EXAMPLES,
+                       scale=4 if setup.image_shape[0] <= 32 else 1)
+    storage.write_text_atomic(out_path, json.dumps(result, indent=2))
+  return _summary(result, str(out_path))
+
+
+def _stack(rows):
+  """Rows of up to NUM_EXAMPLES images, each padded with blank (-1) images to a full row."""
+  n = workdir_eval.NUM_EXAMPLES
+  return np.concatenate([np.concatenate([r, np.full((n - len(r), *r.shape[1:]), -1.0, r.dtype)])
+                         for r in rows])
