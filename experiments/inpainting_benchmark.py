@@ -12,8 +12,8 @@ with each of --methods:
   repaint                    RePaint's resampling (diffusion/repaint.py), --repaint =
                              num_steps, jump_length, jump_n_sample (paper: 250,10,10).
 Quality: PSNR, SSIM, Frechet distance and PRDC of the inpainted set against the
-originals on the in-project digit features (`fd_digits`; `fid` with --inception_weights),
-LPIPS with --lpips_weights. Cost: network evaluations and seconds per image.
+originals on the dataset's in-project features (`fd_digits`; with --inception_weights
+also `fid`, which the table then shows), LPIPS with --lpips_weights. Cost: network evaluations and seconds per image.
 Writes the JSON, a Markdown table (.md) and a PNG grid beside it.
 
 On an accelerator (paper: ImageNet 64 / 256, 1k images, RePaint 250/10/10):
@@ -34,13 +34,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from asyncpatch_jax import base_config
 from asyncpatch_jax import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import masks
 from asyncpatch_jax.evaluation import feature_nets
-from asyncpatch_jax.evaluation import inception
 from asyncpatch_jax.evaluation import inpainting_eval
-from asyncpatch_jax.evaluation import lpips
+from asyncpatch_jax.evaluation import workdir_eval
 from asyncpatch_jax.training import train
 
 FLAGS = flags.FLAGS
@@ -87,23 +87,32 @@ def main(argv):
   key = jax.random.key(FLAGS.seed)
   repaint_params = tuple(int(v) for v in FLAGS.repaint)
   models = dict(item.split(":", 1) for item in FLAGS.workdirs)
-  if FLAGS.inception_weights:
-    extractor, accuracy = inception.load(FLAGS.inception_weights), None
-  else:
-    extractor, accuracy = feature_nets.DigitFeatures.train(jax.random.fold_in(key, 1),
-                                                           FLAGS.classifier_steps)
+  configs = {}
+  for name, workdir in models.items():
+    configs[name] = base_config.load_config_json(os.path.join(workdir, "config.json"))
+    configs[name].evaluate.update(feature_steps=FLAGS.classifier_steps,
+                                  inception_weights=FLAGS.inception_weights,
+                                  lpips_weights=FLAGS.lpips_weights)
+  first = next(iter(configs.values()))
+  inception_features, lpips_fn = workdir_eval.load_weight_files(first)
+  extractors, nets = workdir_eval.feature_extractors(first, jax.random.fold_in(key, 1),
+                                                     inception_features)
+  extractor = extractors[-1]                        # Inception when given, else in-project
   names = feature_nets.metric_names(extractor.name)
-  lpips_fn = lpips.load(FLAGS.lpips_weights) if FLAGS.lpips_weights else None
   result = {"settings": {k: FLAGS[k].value for k in (
       "workdirs", "families", "methods", "num_inpaint", "num_steps", "repaint", "eta",
       "input_guidance", "num_stripes", "seed")}, "feature_extractor": extractor.name,
-            "digit_classifier_held_out_accuracy": accuracy, "models": {}}
+            "feature_nets": nets,
+            "digit_classifier_held_out_accuracy": nets.get("digits", {}).get("held_out_accuracy"),
+            "models": {}}
   grid = []
   for name, workdir in models.items():
-    setup, state = train.load_trained(workdir)
+    setup, state = train.load_trained(workdir, configs[name])
     gen = generate.Generator(setup.model)
     h, w, _ = setup.image_shape
-    real = inpainting_eval.dataset_images(setup.config.data.dataset, "test", FLAGS.num_inpaint)
+    data = setup.config.data
+    real = inpainting_eval.dataset_images(data.dataset, "test", FLAGS.num_inpaint,
+                                          data_dir=data.data_dir, options=dict(data.options))
     result["models"][name] = {}
     for meth in tqdm(FLAGS.methods, desc=name):
       fn, nfe = inpainting_eval.method(meth, gen, state.ema_params, num_steps=FLAGS.num_steps,
@@ -114,7 +123,8 @@ def main(argv):
         m = masks.make_masks(fam, len(real), h, w, seed=FLAGS.seed)
         out, cost = inpainting_eval.run_inpainting(fn, real, m, jax.random.fold_in(key, 10 + j),
                                                    FLAGS.batch)
-        q = inpainting_eval.quality(out, real, extractor, lpips_fn=lpips_fn, batch=FLAGS.batch)
+        q = inpainting_eval.quality(out, real, extractors, lpips_fn=lpips_fn, batch=FLAGS.batch,
+                                    mesh=gen.mesh)
         per_fam[fam] = {**q, "network_evals": nfe, **cost}
         if j == 0:
           grid.append(out[:8])

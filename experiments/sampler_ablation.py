@@ -5,13 +5,14 @@
 For each of --samplers (global, perlin, patchwise, asyncpatch) the config (default: the
 main job's, configs/default.py, --train_steps overriding its step count) is trained in
 <workdir_root>/<sampler> (resuming if a checkpoint is there), then its EMA weights are
-scored:
+scored by `evaluation/workdir_eval.evaluate` (what `--mode=evaluate` runs on one workdir):
   - generation: --num_samples class-conditional samples (labels cycling, synchronous
     schedule) against the held-out digits, Frechet distance and PRDC on the in-project
-    digit features (`fd_digits`, never FID);
+    digit features (`fd_digits`, never FID; also `fid` with --inception_weights);
   - inpainting (AsyncPatch Eq. 4) of the held-out digits for each mask family:
     PSNR, SSIM, fd_digits/PRDC of the inpainted set, and LPIPS with --lpips_weights.
-Writes the JSON, a Markdown table (.md) and a PNG grid of inpaintings beside it.
+Writes the JSON, a Markdown table (.md, on Inception features when given, else the
+in-project ones) and a PNG grid of inpaintings beside it.
 
 On an accelerator, with a prepared ImageNet 64 and the converted Inception/LPIPS
 weights (paper: 60M model, 50k samples for FID, 1k for inpainting):
@@ -35,11 +36,8 @@ from tqdm import tqdm
 from asyncpatch_jax import base_config
 from asyncpatch_jax import generate
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.data import masks
 from asyncpatch_jax.evaluation import feature_nets
-from asyncpatch_jax.evaluation import inception
-from asyncpatch_jax.evaluation import inpainting_eval
-from asyncpatch_jax.evaluation import lpips
+from asyncpatch_jax.evaluation import workdir_eval
 from asyncpatch_jax.training import train
 
 FLAGS = flags.FLAGS
@@ -63,13 +61,6 @@ flags.DEFINE_integer("seed", 0, "Root seed.")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _extractor(key):
-  if FLAGS.inception_weights:
-    return inception.load(FLAGS.inception_weights), None
-  extractor, accuracy = feature_nets.DigitFeatures.train(key, FLAGS.classifier_steps)
-  return extractor, accuracy
-
-
 def _train(sampler: str) -> str:
   config = base_config.load_config_file(os.path.join(ROOT, FLAGS.config))
   config.timesteps.sampler = sampler
@@ -79,6 +70,20 @@ def _train(sampler: str) -> str:
   workdir = os.path.join(FLAGS.workdir_root, sampler)
   train.train_and_evaluate(config, workdir)
   return workdir
+
+
+def _eval_config(workdir: str):
+  """The workdir's config with this script's evaluation settings (config.sample, config.evaluate)."""
+  config = base_config.load_config_json(os.path.join(workdir, "config.json"))
+  config.sample.update(num_steps=FLAGS.num_steps, eta=FLAGS.eta)
+  config.evaluate.update(
+      num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=FLAGS.guidance,
+      reference_split="test", num_reference=0, mask_families=tuple(FLAGS.families),
+      num_inpaint=FLAGS.num_inpaint, inpaint_method="asyncpatch",
+      feature_steps=FLAGS.classifier_steps, inception_weights=FLAGS.inception_weights,
+      lpips_weights=FLAGS.lpips_weights)
+  workdir_eval.check_settings(config, train.saved_image_shape(workdir))
+  return config
 
 
 def _markdown(result: dict, names: dict) -> str:
@@ -102,38 +107,35 @@ def main(argv):
   t0 = time.time()
   key = jax.random.key(FLAGS.seed)
   workdirs = {s: _train(s) for s in FLAGS.samplers}
-  extractor, accuracy = _extractor(jax.random.fold_in(key, 1))
+  configs = {s: _eval_config(workdirs[s]) for s in FLAGS.samplers}
+  first = configs[FLAGS.samplers[0]]
+  inception_features, lpips_fn = workdir_eval.load_weight_files(first)
+  extractors, nets = workdir_eval.feature_extractors(first, jax.random.fold_in(key, 1),
+                                                     inception_features)
+  extractor = extractors[-1]                        # the table's: Inception when given
   names = feature_nets.metric_names(extractor.name)
-  lpips_fn = lpips.load(FLAGS.lpips_weights) if FLAGS.lpips_weights else None
+  metric_keys = {n for ex in extractors for n in feature_nets.metric_names(ex.name).values()}
   result = {"settings": {k: FLAGS[k].value for k in (
       "config", "samplers", "train_steps", "num_samples", "num_inpaint", "families", "num_steps",
-      "eta", "guidance", "seed")}, "feature_extractor": extractor.name,
-            "digit_classifier_held_out_accuracy": accuracy, "models": {}}
+      "eta", "guidance", "seed")}, "feature_extractor": extractor.name, "feature_nets": nets,
+            "digit_classifier_held_out_accuracy": nets.get("digits", {}).get("held_out_accuracy"),
+            "models": {}}
   grid_rows = []
   for s in tqdm(FLAGS.samplers, desc="evaluating"):
-    setup, state = train.load_trained(workdirs[s])
-    dataset = setup.config.data.dataset
-    real = inpainting_eval.dataset_images(dataset, "test", FLAGS.num_inpaint)
+    setup, state = train.load_trained(workdirs[s], configs[s])
     gen = generate.Generator(setup.model)
-    samples = inpainting_eval.sample(
-        gen, state.ema_params, FLAGS.num_samples, setup.image_shape, num_steps=FLAGS.num_steps,
-        eta=FLAGS.eta, key=jax.random.fold_in(key, 2), batch=FLAGS.batch,
-        guidance_weight=FLAGS.guidance)
-    all_real = inpainting_eval.dataset_images(dataset, "test")
+    scores, examples = workdir_eval.evaluate(
+        gen, state.ema_params, configs[s], image_shape=setup.image_shape, key=key,
+        extractors=extractors, lpips_fn=lpips_fn, mesh=gen.mesh, mask_seed=FLAGS.seed)
+    inpainting = scores["inpainting"]
     model_result = {"workdir": workdirs[s], "train_steps": int(state.step),
-                    "generation": feature_nets.feature_metrics(extractor, all_real, samples)}
-    model_result["inpainting"] = {}
-    fn, nfe = inpainting_eval.method("asyncpatch", gen, state.ema_params,
-                                     num_steps=FLAGS.num_steps, eta=FLAGS.eta)
-    h, w, _ = setup.image_shape
-    for j, fam in enumerate(FLAGS.families):
-      m = masks.make_masks(fam, len(real), h, w, seed=FLAGS.seed)
-      out, cost = inpainting_eval.run_inpainting(fn, real, m, jax.random.fold_in(key, 10 + j),
-                                                 FLAGS.batch)
-      q = inpainting_eval.quality(out, real, extractor, lpips_fn=lpips_fn, batch=FLAGS.batch)
-      model_result["inpainting"][fam] = {**q, "network_evals": nfe, **cost}
-      grid_rows.append(np.where(m[:8, :, :, None] > 0, real[:8], -1.0))
-      grid_rows.append(out[:8])
+                    "generation": {k: v for k, v in scores["generation"].items()
+                                   if k in metric_keys},
+                    "inpainting": {fam: {**q, "network_evals": inpainting["network_evals"]}
+                                   for fam, q in inpainting["families"].items()}}
+    for fam in FLAGS.families:
+      grid_rows.extend(examples[fam])
+    h = setup.image_shape[0]
     result["models"][s] = model_result
     print(s, json.dumps(model_result))
   result["seconds"] = time.time() - t0

@@ -156,7 +156,8 @@ def _extract_all(extractors, images, batch, mesh) -> dict[str, np.ndarray]:
 
 
 def evaluate(generator, params, config, *, image_shape, key: jax.Array, extractors,
-             lpips_fn=None, mesh: jax.sharding.Mesh | None = None, bar=None):
+             lpips_fn=None, mesh: jax.sharding.Mesh | None = None, bar=None,
+             mask_seed: int | None = None):
   """Generation and inpainting scores of a model; (result dict, example images).
 
   generator: a generate.Generator of the model (the caller's; built with `mesh`),
@@ -165,6 +166,7 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   model's [H, W, C]. key: the root key (module docstring). extractors: from
   `feature_extractors`. lpips_fn: from `load_weight_files`, or None. mesh: the sampler
   batches, feature extraction and PRDC are split over its devices. bar: a progress bar.
+  mask_seed: the masks' seed (data/masks.py; default config.seed).
   Returns ({'generation': {...}, 'inpainting': {...}}, {family: (masked inputs,
   outputs)} of the first NUM_EXAMPLES images).
   """
@@ -202,9 +204,10 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
       repaint_params=tuple(int(v) for v in ec.repaint))
   real_features = _extract_all(extractors, originals, batch, mesh)
   h, w, _ = image_shape
+  mask_seed = int(config.seed if mask_seed is None else mask_seed)
   families = {}
   for j, family in enumerate(ec.mask_families):
-    m = masks_lib.make_masks(family, len(originals), h, w, seed=config.seed)
+    m = masks_lib.make_masks(family, len(originals), h, w, seed=mask_seed)
     out, cost = inpainting_eval.run_inpainting(fn, originals, m, jax.random.fold_in(key, 10 + j),
                                                batch, bar=bar, multiple_of=shards)
     q = inpainting_eval.quality(out, originals, extractors, lpips_fn=lpips_fn, batch=batch,
@@ -214,7 +217,7 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
                         out[:NUM_EXAMPLES])
   result["inpainting"] = {"method": ec.inpaint_method, "network_evals": nfe,
                           "num_images": len(originals), "split": "test",
-                          "mask_seed": int(config.seed), "families": families}
+                          "mask_seed": mask_seed, "families": families}
   if ec.inpaint_method == "repaint":
     result["inpainting"]["repaint"] = [int(v) for v in ec.repaint]
   if ec.inpaint_method == "asyncpatch_input_guidance":
