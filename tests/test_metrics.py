@@ -169,3 +169,37 @@ def test_psnr_and_ssim_against_closed_form_and_skimage():
   assert np.all(np.asarray(metrics.ssim(a, a)) == pytest.approx(1.0, abs=1e-5))
   with pytest.raises(checks.InputError, match="smaller than the SSIM window"):
     metrics.ssim(a[:, :8, :8], b[:, :8, :8])
+
+
+# ---------------------------------------------------------------------------- PRDC over a mesh
+
+
+@pytest.mark.parametrize("devices, fsdp", [(8, 1), (3, 1), (8, 2)])
+def test_prdc_sharded_over_a_mesh_equals_bruteforce_and_single_device(devices, fsdp):
+  # 123 real and 77 fake rows divide neither the mesh (8 or 3 devices; a 4 x 2 mesh) nor
+  # the block: the rows are padded per device, and padded rows must hold nothing. The
+  # counts are integers: sharded and single-device results must be equal exactly
+  # (a flip would need two float32 distances within rounding of each other).
+  import jax
+  from asyncpatch_jax.training import sharding
+  rng = np.random.default_rng(21)
+  real = rng.normal(size=(123, 6))
+  fake = rng.normal(size=(77, 6)) * 1.3 + 0.4
+  fake[0] = real.mean(0)        # where the (centred) zero padding rows sit: they must not count
+  mesh = sharding.make_mesh(fsdp, jax.devices()[:devices])
+  single = metrics.prdc(real, fake, k=3, block=16)
+  ref = _prdc_bruteforce(real, fake, 3)
+  for block in (16, 1024):                 # several blocks a device; one block a device
+    sharded = metrics.prdc(real, fake, k=3, block=block, mesh=mesh)
+    assert sharded == single
+    for name in ref:
+      assert sharded[name] == pytest.approx(ref[name], abs=1e-12), name
+  # The program really is split over the mesh (one partition per device).
+  real32, fake32 = (np.asarray(a, np.float32) for a in (real, fake))
+  compiled = metrics._prdc.lower(real32, fake32, k=3, block=16, mesh=mesh).compile()
+  assert f"num_partitions={devices}" in compiled.as_text()
+
+
+def test_prdc_mesh_must_be_a_mesh():
+  with pytest.raises(checks.InputError, match="expected a jax.sharding.Mesh"):
+    metrics.prdc(np.zeros((6, 2)), np.zeros((6, 2)), k=2, mesh="data")
