@@ -64,6 +64,9 @@ class Generator:
     `known`, `debug`, `return_history`: samplers.Sampler.run_policy) in policy_kwargs and
     the head's parameters as head_params; it returns a samplers.AdaptiveResult.
     """
+    checks.check_range(input_guidance, "input_guidance", 0.0, hint=(
+        "Input guidance (AsyncPatch Eq. 8) pushes the prediction away from the one at the "
+        "noisier input with a weight w_i >= 0; 0 turns it off."))
     b = (x.shape if x is not None else shape)[0]
     cond, cfg = self._class_cond(params, labels, guidance_weight, b)
     is_policy = isinstance(tau, policies.Policy)

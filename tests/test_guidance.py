@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from asyncpatch_jax.diffusion import gaussian
 from asyncpatch_jax.diffusion import guidance
@@ -84,3 +85,12 @@ def test_renoise_has_the_forward_transition_moments():
   r = 0.2 / 0.7
   assert abs(out.mean() - r * 0.5) < 0.01
   assert abs(out.var() - (0.64 - r ** 2 * 0.09)) < 0.01
+
+
+def test_generator_refuses_a_negative_input_guidance_weight():
+  from asyncpatch_jax import checks, generate  # pylint: disable=g-import-not-at-top
+  gen = generate.Generator(model=None, mesh=None)       # refused before the model is touched
+  with pytest.raises(checks.InputError, match=r"input_guidance=-0.5; expected a number >= 0\. "
+                     r"Input guidance \(AsyncPatch Eq. 8\)"):
+    gen(None, np.zeros((2, 4, 4)), key=jax.random.key(0), shape=(1, 4, 4, 1),
+        input_guidance=-0.5)
