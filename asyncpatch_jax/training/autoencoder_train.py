@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from typing import Any
 
 import flax
@@ -323,14 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.check_compatible()
     ckpt.write_config_json()
     root_key = jax.random.key(cfg.seed)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          setup.abstract_state, state_shardings)
-    state = ckpt.restore(target)
-    if state is None:
-      init = jax.jit(setup.init_state, out_shardings=state_shardings)
-      options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-      init_key = jax.random.fold_in(root_key, -1 % 2 ** 31)
-      state = init.lower(init_key).compile(compiler_options=options)(init_key)
+    state = train.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
+                                root_key)
     start = int(jax.device_get(state.step))
     total = cfg.train.num_steps
     logging.info("Training the autoencoder on %s from step %d to %d on %d devices, %d "
@@ -345,44 +338,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
     writer = metric_writer.MetricWriter(workdir, start)
     h, w, _ = setup.image_shape
-    summary: dict[str, Any] = {"preempted": False}
-    metrics = None
-    bar = train._progress(cfg, start, total)  # pylint: disable=protected-access
-    with train._Preemption() as preemption:  # pylint: disable=protected-access
-      t_log, n_log = time.time(), 0
-      for step, local in zip(range(start, total), pipeline.iterate(start, total - start)):
-        local = {"image": local["image"], "mask": batch_masks(cfg, step, h, w)}
-        batch = input_pipeline.make_global_batch(local, mesh)
-        state, metrics = step_fn(state, batch)
-        done, n_log = step + 1, n_log + 1
-        if bar is not None:
-          bar.update(1)
-        if done % cfg.train.log_every == 0 or done == total:
-          scalars = jax.device_get(metrics)
-          dt = time.time() - t_log
-          scalars.update(steps_per_s=n_log / dt, images_per_s=n_log * cfg.train.batch_size / dt)
-          train._check_finite(state, metrics)  # pylint: disable=protected-access
-          writer.write(done, scalars)
-          if bar is not None:
-            bar.set_postfix(l1=f"{scalars['rec_l1']:.4f}", ppl=f"{scalars['perplexity']:.0f}")
-          t_log, n_log = time.time(), 0
-        preempted = (ckpt.reached_preemption(done) if jax.process_count() > 1
-                     else preemption.requested)
-        if done % cfg.train.checkpoint_every == 0 or done == total or preempted:
-          train._check_finite(state, metrics)  # pylint: disable=protected-access
-          ckpt.save(done, state, force=True)
-        if preempted:
-          logging.warning("Preemption requested: saved step %d, stopping.", done)
-          summary["preempted"] = True
-          break
-    if bar is not None:
-      bar.close()
-    writer.close()
-    ckpt.manager.wait_until_finished()
-    summary["step"] = int(jax.device_get(state.step))
-    summary["state"] = state
-    if metrics is not None:
-      summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    step_args = ((input_pipeline.make_global_batch(
+        {"image": local["image"], "mask": batch_masks(cfg, step, h, w)}, mesh),)
+                 for step, local in enumerate(pipeline.iterate(start, total - start), start))
+    summary = train.run_steps(
+        cfg, state, step_fn, step_args, ckpt, writer,
+        postfix=lambda s: {"l1": f"{s['rec_l1']:.4f}", "ppl": f"{s['perplexity']:.0f}"})
+    state = summary["state"]
     if summary["preempted"] or summary["step"] < total:
       return summary
     summary["eval"] = _evaluate(setup, state.params, workdir)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import time
 from typing import Any
 
 import jax
@@ -205,12 +204,8 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
     ckpt.check_compatible()
     ckpt.write_config_json()
     root_key = jax.random.key(cfg.seed)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          setup.abstract_state, state_shardings)
-    state = ckpt.restore(target)
-    if state is None:
-      init_key = jax.random.fold_in(root_key, -1 % 2 ** 31)
-      state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_key)
+    state = train.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
+                                root_key)
     start, total = int(jax.device_get(state.step)), cfg.train.num_steps
     logging.info("Training an uncertainty head for %s (frozen model step %d, fingerprint %s) "
                  "from step %d to %d.", cfg.uncertainty.model_workdir, setup.identity["step"],
@@ -222,43 +217,14 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
                       donate_argnums=(0,))
     pipeline = input_pipeline.InputPipeline(setup.model_setup.source, cfg.train.batch_size,
                                             seed=cfg.seed)
-    writer = metric_writer.MetricWriter(workdir)
+    writer = metric_writer.MetricWriter(workdir, start)
     keys = ("image", "label") if setup.model.num_classes else ("image",)
-    summary: dict[str, Any] = {"preempted": False, "frozen_model": setup.identity}
-    metrics = None
-    bar = train._progress(cfg, start, total)  # pylint: disable=protected-access
-    with train._Preemption() as preemption:   # pylint: disable=protected-access
-      t_log, n_log = time.time(), 0
-      for step, local in zip(range(start, total), pipeline.iterate(start, total - start)):
-        batch = input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
-        state, metrics = step_fn(state, batch, frozen)
-        done, n_log = step + 1, n_log + 1
-        if bar is not None:
-          bar.update(1)
-        if done % cfg.train.log_every == 0 or done == total:
-          scalars = jax.device_get(metrics)
-          scalars.update(steps_per_s=n_log / (time.time() - t_log))
-          train._check_finite(state, metrics)  # pylint: disable=protected-access
-          writer.write(done, scalars)
-          if bar is not None:
-            bar.set_postfix(nll=f"{scalars['loss']:.4f}", calib=f"{scalars['calibration']:.2f}")
-          t_log, n_log = time.time(), 0
-        preempted = (ckpt.reached_preemption(done) if jax.process_count() > 1
-                     else preemption.requested)
-        if done % cfg.train.checkpoint_every == 0 or done == total or preempted:
-          train._check_finite(state, metrics)  # pylint: disable=protected-access
-          ckpt.save(done, state, force=True)
-        if preempted:
-          logging.warning("Preemption requested: saved step %d, stopping.", done)
-          summary["preempted"] = True
-          break
-    if bar is not None:
-      bar.close()
-    writer.close()
-    ckpt.manager.wait_until_finished()
-    summary.update(step=int(jax.device_get(state.step)), state=state, frozen=frozen)
-    if metrics is not None:
-      summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    step_args = ((input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh), frozen)
+                 for local in pipeline.iterate(start, total - start))
+    summary = train.run_steps(
+        cfg, state, step_fn, step_args, ckpt, writer,
+        postfix=lambda s: {"nll": f"{s['loss']:.4f}", "calib": f"{s['calibration']:.2f}"})
+    summary.update(frozen_model=setup.identity, frozen=frozen)
     return summary
   finally:
     ckpt.close()

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -224,11 +224,78 @@ def _check_finite(state: train_state.TrainState, last_metrics: dict | None) -> N
         "check the data; the last good checkpoint is kept in the workdir.")
 
 
-def _progress(cfg, start: int, total: int):
-  if jax.process_index() != 0 or not cfg.train.progress_bar:
-    return None
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+def initial_state(ckpt, init_state: Callable, abstract_state, state_shardings, root_key):
+  """The workdir's latest verified checkpoint, or a fresh state from `init_state(key)`.
+
+  The fresh state's key is `fold_in(root_key, -1)` (never a step's key). On XLA:CPU the
+  one-off init program is compiled without backend optimisation (it runs once).
+  """
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, state_shardings)
+  state = ckpt.restore(target)
+  if state is None:
+    init = jax.jit(init_state, out_shardings=state_shardings)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    init_key = jax.random.fold_in(root_key, -1 % 2 ** 31)
+    state = init.lower(init_key).compile(compiler_options=options)(init_key)
+  return state
+
+
+def run_steps(cfg, state, step_fn: Callable, step_args: Iterable[tuple], ckpt, writer, *,
+              postfix: Callable[[dict], dict], after_step: Callable | None = None
+              ) -> dict[str, Any]:
+  """The training loop shared by the model, the uncertainty head and the autoencoder.
+
+  Runs `state, metrics = step_fn(state, *args)` for the steps from the state's step to
+  `cfg.train.num_steps`, one `args` tuple (global batch and any frozen inputs) per step
+  from `step_args`. Every `train.log_every` steps it checks the state is finite and writes
+  the metrics (with steps/s and images/s); it saves every `train.checkpoint_every` steps,
+  at the end, and on SIGTERM / Ctrl-C (then stops, `preempted`); a failed background save
+  stops it at the next step (`ckpt.poll`). `postfix(scalars)` is the progress bar's
+  postfix; `after_step(done, state)` runs after each step's bookkeeping (e.g. grids).
+
+  Returns {"preempted", "step", "state", "metrics"} (and "signal" when preempted).
+  """
+  start, total = int(jax.device_get(state.step)), cfg.train.num_steps
+  summary: dict[str, Any] = {"preempted": False}
+  metrics, done = None, start
+  with progress_lib.bar(total, "train", enabled=bool(cfg.train.progress_bar), unit="step",
+                        initial=start) as bar, _Preemption() as preemption:
+    t_log, n_log = time.time(), 0
+    for step, args in zip(range(start, total), step_args):
+      state, metrics = step_fn(state, *args)
+      done, n_log = step + 1, n_log + 1
+      bar.update(1)
+      ckpt.poll()              # a failed background save stops training here
+      if done % cfg.train.log_every == 0 or done == total:
+        scalars = jax.device_get(metrics)
+        dt = time.time() - t_log
+        scalars.update(steps_per_s=n_log / dt, images_per_s=n_log * cfg.train.batch_size / dt)
+        _check_finite(state, metrics)
+        writer.write(done, scalars)
+        bar.set_postfix(**postfix(scalars))
+        t_log, n_log = time.time(), 0
+      preempted = (ckpt.reached_preemption(done) if jax.process_count() > 1
+                   else preemption.requested)
+      if done % cfg.train.checkpoint_every == 0 or done == total or preempted:
+        _check_finite(state, metrics)
+        ckpt.save(done, state, force=True)
+      if after_step is not None and not preempted:
+        after_step(done, state)
+      if preempted:
+        summary["preempted"] = True
+        summary["signal"] = signal.Signals(_Preemption.signum or signal.SIGTERM).name
+        break
+  writer.close()
+  ckpt.wait()
+  if summary["preempted"]:
+    logging.warning("%s: saved step %d, stopping; rerun the same command to resume.",
+                    summary["signal"], done)
+  summary["step"] = int(jax.device_get(state.step))
+  summary["state"] = state
+  if metrics is not None:
+    summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  return summary
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
@@ -266,14 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     ckpt.check_compatible()
     ckpt.write_config_json()
     root_key = jax.random.key(cfg.seed)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          setup.abstract_state, state_shardings)
-    state = ckpt.restore(target)
-    if state is None:
-      init = jax.jit(setup.init_state, out_shardings=state_shardings)
-      options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-      init_key = jax.random.fold_in(root_key, -1 % 2 ** 31)
-      state = init.lower(init_key).compile(compiler_options=options)(init_key)
+    state = initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
+                          root_key)
     start = int(jax.device_get(state.step))
     total = cfg.train.num_steps
     logging.info("Training %s from step %d to %d on %d devices (mesh %s), %d parameters.",
@@ -291,49 +352,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     writer = metric_writer.MetricWriter(workdir, start)
     keys = ("image", "label") if setup.model.num_classes else ("image",)
     generator = generate.Generator(setup.model, mesh=None if devices is not None else "auto")
-    summary: dict[str, Any] = {"preempted": False}
-    metrics = None
-    bar = _progress(cfg, start, total)
-    with _Preemption() as preemption:
-      t_log, n_log = time.time(), 0
-      for step, local in zip(range(start, total), pipeline.iterate(start, total - start)):
-        batch = input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
-        state, metrics = step_fn(state, batch, *frozen)
-        done, n_log = step + 1, n_log + 1
-        if bar is not None:
-          bar.update(1)
-        ckpt.poll()              # a failed background save stops training here
-        if done % cfg.train.log_every == 0 or done == total:
-          scalars = jax.device_get(metrics)
-          dt = time.time() - t_log
-          scalars.update(steps_per_s=n_log / dt, images_per_s=n_log * cfg.train.batch_size / dt)
-          _check_finite(state, metrics)
-          writer.write(done, scalars)
-          if bar is not None:
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-          t_log, n_log = time.time(), 0
-        preempted = (ckpt.reached_preemption(done) if jax.process_count() > 1
-                     else preemption.requested)
-        if done % cfg.train.checkpoint_every == 0 or done == total or preempted:
-          _check_finite(state, metrics)
-          ckpt.save(done, state, force=True)
-        if cfg.train.sample_every and done % cfg.train.sample_every == 0 and done != total:
-          _write_grids(generator, state, cfg, setup, workdir, f"step_{done}")
-        if preempted:
-          summary["preempted"] = True
-          summary["signal"] = signal.Signals(_Preemption.signum or signal.SIGTERM).name
-          break
-    if bar is not None:
-      bar.close()
-    writer.close()
-    ckpt.wait()
-    if summary["preempted"]:
-      logging.warning("%s: saved step %d, stopping; rerun the same command to resume.",
-                      summary["signal"], done)
-    summary["step"] = int(jax.device_get(state.step))
-    summary["state"] = state
-    if metrics is not None:
-      summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def after_step(done, state):
+      if cfg.train.sample_every and done % cfg.train.sample_every == 0 and done != total:
+        _write_grids(generator, state, cfg, setup, workdir, f"step_{done}")
+
+    step_args = ((input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh), *frozen)
+                 for local in pipeline.iterate(start, total - start))
+    summary = run_steps(cfg, state, step_fn, step_args, ckpt, writer, after_step=after_step,
+                        postfix=lambda scalars: {"loss": f"{scalars['loss']:.4f}"})
+    state = summary["state"]
     if summary["preempted"] or summary["step"] < total:
       return summary
     if cfg.sample.num_images:
