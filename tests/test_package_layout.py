@@ -1,8 +1,8 @@
 """The package's wings import only wings below them (README "What is where").
 
 Order, lowest first: `checks` (the input checks every wing uses); the math and the parts
-(`diffusion`, `models`, `data`, `analysis`, `spin`, which import only `checks`, themselves
-nothing else); `evaluation`; `training` (which also uses `generate`, below);
+(`diffusion`, `models`, `data`, `analysis`, `spin`, which import only `checks` and
+themselves); `evaluation`; `training` (which also uses `generate`, see ALLOWED);
 then the top-level front end (`main`, `base_config`, `generate`, `sample_mode`,
 `adaptive_mode`, `evaluate_mode`). Imports are read from the source with `ast`, including
 the ones inside functions (a deferred import is still a dependency).
