@@ -1,0 +1,370 @@
+"""AsyncPatch Sec. 5.4 (Fig. 5-6, App. J) with this project's model: texture synthesis with input guidance.
+
+  python experiments/texture_synthesis.py --out=results/texture_synthesis/texture_synthesis.json
+  python experiments/texture_synthesis.py --image=my_texture.png      # also a user exemplar
+
+The top half of each exemplar is given, the bottom half is generated (AsyncPatch Eq. 4,
+`--num_steps` steps, eta 0.25) with input guidance (Eq. 8; diffusion/guidance.py through
+generate.Generator: the given half is re-noised to t_g = `--guidance_t` and the score
+is pushed away from that prediction) of weight w in `--weights`, `--seeds` seeds each,
+the same seeds for every w. Exemplars: `--per_image` held-out crops ('test' split, rows
+never seen in training) of each source image of the embedded textures, and any
+`--image` files (centre-cropped to the model's size; smaller images are refused).
+
+Statistics of the generated half against the exemplar's held-out bottom half
+(evaluation/texture_stats.py, where the choice is argued):
+  patch_swd   sliced Wasserstein distance of the 4x4 patch distributions (texture);
+  colour_w1   Wasserstein-1 distance of the per-channel colour histograms;
+  seam_ratio  jump across the boundary row / the generated rows' own row-to-row change
+              (about 1: no visible seam; the real image's value is the reference);
+  seed_spread RMS difference between the seeds' bottom halves (diversity).
+References: the real top half against the real bottom half (how far the texture itself
+drifts between the halves), and the generated half against the bottom half of an
+exemplar of another source image (what "a different texture" scores). Means over
+exemplars (seeds averaged first) with standard errors over exemplars; differences to
+w = 0 are paired. Writes the JSON, a Markdown table and PNG grids next to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+import jax
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
+
+from asyncpatch_jax import base_config  # noqa: E402
+from asyncpatch_jax import checks  # noqa: E402
+from asyncpatch_jax import generate  # noqa: E402
+from asyncpatch_jax.data import datasets  # noqa: E402
+from asyncpatch_jax.data import image_io  # noqa: E402
+from asyncpatch_jax.diffusion import schedules  # noqa: E402
+from asyncpatch_jax.evaluation import texture_stats  # noqa: E402
+from asyncpatch_jax.training import progress  # noqa: E402
+from asyncpatch_jax.training import train  # noqa: E402
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+flags.DEFINE_string("out", "results/texture_synthesis/texture_synthesis.json", "Output JSON path.")
+flags.DEFINE_string("workdir", "workdirs/textures_pixel",
+                    "The model's workdir (experiments/schedule_study.py's model); trained there "
+                    "(or resumed) if needed (--tiny: <dir of --out>/tiny_model unless given).")
+flags.DEFINE_integer("train_steps", 1500, "Training steps of the model (if trained here).")
+flags.DEFINE_integer("train_batch", 16, "Training batch size of the model (if trained here).")
+flags.DEFINE_list("weights", ["0", "1", "2", "4"], "Input guidance weights w >= 0.")
+flags.DEFINE_integer("seeds", 3, "Seeds per exemplar and weight.")
+flags.DEFINE_integer("per_image", 3, "Held-out exemplars per source image of the textures.")
+flags.DEFINE_multi_string("image", [], "User exemplar image files (PNG/JPEG, at least the "
+                          "model's size; centre-cropped to it). Repeatable.")
+flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
+flags.DEFINE_float("eta", 0.25, "Sampler eta (AsyncPatch: 0.25).")
+flags.DEFINE_float("guidance_t", 0.6, "t_g: noise level the guidance region is re-noised to.")
+flags.DEFINE_integer("patch", 4, "Patch size of patch_swd.")
+flags.DEFINE_integer("directions", 128, "Random directions of patch_swd.")
+flags.DEFINE_integer("seed", 0, "Root seed.")
+flags.DEFINE_bool("progress", True, "Progress bars.")
+flags.DEFINE_bool("tiny", False, "A tiny model and few exemplars (the test suite's run).")
+
+PIXEL_MODEL = {"base_channels": 32, "num_res_blocks": (1, 1, 1)}       # as schedule_study.py
+TINY_MODEL = {"base_channels": 8, "channel_mult": (1,), "num_res_blocks": (1,),
+              "attention_resolutions": (), "head_dim": 8, "time_embed_dim": 16, "num_groups": 4}
+TINY_FLAGS = dict(out="results/tmp/texture_synthesis_tiny/texture_synthesis.json",
+                  train_steps=2, train_batch=8, weights=["0", "2"], seeds=2, per_image=1,
+                  num_steps=3, directions=16)
+STATS = ("patch_swd", "colour_w1", "seam_ratio", "seam_l1", "seed_spread")
+
+
+def model_config(tiny: bool, steps: int, batch: int):
+  """configs/textures.py with the model of experiments/schedule_study.py."""
+  config = base_config.load_config_file(os.path.join(ROOT, "configs", "textures.py"))
+  with config.unlocked():
+    config.model.update(TINY_MODEL if tiny else PIXEL_MODEL)
+    config.train.update(num_steps=steps, batch_size=batch, checkpoint_every=1000,
+                        progress_bar=not tiny)
+    config.sample.num_images = 0
+  return config
+
+
+def parse_weights(values) -> list[float]:
+  """--weights as floats; a negative weight is refused (Eq. 8 needs w >= 0)."""
+  out = []
+  for v in values:
+    try:
+      w = float(v)
+    except ValueError:
+      raise checks.InputError(f"--weights: {v!r} is not a number.") from None
+    out.append(checks.check_range(w, "input guidance weight w", 0.0, hint=(
+        "Input guidance (AsyncPatch Eq. 8) pushes the prediction away from the one at the "
+        "noisier input with w >= 0; w = 0 is unguided.")))
+  if 0.0 not in out:
+    raise checks.InputError("--weights must include 0 (the unguided completion every weight is "
+                            "compared with).")
+  return sorted(set(out))
+
+
+def load_user_image(path: str, size: int) -> np.ndarray:
+  """A user exemplar as float32 [size, size, 3] in [-1, 1]: the centre crop of the file.
+
+  InputError when the image is smaller than the model's size (it cannot be cropped to it).
+  """
+  img = np.asarray(image_io.open_image(path, "exemplar image").convert("RGB"))
+  h, w = img.shape[:2]
+  if h < size or w < size:
+    raise checks.InputError(f"exemplar image {path!r} is {w}x{h} (WxH), smaller than the "
+                            f"model's {size}x{size}; give an image of at least {size}x{size} "
+                            "pixels (it is centre-cropped to the model's size).")
+  top, left = (h - size) // 2, (w - size) // 2
+  return image_io.from_uint8(img[top:top + size, left:left + size])
+
+
+def held_out_exemplars(config, per_image: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+  """The first `per_image` 'test' crops of every source image: (images, names, source ids)."""
+  test = datasets.get_dataset(config.data.dataset, "test", **dict(config.data.options))
+  want = {k: per_image for k in range(test.num_classes)}
+  images, names, labels = [], [], []
+  for i in range(len(test)):
+    if not any(want.values()):
+      break
+    ex = test[i]
+    k = int(ex["label"])
+    if want[k]:
+      want[k] -= 1
+      images.append(np.asarray(ex["image"], np.float32))
+      names.append(f"{test.images[k]}#{per_image - want[k] - 1}")
+      labels.append(k)
+  order = np.argsort(labels, kind="stable")
+  return (np.stack(images)[order], [names[i] for i in order], np.asarray(labels)[order])
+
+
+def mean_se(v: np.ndarray) -> tuple[float, float]:
+  v = np.asarray(v, np.float64)
+  return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def statistics(gen_bottom, true_bottom, full, row, key) -> dict[str, np.ndarray]:
+  """Per-sample statistics [E] of generated bottoms [E, h, W, C] against the true ones."""
+  return {"patch_swd": np.asarray(texture_stats.patch_swd(
+              gen_bottom, true_bottom, size=FLAGS.patch, num_directions=FLAGS.directions,
+              key=key)),
+          "colour_w1": np.asarray(texture_stats.colour_w1(gen_bottom, true_bottom)),
+          **{k: np.asarray(v) for k, v in texture_stats.seam(full, row).items()
+             if k in ("seam_l1", "seam_ratio")}}
+
+
+def fmt(v, se=None, digits=3) -> str:
+  return f"{v:.{digits}f}" if se is None else f"{v:.{digits}f} ± {se:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+  s = result["settings"]
+  lines = [f"Texture synthesis (AsyncPatch Sec. 5.4): top half given, bottom half generated "
+           f"({s['num_steps']} steps, eta {s['eta']}, t_g = {s['guidance_t']}); "
+           f"{result['num_exemplars']} held-out exemplars x {s['seeds']} seeds; mean ± s.e. "
+           "over exemplars, Δ = paired difference to w = 0 (lower patch_swd / colour_w1 = "
+           "closer to the exemplar's held-out bottom half).", "",
+           "| w | patch_swd | Δ patch_swd | colour_w1 | Δ colour_w1 | seam_ratio | seed_spread |",
+           "|---|---|---|---|---|---|---|"]
+  for row in result["weights"]:
+    lines.append(
+        f"| {row['w']:g} | {fmt(row['patch_swd'], row['patch_swd_se'])} | "
+        f"{fmt(row['d_patch_swd'], row['d_patch_swd_se'])} | "
+        f"{fmt(row['colour_w1'], row['colour_w1_se'])} | "
+        f"{fmt(row['d_colour_w1'], row['d_colour_w1_se'])} | "
+        f"{fmt(row['seam_ratio'], row['seam_ratio_se'], 2)} | "
+        f"{fmt(row['seed_spread'], row['seed_spread_se'])} |")
+  ref = result["reference"]
+  lines += ["", f"References: real top vs real bottom half patch_swd "
+            f"{fmt(ref['top_vs_bottom_patch_swd'], ref['top_vs_bottom_patch_swd_se'])}, "
+            f"colour_w1 {fmt(ref['top_vs_bottom_colour_w1'], ref['top_vs_bottom_colour_w1_se'])}; "
+            f"unguided completion vs another source image's bottom half patch_swd "
+            f"{fmt(ref['other_texture_patch_swd'], ref['other_texture_patch_swd_se'])}; "
+            f"seam_ratio of the real images "
+            f"{fmt(ref['real_seam_ratio'], ref['real_seam_ratio_se'], 2)}.", ""]
+  if result["per_source"]:
+    ws = [f"{r['w']:g}" for r in result["weights"]]
+    lines += ["patch_swd per source image (mean over its exemplars and seeds):", "",
+              "| source | " + " | ".join(f"w = {w}" for w in ws) + " |",
+              "|---|" + "---|" * len(ws)]
+    for name, vals in result["per_source"].items():
+      lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    lines.append("")
+  for u in result["user_images"]:
+    lines.append(f"User image {u['path']}: patch_swd by w " + ", ".join(
+        f"{w:g}: {v:.3f}" for w, v in zip(u["weights"], u["patch_swd"])) + ".")
+  lines += [f"Command: `{result['command']}`; wall time {result['wall_seconds'] / 60:.1f} min "
+            f"(sampling {result['sampling_seconds'] / 60:.1f} min).", ""]
+  return "\n".join(lines)
+
+
+def save_grid(path, x, mask, samples, weights, seeds, rows):
+  """Per exemplar one row: given half, every (w, seed) completion, the original."""
+  masked = np.where(mask[None, ..., None] > 0, x[rows], -1.0)
+  cols = [masked] + [samples[w][s][rows] for w in weights for s in range(seeds)] + [x[rows]]
+  grid = np.stack(cols, axis=1).reshape(-1, *x.shape[1:])        # row-major: exemplar rows
+  image_io.save_grid(grid, path, ncols=len(cols), scale=3)
+
+
+def plot(path, result):
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+  w = [r["w"] for r in result["weights"]]
+  for ax, key in zip(axes, ("patch_swd", "colour_w1", "seam_ratio")):
+    ax.errorbar(w, [r[key] for r in result["weights"]], yerr=[r[f"{key}_se"] for r in
+                result["weights"]], marker="o", capsize=3, color="k", label="mean ± s.e.")
+    if key == "patch_swd":
+      for name, vals in result["per_source"].items():
+        ax.plot(w, vals, lw=0.8, alpha=0.6, label=name.split("#")[0])
+      ax.axhline(result["reference"]["top_vs_bottom_patch_swd"], color="0.5", ls=":",
+                 label="real top vs bottom")
+    if key == "seam_ratio":
+      ax.axhline(result["reference"]["real_seam_ratio"], color="0.5", ls=":", label="real images")
+    ax.set_xlabel("input guidance w")
+    ax.set_title(key)
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  t_start = time.time()
+  tiny = FLAGS.tiny
+  if tiny:
+    for name, value in TINY_FLAGS.items():
+      if not FLAGS[name].present:
+        FLAGS[name].value = value
+    if not FLAGS["workdir"].present:
+      FLAGS.workdir = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)), "tiny_model")
+  weights = parse_weights(FLAGS.weights)
+  for name in ("seeds", "per_image", "num_steps", "patch", "directions"):
+    checks.check_positive_int(getattr(FLAGS, name), f"--{name}")
+  checks.check_range(FLAGS.eta, "--eta", 0.0, 1.0)
+  checks.check_range(FLAGS.guidance_t, "--guidance_t", 0.0, 1.0, low_open=True)
+  config = model_config(tiny, FLAGS.train_steps, FLAGS.train_batch)
+  size = int(dict(config.data.options).get("image_size", 32))
+  user = [load_user_image(p, size) for p in FLAGS.image]       # refused before any training
+
+  t = time.time()
+  train.train_and_evaluate(config, FLAGS.workdir)              # trains or resumes, else no-op
+  train_seconds = time.time() - t
+  setup, state = train.load_trained(FLAGS.workdir)
+  h, w, c = setup.pixel_shape
+  gen = generate.Generator(setup.model)
+
+  x, names, labels = held_out_exemplars(setup.config, FLAGS.per_image)
+  num_held_out = len(x)
+  if user:
+    x = np.concatenate([x, np.stack(user)])
+  row = h // 2                                                   # first generated row
+  mask = np.zeros((h, w), np.float32)
+  mask[:row] = 1.0                                               # top half given
+  tau = schedules.inpainting(mask, FLAGS.num_steps)
+  key = jax.random.key(FLAGS.seed)
+  stat_key = jax.random.fold_in(key, 7)
+
+  samples, t_sample = {}, 0.0
+  with progress.bar(len(weights) * FLAGS.seeds, "texture synthesis", enabled=FLAGS.progress,
+                    unit="call") as bar:
+    for wt in weights:
+      samples[wt] = []
+      for s in range(FLAGS.seeds):
+        t0 = time.time()
+        out = np.asarray(gen(state.ema_params, tau, key=jax.random.fold_in(key, s), x=x,
+                             eta=FLAGS.eta, input_guidance=wt, input_guidance_t=FLAGS.guidance_t))
+        t_sample += time.time() - t0
+        if np.abs(out[:, :row] - x[:, :row]).max() != 0.0:
+          raise RuntimeError("a given pixel changed.")
+        samples[wt].append(out)
+        bar.update(1)
+
+  true_bottom = x[:, row:]
+  per = {wt: [statistics(o[:, row:], true_bottom, o, row, stat_key) for o in samples[wt]]
+         for wt in weights}
+  # [weights][stat] -> [E] (mean over seeds); seed spread: RMS difference between seeds.
+  agg = {}
+  for wt in weights:
+    agg[wt] = {k: np.mean([p[k] for p in per[wt]], axis=0) for k in STATS if k != "seed_spread"}
+    bottoms = np.stack([o[:, row:] for o in samples[wt]])        # [S, E, h, W, C]
+    pairs = [(i, j) for i in range(len(bottoms)) for j in range(i + 1, len(bottoms))]
+    agg[wt]["seed_spread"] = (np.mean([np.sqrt(np.mean((bottoms[i] - bottoms[j]) ** 2,
+                                                        axis=(1, 2, 3))) for i, j in pairs],
+                                      axis=0) if pairs else np.zeros(len(x)))
+  held = slice(0, num_held_out)
+  rows_out = []
+  for wt in weights:
+    r = {"w": wt}
+    for k in STATS:
+      r[k], r[f"{k}_se"] = mean_se(agg[wt][k][held])
+      r[f"d_{k}"], r[f"d_{k}_se"] = mean_se(agg[wt][k][held] - agg[0.0][k][held])
+    rows_out.append(r)
+
+  # References on the held-out exemplars.
+  top_vs_bottom = statistics(x[held, :row], true_bottom[held], x[held], row, stat_key)
+  other = np.roll(np.arange(num_held_out), FLAGS.per_image)     # an exemplar of another source
+  other_swd = np.mean([np.asarray(texture_stats.patch_swd(
+      o[held, row:], true_bottom[held][other], size=FLAGS.patch,
+      num_directions=FLAGS.directions, key=stat_key)) for o in samples[0.0]], axis=0)
+  reference = {}
+  for k, v in (("top_vs_bottom_patch_swd", top_vs_bottom["patch_swd"]),
+               ("top_vs_bottom_colour_w1", top_vs_bottom["colour_w1"]),
+               ("real_seam_ratio", top_vs_bottom["seam_ratio"]),
+               ("other_texture_patch_swd", other_swd)):
+    reference[k], reference[f"{k}_se"] = mean_se(v)
+
+  per_source = {}
+  src_names = [n.split("#")[0] for n in names]
+  for k in sorted(set(labels.tolist())):
+    sel = np.flatnonzero(labels == k)
+    per_source[src_names[sel[0]]] = [float(agg[wt]["patch_swd"][sel].mean()) for wt in weights]
+  users = [{"path": p, "weights": weights,
+            "patch_swd": [float(agg[wt]["patch_swd"][num_held_out + i]) for wt in weights],
+            "colour_w1": [float(agg[wt]["colour_w1"][num_held_out + i]) for wt in weights],
+            "seam_ratio": [float(agg[wt]["seam_ratio"][num_held_out + i]) for wt in weights]}
+           for i, p in enumerate(FLAGS.image)]
+
+  out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
+  os.makedirs(out_dir, exist_ok=True)
+  first = [int(np.flatnonzero(labels == k)[0]) for k in sorted(set(labels.tolist()))]
+  save_grid(os.path.join(out_dir, "grid_textures.png"), x, mask, samples, weights, FLAGS.seeds,
+            first)
+  if users:
+    save_grid(os.path.join(out_dir, "grid_user.png"), x, mask, samples, weights, FLAGS.seeds,
+              list(range(num_held_out, len(x))))
+  result = {
+      "settings": {"weights": weights, "seeds": FLAGS.seeds, "per_image": FLAGS.per_image,
+                   "num_steps": FLAGS.num_steps, "eta": FLAGS.eta,
+                   "guidance_t": FLAGS.guidance_t, "patch": FLAGS.patch,
+                   "directions": FLAGS.directions, "given": "top half", "seed": FLAGS.seed,
+                   "network_evaluations": {"w = 0": FLAGS.num_steps,
+                                           "w > 0": 2 * FLAGS.num_steps},
+                   "tiny": tiny, "device": jax.default_backend()},
+      "model": {"workdir": FLAGS.workdir, "step": int(state.step),
+                "parameters": int(sum(a.size for a in jax.tree.leaves(state.ema_params))),
+                "train_seconds_this_run": train_seconds},
+      "num_exemplars": num_held_out, "exemplars": names,
+      "weights": rows_out, "reference": reference, "per_source": per_source,
+      "user_images": users,
+      "command": "python experiments/texture_synthesis.py " + " ".join(sys.argv[1:]),
+      "sampling_seconds": t_sample, "wall_seconds": time.time() - t_start,
+  }
+  plot(os.path.join(out_dir, "statistics_vs_w.png"), result)
+  with open(FLAGS.out, "w") as f:
+    json.dump(result, f, indent=2)
+  md = markdown(result)
+  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  try:
+    app.run(main)
+  except checks.InputError as e:       # bad input: one line, no traceback
+    sys.exit(f"error: {e}")
