@@ -169,6 +169,13 @@ def main(argv):
                               "to continue a run with its saved settings.")
     from asyncpatch_jax.training import sharding  # pylint: disable=g-import-not-at-top
     from asyncpatch_jax.training import train  # pylint: disable=g-import-not-at-top
+    # XLA:CPU fixes its host devices when its backend starts: the library's CPU default
+    # (the batch sharded over one device per core) is decided before that.
+    sample = config.get("sample")
+    sharding.configure_cpu_devices(
+        config.train.batch_size if FLAGS.mode == "train" and "train" in config else None,
+        other_batch_sizes=[sample.batch_size] if sample is not None and "batch_size" in sample
+        else [])
     sharding.maybe_initialize_distributed()
     print(_describe_devices(), file=sys.stderr, flush=True)
     if FLAGS.mode == "train":
