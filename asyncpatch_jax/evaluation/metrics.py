@@ -37,7 +37,12 @@ def psnr(a, b) -> jax.Array:
   10 log10(1 / MSE) of the images mapped to [0, 1] (dm-pix `psnr`).
   """
   _check_pair(a, b)
-  return pix.psnr((jnp.asarray(a) + 1.0) / 2.0, (jnp.asarray(b) + 1.0) / 2.0)
+  return _psnr(jnp.asarray(a), jnp.asarray(b))
+
+
+@jax.jit
+def _psnr(a: jax.Array, b: jax.Array) -> jax.Array:
+  return pix.psnr((a + 1.0) / 2.0, (b + 1.0) / 2.0)
 
 
 def ssim(a, b, filter_size: int = 11) -> jax.Array:
@@ -50,8 +55,13 @@ def ssim(a, b, filter_size: int = 11) -> jax.Array:
   if min(np.shape(a)[1:3]) < filter_size:
     raise checks.InputError(f"images of size {tuple(np.shape(a)[1:3])} are smaller than the SSIM "
                             f"window filter_size={filter_size}; pass a smaller odd filter_size.")
-  return pix.ssim((jnp.asarray(a) + 1.0) / 2.0, (jnp.asarray(b) + 1.0) / 2.0,
-                  filter_size=filter_size)
+  return _ssim(jnp.asarray(a), jnp.asarray(b), filter_size)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _ssim(a: jax.Array, b: jax.Array, filter_size: int) -> jax.Array:
+  """One compiled program per (shape, filter_size) (dm-pix's is op by op)."""
+  return pix.ssim((a + 1.0) / 2.0, (b + 1.0) / 2.0, filter_size=filter_size)
 
 
 # ---------------------------------------------------------------------------- Frechet distance
