@@ -243,3 +243,38 @@ class SudokuSource:
     return (f"SudokuSource(split={self.split!r}, image_size={self.image_size}, "
             f"num_examples={self.num_examples}, seed={self.seed}, "
             f"num_givens={self.num_givens}{grid})")
+
+
+def corrupt_by_swaps(images: np.ndarray, solutions: np.ndarray, num_swaps: int,
+                     rng: np.random.Generator, cell_size: int = CELL
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """K-corrupted Sudoku (IPR Sec. 4.2): swap K disjoint pairs of cells holding different digits.
+
+  Any such swap breaks the rule (the column of the first cell now holds the second digit
+  twice), and disjoint pairs cannot undo each other.
+
+  Args:
+    images: [B, nc, nc, C] valid grid images; solutions: [B, n, n] their digits.
+    num_swaps: K >= 0, at most n * n / 2 - n + 1 (pairs always find a different digit).
+  Returns:
+    (corrupted images [B, nc, nc, C], their digits [B, n, n]).
+  """
+  images, solutions = np.array(images), np.array(solutions)
+  n = solutions.shape[-1]
+  if not 0 <= int(num_swaps) <= n * n // 2 - n + 1:
+    raise checks.InputError(f"num_swaps={num_swaps}; expected 0..{n * n // 2 - n + 1} for a "
+                            f"{n}x{n} grid (disjoint pairs of cells with different digits).")
+  c = cell_size
+  for img, sol in zip(images, solutions):
+    flat = sol.reshape(-1)
+    free = list(rng.permutation(n * n))
+    for _ in range(int(num_swaps)):
+      a = free.pop(0)
+      b = next(j for j in free if flat[j] != flat[a])
+      free.remove(b)
+      (ra, ca), (rb, cb) = divmod(int(a), n), divmod(int(b), n)
+      cell_a = img[ra * c:(ra + 1) * c, ca * c:(ca + 1) * c].copy()
+      img[ra * c:(ra + 1) * c, ca * c:(ca + 1) * c] = img[rb * c:(rb + 1) * c, cb * c:(cb + 1) * c]
+      img[rb * c:(rb + 1) * c, cb * c:(cb + 1) * c] = cell_a
+      flat[a], flat[b] = flat[b], flat[a]
+  return images, solutions

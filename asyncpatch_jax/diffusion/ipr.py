@@ -161,6 +161,11 @@ class Refiner(samplers.Sampler):
     if not np.isin(condition, (0, 1)).all():
       raise checks.InputError("condition must hold booleans or 0/1 (1 = region given).")
     condition = condition.astype(bool)
+    if condition.all(axis=1).any():
+      i = int(np.argmax(condition.all(axis=1)))
+      raise checks.InputError(f"image {i}: the condition set covers all {n_regions} regions, so "
+                              "IPR has nothing to resample; leave at least one region free "
+                              "(condition 0).")
     n = np.asarray(num_resampled(float(alpha), n_regions, condition.sum(axis=1)))
     if (n < 1).any():
       i = int(np.argmin(n))

@@ -1,0 +1,484 @@
+"""IPR on its constraint benchmarks (papers/004 Sec. 4.2-4.5): 4x4 Digit Sudoku and Even Pixels.
+
+  python experiments/ipr_benchmarks.py                  # trains (or resumes), then evaluates
+  python experiments/ipr_benchmarks.py --tiny --workdir_root=/tmp/ipr_tiny --out_dir=/tmp/ipr_tiny
+
+1. Training: `configs/sudoku4.py:cpu` and `configs/even_pixels.py:cpu` (tiny widths for a
+   2-core CPU) with the sharded, resumable loop (`train.train_and_evaluate`) in
+   <workdir_root>/sudoku4 and <workdir_root>/even_pixels; a rerun resumes an interrupted run
+   and skips a finished one.
+2. x^(0): the paper's sequential initial generation (SRM), `policies.uncertainty_ordered`
+   over the regions (4x4 cells / 8x8 patches of 4x4 pixels) with Table 1's hyperparameters:
+   Sudoku init_overlap 0.0, 3 steps per patch, IPR overlap 0.8, 10 steps per patch; Even
+   Pixels 0.9 / 30 / 0.9 / 30; stochasticity 0.5 (the sampler's eta). The budget of a run
+   is steps_per_patch * ((n - 1)(1 - overlap) + 1) for its largest region count n. No
+   uncertainty head is trained, so the order among waiting regions is raster (the policy's
+   ties go to the lowest id); SRM orders them by a learned uncertainty.
+3. IPR (Alg. 1) for --num_rounds rounds, every round scored:
+   Sudoku HARD (test grids, givens 0..5 fixed and excluded: the condition set), validity
+   read by the in-project cell classifier (evaluation/constraints.py); K-corrupted valid
+   grids (K in {1, 3, 5} swapped pairs, every cell may change); ablations on HARD:
+   alpha in {0.1, 0.25, 0.5}, fixed noise, fixed regions (from the same x^(0)).
+   Even Pixels: balance accuracy, mean count error, saturation / value std.
+Writes <out_dir>/ipr_sudoku.json, ipr_even_pixels.json, Markdown tables (.md), curves
+(.png) and grids of the rounds (_rounds.png), with the command and wall times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+
+from asyncpatch_jax import checks
+from asyncpatch_jax import generate
+from asyncpatch_jax.data import datasets
+from asyncpatch_jax.data import image_io
+from asyncpatch_jax.data import sudoku as sudoku_lib
+from asyncpatch_jax.diffusion import ipr
+from asyncpatch_jax.diffusion import policies
+from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.evaluation import constraints
+from asyncpatch_jax.evaluation import digit_classifier
+from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.training import progress
+from asyncpatch_jax.training import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir_root", "/tmp/ipr_benchmarks", "Workdirs sudoku4/ and even_pixels/.")
+flags.DEFINE_string("out_dir", os.path.join(ROOT, "results", "ipr"), "Results folder.")
+flags.DEFINE_list("benchmarks", ["sudoku", "even_pixels"], "Which benchmarks to run.")
+flags.DEFINE_integer("num_rounds", 50, "IPR rounds R (the paper: 50).")
+flags.DEFINE_integer("sudoku_samples", 128, "HARD test grids (main curve and ablations).")
+flags.DEFINE_integer("corrupted_samples", 64, "Valid grids per K of the K-corrupted study.")
+flags.DEFINE_integer("ablation_samples", 64, "HARD grids of each ablation (the first ones).")
+flags.DEFINE_integer("even_pixels_samples", 48, "Even Pixels samples.")
+flags.DEFINE_list("corruptions", ["1", "3", "5"], "K swapped pairs of the K-corrupted study.")
+flags.DEFINE_list("ablation_alphas", ["0.1", "0.5"], "Resampling ratios besides --alpha.")
+flags.DEFINE_float("alpha", 0.25, "Resampling ratio of the main runs (Table 1 / Sec. 4.1).")
+flags.DEFINE_float("eta", 0.5, "Sampler stochasticity (Table 1: 0.5).")
+flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project cell classifier.")
+flags.DEFINE_integer("seed", 0, "Root seed.")
+flags.DEFINE_bool("tiny", False, "Smoke run: tiny UNets, 2 training steps, 2 samples, 2 "
+                  "rounds, 16x16 Even Pixels, one IPR budget for every Sudoku run (writes "
+                  "every field).")
+
+# IPR paper Table 1 (App. D.2).
+TABLE1 = {
+    "sudoku": dict(init_overlap=0.0, init_steps_per_patch=3, ipr_overlap=0.8,
+                   ipr_steps_per_patch=10, stochasticity=0.5),
+    "even_pixels": dict(init_overlap=0.9, init_steps_per_patch=30, ipr_overlap=0.9,
+                        ipr_steps_per_patch=30, stochasticity=0.5),
+}
+SUDOKU_N = 4            # the 4x4 variant (data/sudoku.py grid_size=4)
+EP_PATCH = 4            # Even Pixels regions: 4x4-pixel patches (IPR Sec. 4.4)
+SHOWN_ROUNDS = (0, 1, 2, 5, 10, 20, 30, 40, 50)
+
+
+def _load_config(name: str, variant: str, tiny: bool):
+  spec = importlib.util.spec_from_file_location(f"ipr_cfg_{name}",
+                                                os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  if tiny:
+    with config.unlocked():
+      config.model.update(base_channels=8, channel_mult=(1,), num_res_blocks=(1,),
+                          attention_resolutions=(), head_dim=8, time_embed_dim=16, num_groups=4)
+      config.train.update(batch_size=4, num_steps=2, log_every=1, checkpoint_every=2,
+                          progress_bar=False)
+      config.optim.warmup_steps = 1
+      config.sample.num_images = 0
+      if config.data.dataset == "even_pixels":
+        config.data.options = {"image_size": 16}
+  return config
+
+
+def _train_seconds(workdir: str) -> float:
+  """Training time from the workdir's metrics.jsonl (steps / steps_per_s per log interval)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  total, last = 0.0, 0
+  if os.path.exists(path):
+    for line in open(path):
+      rec = json.loads(line)
+      if "steps_per_s" in rec and rec["steps_per_s"] > 0:
+        total += (rec["step"] - last) / rec["steps_per_s"]
+        last = rec["step"]
+  return total
+
+
+def train_or_resume(config, workdir: str):
+  """Trains (resuming) unless the workdir already holds the final step; returns (setup, state)."""
+  meta = checkpointing.saved_meta(workdir) if os.path.isdir(workdir) else None
+  done = meta is not None and train.load_trained(workdir, config)[1].step >= config.train.num_steps
+  if not done:
+    train.train_and_evaluate(config, workdir)
+  return train.load_trained(workdir, config)
+
+
+def budget(num_regions: int, steps_per_patch: int, overlap: float) -> int:
+  """Steps of a sequential run over n regions: steps_per_patch ((n - 1)(1 - overlap) + 1)."""
+  return max(int(math.ceil(steps_per_patch * ((num_regions - 1) * (1 - overlap) + 1) - 1e-9)),
+             num_regions - 1 + int(math.ceil(1 / (1 - overlap) - 1e-9)))
+
+
+def _rates(valid: np.ndarray) -> dict:
+  """Validity [R + 1, B] -> per-round rate and its binomial standard error."""
+  p = valid.mean(axis=1)
+  return {"validity": p.tolist(), "stderr": np.sqrt(p * (1 - p) / valid.shape[1]).tolist(),
+          "num_samples": int(valid.shape[1])}
+
+
+def _shown(rounds: int) -> list[int]:
+  return sorted({r for r in SHOWN_ROUNDS if r <= rounds} | {rounds})
+
+
+# ----------------------------------------------------------------------------- Sudoku
+
+
+def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
+  hp = TABLE1["sudoku"]
+  workdir = os.path.join(FLAGS.workdir_root, "sudoku4")
+  config = _load_config("sudoku4", "cpu", tiny)
+  t0 = time.time()
+  setup, state = train_or_resume(config, workdir)
+  train_call_s = time.time() - t0
+  params = state.ema_params
+  gen = generate.Generator(setup.model)
+  h, w, c = setup.image_shape
+  n, cell = SUDOKU_N, h // SUDOKU_N
+  regions = schedules.grid_regions(h, w, (n, n))
+  n_main = 2 if tiny else FLAGS.sudoku_samples
+  n_corrupt = 2 if tiny else FLAGS.corrupted_samples
+  n_ablate = 2 if tiny else FLAGS.ablation_samples
+  eta = FLAGS.eta
+
+  t0 = time.time()
+  cls_params, held_out = digit_classifier.train_classifier(
+      jax.random.fold_in(key, 0), 5 if tiny else FLAGS.classifier_steps)
+  test = datasets.get_dataset("sudoku", "test", grid_size=n,
+                              num_examples=max(n_main, n_corrupt, 8 if tiny else 256))
+  examples = [test[i] for i in range(len(test))]
+  real = np.stack([e["image"] for e in examples])
+  solutions = np.stack([e["solution"] for e in examples])
+  cell_mask = np.stack([e["cell_mask"] for e in examples]) > 0
+  read = constraints.sudoku_validity(cls_params, real, n)
+  classifier = {"steps": 5 if tiny else FLAGS.classifier_steps,
+                "held_out_accuracy_10_classes": held_out,
+                "rendered_cell_accuracy": float(np.mean(read["grids"] == solutions)),
+                "real_grid_validity": read["rate"], "num_real_grids": len(real),
+                "wall_s": time.time() - t0}
+  bar.update(1)
+
+  def validity_history(history):
+    history = np.asarray(history)
+    return np.stack([constraints.sudoku_validity(cls_params, x, n)["valid"] for x in history])
+
+  alphas = [FLAGS.alpha] + [float(a) for a in FLAGS.ablation_alphas]
+  tiny_steps = max(budget(int(ipr.num_resampled(a, n * n, 0)), hp["ipr_steps_per_patch"],
+                          hp["ipr_overlap"]) for a in alphas)
+
+  def refine(x, k, alpha, condition, **options):
+    n_free = n * n - (0 if condition is None else int(condition.reshape(len(x), -1).sum(1).min()))
+    n_max = int(ipr.num_resampled(alpha, n * n, n * n - n_free))
+    steps = budget(n_max, hp["ipr_steps_per_patch"], hp["ipr_overlap"])
+    if tiny:   # one budget for every run: one compilation serves them (smoke run only)
+      steps = tiny_steps
+    _, history, _ = gen.refine(
+        params, x, key=k, regions=regions, num_rounds=rounds, alpha=alpha, num_steps=steps,
+        condition=None if condition is None else condition.reshape(len(x), -1), eta=eta,
+        policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]), return_history=True,
+        **options)
+    return history, steps
+
+  # x^(0): sequential generation of the HARD test grids' free cells, clues given.
+  t0 = time.time()
+  init_steps = budget(n * n, hp["init_steps_per_patch"], hp["init_overlap"])
+  x_clues = real[:n_main]
+  known = sudoku_lib.cell_mask_to_pixels(cell_mask[:n_main].astype(np.float32), cell)
+  x0 = np.asarray(gen(params, policies.uncertainty_ordered((n, n), hp["init_overlap"]),
+                      key=jax.random.fold_in(key, 1), x=x_clues, budget=init_steps,
+                      known=known, eta=eta).samples)
+  init_s = time.time() - t0
+  bar.update(1)
+
+  runs, wall = {}, {"init": init_s}
+  t0 = time.time()
+  history, ipr_steps = refine(x0, jax.random.fold_in(key, 2), FLAGS.alpha, cell_mask[:n_main])
+  hard_history = np.asarray(history)
+  runs["hard"] = _rates(validity_history(hard_history))
+  wall["hard"] = time.time() - t0
+  bar.update(1)
+
+  corrupted = {}
+  for kk in (int(k) for k in FLAGS.corruptions):
+    t0 = time.time()
+    images, _ = sudoku_lib.corrupt_by_swaps(real[:n_corrupt], solutions[:n_corrupt], kk,
+                                            np.random.default_rng([FLAGS.seed, kk]), cell)
+    history, _ = refine(images, jax.random.fold_in(key, 100 + kk), FLAGS.alpha, None)
+    corrupted[str(kk)] = _rates(validity_history(history))
+    wall[f"corrupted_{kk}"] = time.time() - t0
+    bar.update(1)
+
+  ablations = {}
+  x_ab, cond_ab = x0[:n_ablate], cell_mask[:n_ablate]
+  variants = [(f"alpha_{a}", float(a), {}) for a in FLAGS.ablation_alphas]
+  variants += [("fixed_noise", FLAGS.alpha, {"fixed_noise": True}),
+               ("fixed_regions", FLAGS.alpha, {"fixed_regions": True})]
+  for name, alpha, options in variants:
+    t0 = time.time()
+    history, steps = refine(x_ab, jax.random.fold_in(key, 2), alpha, cond_ab, **options)
+    ablations[name] = dict(_rates(validity_history(history)), alpha=alpha,
+                           ipr_steps=steps)
+    wall[name] = time.time() - t0
+    bar.update(1)
+  # The main run on the same first grids: the reference line of the ablations.
+  ablations[f"alpha_{FLAGS.alpha}"] = dict(
+      _rates(validity_history(hard_history[:, :n_ablate])), alpha=FLAGS.alpha,
+      ipr_steps=ipr_steps)
+  order = sorted((a for a in ablations if a.startswith("alpha_")), key=lambda a: float(a[6:]))
+  ablations = {k: ablations[k] for k in order + ["fixed_noise", "fixed_regions"]}
+
+  out_stem = os.path.join(FLAGS.out_dir, "ipr_sudoku")
+  shown = _shown(rounds)
+  rows = hard_history[shown, :8]
+  image_io.save_grid(rows.reshape(-1, h, w, c), out_stem + "_rounds.png",
+                     ncols=rows.shape[1], scale=2)
+  return {
+      "benchmark": f"Digit Sudoku {n}x{n} HARD (givens {test.num_givens[0]}..{test.num_givens[1]} "
+                   f"of {n * n}), {h}x{w} images",
+      "rounds": list(range(rounds + 1)),
+      "hard": runs["hard"], "corrupted": corrupted, "ablations": ablations,
+      "classifier": classifier,
+      "model": _model_info(config, setup, state, workdir, "configs/sudoku4.py:cpu",
+                           train_call_s),
+      "settings": dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds,
+                       init_budget=init_steps, ipr_budget=ipr_steps, order="raster (no head)",
+                       regions=f"{n}x{n} cells of {cell}x{cell} pixels",
+                       hard_samples=n_main, corrupted_samples=n_corrupt,
+                       ablation_samples=n_ablate),
+      "wall_s": wall, "rounds_grid": out_stem + "_rounds.png", "rounds_shown": shown,
+  }
+
+
+# ------------------------------------------------------------------------- Even Pixels
+
+
+def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
+  hp = TABLE1["even_pixels"]
+  workdir = os.path.join(FLAGS.workdir_root, "even_pixels")
+  config = _load_config("even_pixels", "cpu", tiny)
+  t0 = time.time()
+  setup, state = train_or_resume(config, workdir)
+  train_call_s = time.time() - t0
+  params = state.ema_params
+  gen = generate.Generator(setup.model)
+  h, w, c = setup.image_shape
+  grid = (h // EP_PATCH, w // EP_PATCH)
+  n_regions = grid[0] * grid[1]
+  regions = schedules.grid_regions(h, w, grid)
+  num = 2 if tiny else FLAGS.even_pixels_samples
+  eta = FLAGS.eta
+  wall = {}
+  t0 = time.time()
+  init_steps = budget(n_regions, hp["init_steps_per_patch"], hp["init_overlap"])
+  x0 = np.asarray(gen(params, policies.uncertainty_ordered(grid, hp["init_overlap"]),
+                      key=jax.random.fold_in(key, 1), shape=(num, h, w, c), budget=init_steps,
+                      eta=eta).samples)
+  wall["init"] = time.time() - t0
+  bar.update(1)
+  t0 = time.time()
+  n_sel = int(ipr.num_resampled(FLAGS.alpha, n_regions, 0))
+  ipr_steps = budget(n_sel, hp["ipr_steps_per_patch"], hp["ipr_overlap"])
+  _, history, _ = gen.refine(params, x0, key=jax.random.fold_in(key, 2), regions=regions,
+                             num_rounds=rounds, alpha=FLAGS.alpha, num_steps=ipr_steps, eta=eta,
+                             policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]),
+                             return_history=True)
+  history = np.asarray(history)
+  per_round = [constraints.even_pixels_metrics(x) for x in history]
+  wall["ipr"] = time.time() - t0
+  bar.update(1)
+  test = datasets.get_dataset("even_pixels", "test", num_examples=num,
+                              **dict(config.data.options))
+  data = constraints.even_pixels_metrics(np.stack([test[i]["image"] for i in range(num)]))
+  out_stem = os.path.join(FLAGS.out_dir, "ipr_even_pixels")
+  shown = _shown(rounds)
+  rows = history[shown, :8]
+  image_io.save_grid(rows.reshape(-1, h, w, c), out_stem + "_rounds.png",
+                     ncols=rows.shape[1], scale=2)
+  result = {"benchmark": f"Even Pixels {h}x{w}, {EP_PATCH}x{EP_PATCH} patches",
+            "rounds": list(range(rounds + 1))}
+  for k in per_round[0]:
+    result[k] = [m[k] for m in per_round]
+  b = np.array(result["balance_accuracy"])
+  result["balance_accuracy_stderr"] = np.sqrt(b * (1 - b) / num).tolist()
+  result.update(
+      data=data, model=_model_info(config, setup, state, workdir, "configs/even_pixels.py:cpu",
+                                   train_call_s),
+      settings=dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds, init_budget=init_steps,
+                    ipr_budget=ipr_steps, regions_per_round=n_sel, order="raster (no head)",
+                    num_samples=num),
+      wall_s=wall, rounds_grid=out_stem + "_rounds.png", rounds_shown=shown)
+  return result
+
+
+def _model_info(config, setup, state, workdir, name, train_call_s) -> dict:
+  return {"config": name, "workdir": workdir,
+          "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+          "train_steps": int(jax.device_get(state.step)),
+          "batch_size": config.train.batch_size,
+          "train_time_s": _train_seconds(workdir), "train_call_s": train_call_s,
+          "timestep_sampler": f"{config.timesteps.sampler} {tuple(config.timesteps.patch_sizes)}",
+          "image_shape": list(setup.image_shape)}
+
+
+# ------------------------------------------------------------------------ tables, plots
+
+
+def _pct(p, se=None):
+  return f"{100 * p:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+
+
+def sudoku_tables(res: dict) -> str:
+  shown = res["rounds_shown"]
+  ks = sorted(res["corrupted"], key=int)
+  abl = [k for k in res["ablations"]]
+  head = ("| round | HARD validity % | " + " | ".join(f"K={k} recovery %" for k in ks) + " |\n|"
+          + "---|" * (2 + len(ks)) + "\n")
+  lines = [head]
+  for r in shown:
+    cells = [_pct(res["hard"]["validity"][r], res["hard"]["stderr"][r])]
+    cells += [_pct(res["corrupted"][k]["validity"][r]) for k in ks]
+    lines.append(f"| {r} | " + " | ".join(cells) + " |\n")
+  names = {k: k.replace("alpha_", "alpha = ").replace("_", " ") for k in abl}
+  lines.append("\nAblations (HARD, the first " + str(res["ablations"][abl[0]]["num_samples"])
+               + " grids, validity %):\n\n| round | " + " | ".join(names[k] for k in abl)
+               + " |\n|" + "---|" * (1 + len(abl)) + "\n")
+  for r in shown:
+    lines.append(f"| {r} | " + " | ".join(_pct(res["ablations"][k]["validity"][r])
+                                           for k in abl) + " |\n")
+  return "".join(lines)
+
+
+def even_pixels_table(res: dict) -> str:
+  lines = ["| round | balance acc. % (benchmark code) | balance acc. % (paper text) | "
+           "mean count error | saturation std | value std |\n|---|---|---|---|---|---|\n"]
+  for r in res["rounds_shown"]:
+    lines.append(f"| {r} | {_pct(res['balance_accuracy'][r], res['balance_accuracy_stderr'][r])}"
+                 f" | {_pct(res['balance_accuracy_search'][r])} | "
+                 f"{res['mean_count_error'][r]:.1f} | {res['saturation_std'][r]:.4f} | "
+                 f"{res['value_std'][r]:.4f} |\n")
+  d = res["data"]
+  lines.append(f"| data (test split) | {_pct(d['balance_accuracy'])} | "
+               f"{_pct(d['balance_accuracy_search'])} | {d['mean_count_error']:.1f} | "
+               f"{d['saturation_std']:.4f} | {d['value_std']:.4f} |\n")
+  return "".join(lines)
+
+
+def _plot_sudoku(res: dict, path: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  r = res["rounds"]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  v, se = np.array(res["hard"]["validity"]), np.array(res["hard"]["stderr"])
+  axes[0].plot(r, 100 * v, marker=".")
+  axes[0].fill_between(r, 100 * (v - se), 100 * (v + se), alpha=0.2)
+  axes[0].set_title("(a) HARD: valid Sudoku rate")
+  for k in sorted(res["corrupted"], key=int):
+    axes[1].plot(r, 100 * np.array(res["corrupted"][k]["validity"]), marker=".", label=f"K={k}")
+  axes[1].set_title("(b) K-corrupted: recovery rate")
+  for name, a in res["ablations"].items():
+    axes[2].plot(r, 100 * np.array(a["validity"]), marker=".", label=name)
+  axes[2].set_title("(c) ablations (HARD)")
+  for ax in axes:
+    ax.set_xlabel("IPR iteration")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+  axes[1].legend(fontsize=7)
+  axes[2].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot_even_pixels(res: dict, path: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  r = res["rounds"]
+  fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+  axes[0].plot(r, 100 * np.array(res["balance_accuracy"]), marker=".", label="benchmark code")
+  axes[0].plot(r, 100 * np.array(res["balance_accuracy_search"]), marker=".", label="paper text")
+  axes[0].set_title("balance accuracy %")
+  axes[0].legend(fontsize=7)
+  for ax, key in zip(axes[1:], ("mean_count_error", "saturation_std", "value_std")):
+    ax.plot(r, res[key], marker=".")
+    ax.set_title(key.replace("_", " "))
+  for ax in axes:
+    ax.set_xlabel("IPR iteration")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _write(res: dict, stem: str, table: str, command: str):
+  with open(stem + ".json", "w") as f:
+    json.dump(res, f, indent=1)
+  total = res["total_wall_s"]
+  train_s = res["model"]["train_time_s"]
+  with open(stem + ".md", "w") as f:
+    f.write(f"# {res['benchmark']}\n\n`{command}`\n\nWall time {total:.0f} s for the "
+            f"evaluation on this CPU; the model trained {res['model']['train_steps']} steps in "
+            f"{train_s:.0f} s ({res['model']['parameters']} parameters).\n\n{table}")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every restore at INFO
+  rounds = checks.check_positive_int(2 if FLAGS.tiny else FLAGS.num_rounds, "num_rounds")
+  for a in [FLAGS.alpha] + [float(x) for x in FLAGS.ablation_alphas]:
+    if not 0.0 < a <= 1.0:
+      raise checks.InputError(f"alpha={a}; the resampling ratio must lie in (0, 1].")
+  for b in FLAGS.benchmarks:
+    checks.check_choice(b, ("sudoku", "even_pixels"), "benchmark")
+  for k in FLAGS.corruptions:
+    if not k.isdigit() or not 0 <= int(k) <= SUDOKU_N * SUDOKU_N // 2 - SUDOKU_N + 1:
+      raise checks.InputError(f"--corruptions: K={k!r}; expected integers 0..5 for a 4x4 grid.")
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+  key = jax.random.key(FLAGS.seed)
+  if "sudoku" in FLAGS.benchmarks:
+    total = 3 + len(FLAGS.corruptions) + len(FLAGS.ablation_alphas) + 2
+    t0 = time.time()
+    with progress.bar(total, "sudoku", unit="run") as bar:
+      res = run_sudoku(jax.random.fold_in(key, 1), rounds, FLAGS.tiny, bar)
+    res.update(command=command, total_wall_s=time.time() - t0)
+    stem = os.path.join(FLAGS.out_dir, "ipr_sudoku")
+    _plot_sudoku(res, stem + ".png")
+    _write(res, stem, sudoku_tables(res), command)
+    print(f"sudoku: HARD validity {res['hard']['validity'][0]:.3f} -> "
+          f"{res['hard']['validity'][-1]:.3f} [{res['total_wall_s']:.0f}s]", flush=True)
+  if "even_pixels" in FLAGS.benchmarks:
+    t0 = time.time()
+    with progress.bar(2, "even_pixels", unit="run") as bar:
+      res = run_even_pixels(jax.random.fold_in(key, 2), rounds, FLAGS.tiny, bar)
+    res.update(command=command, total_wall_s=time.time() - t0)
+    stem = os.path.join(FLAGS.out_dir, "ipr_even_pixels")
+    _plot_even_pixels(res, stem + ".png")
+    _write(res, stem, even_pixels_table(res), command)
+    print(f"even_pixels: balance {res['balance_accuracy'][0]:.3f} -> "
+          f"{res['balance_accuracy'][-1]:.3f}, saturation std {res['saturation_std'][0]:.4f} -> "
+          f"{res['saturation_std'][-1]:.4f} [{res['total_wall_s']:.0f}s]", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
