@@ -462,3 +462,160 @@ print("not reached")
   assert res.returncode == 130, res.stderr[-2000:]
   assert res.stdout.split() == ["requested", "True", "130"]
   assert "Interrupted again: exiting now without saving." in res.stderr
+
+
+# ------------------------------------------------------------------ --mode=evaluate (issue 12)
+
+# 160 samples (more than the 128 feature dimensions: full-rank covariances) in batches of
+# 80, 12 held-out digits per family; a 20-step digit classifier.
+EVALUATE = {"evaluate.num_samples": 160, "evaluate.batch_size": 80, "evaluate.num_inpaint": 12,
+            "evaluate.feature_steps": 20}
+FAMILIES = ("thin", "square")
+
+
+def _frechet_sqrtm(a, b):
+  """pytorch-fid's formula in float64 (scipy sqrtm of the non-symmetric product)."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  import scipy.linalg  # pylint: disable=g-import-not-at-top
+  c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  with warnings.catch_warnings():             # dead (always 0) ReLU features: singular
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(c1 @ c2).real
+  return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1) + np.trace(c2)
+               - 2 * np.trace(covmean))
+
+
+def _prdc_numpy(real, fake, k):
+  """Naeem et al. 2020, Eq. 1-4 with strict inequalities, float64 distance matrices."""
+  d = lambda a, b: np.sqrt(np.maximum(((a[:, None] - b[None]) ** 2).sum(-1), 0.0))
+  r_real, r_fake = np.sort(d(real, real), 1)[:, k], np.sort(d(fake, fake), 1)[:, k]
+  rf = d(real, fake)
+  inside = rf < r_real[:, None]                             # [real, fake]: fake in real ball
+  return {"precision": inside.any(0).mean(), "recall": (rf < r_fake[None, :]).any(1).mean(),
+          "density": inside.sum(0).mean() / k, "coverage": inside.any(1).mean()}
+
+
+def test_evaluate_mode_on_a_trained_workdir_matches_an_independent_recomputation(reference,
+                                                                                 tmp_path):
+  """The command line (8 devices: sampler, features and PRDC on a mesh) against the
+  documented protocol recomputed here on one device: samples with labels cycling,
+  key fold_in(key(seed), 2) + batch start; the digit classifier from fold_in(key, 1); the
+  first 160 train digits as reference; for family j the first 12 test digits, masks
+  make_masks(family, 12, 16, 16, seed), key fold_in(key, 10 + j); then float64 NumPy:
+  scipy's sqrtm Frechet distance, the PRDC definitions, PSNR."""
+  from asyncpatch_jax import generate  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.data import datasets, masks  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.evaluation import digit_classifier  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  ref_dir, _, _ = reference
+  workdir = str(tmp_path / "w")
+  shutil.copytree(ref_dir, workdir)
+  before = snapshot(workdir)
+  res = run(cli(f"--workdir={workdir}", "--mode=evaluate",
+                f"--config.evaluate.mask_families={FAMILIES!r}", overrides=EVALUATE,
+                config=False), timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  after = snapshot(workdir)
+  assert {f: after[f] for f in before} == before                # nothing else touched
+  assert set(after) - set(before) == {"evaluate.json", "evaluate.png"}
+  result = json.load(open(os.path.join(workdir, "evaluate.json")))
+  summary = json.loads(res.stdout)
+  assert summary["evaluate_json"] == os.path.join(workdir, "evaluate.json")
+  assert result["step"] == 24 and result["mesh"] == {"data": 8} and result["devices"] == 8
+  gen_result, inp = result["generation"], result["inpainting"]
+  assert summary["generation"]["fd_digits"] == gen_result["fd_digits"]
+  assert inp["method"] == "asyncpatch" and inp["network_evals"] == 4
+  digits_net = result["feature_nets"]["digits"]
+  assert digits_net["chance"] == 0.1 and digits_net["training_steps"] == 20
+
+  config = make_config()
+  setup, state = train.load_trained(workdir, config)
+  params = state.ema_params
+  gen = generate.Generator(setup.model, mesh=None)
+  key = jax.random.key(config.seed)
+  cls_params, accuracy = digit_classifier.train_classifier(jax.random.fold_in(key, 1), 20)
+  assert digits_net["held_out_accuracy"] == accuracy
+  feats = lambda x: np.asarray(digit_classifier.features(cls_params, np.asarray(x, np.float32)),
+                               np.float64)
+  tau = schedules.synchronous(config.sample.num_steps, 16, 16)
+  samples = np.concatenate([np.asarray(gen(
+      params, tau, key=jax.random.fold_in(jax.random.fold_in(key, 2), i), shape=(80, 16, 16, 1),
+      labels=np.arange(i, i + 80) % 10, eta=config.sample.eta)) for i in (0, 80)])
+  train_src = datasets.get_dataset("digits", "train")
+  real = np.stack([train_src[i]["image"] for i in range(160)])
+  f_real, f_fake = feats(real), feats(samples)
+  # Sampling on 8 devices vs 1 rounds differently in float32; the Frechet distance of
+  # 160 x 128-d features agrees to 1e-4 relative, each PRDC count to one point in 160.
+  assert gen_result["fd_digits"] == pytest.approx(_frechet_sqrtm(f_real, f_fake), rel=1e-4)
+  for name, value in _prdc_numpy(f_real, f_fake, 5).items():
+    assert gen_result[f"{name}_digits"] == pytest.approx(value, abs=1.01 / 160), name
+
+  test_src = datasets.get_dataset("digits", "test")
+  originals = np.stack([test_src[i]["image"] for i in range(12)])
+  for j, family in enumerate(FAMILIES):
+    m = masks.make_masks(family, 12, 16, 16, seed=config.seed)
+    # The batch: 12 images rounded up to the 8 devices (16), padded with the last image.
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], 4, axis=0)])
+    out = np.asarray(gen(params, schedules.inpainting(pad(m), config.sample.num_steps),
+                         key=jax.random.fold_in(jax.random.fold_in(key, 10 + j), 0),
+                         x=pad(originals), eta=config.sample.eta))[:12]
+    np.testing.assert_array_equal(out[m > 0], originals[m > 0])   # known pixels exact
+    mse = (((out.astype(np.float64) - originals) / 2.0) ** 2).mean(axis=(1, 2, 3))
+    q = inp["families"][family]
+    assert q["psnr"] == pytest.approx(np.mean(10 * np.log10(1.0 / mse)), rel=1e-4), family
+    assert q["hole_fraction"] == pytest.approx(1.0 - m.mean(), abs=1e-6)
+    # 12 samples of 128-d features (rank-deficient): the library's stable formula, which
+    # tests/test_metrics.py checks against sqrtm, on the features recomputed here.
+    with pytest.warns(RuntimeWarning, match="rank deficient"):
+      fd = metrics.frechet_distance(*metrics.feature_statistics(feats(originals)),
+                                    *metrics.feature_statistics(feats(out)))
+    assert q["fd_digits"] == pytest.approx(fd, rel=1e-4), family
+
+
+def test_evaluate_mode_bad_input_stops_before_restoring_and_changes_nothing(reference, tmp_path,
+                                                                           monkeypatch):
+  from asyncpatch_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
+  ref_dir, _, _ = reference
+  workdir = str(tmp_path / "w")
+  shutil.copytree(ref_dir, workdir)
+  no_checkpoint = str(tmp_path / "no_checkpoint")
+  os.makedirs(no_checkpoint)
+  shutil.copy(os.path.join(ref_dir, "config.json"), no_checkpoint)
+  np.savez(tmp_path / "lpips_like.npz", **{"lin0.model.1.weight": np.zeros((1, 64, 1, 1))})
+  before = snapshot(workdir)
+
+  def restored(*args, **kwargs):
+    raise AssertionError("the checkpoint was restored before the bad setting was refused")
+
+  monkeypatch.setattr(train, "load_trained", restored)
+  config = lambda **kw: make_config({f"evaluate.{k}": v for k, v in kw.items()})
+  rows = [
+      (config(mask_families=("thin", "thinn")),
+       r"Unknown evaluate.mask_families entry 'thinn'; expected one of 'thin', .* Did you mean"),
+      (config(num_samples=1), r"evaluate.num_samples=1; the Frechet distance .* at least 2"),
+      (config(num_samples=5), r"evaluate.k=5 nearest neighbours need more than k samples"),
+      (config(inception_weights=str(tmp_path / "lpips_like.npz")),
+       r"FID Inception-v3 weights: tensor 'Conv2d_1a_3x3.bn.running_mean' \(32,\) is missing from the "
+       r"file \(it holds 1 tensors\)"),
+      (config(lpips_weights=str(tmp_path / "nope.npz")), r"weights file .*nope.npz' does not exist"),
+      (config(inpaint_method="repaint", repaint=(250, 7, 10)), "jump_length=7 must divide num_steps=250"),
+  ]
+  for cfg, message in rows:
+    with pytest.raises(checks.InputError, match=message):
+      evaluate_mode.evaluate_workdir(cfg, workdir)
+  with pytest.raises(checks.InputError, match="has no checkpoints; train first"):
+    evaluate_mode.evaluate_workdir(config(), no_checkpoint)
+  assert snapshot(workdir) == before
+  assert os.listdir(no_checkpoint) == ["config.json"]
+  # On the command line: one line, exit 1 (no config.json; config.json but no checkpoint).
+  empty = str(tmp_path / "empty")
+  os.makedirs(empty)
+  for wd, part in ((empty, f"--mode=evaluate without --config reads the workdir's config.json, "
+                           f"but {empty}/config.json does not exist"),
+                   (no_checkpoint, f"workdir '{no_checkpoint}' has no checkpoints; train first")):
+    res = run(cli(f"--workdir={wd}", "--mode=evaluate", config=False), timeout=300)
+    out = notices(res.stderr)
+    assert res.returncode == 1 and len(out) == 1 and out[0].startswith("error: "), res.stderr
+    assert part in out[0], out[0]
+  assert os.listdir(empty) == [] and os.listdir(no_checkpoint) == ["config.json"]
