@@ -122,7 +122,8 @@ def test_feature_extraction_sharded_over_a_mesh_equals_one_device(devices):
   from jax.sharding import NamedSharding, PartitionSpec as P
   from asyncpatch_jax.evaluation import digit_classifier, feature_nets
   from asyncpatch_jax.training import sharding
-  params = digit_classifier.DigitClassifier().init(jax.random.key(1), jnp.zeros((1, 16, 16, 1)))["params"]
+  params = digit_classifier.DigitClassifier().init(jax.random.key(1),
+                                                   jnp.zeros((1, 16, 16, 1)))["params"]
   extractor = feature_nets.DigitFeatures(params)
   images = feature_weights.inputs(11, (37, 16, 16, 1))
   single = feature_nets.extract(extractor, images, batch_size=10)

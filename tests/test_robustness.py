@@ -596,10 +596,12 @@ def test_evaluate_mode_bad_input_stops_before_restoring_and_changes_nothing(refe
       (config(num_samples=1), r"evaluate.num_samples=1; the Frechet distance .* at least 2"),
       (config(num_samples=5), r"evaluate.k=5 nearest neighbours need more than k samples"),
       (config(inception_weights=str(tmp_path / "lpips_like.npz")),
-       r"FID Inception-v3 weights: tensor 'Conv2d_1a_3x3.bn.running_mean' \(32,\) is missing from the "
-       r"file \(it holds 1 tensors\)"),
-      (config(lpips_weights=str(tmp_path / "nope.npz")), r"weights file .*nope.npz' does not exist"),
-      (config(inpaint_method="repaint", repaint=(250, 7, 10)), "jump_length=7 must divide num_steps=250"),
+       r"FID Inception-v3 weights: tensor 'Conv2d_1a_3x3.bn.running_mean' \(32,\) is missing "
+       r"from the file \(it holds 1 tensors\)"),
+      (config(lpips_weights=str(tmp_path / "nope.npz")),
+       r"weights file .*nope.npz' does not exist"),
+      (config(inpaint_method="repaint", repaint=(250, 7, 10)),
+       "jump_length=7 must divide num_steps=250"),
   ]
   for cfg, message in rows:
     with pytest.raises(checks.InputError, match=message):

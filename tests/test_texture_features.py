@@ -7,6 +7,8 @@ from the dataset, float64 NumPy for the last layer, scipy's sqrtm formula for th
 Frechet distance, dm-pix for the blur.
 """
 
+import warnings
+
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,9 @@ def _frechet_sqrtm(a, b):
   """pytorch-fid's formula in float64 (scipy sqrtm of the non-symmetric product)."""
   mu1, mu2 = a.mean(0), b.mean(0)
   c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  covmean = scipy.linalg.sqrtm(c1 @ c2).real
+  with warnings.catch_warnings():             # dead (always 0) ReLU features: singular
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(c1 @ c2).real
   return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean))
 
 

@@ -87,8 +87,9 @@ def check_settings(config, image_shape) -> None:
                                 "jump_length, jump_n_sample), e.g. (250, 10, 10).")
       repaint.jump_schedule(*(int(v) for v in ec.repaint))   # positive, dividing
     checks.check_positive_int(config.sample.num_steps, "sample.num_steps")
-  held_out = datasets.get_dataset(config.data.dataset, "test",
-                                  data_dir=config.data.data_dir or None, **dict(config.data.options))
+  data = config.data
+  held_out = datasets.get_dataset(data.dataset, "test", data_dir=data.data_dir or None,
+                                  **dict(data.options))
   if tuple(held_out.image_shape) != tuple(image_shape):
     raise checks.InputError(f"the model makes {tuple(image_shape)} images but dataset "
                             f"{config.data.dataset!r} with data.options="
