@@ -34,6 +34,9 @@ TRAIN_SMOKE = MODEL_SMOKE + ["--config.train.num_steps=3", "--config.train.batch
                "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
 SAMPLE_SMOKE = MODEL_SMOKE + ["--config.sample.num_steps=4", "--config.sample.num_images=4",
                 "--config.sample.batch_size=4"]
+EVALUATE_SMOKE = ["--config.sample.num_steps=4", "--config.evaluate.num_samples=16",
+                  "--config.evaluate.batch_size=16", "--config.evaluate.num_inpaint=8",
+                  "--config.evaluate.feature_steps=5", "--config.evaluate.mask_families=('square',)"]
 # The uncertainty head of the README (configs/uncertainty_digits.py), trained on the
 # shortened main job's model, and its workdir.
 README_HEAD_WORKDIR = "/tmp/asyncpatch_head"
@@ -82,6 +85,8 @@ def _kind(cmd):
   if cmd[:3] == ["python", "-m", "asyncpatch_jax.main"]:
     if "--mode=sample" in cmd:
       return "sample"
+    if "--mode=evaluate" in cmd:
+      return "evaluate"
     return "head" if "--config=configs/uncertainty_digits.py" in cmd else "train"
   if cmd[0] == "python" and cmd[1] in SMOKE:
     return "workdir" if any(a.startswith("--workdir=") for a in cmd) else "experiment"
@@ -175,6 +180,11 @@ def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
       _run(cmd, tmp, workdir, HEAD_SMOKE)
     elif kind == "sample":
       _run(cmd, tmp, workdir, SAMPLE_SMOKE)
+    elif kind == "evaluate":
+      _run(cmd, tmp, workdir, EVALUATE_SMOKE)
+      result = json.load(open(f"{workdir}/evaluate.json"))
+      assert result["generation"]["num_samples"] == 16 and "fd_digits" in result["generation"]
+      assert set(result["inpainting"]["families"]) == {"square"}
     elif kind == "workdir":
       _run(cmd, tmp, workdir, SMOKE[cmd[1]])
     else:

@@ -100,5 +100,5 @@ def test_in_project_networks_and_their_refusals(trained):
     extractor(np.zeros((2, 16, 16, 3), np.float32))
   with pytest.raises(checks.InputError, match="'sudoku' has no in-project feature network"):
     feature_nets.in_project("sudoku", jax.random.key(0))
-  with pytest.raises(checks.InputError, match="take 16x16 digits"):
+  with pytest.raises(checks.InputError, match="take the 16x16 digits"):
     feature_nets.in_project("digits", jax.random.key(0), options={"image_size": 32})

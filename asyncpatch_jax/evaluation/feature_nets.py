@@ -44,10 +44,9 @@ class DigitFeatures:
     options: the digits dataset options of the scored model; the classifier takes the
     default 16 x 16 digits only.
     """
-    if dict(options or {}).get("image_size", 16) != 16:
-      raise checks.InputError(f"the in-project digit features take 16x16 digits; the model's "
-                              f"data.options={dict(options)} change the size. Score it with "
-                              "Inception features (evaluate.inception_weights) instead.")
+    problem = in_project_problem("digits", options)
+    if problem:
+      raise checks.InputError(f"{problem}.{_INCEPTION_HINT}")
     params, accuracy = digit_classifier.train_classifier(key, num_steps)
     return cls(params), accuracy
 
@@ -90,19 +89,31 @@ class TextureFeatures:
 
 # dataset name -> its in-project feature network (the offline default of the metrics).
 IN_PROJECT = {"digits": DigitFeatures, "textures": TextureFeatures}
+_INCEPTION_HINT = (" Score it with FID Inception-v3 features from a weights file "
+                   "(--config.evaluate.inception_weights=<file.npz>, made by "
+                   "experiments/convert_weights.py).")
+
+
+def in_project_problem(dataset: str, options: dict | None = None) -> str | None:
+  """Why no in-project feature network can score this dataset (None: one can)."""
+  if dataset not in IN_PROJECT:
+    return (f"dataset {dataset!r} has no in-project feature network (only "
+            f"{', '.join(sorted(IN_PROJECT))} do)")
+  if dataset == "digits" and dict(options or {}).get("image_size", 16) != 16:
+    return (f"the in-project digit features take the 16x16 digits; data.options="
+            f"{dict(options)} change the size")
+  return None
 
 
 def in_project(dataset: str, key: jax.Array, num_steps: int = 600, options: dict | None = None):
   """(the in-project feature extractor of an embedded dataset, its held-out accuracy).
 
-  Trained from `key` on the dataset's train split (seconds on a CPU); InputError for a
-  dataset without one (score it with Inception weights from a file).
+  Trained from `key` on the dataset's train split with the run's data options (seconds
+  on a CPU); InputError where `in_project_problem` names a reason.
   """
-  if dataset not in IN_PROJECT:
-    raise checks.InputError(f"dataset {dataset!r} has no in-project feature network (those of "
-                            f"{sorted(IN_PROJECT)} do); give FID Inception-v3 weights "
-                            "(--config.evaluate.inception_weights=<file.npz>, made by "
-                            "experiments/convert_weights.py).")
+  problem = in_project_problem(dataset, options)
+  if problem:
+    raise checks.InputError(f"{problem}.{_INCEPTION_HINT}")
   checks.check_positive_int(num_steps, "feature network training steps")
   return IN_PROJECT[dataset].train(key, num_steps, options=options)
 

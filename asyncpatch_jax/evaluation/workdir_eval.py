@@ -95,11 +95,11 @@ def check_settings(config, image_shape) -> None:
                             f"{config.data.dataset!r} with data.options="
                             f"{dict(config.data.options)} has {tuple(held_out.image_shape)}; "
                             "evaluate with the run's own config (the workdir's config.json).")
-  if config.data.dataset not in feature_nets.IN_PROJECT and not ec.inception_weights:
-    raise checks.InputError(
-        f"dataset {config.data.dataset!r} has no in-project feature network (only "
-        f"{', '.join(sorted(feature_nets.IN_PROJECT))} do); give FID Inception-v3 weights: "
-        "--config.evaluate.inception_weights=<file.npz> (experiments/convert_weights.py).")
+  problem = feature_nets.in_project_problem(data.dataset, dict(data.options))
+  if problem and not ec.inception_weights:
+    raise checks.InputError(f"{problem}; give FID Inception-v3 weights: "
+                            "--config.evaluate.inception_weights=<file.npz> "
+                            "(experiments/convert_weights.py).")
 
 
 def load_weight_files(config):
@@ -114,12 +114,12 @@ def load_weight_files(config):
 
 
 def feature_extractors(config, key: jax.Array, inception_features=None, bar=None):
-  """([extractors], {name: what it is}): the dataset's in-project network, trained from
-  `key` on its train split, and Inception-v3 when given."""
+  """([extractors], {name: what it is}): the dataset's in-project network (where one fits
+  it), trained from `key` on its train split, and Inception-v3 when given."""
   extractors, info = [], {}
   dataset = config.data.dataset
-  if dataset in feature_nets.IN_PROJECT:
-    options = dict(config.data.options)
+  options = dict(config.data.options)
+  if feature_nets.in_project_problem(dataset, options) is None:
     extractor, accuracy = feature_nets.in_project(dataset, key, config.evaluate.feature_steps,
                                                   options)
     classes = datasets.get_dataset(dataset, "test", **options).num_classes
@@ -142,14 +142,18 @@ def num_updates(config, mesh_size: int = 1) -> int:
   """How many times `evaluate` (with feature_extractors first) advances its progress bar."""
   ec = config.evaluate
   batches = lambda n: -(-n // _batch(ec.batch_size, n, mesh_size))
-  n = int(config.data.dataset in feature_nets.IN_PROJECT) + batches(ec.num_samples)
+  in_project = feature_nets.in_project_problem(config.data.dataset, dict(config.data.options))
+  n = int(in_project is None) + batches(ec.num_samples)
   if ec.num_inpaint:
     n += len(tuple(ec.mask_families)) * batches(ec.num_inpaint)
   return n
 
 
 def _batch(batch_size: int, n: int, mesh_size: int) -> int:
-  return -(-min(batch_size, n) // mesh_size) * mesh_size
+  """The batch for n images: as few batches as `batch_size` allows, of equal size (so the
+  padding of the last one is small), rounded up to a multiple of the mesh's devices."""
+  num_batches = -(-n // min(batch_size, n))
+  return -(-(-(-n // num_batches)) // mesh_size) * mesh_size
 
 
 def _extract_all(extractors, images, batch, mesh) -> dict[str, np.ndarray]:
@@ -173,14 +177,13 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   """
   ec, sc, data = config.evaluate, config.sample, config.data
   shards = 1 if mesh is None else mesh.size
-  batch = int(ec.batch_size)
   options = dict(data.options)
   image_shape = tuple(image_shape)
   t0 = time.perf_counter()
   samples = inpainting_eval.sample(
       generator, params, int(ec.num_samples), image_shape, num_steps=sc.num_steps, eta=sc.eta,
-      key=jax.random.fold_in(key, 2), batch=batch, guidance_weight=float(ec.guidance), bar=bar,
-      multiple_of=shards)
+      key=jax.random.fold_in(key, 2), batch=_batch(ec.batch_size, ec.num_samples, shards),
+      guidance_weight=float(ec.guidance), bar=bar, multiple_of=shards)
   sample_seconds = time.perf_counter() - t0
   num_ref = int(ec.num_reference) or int(ec.num_samples)
   reference = inpainting_eval.dataset_images(data.dataset, ec.reference_split, num_ref,
@@ -189,6 +192,7 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
                 "num_reference": len(reference), "guidance": float(ec.guidance),
                 "num_steps": int(sc.num_steps), "eta": float(sc.eta),
                 "sampling_seconds": sample_seconds}
+  batch = int(ec.batch_size)                 # feature networks (extract pads to the mesh)
   for ex in extractors:
     generation.update(feature_nets.feature_metrics(ex, reference, samples, k=int(ec.k),
                                                    batch_size=batch, mesh=mesh))
@@ -210,7 +214,8 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   for j, family in enumerate(ec.mask_families):
     m = masks_lib.make_masks(family, len(originals), h, w, seed=mask_seed)
     out, cost = inpainting_eval.run_inpainting(fn, originals, m, jax.random.fold_in(key, 10 + j),
-                                               batch, bar=bar, multiple_of=shards)
+                                               _batch(ec.batch_size, len(originals), shards),
+                                               bar=bar, multiple_of=shards)
     q = inpainting_eval.quality(out, originals, extractors, lpips_fn=lpips_fn, batch=batch,
                                 k=int(ec.k), mesh=mesh, real_features=real_features)
     families[family] = {**q, "hole_fraction": float(1.0 - m.mean()), **cost}
