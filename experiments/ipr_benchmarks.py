@@ -1,7 +1,7 @@
 """IPR on its constraint benchmarks (papers/004 Sec. 4.2-4.5): 4x4 Digit Sudoku and Even Pixels.
 
-  python experiments/ipr_benchmarks.py                  # trains (or resumes), then evaluates
-  python experiments/ipr_benchmarks.py --tiny --workdir_root=/tmp/ipr_tiny --out_dir=/tmp/ipr_tiny
+  python experiments/ipr_benchmarks.py --out=results/ipr   # trains (or resumes), then evaluates
+  python experiments/ipr_benchmarks.py --tiny --out=/tmp/ipr_tiny  # smoke run, workdirs in it
 
 1. Training: `configs/sudoku4.py:cpu` and `configs/even_pixels.py:cpu` (tiny widths for a
    2-core CPU) with the sharded, resumable loop (`train.train_and_evaluate`) in
@@ -20,7 +20,7 @@
    grids (K in {1, 3, 5} swapped pairs, every cell may change); ablations on HARD:
    alpha in {0.1, 0.25, 0.5}, fixed noise, fixed regions (from the same x^(0)).
    Even Pixels: balance accuracy, mean count error, saturation / value std.
-Writes <out_dir>/ipr_sudoku.json, ipr_even_pixels.json, Markdown tables (.md), curves
+Writes <out>/ipr_sudoku.json, ipr_even_pixels.json, Markdown tables (.md), curves
 (.png) and grids of the rounds (_rounds.png), with the command and wall times.
 """
 
@@ -53,13 +53,14 @@ from asyncpatch_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir_root", "/tmp/ipr_benchmarks", "Workdirs sudoku4/ and even_pixels/.")
-flags.DEFINE_string("out_dir", os.path.join(ROOT, "results", "ipr"), "Results folder.")
+flags.DEFINE_string("workdir_root", "", "Workdirs sudoku4/ and even_pixels/ below it (default "
+                    "/tmp/ipr_benchmarks; with --tiny <out>/tiny_workdirs).")
+flags.DEFINE_string("out", "results/ipr", "Results folder.")
 flags.DEFINE_list("benchmarks", ["sudoku", "even_pixels"], "Which benchmarks to run.")
 flags.DEFINE_integer("num_rounds", 50, "IPR rounds R (the paper: 50).")
-flags.DEFINE_integer("sudoku_samples", 128, "HARD test grids (main curve and ablations).")
-flags.DEFINE_integer("corrupted_samples", 64, "Valid grids per K of the K-corrupted study.")
-flags.DEFINE_integer("ablation_samples", 64, "HARD grids of each ablation (the first ones).")
+flags.DEFINE_integer("sudoku_samples", 64, "HARD test grids (main curve and ablations).")
+flags.DEFINE_integer("corrupted_samples", 32, "Valid grids per K of the K-corrupted study.")
+flags.DEFINE_integer("ablation_samples", 32, "HARD grids of each ablation (the first ones).")
 flags.DEFINE_integer("even_pixels_samples", 48, "Even Pixels samples.")
 flags.DEFINE_list("corruptions", ["1", "3", "5"], "K swapped pairs of the K-corrupted study.")
 flags.DEFINE_list("ablation_alphas", ["0.1", "0.5"], "Resampling ratios besides --alpha.")
@@ -83,6 +84,12 @@ EP_PATCH = 4            # Even Pixels regions: 4x4-pixel patches (IPR Sec. 4.4)
 SHOWN_ROUNDS = (0, 1, 2, 5, 10, 20, 30, 40, 50)
 
 
+def _workdir_root() -> str:
+  if FLAGS.workdir_root:
+    return FLAGS.workdir_root
+  return os.path.join(FLAGS.out, "tiny_workdirs") if FLAGS.tiny else "/tmp/ipr_benchmarks"
+
+
 def _load_config(name: str, variant: str, tiny: bool):
   spec = importlib.util.spec_from_file_location(f"ipr_cfg_{name}",
                                                 os.path.join(ROOT, "configs", f"{name}.py"))
@@ -93,7 +100,7 @@ def _load_config(name: str, variant: str, tiny: bool):
     with config.unlocked():
       config.model.update(base_channels=8, channel_mult=(1,), num_res_blocks=(1,),
                           attention_resolutions=(), head_dim=8, time_embed_dim=16, num_groups=4)
-      config.train.update(batch_size=4, num_steps=2, log_every=1, checkpoint_every=2,
+      config.train.update(batch_size=8, num_steps=2, log_every=1, checkpoint_every=2,
                           progress_bar=False)
       config.optim.warmup_steps = 1
       config.sample.num_images = 0
@@ -146,7 +153,7 @@ def _shown(rounds: int) -> list[int]:
 
 def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   hp = TABLE1["sudoku"]
-  workdir = os.path.join(FLAGS.workdir_root, "sudoku4")
+  workdir = os.path.join(_workdir_root(), "sudoku4")
   config = _load_config("sudoku4", "cpu", tiny)
   t0 = time.time()
   setup, state = train_or_resume(config, workdir)
@@ -247,7 +254,7 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   order = sorted((a for a in ablations if a.startswith("alpha_")), key=lambda a: float(a[6:]))
   ablations = {k: ablations[k] for k in order + ["fixed_noise", "fixed_regions"]}
 
-  out_stem = os.path.join(FLAGS.out_dir, "ipr_sudoku")
+  out_stem = os.path.join(FLAGS.out, "ipr_sudoku")
   shown = _shown(rounds)
   rows = hard_history[shown, :8]
   image_io.save_grid(rows.reshape(-1, h, w, c), out_stem + "_rounds.png",
@@ -274,7 +281,7 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
 
 def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   hp = TABLE1["even_pixels"]
-  workdir = os.path.join(FLAGS.workdir_root, "even_pixels")
+  workdir = os.path.join(_workdir_root(), "even_pixels")
   config = _load_config("even_pixels", "cpu", tiny)
   t0 = time.time()
   setup, state = train_or_resume(config, workdir)
@@ -309,7 +316,7 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   test = datasets.get_dataset("even_pixels", "test", num_examples=num,
                               **dict(config.data.options))
   data = constraints.even_pixels_metrics(np.stack([test[i]["image"] for i in range(num)]))
-  out_stem = os.path.join(FLAGS.out_dir, "ipr_even_pixels")
+  out_stem = os.path.join(FLAGS.out, "ipr_even_pixels")
   shown = _shown(rounds)
   rows = history[shown, :8]
   image_io.save_grid(rows.reshape(-1, h, w, c), out_stem + "_rounds.png",
@@ -453,7 +460,7 @@ def main(argv):
   for k in FLAGS.corruptions:
     if not k.isdigit() or not 0 <= int(k) <= SUDOKU_N * SUDOKU_N // 2 - SUDOKU_N + 1:
       raise checks.InputError(f"--corruptions: K={k!r}; expected integers 0..5 for a 4x4 grid.")
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  os.makedirs(FLAGS.out, exist_ok=True)
   command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
   key = jax.random.key(FLAGS.seed)
   if "sudoku" in FLAGS.benchmarks:
@@ -462,7 +469,7 @@ def main(argv):
     with progress.bar(total, "sudoku", unit="run") as bar:
       res = run_sudoku(jax.random.fold_in(key, 1), rounds, FLAGS.tiny, bar)
     res.update(command=command, total_wall_s=time.time() - t0)
-    stem = os.path.join(FLAGS.out_dir, "ipr_sudoku")
+    stem = os.path.join(FLAGS.out, "ipr_sudoku")
     _plot_sudoku(res, stem + ".png")
     _write(res, stem, sudoku_tables(res), command)
     print(f"sudoku: HARD validity {res['hard']['validity'][0]:.3f} -> "
@@ -472,7 +479,7 @@ def main(argv):
     with progress.bar(2, "even_pixels", unit="run") as bar:
       res = run_even_pixels(jax.random.fold_in(key, 2), rounds, FLAGS.tiny, bar)
     res.update(command=command, total_wall_s=time.time() - t0)
-    stem = os.path.join(FLAGS.out_dir, "ipr_even_pixels")
+    stem = os.path.join(FLAGS.out, "ipr_even_pixels")
     _plot_even_pixels(res, stem + ".png")
     _write(res, stem, even_pixels_table(res), command)
     print(f"even_pixels: balance {res['balance_accuracy'][0]:.3f} -> "
