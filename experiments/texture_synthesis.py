@@ -22,11 +22,14 @@ References: the real top half against the real bottom half (how far the texture 
 drifts between the halves), and the generated half against the bottom half of an
 exemplar of another source image (what "a different texture" scores). Means over
 exemplars (seeds averaged first) with standard errors over exemplars; differences to
-w = 0 are paired. Writes the JSON, a Markdown table and PNG grids next to `--out`.
+w = 0 are paired (the same seeds). An ablation reruns w = `--ablate_w` with the other
+t_g in `--ablate_t`. Writes the JSON, a Markdown table and PNG grids next to `--out`;
+samples are cached in `--cache` (a rerun only rescores).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -66,6 +69,9 @@ flags.DEFINE_multi_string("image", [], "User exemplar image files (PNG/JPEG, at 
 flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
 flags.DEFINE_float("eta", 0.25, "Sampler eta (AsyncPatch: 0.25).")
 flags.DEFINE_float("guidance_t", 0.6, "t_g: noise level the guidance region is re-noised to.")
+flags.DEFINE_list("ablate_t", ["0.3", "0.9"], "Other t_g values run at w = --ablate_w.")
+flags.DEFINE_float("ablate_w", 2.0, "Guidance weight of the t_g ablation (0: no ablation).")
+flags.DEFINE_string("cache", "", "Folder of the cached samples; '' = <workdir>/texture_synthesis.")
 flags.DEFINE_integer("patch", 4, "Patch size of patch_swd.")
 flags.DEFINE_integer("directions", 128, "Random directions of patch_swd.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
@@ -77,7 +83,7 @@ TINY_MODEL = {"base_channels": 8, "channel_mult": (1,), "num_res_blocks": (1,),
               "attention_resolutions": (), "head_dim": 8, "time_embed_dim": 16, "num_groups": 4}
 TINY_FLAGS = dict(out="results/tmp/texture_synthesis_tiny/texture_synthesis.json",
                   train_steps=2, train_batch=8, weights=["0", "2"], seeds=2, per_image=1,
-                  num_steps=3, directions=16)
+                  num_steps=3, directions=16, ablate_t=["0.9"])
 STATS = ("patch_swd", "colour_w1", "seam_ratio", "seam_l1", "seed_spread")
 
 
@@ -169,14 +175,20 @@ def markdown(result: dict) -> str:
            f"{result['num_exemplars']} held-out exemplars x {s['seeds']} seeds; mean ± s.e. "
            "over exemplars, Δ = paired difference to w = 0 (lower patch_swd / colour_w1 = "
            "closer to the exemplar's held-out bottom half).", "",
-           "| w | patch_swd | Δ patch_swd | colour_w1 | Δ colour_w1 | seam_ratio | seed_spread |",
-           "|---|---|---|---|---|---|---|"]
-  for row in result["weights"]:
+           "| w | t_g | patch_swd | Δ patch_swd | colour_w1 | Δ colour_w1 | seam_l1 | Δ seam_l1 | "
+           "seam_ratio | seed_spread |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  rows = [(r, s["guidance_t"]) for r in result["weights"]]
+  rows += [(r, r["guidance_t"]) for r in result["guidance_t_ablation"]
+           if r["guidance_t"] != s["guidance_t"]]
+  for row, t_g in rows:
     lines.append(
-        f"| {row['w']:g} | {fmt(row['patch_swd'], row['patch_swd_se'])} | "
+        f"| {row['w']:g} | {t_g:g} | {fmt(row['patch_swd'], row['patch_swd_se'])} | "
         f"{fmt(row['d_patch_swd'], row['d_patch_swd_se'])} | "
         f"{fmt(row['colour_w1'], row['colour_w1_se'])} | "
         f"{fmt(row['d_colour_w1'], row['d_colour_w1_se'])} | "
+        f"{fmt(row['seam_l1'], row['seam_l1_se'])} | "
+        f"{fmt(row['d_seam_l1'], row['d_seam_l1_se'])} | "
         f"{fmt(row['seam_ratio'], row['seam_ratio_se'], 2)} | "
         f"{fmt(row['seed_spread'], row['seed_spread_se'])} |")
   ref = result["reference"]
@@ -185,7 +197,8 @@ def markdown(result: dict) -> str:
             f"colour_w1 {fmt(ref['top_vs_bottom_colour_w1'], ref['top_vs_bottom_colour_w1_se'])}; "
             f"unguided completion vs another source image's bottom half patch_swd "
             f"{fmt(ref['other_texture_patch_swd'], ref['other_texture_patch_swd_se'])}; "
-            f"seam_ratio of the real images "
+            f"seam_l1 / seam_ratio of the real images "
+            f"{fmt(ref['real_seam_l1'], ref['real_seam_l1_se'])} / "
             f"{fmt(ref['real_seam_ratio'], ref['real_seam_ratio_se'], 2)}.", ""]
   if result["per_source"]:
     ws = [f"{r['w']:g}" for r in result["weights"]]
@@ -212,18 +225,20 @@ def save_grid(path, x, mask, samples, weights, seeds, rows):
 
 
 def plot(path, result):
-  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+  """Each statistic against w (mean ± s.e.), patch_swd per source image, real-image references."""
+  keys = ("patch_swd", "colour_w1", "seam_l1", "seam_ratio")
+  fig, axes = plt.subplots(1, len(keys), figsize=(14, 3.2))
   w = [r["w"] for r in result["weights"]]
-  for ax, key in zip(axes, ("patch_swd", "colour_w1", "seam_ratio")):
+  ref = result["reference"]
+  for ax, key in zip(axes, keys):
     ax.errorbar(w, [r[key] for r in result["weights"]], yerr=[r[f"{key}_se"] for r in
                 result["weights"]], marker="o", capsize=3, color="k", label="mean ± s.e.")
     if key == "patch_swd":
       for name, vals in result["per_source"].items():
         ax.plot(w, vals, lw=0.8, alpha=0.6, label=name.split("#")[0])
-      ax.axhline(result["reference"]["top_vs_bottom_patch_swd"], color="0.5", ls=":",
-                 label="real top vs bottom")
-    if key == "seam_ratio":
-      ax.axhline(result["reference"]["real_seam_ratio"], color="0.5", ls=":", label="real images")
+    line = {"patch_swd": "top_vs_bottom_patch_swd", "colour_w1": "top_vs_bottom_colour_w1",
+            "seam_l1": "real_seam_l1", "seam_ratio": "real_seam_ratio"}[key]
+    ax.axhline(ref[line], color="0.5", ls=":", label="real image")
     ax.set_xlabel("input guidance w")
     ax.set_title(key)
     ax.legend(fontsize=6)
@@ -247,6 +262,13 @@ def main(argv):
     checks.check_positive_int(getattr(FLAGS, name), f"--{name}")
   checks.check_range(FLAGS.eta, "--eta", 0.0, 1.0)
   checks.check_range(FLAGS.guidance_t, "--guidance_t", 0.0, 1.0, low_open=True)
+  checks.check_range(FLAGS.ablate_w, "--ablate_w", 0.0)
+  try:
+    ablate_t = [float(v) for v in FLAGS.ablate_t]
+  except ValueError:
+    raise checks.InputError(f"--ablate_t={','.join(FLAGS.ablate_t)}; expected numbers.") from None
+  for t_g in ablate_t:
+    checks.check_range(t_g, "--ablate_t", 0.0, 1.0, low_open=True)
   config = model_config(tiny, FLAGS.train_steps, FLAGS.train_batch)
   size = int(dict(config.data.options).get("image_size", 32))
   user = [load_user_image(p, size) for p in FLAGS.image]       # refused before any training
@@ -269,41 +291,67 @@ def main(argv):
   key = jax.random.key(FLAGS.seed)
   stat_key = jax.random.fold_in(key, 7)
 
-  samples, t_sample = {}, 0.0
-  with progress.bar(len(weights) * FLAGS.seeds, "texture synthesis", enabled=FLAGS.progress,
-                    unit="call") as bar:
-    for wt in weights:
-      samples[wt] = []
-      for s in range(FLAGS.seeds):
-        t0 = time.time()
-        out = np.asarray(gen(state.ema_params, tau, key=jax.random.fold_in(key, s), x=x,
-                             eta=FLAGS.eta, input_guidance=wt, input_guidance_t=FLAGS.guidance_t))
-        t_sample += time.time() - t0
-        if np.abs(out[:, :row] - x[:, :row]).max() != 0.0:
-          raise RuntimeError("a given pixel changed.")
-        samples[wt].append(out)
-        bar.update(1)
+  # Samples are cached per (model, settings, exemplars, w, t_g, seed): a rerun only rescores.
+  cache = FLAGS.cache or os.path.join(FLAGS.workdir, "texture_synthesis")
+  os.makedirs(cache, exist_ok=True)
+  tag = hashlib.sha1(json.dumps([int(state.step), FLAGS.num_steps, FLAGS.eta, FLAGS.seed,
+                                 tiny]).encode() + x.tobytes()).hexdigest()[:10]
+  t_sample = 0.0
+
+  def complete(wt: float, t_g: float, s: int, bar) -> np.ndarray:
+    nonlocal t_sample
+    path = os.path.join(cache, f"{tag}_w{wt:g}_t{t_g:g}_s{s}.npy")
+    if os.path.exists(path):
+      out = np.load(path)
+    else:
+      t0 = time.time()
+      out = np.asarray(gen(state.ema_params, tau, key=jax.random.fold_in(key, s), x=x,
+                           eta=FLAGS.eta, input_guidance=wt, input_guidance_t=t_g))
+      t_sample += time.time() - t0
+      np.save(path + ".tmp.npy", out)
+      os.replace(path + ".tmp.npy", path)
+    if np.abs(out[:, :row] - x[:, :row]).max() != 0.0:
+      raise RuntimeError("a given pixel changed.")
+    bar.update(1)
+    return out
+
+  ablate = [t_g for t_g in ablate_t if t_g != FLAGS.guidance_t] if FLAGS.ablate_w > 0 else []
+  with progress.bar((len(weights) + len(ablate)) * FLAGS.seeds, "texture synthesis",
+                    enabled=FLAGS.progress, unit="call") as bar:
+    samples = {wt: [complete(wt, FLAGS.guidance_t, s, bar) for s in range(FLAGS.seeds)]
+               for wt in weights}
+    ablation_samples = {t_g: [complete(FLAGS.ablate_w, t_g, s, bar) for s in range(FLAGS.seeds)]
+                        for t_g in ablate}
 
   true_bottom = x[:, row:]
-  per = {wt: [statistics(o[:, row:], true_bottom, o, row, stat_key) for o in samples[wt]]
-         for wt in weights}
-  # [weights][stat] -> [E] (mean over seeds); seed spread: RMS difference between seeds.
-  agg = {}
-  for wt in weights:
-    agg[wt] = {k: np.mean([p[k] for p in per[wt]], axis=0) for k in STATS if k != "seed_spread"}
-    bottoms = np.stack([o[:, row:] for o in samples[wt]])        # [S, E, h, W, C]
+
+  def aggregate(outs) -> dict[str, np.ndarray]:
+    """{stat: [E]}: seed means; seed_spread = mean RMS difference between two seeds."""
+    per = [statistics(o[:, row:], true_bottom, o, row, stat_key) for o in outs]
+    a = {k: np.mean([p[k] for p in per], axis=0) for k in STATS if k != "seed_spread"}
+    bottoms = np.stack([o[:, row:] for o in outs])               # [S, E, h, W, C]
     pairs = [(i, j) for i in range(len(bottoms)) for j in range(i + 1, len(bottoms))]
-    agg[wt]["seed_spread"] = (np.mean([np.sqrt(np.mean((bottoms[i] - bottoms[j]) ** 2,
-                                                        axis=(1, 2, 3))) for i, j in pairs],
-                                      axis=0) if pairs else np.zeros(len(x)))
+    a["seed_spread"] = (np.mean([np.sqrt(np.mean((bottoms[i] - bottoms[j]) ** 2,
+                                                  axis=(1, 2, 3))) for i, j in pairs],
+                                axis=0) if pairs else np.zeros(len(x)))
+    return a
+
   held = slice(0, num_held_out)
-  rows_out = []
-  for wt in weights:
-    r = {"w": wt}
+  agg = {wt: aggregate(samples[wt]) for wt in weights}
+
+  def row_of(a: dict, **fields) -> dict:
+    r = dict(fields)
     for k in STATS:
-      r[k], r[f"{k}_se"] = mean_se(agg[wt][k][held])
-      r[f"d_{k}"], r[f"d_{k}_se"] = mean_se(agg[wt][k][held] - agg[0.0][k][held])
-    rows_out.append(r)
+      r[k], r[f"{k}_se"] = mean_se(a[k][held])
+      r[f"d_{k}"], r[f"d_{k}_se"] = mean_se(a[k][held] - agg[0.0][k][held])
+    return r
+
+  rows_out = [row_of(agg[wt], w=wt) for wt in weights]
+  ablation = [row_of(aggregate(ablation_samples[t_g]), w=FLAGS.ablate_w, guidance_t=t_g)
+              for t_g in ablate]
+  if ablate and FLAGS.ablate_w in agg:
+    ablation.append(row_of(agg[FLAGS.ablate_w], w=FLAGS.ablate_w, guidance_t=FLAGS.guidance_t))
+  ablation.sort(key=lambda r: r["guidance_t"])
 
   # References on the held-out exemplars.
   top_vs_bottom = statistics(x[held, :row], true_bottom[held], x[held], row, stat_key)
@@ -315,6 +363,7 @@ def main(argv):
   for k, v in (("top_vs_bottom_patch_swd", top_vs_bottom["patch_swd"]),
                ("top_vs_bottom_colour_w1", top_vs_bottom["colour_w1"]),
                ("real_seam_ratio", top_vs_bottom["seam_ratio"]),
+               ("real_seam_l1", top_vs_bottom["seam_l1"]),
                ("other_texture_patch_swd", other_swd)):
     reference[k], reference[f"{k}_se"] = mean_se(v)
 
@@ -349,7 +398,8 @@ def main(argv):
                 "parameters": int(sum(a.size for a in jax.tree.leaves(state.ema_params))),
                 "train_seconds_this_run": train_seconds},
       "num_exemplars": num_held_out, "exemplars": names,
-      "weights": rows_out, "reference": reference, "per_source": per_source,
+      "weights": rows_out, "guidance_t_ablation": ablation, "reference": reference,
+      "per_source": per_source,
       "user_images": users,
       "command": "python experiments/texture_synthesis.py " + " ".join(sys.argv[1:]),
       "sampling_seconds": t_sample, "wall_seconds": time.time() - t_start,

@@ -75,8 +75,12 @@ def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
       for g in (f, f"{f}_se", f"d_{f}", f"d_{f}_se"):
         assert np.isfinite(r[g]), g
   assert res["weights"][0]["d_patch_swd"] == 0.0                 # w = 0 against itself
+  abl = res["guidance_t_ablation"]                               # w = 2 at t_g 0.6 and 0.9
+  assert [(r["w"], r["guidance_t"]) for r in abl] == [(2.0, 0.6), (2.0, 0.9)]
+  assert abl[0]["patch_swd"] == res["weights"][1]["patch_swd"]
+  assert all(np.isfinite(r["patch_swd"]) and np.isfinite(r["d_seam_l1_se"]) for r in abl)
   for f in ("top_vs_bottom_patch_swd", "top_vs_bottom_colour_w1", "real_seam_ratio",
-            "other_texture_patch_swd"):
+            "real_seam_l1", "other_texture_patch_swd"):
     assert np.isfinite(res["reference"][f]) and np.isfinite(res["reference"][f + "_se"])
   assert res["num_exemplars"] == 7 and len(res["per_source"]) == 7      # one per source image
   assert len(res["user_images"]) == 1 and len(res["user_images"][0]["patch_swd"]) == 2
