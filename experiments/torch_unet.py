@@ -24,7 +24,8 @@ def _groups(channels: int, num_groups: int) -> int:
 
 def sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
   half = dim // 2
-  freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+  freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
+                                                     device=t.device) / half)
   args = (1000.0 * t.float())[..., None] * freqs
   feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
   if dim % 2:
