@@ -62,6 +62,13 @@ SMOKE = {
                                    "--batch=test:8"],
     "experiments/ipr_digits.py": ["--num_samples=8", "--num_rounds=2", "--num_steps=4",
                                   "--classifier_steps=5"],
+    # The full tiny run (both benchmarks, every JSON field) is tests/test_ipr_benchmarks.py's.
+    "experiments/ipr_benchmarks.py": ["--tiny", "--benchmarks=even_pixels"],
+    # Their full tiny runs (every field the README reads): tests/test_paper_experiments.py.
+    "experiments/schedule_study.py": ["--tiny", "--num_images=24", "--steps_per_stripe=2",
+                                      "--total_steps=4", "--stripes=1,2", "--lab=false",
+                                      "--fixed_total_schedules=progressive"],
+    "experiments/texture_synthesis.py": ["--tiny", "--ablate_w=0"],
     "experiments/jacobian_regimes.py": ["--num_seeds=1", "--stride=250", "--power_iters=3",
                                         "--block_iters=3", "--lyap_vectors=2",
                                         "--lyap_iters=2", "--q_samples=1"],
