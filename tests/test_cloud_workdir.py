@@ -16,6 +16,7 @@ folder, uninterrupted, in this process.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -374,3 +375,40 @@ def test_metric_writer_keeps_the_steps_up_to_the_resumed_checkpoint(tmp_path):
     writer.close()
     lines = [json.loads(l) for l in path.read_text().splitlines()]
     assert lines == [r for r in old if r["step"] in kept] + [{"step": 99, "loss": 0.5}], start
+
+
+def test_evaluate_mode_reads_a_gs_workdir_and_writes_its_json_there(gcs, reference, tmp_path):
+  """The local reference run, uploaded object by object over the emulator's JSON API (not
+  through the library), then `--mode=evaluate` on its gs:// URL: evaluate.json and
+  evaluate.png land in the bucket, and the scores equal those of the local workdir."""
+  for path in sorted(reference.rglob("*")):
+    if path.is_file():
+      name = urllib.parse.quote(f"scored/{path.relative_to(reference)}", safe="")
+      request = urllib.request.Request(
+          f"{gcs.url}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={name}",
+          data=path.read_bytes(), method="POST")
+      urllib.request.urlopen(request).close()
+  url = f"gs://{BUCKET}/scored"
+  evaluate = {"evaluate.num_samples": 16, "evaluate.batch_size": 16, "evaluate.num_inpaint": 8,
+              "evaluate.feature_steps": 5, "evaluate.mask_families": "('square',)"}
+  runs = {}
+  for name, workdir in (("gs", url), ("local", str(tmp_path / "local"))):
+    if name == "local":
+      shutil.copytree(reference, workdir)
+    proc = cli(["--mode=evaluate", f"--workdir={workdir}", *flags(RUN), *flags(evaluate)],
+               gcs.env, str(tmp_path))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    runs[name] = json.loads(out)
+  assert runs["gs"]["evaluate_json"] == f"{url}/evaluate.json"
+  result = json.loads(gcs.read("scored/evaluate.json"))
+  assert result["workdir"] == url and result["step"] == 24
+  assert "scored/evaluate.png" in gcs.names("scored/")
+  local = json.load(open(tmp_path / "local" / "evaluate.json"))
+  assert result["generation"] == {**local["generation"],
+                                  "sampling_seconds": result["generation"]["sampling_seconds"]}
+  a, b = result["inpainting"]["families"]["square"], local["inpainting"]["families"]["square"]
+  assert {k: v for k, v in a.items() if "seconds" not in k} == \
+         {k: v for k, v in b.items() if "seconds" not in k}
+  for dirpath, dirnames, filenames in os.walk(tmp_path):
+    assert not [n for n in dirnames + filenames if n.startswith("gs:")], dirpath
