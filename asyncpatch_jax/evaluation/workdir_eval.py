@@ -153,7 +153,8 @@ def _batch(batch_size: int, n: int, mesh_size: int) -> int:
   """The batch for n images: as few batches as `batch_size` allows, of equal size (so the
   padding of the last one is small), rounded up to a multiple of the mesh's devices."""
   num_batches = -(-n // min(batch_size, n))
-  return -(-(-(-n // num_batches)) // mesh_size) * mesh_size
+  per_batch = -(-n // num_batches)
+  return -(-per_batch // mesh_size) * mesh_size
 
 
 def _extract_all(extractors, images, batch, mesh) -> dict[str, np.ndarray]:
