@@ -170,7 +170,7 @@ def main(argv):
     from asyncpatch_jax.training import sharding  # pylint: disable=g-import-not-at-top
     from asyncpatch_jax.training import train  # pylint: disable=g-import-not-at-top
     # XLA:CPU fixes its host devices when its backend starts: the library's CPU default
-    # (the batch sharded over one device per core) is decided before that.
+    # (the batch sharded over two host devices per core) is decided before that.
     sample = config.get("sample")
     sharding.configure_cpu_devices(
         config.train.batch_size if FLAGS.mode == "train" and "train" in config else None,

@@ -32,8 +32,8 @@ MIN_FSDP_SIZE = 2 ** 14
 # --- XLA:CPU host devices (the CPU default) ------------------------------------------
 
 HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
-# More host devices than this are not chosen automatically (not measured beyond 2 cores;
-# results/bench/host_devices.json).
+# More host devices than this are not chosen automatically (8 on 2 cores trained slower
+# than 4; machines with more cores were not measured: results/bench/host_devices.json).
 MAX_AUTO_HOST_DEVICES = 8
 _ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                         "jax_rocm7_plugin", "jax_plugins")
@@ -50,18 +50,21 @@ def available_cores() -> int:
 def cpu_host_device_count(cores: int, batch_sizes: Sequence[int] = ()) -> int:
   """The library's rule: how many XLA:CPU host devices a run on `cores` cores gets.
 
-  One host device per core (at most MAX_AUTO_HOST_DEVICES), lowered to the largest count
-  that divides every batch size, so that every device holds an equal share of each batch.
-  Measured on the 2-core development machine (experiments/bench_host_devices.py,
-  results/bench/host_devices.json): with the batch split over 2 host devices the default
-  train step and the 50-step sampler run faster than on one device whose convolutions
-  XLA:CPU splits over both cores itself, and 4 devices on 2 cores are slower than 2.
+  Two host devices per core (one on a single core), at most MAX_AUTO_HOST_DEVICES,
+  lowered to the largest count that divides every batch size, so that every device
+  holds an equal share of each batch. Measured on the 2-core development machine with
+  experiments/bench_host_devices.py (results/bench/host_devices.json, quiet machine,
+  speed-up over one device): default-config train step 1.35x with 2 devices and 1.34x
+  with 4 (8: 0.95x of 2); 50-step sampling 1.47x with 2, 1.77x with 4 (8: 1.2x of 2,
+  measured while the load rose); the 60M train step at 64x64 0.97-0.98x with 2 or 4 (its
+  large convolutions already keep both cores busy on one device). On one core (taskset)
+  2 devices gave 1.02x / 0.99x: nothing to gain, so one.
   """
   checks.check_positive_int(cores, "cores")
   divisor = 0
   for b in batch_sizes:
     divisor = math.gcd(divisor, checks.check_positive_int(b, "batch size"))
-  n = min(cores, MAX_AUTO_HOST_DEVICES)
+  n = min(1 if cores == 1 else 2 * cores, MAX_AUTO_HOST_DEVICES)
   while divisor and divisor % n:
     n -= 1
   return n
