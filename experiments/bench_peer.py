@@ -65,7 +65,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
 flags.DEFINE_integer("reps", 5, "Timed repetitions per stack (alternating).")
 flags.DEFINE_integer("train_steps", 3, "Train steps per timed repetition.")
-flags.DEFINE_list("cases", ["train_default", "train_60m", "sample_default"], "What to measure.")
+flags.DEFINE_list("cases", ["train_default", "sample_default", "train_60m", "conv_default",
+                            "conv_60m"], "What to measure (train_60m takes minutes on a CPU).")
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: the cores this process may use, "
                      "its affinity mask).")
 flags.DEFINE_integer("host_devices", 0, "XLA:CPU host devices for ours (0: the library's "
@@ -80,6 +81,10 @@ CASES = {  # name -> (config, image size, batch)
     "train_default": ("default", 16, 64),
     "train_60m": ("imagenet64_60m", 64, 8),
     "sample_default": ("default", 16, 64),
+    # One 3x3 convolution, forward + both gradients, at a resolution level of each model
+    # (where the train step's time goes; one device, float32, NHWC vs NCHW).
+    "conv_default": ("default", 16, 64),
+    "conv_60m": ("imagenet64_60m", 64, 8),
 }
 # Dense float32 peak TFLOP/s from the vendors' spec sheets (the benchmark runs float32).
 PEAK_TFLOPS = {"NVIDIA H100": 67.0, "NVIDIA H200": 67.0, "NVIDIA A100": 19.5,
@@ -407,6 +412,44 @@ def profile_train(compiled, run_steps, steps: int) -> dict:
                        "s_per_step": sec / steps} for op, sec in top]}
 
 
+def bench_conv(name, torch, device) -> dict:
+  """One 3x3 conv layer (the model's first-level width), loss = sum(y^2), grads w and x."""
+  cfg_name, size, batch = CASES[name]
+  ch = load_config(cfg_name, size, batch).model.base_channels
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((batch, size, size, ch)).astype(np.float32)
+  w = (rng.standard_normal((3, 3, ch, ch)) / (3 * ch ** 0.5)).astype(np.float32)
+
+  def loss(w, x):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(y * y)
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  xj, wj = jax.device_put(x, jax.devices()[0]), jax.device_put(w, jax.devices()[0])
+  jax.block_until_ready(f(wj, xj))
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device).requires_grad_()
+  wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().to(device).requires_grad_()
+
+  def run_torch():
+    y = torch.nn.functional.conv2d(xt, wt, padding=1)
+    (y * y).sum().backward()
+  run_torch()
+  sync = torch.cuda.synchronize if device.type == "cuda" else None
+  n, ours, th = 10, [], []
+  for _ in range(FLAGS.reps):
+    ours.append(timed(lambda: [jax.block_until_ready(f(wj, xj)) for _ in range(n)]) / n)
+    th.append(timed(lambda: [run_torch() for _ in range(n)], sync) / n)
+  flops = 3 * 2 * batch * size * size * 9 * ch * ch      # forward, dL/dx, dL/dw
+  out = {"config": cfg_name, "shape_nhwc": [batch, size, size, ch], "gflops": flops / 1e9,
+         "ours": summary(ours), "torch": summary(th),
+         "ours_tflops": flops / statistics.median(ours) / 1e12,
+         "torch_tflops": flops / statistics.median(th) / 1e12,
+         "load_average_1min": [load_average()]}
+  out["ours_over_torch"] = out["ours"]["median_s"] / out["torch"]["median_s"]
+  print(name, json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}), flush=True)
+  return out
+
+
 def markdown(results) -> str:
   """The README's table: medians (min-max) per stack and the ratios."""
   rows = ["| case | ours | PyTorch eager, per-image t | PyTorch eager, per-pixel t | "
@@ -418,12 +461,24 @@ def markdown(results) -> str:
 
   def cell(d):
     return f"{d['median_s']:.3g} s ({d['min_s']:.3g}-{d['max_s']:.3g})"
+  convs = {k: v for k, v in results["cases"].items() if k.startswith("conv")}
+  if len(convs) == len(results["cases"]):
+    rows = []
   for name, r in results["cases"].items():
+    if name in convs:
+      continue
     load = "-".join(f"{x:.1f}" for x in r["load_average_1min"])
     rows.append(f"| {what.get(name, name)} | {cell(r['ours'])} | {cell(r['torch_per_image'])} | "
                 f"{cell(r['torch_per_pixel'])} | **{r['ours_over_torch']:.2f}x** | "
                 f"{r['ours_over_torch_per_pixel']:.2f}x | {r['ours_compile_s']:.0f} s | {load} |")
-  return "\n".join(rows) + "\n"
+  if convs:
+    rows += ["" if rows else None, "| one 3x3 conv, forward + both gradients, NHWC | ours | PyTorch | ours / PyTorch |"
+             " ours / PyTorch TFLOP/s |", "|---|---|---|---|---|"]
+    for name, r in convs.items():
+      rows.append(f"| {'x'.join(map(str, r['shape_nhwc']))} ({r['config']}) | {cell(r['ours'])} | "
+                  f"{cell(r['torch'])} | **{r['ours_over_torch']:.2f}x** | "
+                  f"{r['ours_tflops']:.3f} / {r['torch_tflops']:.3f} |")
+  return "\n".join(r for r in rows if r is not None) + "\n"
 
 
 def main(argv):
@@ -449,12 +504,14 @@ def main(argv):
              "peak_tflops": None if peak is None else peak / 1e12, "peak_source": peak_source,
              "load_average_1min_start": load_average(), "cases": {}}
   for name in FLAGS.cases:
-    fn = bench_sample if name.startswith("sample") else bench_train
+    fn = (bench_sample if name.startswith("sample") else bench_conv if name.startswith("conv")
+          else bench_train)
     results["cases"][name] = fn(name, torch, device)
   results["load_average_1min_end"] = load_average()
   results["ours_over_torch_time"] = {k: v["ours_over_torch"] for k, v in results["cases"].items()}
   results["ours_over_torch_time_per_pixel_peer"] = {
-      k: v["ours_over_torch_per_pixel"] for k, v in results["cases"].items()}
+      k: v["ours_over_torch_per_pixel"] for k, v in results["cases"].items()
+      if "ours_over_torch_per_pixel" in v}
   print(json.dumps(results["ours_over_torch_time"], indent=2))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
