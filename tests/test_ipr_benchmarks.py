@@ -26,6 +26,7 @@ from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import constraints
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.training import train
+from fixtures.readme import readme_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -304,8 +305,9 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
   # One host device: the tiny run's batch of 2 (the suite's 8 fake devices are for sharding).
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "force_host_platform_device_count" not in f)
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "ipr_benchmarks.py"),
-                        "--tiny", f"--out={tmp_path}"],
+  # The README's command, made tiny (later flags override earlier ones).
+  cmd = readme_command("experiments/ipr_benchmarks.py")
+  res = subprocess.run([sys.executable, *cmd[1:], "--tiny", f"--out={tmp_path}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-4000:]
   sudoku = json.load(open(tmp_path / "ipr_sudoku.json"))
@@ -318,7 +320,8 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
       assert curve.shape == (3,) and np.isfinite(curve).all(), f
     for f in scalars:
       assert np.isfinite(float(_field(result, f))), f
-    assert result["command"].startswith("python experiments/ipr_benchmarks.py --tiny")
+    assert result["command"].startswith("python experiments/ipr_benchmarks.py ")
+    assert "--tiny" in result["command"].split()
   # Table 1 budgets: x^(0) over 16 cells at 3 steps each; Even Pixels (16x16 in the tiny
   # run: 16 patches) at 30 steps a patch with overlap 0.9: 30 (15 * 0.1 + 1) = 75.
   assert sudoku["settings"]["init_budget"] == 48 and even["settings"]["init_budget"] == 75

@@ -10,15 +10,18 @@ import sys
 import numpy as np
 
 from asyncpatch_jax.data import image_io
+from fixtures.readme import readme_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *args, ok=True):
+def _run(script, *args, ok=True, readme=False):
+  """`script` --tiny --noprogress `args`; with readme=True, the README's command made tiny."""
   env = dict(os.environ, PYTHONPATH=ROOT)
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), "--tiny",
-                        "--noprogress", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
+  cmd = (readme_command(f"experiments/{script}")[1:] if readme
+         else [os.path.join(ROOT, "experiments", script)])
+  res = subprocess.run([sys.executable, *cmd, "--tiny", "--noprogress", *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
   if ok:
     assert res.returncode == 0, res.stderr[-4000:]
   return res
@@ -30,7 +33,11 @@ ROW_FIELDS = ("K", "steps_per_stripe", "steps_per_pixel", "steps_per_pixel_max",
 
 def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
   model = str(tmp_path / "model")
-  _run("schedule_study.py", f"--out={tmp_path}/ss/schedule_study.json", f"--workdir={model}")
+  # The README's command with the --tiny values of the flags it sets (later flags win).
+  assert readme_command("experiments/schedule_study.py")[3:] == [
+      "--num_images=200", "--steps_per_stripe=6", "--total_steps=36"]
+  _run("schedule_study.py", "--num_images=24", "--steps_per_stripe=2", "--total_steps=4",
+       f"--out={tmp_path}/ss/schedule_study.json", f"--workdir={model}", readme=True)
   res = json.load(open(tmp_path / "ss" / "schedule_study.json"))
   names = res["features"]["metric_names"]
   assert res["features"]["name"] == "textures" and names["frechet"] == "fd_textures"
@@ -63,11 +70,12 @@ def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
             "examples_fixed_total.png"):
     assert os.path.exists(tmp_path / "ss" / f), f
 
-  user = tmp_path / "user.png"
-  image_io.save_png(np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8),
-                    str(user))
+  # The README's command (its two exemplar files as the user's images), made tiny.
+  users = [a[len("--image="):] for a in readme_command("experiments/texture_synthesis.py")
+           if a.startswith("--image=")]
+  assert len(users) == 2 and all(os.path.isfile(os.path.join(ROOT, u)) for u in users)
   _run("texture_synthesis.py", f"--out={tmp_path}/ts/texture_synthesis.json",
-       f"--workdir={model}", f"--image={user}")
+       f"--workdir={model}", readme=True)
   res = json.load(open(tmp_path / "ts" / "texture_synthesis.json"))
   assert [r["w"] for r in res["weights"]] == [0.0, 2.0]
   for r in res["weights"]:
@@ -83,7 +91,8 @@ def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
             "real_seam_l1", "other_texture_patch_swd"):
     assert np.isfinite(res["reference"][f]) and np.isfinite(res["reference"][f + "_se"])
   assert res["num_exemplars"] == 7 and len(res["per_source"]) == 7      # one per source image
-  assert len(res["user_images"]) == 1 and len(res["user_images"][0]["patch_swd"]) == 2
+  assert len(res["user_images"]) == 2
+  assert all(len(u["patch_swd"]) == 2 for u in res["user_images"])
   for f in ("texture_synthesis.md", "grid_textures.png", "grid_user.png", "statistics_vs_w.png"):
     assert os.path.exists(tmp_path / "ts" / f), f
 

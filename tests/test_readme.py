@@ -4,13 +4,13 @@ pip and pytest commands are what .ci/run executes; every other command is run he
 from the repository root with its outputs redirected to a temporary directory and
 the smoke flags below appended (later absl flags override earlier ones), so a README
 command that stops working fails this test. A README command that matches no rule
-fails it too.
+fails it too. The experiments in fixtures/readme.py's RUN_ELSEWHERE are run, as the README
+writes them, by the test that checks their full tiny run (not twice).
 """
 
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 
@@ -20,6 +20,8 @@ import pytest
 from asyncpatch_jax import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
+from fixtures.readme import RUN_ELSEWHERE
+from fixtures.readme import readme_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_WORKDIR = "/tmp/asyncpatch_default"
@@ -62,28 +64,10 @@ SMOKE = {
                                    "--batch=test:8"],
     "experiments/ipr_digits.py": ["--num_samples=8", "--num_rounds=2", "--num_steps=4",
                                   "--classifier_steps=5"],
-    # The full tiny run (both benchmarks, every JSON field) is tests/test_ipr_benchmarks.py's.
-    "experiments/ipr_benchmarks.py": ["--tiny", "--benchmarks=even_pixels"],
-    # Their full tiny runs (every field the README reads): tests/test_paper_experiments.py.
-    "experiments/schedule_study.py": ["--tiny", "--num_images=24", "--steps_per_stripe=2",
-                                      "--total_steps=4", "--stripes=1,2", "--lab=false",
-                                      "--fixed_total_schedules=progressive"],
-    "experiments/texture_synthesis.py": ["--tiny", "--ablate_w=0"],
     "experiments/jacobian_regimes.py": ["--num_seeds=1", "--stride=250", "--power_iters=3",
                                         "--block_iters=3", "--lyap_vectors=2",
                                         "--lyap_iters=2", "--q_samples=1"],
 }
-
-
-def readme_commands() -> list[list[str]]:
-  text = open(os.path.join(ROOT, "README.md")).read()
-  commands = []
-  for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
-    for line in block.replace("\\\n", " ").splitlines():
-      line = line.split(" #")[0].strip()
-      if line and not line.startswith("#"):
-        commands.append(shlex.split(line))
-  return commands
 
 
 def _kind(cmd):
@@ -95,6 +79,8 @@ def _kind(cmd):
     if "--mode=evaluate" in cmd:
       return "evaluate"
     return "head" if "--config=configs/uncertainty_digits.py" in cmd else "train"
+  if cmd[0] == "python" and cmd[1] in RUN_ELSEWHERE:
+    return "elsewhere"
   if cmd[0] == "python" and cmd[1] in SMOKE:
     return "workdir" if any(a.startswith("--workdir=") for a in cmd) else "experiment"
   return "unknown"
@@ -110,6 +96,9 @@ def test_every_readme_command_is_covered():
   assert ["pytest", "-n", "2"] in COMMANDS
   assert "pytest -n 2" in open(os.path.join(ROOT, ".ci", "run")).read()
   assert kinds.count("train") == 1
+  # A command run by another test: that test builds it with fixtures.readme.readme_command.
+  for script, test_file in RUN_ELSEWHERE.items():
+    assert f'readme_command("{script}")' in open(os.path.join(ROOT, test_file)).read(), script
 
 
 def _run(cmd, tmp, workdir, extra):
