@@ -194,3 +194,11 @@ def test_check_families_and_fraction_bounds():
   for frac in (-0.1, 1.5):
     with pytest.raises(checks.InputError, match=r"mask_fraction=.*\[0, 1\]"):
       tm.sample_masks(("box",), 2, 8, 8, seed=0, fraction=frac)
+
+
+@pytest.mark.parametrize("num, height, width, name", [
+    (0, 8, 8, "number of masks=0"), (2, 0, 8, "mask height=0"), (2, 8, -3, "mask width=-3"),
+    (2, 4.5, 8, "mask height=4.5")])
+def test_sample_masks_sizes_are_positive_integers(num, height, width, name):
+  with pytest.raises(checks.InputError, match=f"{name}; expected a positive integer"):
+    tm.sample_masks(("box",), num, height, width, seed=0)

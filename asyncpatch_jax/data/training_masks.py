@@ -82,6 +82,9 @@ def sample_masks(families, num: int, height: int, width: int, seed, fraction: fl
   seed: an int or a sequence of ints (e.g. (run seed, step)) for NumPy's SeedSequence.
   """
   families = check_families(families)
+  num = checks.check_positive_int(num, "number of masks")
+  height = checks.check_positive_int(height, "mask height")
+  width = checks.check_positive_int(width, "mask width")
   if not 0.0 <= fraction <= 1.0:
     raise checks.InputError(f"autoencoder.mask_fraction={fraction}; expected a value in [0, 1].")
   rng = np.random.default_rng(seed)
