@@ -50,15 +50,12 @@ def evaluate_workdir(config, workdir) -> dict:
     raise checks.InputError("an autoencoder workdir generates nothing to evaluate; its "
                             "reconstruction metrics are in its eval.json. Evaluate the latent "
                             "diffusion workdir that names it instead.")
-  if "latent" in config and config.latent.autoencoder_workdir:
-    raise checks.InputError("--mode=evaluate does not score latent diffusion workdirs yet "
-                            "(latent.autoencoder_workdir is set); experiments/latent_textures.py "
-                            "measures them.")
   t0 = time.perf_counter()
   workdir = storage.check_bucket(workdir, "workdir")
   image_shape = train.saved_image_shape(workdir)       # InputError: no checkpoint
   setup = train.Setup(config, image_shape=image_shape)
-  workdir_eval.check_settings(config, setup.image_shape)
+  codec = setup.codec              # a latent workdir: tokens, scored decoded (pixel_shape)
+  workdir_eval.check_settings(config, setup.pixel_shape, latent=codec is not None)
   out_path = (storage.check_bucket(config.evaluate.out, "evaluate.out") if config.evaluate.out
               else workdir / "evaluate.json")
   storage.check_writable(out_path.parent, "evaluate.out's folder")
@@ -73,12 +70,15 @@ def evaluate_workdir(config, workdir) -> dict:
     extractors, nets = workdir_eval.feature_extractors(config, jax.random.fold_in(key, 1),
                                                        inception_features, bar)
     scores, examples = workdir_eval.evaluate(
-        generator, state.ema_params, config, image_shape=setup.image_shape, key=key,
-        extractors=extractors, lpips_fn=lpips_fn, mesh=mesh, bar=bar)
+        generator, state.ema_params, config, image_shape=setup.pixel_shape, key=key,
+        extractors=extractors, lpips_fn=lpips_fn, mesh=mesh, bar=bar, codec=codec)
   result = {"workdir": str(workdir), "step": int(jax.device_get(state.step)),
-            "dataset": config.data.dataset, "image_shape": list(setup.image_shape),
+            "dataset": config.data.dataset, "image_shape": list(setup.pixel_shape),
             "devices": jax.device_count(), "mesh": None if mesh is None else dict(mesh.shape),
             "feature_nets": nets, **scores, "seconds": time.perf_counter() - t0}
+  if codec is not None:
+    result["latent"] = {"autoencoder_workdir": str(config.latent.autoencoder_workdir),
+                        "latent_shape": list(codec.latent_shape), "scale": float(codec.scale)}
   if lpips_fn is not None:
     result["lpips"] = {"network": f"LPIPS-{lpips_fn.net}",
                        "weights": str(config.evaluate.lpips_weights)}
@@ -89,7 +89,7 @@ def evaluate_workdir(config, workdir) -> dict:
     rows = [examples["samples"]] + [x for f in config.evaluate.mask_families if f in examples
                                     for x in examples[f]]
     image_io.save_grid(_stack(rows), grid_path, ncols=workdir_eval.NUM_EXAMPLES,
-                       scale=4 if setup.image_shape[0] <= 32 else 1)
+                       scale=4 if setup.pixel_shape[0] <= 32 else 1)
     storage.write_text_atomic(out_path, json.dumps(result, indent=2))
   return _summary(result, str(out_path))
 

@@ -2,6 +2,7 @@
 resume), latent diffusion encoding inside the train step, latent inpainting that keeps the
 known pixels exactly, token schedules, and bad input."""
 
+import json
 import os
 import shutil
 
@@ -249,3 +250,53 @@ def test_paper_latent_configs_build_through_eval_shape(name, ae_name):
   n = count(config.model)
   assert n == reference - (1001 * 512 if config.model.num_classes == 0 else 0)
   assert n == {"latent_imagenet256": 622_184_707, "latent_lsun_bedroom": 621_672_195}[name]
+
+
+def test_evaluate_mode_scores_a_latent_workdir_on_decoded_pixels(ae_run, latent_run):
+  """--mode=evaluate on a latent workdir: samples drawn as tokens and decoded; inpainting on
+  tokens with the known pixels pasted back. The square family recomputed here from the
+  codec's parts (the latent_textures.py protocol): encode the masked test images, the
+  token schedule of Eq. 4's pixel schedule, the generator on tokens, decode, paste back;
+  PSNR in float64 NumPy; the known pixels against the dataset's images."""
+  from asyncpatch_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax import generate  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.data import masks  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  ae_workdir, _ = ae_run
+  workdir, _ = latent_run
+  config = latent_config(ae_workdir)
+  with config.unlocked():
+    config.evaluate.update(num_samples=8, batch_size=8, num_inpaint=8, mask_families=("square",),
+                           feature_steps=3, k=3)
+    config.train.progress_bar = False
+  summary = evaluate_mode.evaluate_workdir(config, workdir)
+  result = json.load(open(os.path.join(workdir, "evaluate.json")))
+  assert result["image_shape"] == [16, 16, 3] and result["latent"]["latent_shape"] == [4, 4, 3]
+  gen = result["generation"]
+  assert gen["num_samples"] == 8 and np.isfinite(gen["fd_textures"])
+  assert summary["generation"]["fd_textures"] == gen["fd_textures"]
+  q = result["inpainting"]["families"]["square"]
+
+  setup, state = train.load_trained(workdir, config)
+  codec = setup.codec
+  mesh = sharding.sampling_mesh()                      # the command line's mesh (8 devices)
+  test_src = datasets.get_dataset("textures", "test", **DATA)
+  x = np.stack([test_src[i]["image"] for i in range(8)])
+  m = masks.make_masks("square", 8, 16, 16, seed=config.seed)
+  z_known = codec.encode_images(x, m)
+  tau = codec.latent_schedule(schedules.inpainting(m, config.sample.num_steps),
+                              known_content=True)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 10), 0)
+  z = generate.Generator(setup.model, mesh=mesh)(state.ema_params, tau, key=key, x=z_known,
+                                                 eta=config.sample.eta)
+  out = codec.decode_latents(z)
+  out = np.where(m[..., None] > 0, x, out)
+  assert (m > 0).any() and (m == 0).any()
+  mse = (((out.astype(np.float64) - x) / 2.0) ** 2).mean(axis=(1, 2, 3))
+  assert q["psnr"] == pytest.approx(np.mean(10 * np.log10(1.0 / mse)), rel=1e-4)
+  assert q["hole_fraction"] == pytest.approx(1.0 - m.mean(), abs=1e-6)
+  # A pixel model's RePaint is refused for a latent model, in one line, before restoring.
+  with config.unlocked():
+    config.evaluate.inpaint_method = "repaint"
+  with pytest.raises(checks.InputError, match="needs a pixel model; a latent diffusion model"):
+    evaluate_mode.evaluate_workdir(config, workdir)

@@ -66,9 +66,14 @@ def sample(generator, params, num: int, image_shape, *, num_steps: int, eta: flo
   return np.concatenate(out)
 
 
+# The methods that run on a latent diffusion model (their schedule maps to tokens).
+LATENT_METHODS = ("asyncpatch", "asyncpatch_input_guidance", "progressive")
+
+
 def method(name: str, generator, params, *, num_steps: int, eta: float,
            input_guidance: float = 1.0, num_stripes: int = 4,
-           repaint_params: tuple[int, int, int] = (250, 10, 10)) -> tuple[Callable, int]:
+           repaint_params: tuple[int, int, int] = (250, 10, 10),
+           codec=None) -> tuple[Callable, int]:
   """(fn(x [B, H, W, C], masks [B, H, W], key) -> inpainted, network evaluations per image).
 
   asyncpatch: the Eq. 4 schedule, `num_steps` steps; asyncpatch_input_guidance: the same
@@ -77,20 +82,35 @@ def method(name: str, generator, params, *, num_steps: int, eta: float,
   each (Growing Images Sec. 2); repaint: RePaint's resampling (diffusion/repaint.py) with
   `repaint_params` = (num_steps, jump_length, jump_n_sample), eta = 1 (its DDPM step).
   Conditional models get their null label (unconditional inpainting).
+  codec: a latent diffusion model's training/latent_codec.LatentCodec (`generator` then
+  makes tokens): the pixel schedule becomes the token schedule (a token is known only if
+  its cell and halo are), the known tokens are the masked images' encodings, and the
+  decoded output gets the known pixels back exactly (LATENT_METHODS only).
   """
   checks.check_choice(name, METHODS, "inpainting method")
-  if name == "asyncpatch":
-    return (lambda x, m, k: generator(params, schedules.inpainting(m, num_steps), key=k, x=x,
-                                      eta=eta)), num_steps
-  if name == "asyncpatch_input_guidance":
-    return (lambda x, m, k: generator(params, schedules.inpainting(m, num_steps), key=k, x=x,
-                                      eta=eta, input_guidance=input_guidance)), 2 * num_steps
+  if codec is not None:
+    checks.check_choice(name, LATENT_METHODS, "inpainting method of a latent model")
+  extra = dict(input_guidance=input_guidance) if name == "asyncpatch_input_guidance" else {}
+
+  def scheduled(schedule):
+    """fn(x, m, k) running the pixel schedule(m), on tokens with a codec."""
+    if codec is None:
+      return lambda x, m, k: generator(params, schedule(m), key=k, x=x, eta=eta, **extra)
+
+    def run(x, m, k):
+      z_known, _ = codec.known_latents(x, m)
+      tau = codec.latent_schedule(schedule(m), known_content=True)
+      return codec.finish(generator(params, tau, key=k, x=z_known, eta=eta, **extra), x, m)
+    return run
+
+  if name in ("asyncpatch", "asyncpatch_input_guidance"):
+    return (scheduled(lambda m: schedules.inpainting(m, num_steps)),
+            (2 if extra else 1) * num_steps)
   if name == "progressive":
     per = max(num_steps // num_stripes, 1)
     # Random masks' holes may be shallower than num_stripes: such stripes stay empty.
-    return (lambda x, m, k: generator(params, schedules.progressive(m, num_stripes, per,
-                                                                    allow_empty=True), key=k,
-                                      x=x, eta=eta)), per * num_stripes
+    return (scheduled(lambda m: schedules.progressive(m, num_stripes, per, allow_empty=True)),
+            per * num_stripes)
   model = generator.model
   inpaint = repaint.RePaint(guidance.model_velocity_fn(model), mesh=generator.mesh)
   ns, jl, jn = repaint_params

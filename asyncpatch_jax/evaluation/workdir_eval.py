@@ -40,11 +40,12 @@ REFERENCE_SPLITS = ("train", "test")
 NUM_EXAMPLES = 8           # images per family kept for a grid (masked input, output)
 
 
-def check_settings(config, image_shape) -> None:
+def check_settings(config, image_shape, latent: bool = False) -> None:
   """Every `config.evaluate` setting, checked before anything is loaded or compiled.
 
   config: the run's config (data, sample and evaluate sections). image_shape: the
-  model's [H, W, C] (from the checkpoint).
+  model's [H, W, C] (from the checkpoint; a latent model's: the decoded images'). latent:
+  a latent diffusion model (inpainting by inpainting_eval.LATENT_METHODS only).
   """
   ec = config.evaluate
   h, w, _ = image_shape
@@ -81,6 +82,10 @@ def check_settings(config, image_shape) -> None:
       checks.check_choice(family, masks_lib.FAMILIES, "evaluate.mask_families entry")
       masks_lib.make_masks(family, 1, h, w)             # the family fits the image size
     checks.check_choice(ec.inpaint_method, inpainting_eval.METHODS, "evaluate.inpaint_method")
+    if latent and ec.inpaint_method not in inpainting_eval.LATENT_METHODS:
+      raise checks.InputError(f"evaluate.inpaint_method={ec.inpaint_method!r} needs a pixel "
+                              "model; a latent diffusion model inpaints with one of "
+                              f"{', '.join(inpainting_eval.LATENT_METHODS)}.")
     if ec.inpaint_method == "repaint":
       if len(tuple(ec.repaint)) != 3:
         raise checks.InputError(f"evaluate.repaint={tuple(ec.repaint)}; expected (num_steps, "
@@ -163,7 +168,7 @@ def _extract_all(extractors, images, batch, mesh) -> dict[str, np.ndarray]:
 
 def evaluate(generator, params, config, *, image_shape, key: jax.Array, extractors,
              lpips_fn=None, mesh: jax.sharding.Mesh | None = None, bar=None,
-             mask_seed: int | None = None):
+             mask_seed: int | None = None, codec=None):
   """Generation and inpainting scores of a model; (result dict, example images).
 
   generator: a generate.Generator of the model (the caller's; built with `mesh`),
@@ -172,7 +177,10 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   model's [H, W, C]. key: the root key (module docstring). extractors: from
   `feature_extractors`. lpips_fn: from `load_weight_files`, or None. mesh: the sampler
   batches, feature extraction and PRDC are split over its devices. bar: a progress bar.
-  mask_seed: the masks' seed (data/masks.py; default config.seed).
+  mask_seed: the masks' seed (data/masks.py; default config.seed). codec: a latent
+  diffusion model's training/latent_codec.LatentCodec (image_shape is then the decoded
+  [H, W, C]): samples are drawn as tokens and decoded, inpainting runs on tokens
+  (inpainting_eval.method) and every score is taken on the decoded pixels.
   Returns ({'generation': {...}, 'inpainting': {...}}, {family: (masked inputs,
   outputs)} of the first NUM_EXAMPLES images).
   """
@@ -182,9 +190,13 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   image_shape = tuple(image_shape)
   t0 = time.perf_counter()
   samples = inpainting_eval.sample(
-      generator, params, int(ec.num_samples), image_shape, num_steps=sc.num_steps, eta=sc.eta,
-      key=jax.random.fold_in(key, 2), batch=_batch(ec.batch_size, ec.num_samples, shards),
-      guidance_weight=float(ec.guidance), bar=bar, multiple_of=shards)
+      generator, params, int(ec.num_samples), image_shape if codec is None else
+      codec.latent_shape, num_steps=sc.num_steps, eta=sc.eta, key=jax.random.fold_in(key, 2),
+      batch=_batch(ec.batch_size, ec.num_samples, shards), guidance_weight=float(ec.guidance),
+      bar=bar, multiple_of=shards)
+  if codec is not None:
+    samples = np.concatenate([codec.finish(samples[i:i + int(ec.batch_size)])
+                              for i in range(0, len(samples), int(ec.batch_size))])
   sample_seconds = time.perf_counter() - t0
   num_ref = int(ec.num_reference) or int(ec.num_samples)
   reference = inpainting_eval.dataset_images(data.dataset, ec.reference_split, num_ref,
@@ -207,7 +219,7 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   fn, nfe = inpainting_eval.method(
       ec.inpaint_method, generator, params, num_steps=sc.num_steps, eta=sc.eta,
       input_guidance=float(ec.input_guidance), num_stripes=sc.num_stripes,
-      repaint_params=tuple(int(v) for v in ec.repaint))
+      repaint_params=tuple(int(v) for v in ec.repaint), codec=codec)
   real_features = _extract_all(extractors, originals, batch, mesh)
   h, w, _ = image_shape
   mask_seed = int(config.seed if mask_seed is None else mask_seed)
