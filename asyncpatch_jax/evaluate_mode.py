@@ -7,7 +7,8 @@ config is the workdir's own config.json). Loads the latest checkpoint's EMA para
 (training/train.load_trained, as --mode=sample), then scores generation and inpainting
 quality (evaluation/workdir_eval.py: Frechet distance and PRDC on the dataset's
 in-project feature network, `fd_digits` / `fd_textures`; FID with Inception-v3 weights;
-PSNR/SSIM and LPIPS per mask family on the held-out split). With several devices the
+PSNR/SSIM and LPIPS per mask family on the held-out split; a latent diffusion workdir on
+its decoded pixels, workdir_eval.evaluate's `codec`). With several devices the
 sampler batches, feature extraction and PRDC are split over a mesh of all of them
 (training/sharding.sampling_mesh). Every setting is checked, and the weight files read,
 before the checkpoint is restored or anything compiles.
