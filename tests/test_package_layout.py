@@ -1,6 +1,7 @@
 """The package's wings import only wings below them (README "What is where").
 
-Order, lowest first: `checks` (the input checks every wing uses); the math and the parts
+Order, lowest first: `checks` (the input checks every wing uses) and `runtime` (processes
+and the arrays that span them); the math and the parts
 (`diffusion`, `models`, `data`, `analysis`, `spin`, which import only `checks` and
 themselves); `evaluation`; `training` (which also uses `generate`, see ALLOWED);
 then the top-level front end (`main`, `base_config`, `generate`, `sample_mode`,
@@ -14,18 +15,19 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "asyncpatch_jax"
-WINGS = ("diffusion", "models", "data", "analysis", "spin", "evaluation", "training")
+WINGS = ("runtime", "diffusion", "models", "data", "analysis", "spin", "evaluation", "training")
 # What each wing may import besides itself (checks.py and base_config.py are the base).
 ALLOWED = {
-    "diffusion": {"checks"},
-    "models": {"checks"},
-    "data": {"checks"},
-    "analysis": {"checks"},
-    "spin": {"checks"},
-    "evaluation": {"checks", "diffusion", "models", "data"},
+    "runtime": {"checks"},
+    "diffusion": {"checks", "runtime"},
+    "models": {"checks", "runtime"},
+    "data": {"checks", "runtime"},
+    "analysis": {"checks", "runtime"},
+    "spin": {"checks", "runtime"},
+    "evaluation": {"checks", "runtime", "diffusion", "models", "data"},
     # training writes the run's grids and evaluation samples with generate.Generator, the
     # sampling front end that issue 10 keeps at the top (the one upward import).
-    "training": {"checks", "base_config", "diffusion", "models", "data", "evaluation",
+    "training": {"checks", "runtime", "base_config", "diffusion", "models", "data", "evaluation",
                  "analysis", "generate"},
 }
 

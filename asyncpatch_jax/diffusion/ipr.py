@@ -33,6 +33,7 @@ import numpy as np
 from asyncpatch_jax import checks
 from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.runtime import multihost
 
 
 # The region-map check lives with `schedules.grid_regions`; kept here under its old name.
@@ -185,8 +186,8 @@ class Refiner(samplers.Sampler):
     condition = self._place(jnp.asarray(condition), True, b)
     cond = self.place_cond(cond, b)
     ucond = self._place(dict(uncertainty_cond or {}), False, b)
-    return self._refine(x, key, jnp.asarray(regions), condition, jnp.float32(alpha),
-                        jnp.float32(eta), cond, policy_params, ucond, num_rounds=int(num_rounds),
-                        num_steps=int(num_steps), fixed_noise=bool(fixed_noise),
-                        fixed_regions=bool(fixed_regions), return_history=bool(return_history),
-                        policy_fn=policy_fn)
+    return multihost.gather(self._refine(
+        x, key, jnp.asarray(regions), condition, jnp.float32(alpha), jnp.float32(eta), cond,
+        policy_params, ucond, num_rounds=int(num_rounds), num_steps=int(num_steps),
+        fixed_noise=bool(fixed_noise), fixed_regions=bool(fixed_regions),
+        return_history=bool(return_history), policy_fn=policy_fn))

@@ -37,6 +37,7 @@ from asyncpatch_jax import checks
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.runtime import multihost
 
 VelocityFn = Callable[..., jax.Array]
 
@@ -274,7 +275,8 @@ class Sampler:
           self.mesh is not None and b % self.mesh.devices.size == 0) else tau
     else:
       tau = self._place(tau, False, b)
-    return self._run(tau, x, key, jnp.float32(eta), cond)
+    # On a mesh of several processes, the samples come back whole to every process.
+    return multihost.gather(self._run(tau, x, key, jnp.float32(eta), cond))
 
   def run_policy(self, policy: policies.Policy, *, key: jax.Array, budget: int, x=None,
                  shape: Sequence[int] | None = None, known=None, eta: float = 0.0,
@@ -337,9 +339,10 @@ class Sampler:
     params = self._place(params, False, b)
     ucond = self._place(dict(uncertainty_cond or {}), False, b)
     cond = self.place_cond(cond, b)
-    out = self._run_policy(x, known_arr, key, jnp.float32(eta), jnp.int32(budget), params,
-                           cond, ucond, policy_fn=policy.fn,
-                           history_steps=history_steps, debug=bool(debug))
+    out = multihost.gather(self._run_policy(x, known_arr, key, jnp.float32(eta),
+                                            jnp.int32(budget), params, cond, ucond,
+                                            policy_fn=policy.fn, history_steps=history_steps,
+                                            debug=bool(debug)))
     if debug:
       out, violation = out
       violation = np.asarray(jax.device_get(violation))

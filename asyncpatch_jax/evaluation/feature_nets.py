@@ -26,6 +26,7 @@ from asyncpatch_jax import checks
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import metrics
 from asyncpatch_jax.evaluation import texture_features
+from asyncpatch_jax.runtime import multihost
 
 
 class DigitFeatures:
@@ -151,7 +152,7 @@ def extract(extractor, images, batch_size: int = 256,
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-    out.append(np.asarray(extractor(put(chunk)))[:n])
+    out.append(np.asarray(multihost.gather(extractor(put(chunk))))[:n])
   return np.concatenate(out)
 
 

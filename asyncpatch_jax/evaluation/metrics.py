@@ -19,6 +19,7 @@ import scipy.linalg
 from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import multihost
 
 
 # ---------------------------------------------------------------------------- PSNR, SSIM
@@ -327,8 +328,8 @@ def prdc(real_features, fake_features, k: int = 5, block: int = 1024,
                             "builds one) or None.")
   shards = 1 if mesh is None else mesh.size
   block = min(block, -(-max(real.shape[0], fake.shape[0]) // shards))
-  out = _prdc(jnp.asarray(real, jnp.float32), jnp.asarray(fake, jnp.float32), k=k, block=block,
-              mesh=mesh)
+  out = multihost.gather(_prdc(jnp.asarray(real, jnp.float32), jnp.asarray(fake, jnp.float32),
+                              k=k, block=block, mesh=mesh))
   counts = {name: int(v) for name, v in out.items()}
   nr, nf = real.shape[0], fake.shape[0]
   return {"precision": counts["precision"] / nf, "recall": counts["recall"] / nr,

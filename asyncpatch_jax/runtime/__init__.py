@@ -1,0 +1,1 @@
+"""Where the library runs: processes and the arrays that span them (below every other wing)."""
