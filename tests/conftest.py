@@ -22,3 +22,28 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "asyncpatch_jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from fixtures import gcs_emulator  # pylint: disable=wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """A GCS emulator on localhost (tests/fixtures/gcs_emulator.py) for one test module.
+
+  `gcs.env` runs the command line against it as a user would (STORAGE_EMULATOR_HOST
+  alone). This process reads the bucket through the library too: it gets the emulator's
+  tensorstore URL and token explicitly, since a module before it may have configured
+  gs:// access for another emulator.
+  """
+  with gcs_emulator.running(tmp_path_factory.mktemp("emulator"), ROOT) as emulator:
+    with pytest.MonkeyPatch.context() as mp:
+      for k in ("STORAGE_EMULATOR_HOST", "GCE_METADATA_HOST", "GCE_METADATA_IP",
+                "GCE_METADATA_ROOT"):
+        mp.setenv(k, emulator.env[k])
+      mp.setenv("TENSORSTORE_GCS_HTTP_URL", emulator.url)
+      mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+      yield emulator

@@ -1,30 +1,19 @@
 """gs:// workdirs end to end, offline: a GCS emulator on localhost, the real command line.
 
-The emulator is gcp-storage-emulator (the `test` extra), started here with two
-fixes made in its launcher below: downloads carry the object generation
-(`x-goog-generation`, as real GCS sends it; tensorstore's conditional writes of
-orbax's OCDBT manifest need it), and one bucket answers uploads with HTTP 403, as
-GCS does for a bucket the caller may read but not write. The library reaches it
-through the usual variables: gcsfs (etils.epath) reads STORAGE_EMULATOR_HOST,
-tensorstore (orbax) TENSORSTORE_GCS_HTTP_URL; the GCE metadata server is pointed at a
-closed port so no credential lookup waits on the network.
-
-The bucket is read back here over the emulator's JSON API with urllib, not through
-the code under test. The reference run is the same config trained in a local
-folder, uninterrupted, in this process.
+The emulator (tests/fixtures/gcs_emulator.py, the `gcs` fixture of conftest.py) is reached
+as a user reaches one, through STORAGE_EMULATOR_HOST alone. The bucket is read back here
+over the emulator's JSON API with urllib, not through the code under test. The reference
+run is the same config trained in a local folder, uninterrupted, in this process.
 """
 
 import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
 import jax
 import numpy as np
@@ -37,61 +26,17 @@ from asyncpatch_jax import sample_mode
 from asyncpatch_jax.data import storage
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax.training import train
+from fixtures import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
-BUCKET = "asyncpatch-test"
-READ_ONLY = "asyncpatch-read-only"
+BUCKET, READ_ONLY = gcs_emulator.BUCKET, gcs_emulator.READ_ONLY
 # Host-side settings of configs/test.py (the train step is the one tests/test_train.py
 # compiles), small final grids and evaluation, and a sample task.
 RUN = {"train.log_every": 1, "train.checkpoint_every": 4, "sample.num_images": 4,
        "eval.num_samples": 8, "eval.classifier_steps": 5}
 SAMPLE = {"sample.task": "generate", "sample.num_images": 4}
 NOT_PERF = ("steps_per_s", "images_per_s")   # wall-clock rates differ between runs
-
-EMULATOR = r'''
-import sys, time
-from http import HTTPStatus
-from gcp_storage_emulator import server
-from gcp_storage_emulator.handlers import buckets, objects
-
-port, read_only, names = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-
-def with_generation(handler):
-  def wrapped(request, response, storage, *args, **kwargs):
-    handler(request, response, storage, *args, **kwargs)
-    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
-      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-      response["x-goog-generation"] = obj["generation"]
-      response["x-goog-metageneration"] = obj["metageneration"]
-  return wrapped
-
-def forbid_writes(handler):
-  def wrapped(request, response, storage, *args, **kwargs):
-    if request.params.get("bucket_name") == read_only:
-      response.status = HTTPStatus.FORBIDDEN
-      response.json({"error": {"code": 403, "message": "The caller does not have "
-                               "storage.objects.create access to the bucket."}})
-      return None
-    return handler(request, response, storage, *args, **kwargs)
-  return wrapped
-
-# Handlers are looked up in server.HANDLERS and as module globals (objects.get calls
-# download for alt=media; the router falls back to objects.insert).
-download = objects.download
-objects.download = with_generation(download)
-objects.insert = forbid_writes(objects.insert)
-server.HANDLERS = tuple(
-    (rx, {m: objects.download if h is download else
-          forbid_writes(h) if m in ("POST", "PUT", "PATCH") else h for m, h in hs.items()})
-    for rx, hs in server.HANDLERS)
-emu = server.create_server("127.0.0.1", port, in_memory=True)
-for name in names + [read_only]:
-  buckets.create_bucket(name, emu._storage)
-emu.start()
-while True:
-  time.sleep(3600)
-'''
 
 # Runs the command line with something taken away: `data` (the training data: the
 # dataset registry raises, and scikit-learn, which ships the embedded digits, cannot
@@ -110,80 +55,6 @@ else:
 sys.argv[0] = "asyncpatch_jax.main"
 runpy.run_module("asyncpatch_jax.main", run_name="__main__", alter_sys=True)
 '''
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class Emulator:
-  """The running emulator: its URL, the environment that points the library at it."""
-
-  def __init__(self, url, env):
-    self.url, self.env = url, env
-
-  def names(self, prefix):
-    """Object names under gs://BUCKET/prefix (JSON API list)."""
-    out, token = [], None
-    while True:
-      query = {"prefix": prefix, **({"pageToken": token} if token else {})}
-      with urllib.request.urlopen(f"{self.url}/storage/v1/b/{BUCKET}/o?"
-                                  + urllib.parse.urlencode(query)) as r:
-        page = json.load(r)
-      out += [item["name"] for item in page.get("items", [])]
-      token = page.get("nextPageToken")
-      if not token:
-        return sorted(out)
-
-  def read(self, name) -> bytes:
-    with urllib.request.urlopen(f"{self.url}/download/storage/v1/b/{BUCKET}/o/"
-                                f"{urllib.parse.quote(name, safe='')}?alt=media") as r:
-      return r.read()
-
-  def committed_steps(self, prefix):
-    """Checkpoint steps that orbax marked complete (commit_success.txt of the step)."""
-    names = self.names(f"{prefix}/checkpoints/")
-    return sorted(int(n.split("/")[-2]) for n in names
-                  if n.endswith("commit_success.txt") and n.split("/")[-3] == "checkpoints")
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  port = _free_port()
-  script = tmp_path_factory.mktemp("emulator") / "emulator.py"
-  script.write_text(EMULATOR)
-  # The emulator logs every 404 and dropped connection; a file (not an undrained pipe,
-  # which blocks the single-threaded server once 64 KiB are written) takes them.
-  log = open(script.parent / "emulator.log", "wb")
-  proc = subprocess.Popen([sys.executable, str(script), str(port), READ_ONLY, BUCKET],
-                          stdout=subprocess.DEVNULL, stderr=log)
-  url = f"http://127.0.0.1:{port}"
-  gcs_env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GCE_METADATA_ROOT": "127.0.0.1:1",
-             "GCE_METADATA_HOST": "127.0.0.1:1", "NO_GCE_CHECK": "true",
-             "GOOGLE_CLOUD_PROJECT": "asyncpatch-test"}
-  try:
-    deadline = time.time() + 60
-    while True:
-      try:
-        urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}").close()
-        break
-      except OSError:
-        if proc.poll() is not None or time.time() > deadline:
-          raise RuntimeError("the GCS emulator did not start: "
-                             + (script.parent / "emulator.log").read_text())
-        time.sleep(0.2)
-    # This process restores checkpoints from the bucket too.
-    with pytest.MonkeyPatch.context() as mp:
-      for k, v in gcs_env.items():
-        mp.setenv(k, v)
-      yield Emulator(url, dict(os.environ, PYTHONPATH=ROOT))
-  finally:
-    proc.kill()
-    proc.wait()
-    log.close()
 
 
 def make_config(overrides):
@@ -383,11 +254,7 @@ def test_evaluate_mode_reads_a_gs_workdir_and_writes_its_json_there(gcs, referen
   evaluate.png land in the bucket, and the scores equal those of the local workdir."""
   for path in sorted(reference.rglob("*")):
     if path.is_file():
-      name = urllib.parse.quote(f"scored/{path.relative_to(reference)}", safe="")
-      request = urllib.request.Request(
-          f"{gcs.url}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={name}",
-          data=path.read_bytes(), method="POST")
-      urllib.request.urlopen(request).close()
+      gcs.upload(f"scored/{path.relative_to(reference)}", path.read_bytes())
   url = f"gs://{BUCKET}/scored"
   evaluate = {"evaluate.num_samples": 16, "evaluate.batch_size": 16, "evaluate.num_inpaint": 8,
               "evaluate.feature_steps": 5, "evaluate.mask_families": "('square',)"}

@@ -13,9 +13,11 @@ bucket that does not exist, a workdir that cannot be written.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 
+from absl import logging
 from etils import epath
 
 from asyncpatch_jax import checks
@@ -57,7 +59,53 @@ def path(p, what: str = "workdir") -> epath.Path:
   except ImportError:
     raise checks.InputError(f"{what} {text!r} is a gs:// URL, which needs gcsfs; install the "
                             f"GCS extra: {INSTALL_GCS}.") from None
+  gcs_access()
   return epath.Path(text)
+
+
+@functools.cache
+def gcs_access() -> str:
+  """How this process reaches gs://, decided (and logged) once: 'emulator', 'anonymous' or 'credentials'.
+
+  * STORAGE_EMULATOR_HOST set (a local GCS emulator, e.g. in the tests): gcsfs and
+    tensorstore (the checkpoints; TENSORSTORE_GCS_HTTP_URL defaults to the same emulator)
+    go there without credentials; tensorstore is given a placeholder token
+    (GOOGLE_AUTH_TOKEN_FOR_TESTING) so it does not search for credentials either.
+  * No emulator and no Application Default Credentials: anonymous access (public
+    buckets only), said once as a warning with how to log in.
+  * Credentials found: gcsfs and tensorstore use them as they are.
+  Without credentials gcsfs is used without its storage-layout lookup (the default
+  ExtendedGcsFileSystem asks the storage control API for the bucket type before every
+  call and does not remember a failed answer, so each file operation repeated the whole
+  credential search: 24 s per `exists()` where the GCE metadata server does not answer,
+  and saves of several minutes on two processes). The filesystem class and the anonymous
+  token are set for fsspec's `gs` protocol, which etils.epath uses.
+  """
+  import fsspec  # pylint: disable=g-import-not-at-top
+  import gcsfs.core  # pylint: disable=g-import-not-at-top
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+  if emulator:
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    access = "emulator"
+    logging.info("gs:// goes to the storage emulator at %s (STORAGE_EMULATOR_HOST), without "
+                 "credentials.", emulator)
+  else:
+    import google.auth  # pylint: disable=g-import-not-at-top
+    import google.auth.exceptions  # pylint: disable=g-import-not-at-top
+    try:
+      google.auth.default()
+      return "credentials"
+    except google.auth.exceptions.DefaultCredentialsError as e:
+      access = "anonymous"
+      logging.warning("gs://: no Google credentials were found (%s); using anonymous access, "
+                      "which reaches public buckets only. Log in with `gcloud auth "
+                      "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS.",
+                      " ".join(str(e).split())[:200])
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+    fsspec.config.conf.setdefault(protocol, {})["token"] = "anon"
+  return access
 
 
 def bucket_of(p) -> str | None:
