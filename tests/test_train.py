@@ -7,7 +7,6 @@ the whole session) and run the real command line.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -112,35 +111,6 @@ def test_sharded_training_matches_one_device(fsdp, trained_workdir, monkeypatch,
   np.testing.assert_allclose(many["metrics"]["loss"], one["metrics"]["loss"], rtol=1e-5)
   assert_trees_equal(one["state"].params, many["state"].params, atol=2e-5)
   assert_trees_equal(one["state"].ema_params, many["state"].ema_params, atol=2e-5)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_together_like_one(trained_workdir, tmp_path, cli_env):
-  """jax.distributed on localhost (gloo CPU collectives), one device per process."""
-  workdir = str(tmp_path / "mp")
-  overrides = {}
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(cli_env, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "asyncpatch_jax.main", f"--config={TEST_CONFIG}",
-         f"--workdir={workdir}", *cli_args(overrides)], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  assert "process 1 of 2" in outs[1] or "process 1 of 2" in outs[0]
-  _, single = trained_workdir                      # one process, one device
-  step, state = load_state(workdir, make_config())
-  assert step == 24
-  assert_trees_equal(single["state"].params, state.params, atol=2e-5)
 
 
 def _wait_for_step(workdir, proc, step, timeout=240):
