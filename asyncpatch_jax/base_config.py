@@ -83,6 +83,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # Resuming with changed training settings (schedule, optimizer, batch, data, loss):
       # refused unless True; config.json then stays and the new one is config.step_<k>.json.
       allow_schedule_change=False,
+      # Seconds after which another run may take over this run's workdir lock
+      # (run.lock) when its heartbeat (every lock_timeout / 4 s) has stopped; a dead
+      # process of the same host is taken over at once.
+      lock_timeout=300.0,
   )
 
   config.sample = dict(

@@ -69,7 +69,7 @@ def _with_config(argv: list[str]) -> list[str]:
     _, workdir = _flag_value(argv, "workdir")
     if mode not in ("sample", "evaluate") or not workdir:
       return argv
-    value = workdir.rstrip("/") + "/config.json"
+    value = os.fspath(storage.path(workdir, "workdir") / "config.json")
     if "://" not in value and not os.path.isfile(value):
       raise checks.InputError(
           f"--mode={mode} without --config reads the workdir's config.json, but {value} does "

@@ -42,14 +42,18 @@ def is_url(p) -> bool:
 
 
 def path(p, what: str = "workdir") -> epath.Path:
-  """`p` as an epath.Path: a gs:// URL as it is, a local path made absolute.
+  """`p` as an epath.Path, by the one rule every mode uses for a workdir or a folder.
 
+  A URL stays as it is (gs:// only). A local path has `~` expanded (also after `=`,
+  where the shell leaves it) and is made absolute through the file system
+  (`os.path.realpath`: symlinks resolved before `..`, as the operating system reads
+  the path; epath alone would drop `link/..` textually and name another folder).
   Raises InputError for a URL scheme other than gs:// and for gs:// without gcsfs.
-  Touches no file and no network.
+  Touches no file (a local path's symlinks are read) and no network.
   """
   text = os.fspath(p)
   if not is_url(text):
-    return epath.Path(text).expanduser().resolve()
+    return epath.Path(os.path.realpath(os.path.expanduser(text)))
   scheme = text.split("://", 1)[0]
   if scheme != "gs":
     raise checks.InputError(f"{what} {text!r}: only local paths and gs:// URLs are supported "

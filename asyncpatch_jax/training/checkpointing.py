@@ -47,6 +47,7 @@ from etils import epath
 
 from asyncpatch_jax import checks
 from asyncpatch_jax.data import storage
+from asyncpatch_jax.training import run_lock
 from asyncpatch_jax.training import sharding
 
 ITEMS = ("state", "meta")
@@ -63,7 +64,8 @@ DAMAGED_SUFFIX = ".damaged"
 # train.batch_size, seed, data, timesteps, loss, ...) changes the run's trajectory.
 FREE_TO_CHANGE = ("sample.", "eval.", "evaluate.", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.sample_every", "train.progress_bar",
-                  "train.fsdp", "train.allow_schedule_change", "data.data_dir",
+                  "train.fsdp", "train.allow_schedule_change", "train.lock_timeout",
+                  "data.data_dir",
                   "uncertainty.head_workdir", "uncertainty.model_workdir",
                   "uncertainty.policy", "uncertainty.budget", "uncertainty.speedup",
                   "uncertainty.overlap", "uncertainty.quantile", "uncertainty.look_ahead",
@@ -379,6 +381,14 @@ class _StepReader:
         "in another --workdir.")
 
 
+def note_location(workdir, meta: dict) -> None:
+  """Logs both places when a checkpoint's meta says it was written in another workdir."""
+  written = meta.get("workdir")
+  if written and written != os.fspath(workdir):
+    logging.info("workdir %s was written as %s (a copy, a moved folder or another path to "
+                 "it); reading it here.", os.fspath(workdir), written)
+
+
 def saved_meta(workdir) -> dict | None:
   """The `meta` item (model config, image shape, config) of the workdir's newest intact checkpoint.
 
@@ -394,7 +404,9 @@ def saved_meta(workdir) -> dict | None:
     step = _StepReader(directory, manager).step()
     if step is None:
       return None
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    note_location(directory.parent, meta)
+    return meta
   finally:
     manager.close()
 
@@ -411,6 +423,9 @@ class Checkpointer:
   workdir: a local folder or a gs:// URL (str or epath.Path).
   model: the settings that define the checkpointed model (default config.model).
   read_only: restore only (sampling); nothing in the workdir is created or renamed.
+  A Checkpointer that may save is a training run: it first takes the workdir's run lock
+  (run_lock.py; InputError naming the owner if another run holds it) and releases it in
+  `close()`.
   """
 
   def __init__(self, workdir, config: ml_collections.ConfigDict,
@@ -420,9 +435,13 @@ class Checkpointer:
     self.workdir = storage.path(workdir, "workdir")
     self.directory = self.workdir / "checkpoints"
     model = config.model.to_dict() if model is None else model
+    # `workdir`: where the run wrote it, so that a mode opening it elsewhere (a copy, a
+    # mount, a moved folder) can name both places (`note_location`).
     self.meta = _json({"model": model, "image_shape": list(image_shape),
-                       "config": config.to_dict()})
+                       "config": config.to_dict(), "workdir": os.fspath(self.workdir)})
     self.read_only = read_only
+    self.lock = None if read_only else run_lock.RunLock.acquire(
+        self.workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
     self._saving: int | None = None       # the step orbax is writing in the background
     self._changed_at: int | None = None   # resumed step whose training settings changed
     if read_only:
@@ -459,6 +478,7 @@ class Checkpointer:
     if step is None:
       return
     saved = self.saved_meta(step)
+    note_location(self.workdir, saved)
     diffs = config_differences(saved["model"], self.meta["model"])
     if saved["image_shape"] != self.meta["image_shape"]:
       diffs.append(f"image_shape: {saved['image_shape']} -> {self.meta['image_shape']}")
@@ -555,9 +575,12 @@ class Checkpointer:
       raise self._save_failed(e) from e
 
   def poll(self) -> None:
-    """Raises SaveError now if the save running in the background has failed (non-blocking)."""
+    """Raises SaveError now if the save running in the background has failed (non-blocking),
+    and InputError if another run took the workdir's lock over."""
     if self._saving is not None and not self.manager.is_saving_in_progress():
       self.wait()
+    if self.lock is not None:
+      self.lock.poll()
 
   def wait(self) -> None:
     """Waits for the background save; raises SaveError if it failed."""
@@ -640,4 +663,9 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      finally:
+        if self.lock is not None:
+          self.lock.release()
+          self.lock = None

@@ -263,7 +263,8 @@ def load_head(head_workdir: str, model_setup: train.Setup, model_state: train_st
     params = head.init(key, *uncertainty_head.example_inputs(image_shape))["params"]
     return train_state.create(params, tx)
 
-  ckpt = HeadCheckpointer(head_workdir, config, image_shape, identity, every=1, keep=None)
+  ckpt = HeadCheckpointer(head_workdir, config, image_shape, identity, every=1, keep=None,
+                          read_only=True)
   try:
     if ckpt.latest_step() is None:
       raise checks.InputError(f"workdir {head_workdir!r} has no head checkpoint; train it first.")
