@@ -1,10 +1,19 @@
 """The full set of config keys with their defaults; every file in configs/ starts from it.
 
 Keeping every key here means a `--config.<key>=value` override of a key that does
-not exist fails (the config is locked) and names the close matches.
+not exist fails (the config is locked) and names the close matches. Each key's
+trailing `# comment` is its meaning: `--help` prints it beside the default
+(`describe_keys` reads this file's source), so every key has one.
 """
 
 from __future__ import annotations
+
+import ast
+import io
+import math
+import tokenize
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -14,7 +23,7 @@ from asyncpatch_jax import checks
 def get_base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all experiments (AsyncPatch App. E where the paper fixes them)."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0   # seed of the run's one root key: initialisation, batches, time maps, sampling
 
   config.data = dict(
       dataset="digits",      # see asyncpatch_jax.data.datasets.DATASETS
@@ -23,30 +32,30 @@ def get_base_config() -> ml_collections.ConfigDict:
   )
 
   config.model = dict(
-      out_channels=1,
-      base_channels=32,
-      channel_mult=(1, 2, 2),
-      num_res_blocks=(1, 1, 1),
-      num_middle_blocks=1,
-      attention_resolutions=(4,),
-      head_dim=32,
-      time_embed_dim=64,
-      num_classes=10,        # 0 = unconditional
-      dropout=0.0,
-      norm="group",
-      num_groups=32,
+      out_channels=1,        # image channels C (must match the data)
+      base_channels=32,      # channels at the first level
+      channel_mult=(1, 2, 2),  # per-level multipliers of base_channels (L levels)
+      num_res_blocks=(1, 1, 1),  # residual blocks per level on the way down (up: one more)
+      num_middle_blocks=1,   # (attention, residual) pairs after the first middle residual block
+      attention_resolutions=(4,),  # feature-map heights with self-attention
+      head_dim=32,           # channels per attention head
+      time_embed_dim=64,     # width of the per-pixel time embedding (the FiLM input)
+      num_classes=10,        # class labels 0..n-1 (n = the null label of CFG); 0 = unconditional
+      dropout=0.0,           # dropout rate inside residual blocks (training only)
+      norm="group",          # group | rms
+      num_groups=32,         # GroupNorm groups (gcd with the channel count)
       dtype="float32",       # compute dtype: float32 | bfloat16 (params stay float32)
   )
 
   config.timesteps = dict(
       sampler="asyncpatch",  # global | independent | patchwise | perlin | asyncpatch
-      t_min=0.0,
-      t_max=1.0,
+      t_min=0.0,             # lowest training time (0 = clean, 1 = noise)
+      t_max=1.0,             # highest training time
       patch_sizes=(),        # () -> powers of two from 2 to H/2
-      perlin_cells=(4, 8, 16),
-      perlin_octaves=3,
-      perlin_threshold=(-0.2, 0.2),
-      antithetic=False,
+      perlin_cells=(4, 8, 16),  # perlin: lattice spacings (pixels), one drawn per image
+      perlin_octaves=3,      # perlin: octaves of the noise mask
+      perlin_threshold=(-0.2, 0.2),  # perlin: mask = noise > thr, thr ~ U(lo, hi) per image
+      antithetic=False,      # asyncpatch: patches paired as tbar +/- u (exact per-image mean)
   )
 
   config.loss = dict(
@@ -58,35 +67,35 @@ def get_base_config() -> ml_collections.ConfigDict:
   )
 
   config.optim = dict(
-      learning_rate=1e-3,
-      warmup_steps=100,
+      learning_rate=1e-3,    # peak learning rate
+      warmup_steps=100,      # linear warmup from 0 to the peak
       decay="cosine",        # cosine | constant
       end_lr_ratio=0.05,     # final lr / peak lr for cosine
-      b1=0.9,
-      b2=0.99,
-      eps=1e-8,
-      weight_decay=0.0,
-      grad_clip=1.0,
+      b1=0.9,                # Adam beta1
+      b2=0.99,               # Adam beta2
+      eps=1e-8,              # Adam epsilon
+      weight_decay=0.0,      # AdamW decoupled weight decay
+      grad_clip=1.0,         # clip gradients to this global norm
   )
 
   config.train = dict(
       batch_size=128,        # global batch
-      num_steps=2000,
+      num_steps=2000,        # training steps
       label_dropout=0.1,     # p of replacing the label by the null class (CFG)
-      ema_decay=0.999,
+      ema_decay=0.999,       # EMA decay of the parameters (ramped up: min(d, (1+k)/(10+k)))
       fsdp=1,                # size of the mesh's fsdp axis (1 = pure data parallel)
-      log_every=100,
-      checkpoint_every=500,
-      keep_checkpoints=3,
+      log_every=100,         # write metrics (and check they are finite) every N steps
+      checkpoint_every=500,  # save a checkpoint every N steps (and at the end)
+      keep_checkpoints=3,    # newest checkpoints kept; older ones are deleted
       sample_every=0,        # sample grids every N steps (0 = only at the end)
       progress_bar=True,     # progress bars of every phase (training, grids, evaluation, sampling)
-      # Resuming with changed training settings (schedule, optimizer, batch, data, loss):
-      # refused unless True; config.json then stays and the new one is config.step_<k>.json.
-      allow_schedule_change=False,
-      # Seconds after which another run may take over this run's workdir lock
-      # (run.lock) when its heartbeat (every lock_timeout / 4 s) has stopped; a dead
-      # process of the same host is taken over at once.
-      lock_timeout=300.0,
+      allow_schedule_change=False,  # True: a resume may change the training settings
+                                    # (schedule, optimizer, batch, data, loss; refused if
+                                    # False); config.json stays, the new one is
+                                    # config.step_<k>.json
+      lock_timeout=300.0,    # seconds after which another run takes over this run's
+                             # workdir lock (run.lock) once its heartbeat (every
+                             # lock_timeout / 4 s) stopped; a dead process of this host: at once
   )
 
   config.sample = dict(
@@ -98,7 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_images=64,         # images per grid
       batch_size=64,         # images per sampler call (evaluation, --mode=sample)
       # --mode=sample (python -m asyncpatch_jax.main --mode=sample ...):
-      task="generate",       # generate | inpaint | outpaint | autoregressive | progressive | interleaved | ipr | adaptive | ordered
+      task="generate",       # one of sample_mode.TASKS (--help lists them)
       label="auto",          # 'cycle' (0, 1, ...), 'null' (unconditional) or a class id; 'auto':
                              # 'null' for tasks that start from a known image, else 'cycle'
       image="",              # inpaint/progressive/interleaved: PNG of the model's size;
@@ -119,10 +128,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       model_workdir="",      # head training: the trained workdir whose (EMA) model is frozen
       head_workdir="",       # sampling: the trained head (tasks adaptive, ordered; ipr order)
       channels=16,           # head width (models/uncertainty_head.py)
-      num_layers=3,          # 3x3 convolutions
+      num_layers=3,          # head depth (3x3 convolutions)
       time_features=16,      # sinusoidal features of the per-pixel time
-      logvar_min=-12.0,      # clamp of the predicted log-variance
-      logvar_max=6.0,
+      logvar_min=-12.0,      # lower clamp of the predicted log-variance
+      logvar_max=6.0,        # upper clamp of the predicted log-variance
       policy="uncertainty_accelerated",  # task adaptive: uncertainty_accelerated | look_ahead | dual_loop
       budget=0,              # steps (network evaluations); 0 = sample.num_steps
       speedup=2.0,           # uncertainty_accelerated: pace of the most certain region
@@ -179,40 +188,123 @@ def get_autoencoder_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   for section in ("seed", "data", "optim", "train", "eval"):
     config[section] = base[section]
-  config.optim.update(b1=0.5, b2=0.9)   # latent diffusion's autoencoder Adam betas
+  config.optim.update(b1=0.5, b2=0.9)   # Adam betas of latent diffusion's autoencoder
   config.autoencoder = dict(
       # Architecture (models/vqae.py).
-      image_channels=3,
-      base_channels=128,
+      image_channels=3,                # image channels C
+      base_channels=128,               # channels at the first level
       channel_mult=(1, 2, 4),          # f = 2^(L-1) = 4
-      num_res_blocks=2,
-      latent_channels=3,
-      codebook_size=8192,
+      num_res_blocks=2,                # residual blocks per level
+      latent_channels=3,               # channels of the latent (the diffusion model's image)
+      codebook_size=8192,              # codes K of the quantiser
       encoder_kernels=(3, 3, 1),       # kernel per encoder level: sets the halo (locality)
       attention_resolutions=(),        # decoder only; the encoder never attends
-      head_dim=64,
-      mask_embed_dim=128,
-      dtype="float32",
+      head_dim=64,                     # channels per attention head
+      mask_embed_dim=128,              # width of the mask embedding (the FiLM input)
+      dtype="float32",                 # compute dtype (params stay float32)
       # Loss (taming / latent diffusion's VQ loss).
-      beta=0.25,
+      beta=0.25,                       # VQ loss weight of the term beta_on names
       beta_on="codebook",              # codebook: taming legacy; commitment: VQ-VAE paper
-      codebook_weight=1.0,
-      l1_weight=1.0,
+      codebook_weight=1.0,             # weight of the VQ loss
+      l1_weight=1.0,                   # weight of the L1 reconstruction loss (known pixels)
       lpips_weight=0.0,                # > 0 needs lpips_weights (evaluation/ LPIPS module)
-      lpips_weights="",
+      lpips_weights="",                # LPIPS weights file (.npz/.safetensors)
       disc_weight=0.0,                 # PatchGAN hinge loss weight (0 = off; LDM: 0.75)
       disc_start=0,                    # step at which the discriminator starts
-      disc_layers=3,
-      disc_channels=64,
-      # Codebook usage: a code unused for dead_after steps is dead (and restarted).
-      dead_after=1000,
-      restart_dead_codes=True,
+      disc_layers=3,                   # PatchGAN discriminator layers
+      disc_channels=64,                # PatchGAN discriminator width
+      # Codebook usage.
+      dead_after=1000,                 # steps unused after which a code is dead
+      restart_dead_codes=True,         # re-initialise dead codes from the batch's latents
       # Training on masked images (data/training_masks.py).
       mask_fraction=0.5,               # share of examples that get a random mask
-      mask_families=("box", "stroke"),
+      mask_families=("box", "stroke"),  # data/training_masks.py families
   )
   config.eval = dict(num_samples=256)  # test images for the reconstruction metrics
   return config
+
+
+def _key_comments(function: str) -> dict[str, tuple[int, str]]:
+  """{dotted key: (line, meaning)} of the keys that `function` in this file sets.
+
+  A key is set by `config.<key> = value`, by a keyword of `config.<section> = dict(...)`
+  or of `config.<section>.update(...)`. Its meaning is the `# comment` that ends the
+  line of its value, continued on the comment-only lines below that start in the same
+  column; a comment on a line of its own above a key is a heading, not a meaning.
+  """
+  with open(__file__, encoding="utf-8") as f:
+    source = f.read()
+  lines = source.splitlines()
+  trailing, alone = {}, {}   # line -> (column, text) of comments after code / on their own
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      (row, col), text = tok.start, tok.string.lstrip("#").strip()
+      (alone if not lines[row - 1][:col].strip() else trailing)[row] = (col, text)
+
+  def meaning(line: int) -> str:
+    if line not in trailing:
+      return ""
+    col, text = trailing[line]
+    parts = [text]
+    while alone.get(line + 1, (None,))[0] == col:
+      line += 1
+      parts.append(alone[line][1])
+    return " ".join(parts)
+
+  def section(target) -> str | None:   # "x" for `config.x`, else None
+    if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+        and target.value.id == "config"):
+      return target.attr
+    return None
+
+  tree = ast.parse(source)
+  body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+  out = {}
+  for node in ast.walk(body):
+    if isinstance(node, ast.Assign) and section(node.targets[0]):
+      name, value = section(node.targets[0]), node.value
+      if not (isinstance(value, ast.Call) and getattr(value.func, "id", None) == "dict"):
+        out[name] = (value.end_lineno, meaning(value.end_lineno))
+        continue
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "update" and section(node.func.value)):
+      name, value = section(node.func.value), node
+    else:
+      continue
+    for kw in value.keywords:
+      out[f"{name}.{kw.arg}"] = (kw.value.end_lineno, meaning(kw.value.end_lineno))
+  return out
+
+
+def describe_keys(make: Callable[[], ml_collections.ConfigDict] = get_base_config,
+                  ) -> list[tuple[str, Any, str]]:
+  """(key, default, meaning) of every key of the config `make()` builds, in this file's order.
+
+  `make` is get_base_config or get_autoencoder_base_config. The keys and defaults are
+  the built config's; the meaning of each is its comment in this file (`_key_comments`:
+  the one in `make`, else the one in get_base_config, whose sections the autoencoder
+  config copies), so `--help` cannot drift from the source. A key without a comment gets
+  "" (tests/test_help.py requires one for every key). An empty free-form dict (data.options)
+  is one key with the default {}.
+  """
+  base = _key_comments(get_base_config.__name__)
+  own = _key_comments(make.__name__)
+  rows = []
+
+  def walk(config: ml_collections.ConfigDict, prefix: str) -> None:
+    for name, value in config.items():
+      key = prefix + name
+      if isinstance(value, ml_collections.ConfigDict) and list(value.keys()):
+        walk(value, key + ".")
+        continue
+      if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+      line = base[key][0] if key in base else own.get(key, (math.inf, ""))[0]
+      meaning = own.get(key, (0, ""))[1] or base.get(key, (0, ""))[1]
+      rows.append((line, key, value, meaning))
+
+  walk(make(), "")
+  return [row[1:] for row in sorted(rows, key=lambda row: row[0])]
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

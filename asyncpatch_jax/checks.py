@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 
@@ -23,6 +22,8 @@ class InputError(ValueError):
 
 def is_concrete(x) -> bool:
   """True when `x` holds values (not a tracer inside jit/vmap/grad)."""
+  # Imported here: the command line's --help loads this module and should not load jax.
+  import jax  # pylint: disable=g-import-not-at-top
   return not isinstance(x, jax.core.Tracer)
 
 

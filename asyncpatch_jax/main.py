@@ -1,9 +1,10 @@
-"""Command line: train (default), sample from a workdir, or evaluate it.
+r"""Command line: train (default), sample from a workdir, or evaluate it.
 
   python -m asyncpatch_jax.main --config=configs/default.py --workdir=DIR [--config.key=value ...]
   python -m asyncpatch_jax.main --mode=sample --workdir=DIR \
       --config.sample.task=inpaint --config.sample.image=in.png --config.sample.mask=mask.png
   python -m asyncpatch_jax.main --mode=evaluate --workdir=DIR [--config.evaluate.num_samples=N]
+  python -m asyncpatch_jax.main --help    # also -h: this text, the modes, tasks and config keys
 
 `--config` also takes a run's saved `config.json`; in `--mode=sample` and `--mode=evaluate`
 it defaults to the workdir's own `config.json`, and `--config.key=value` overrides apply on
@@ -17,17 +18,20 @@ the same command resumes. Logs: warnings, errors and this package's own info lin
 (restoring, training from step k); --verbosity=0 (or higher) shows every library's too.
 """
 
+import ast
 import json
 import logging as std_logging
 import os
 import re
 import sys
+import textwrap
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from asyncpatch_jax import base_config
 from asyncpatch_jax import checks
 from asyncpatch_jax.data import storage
 
@@ -36,14 +40,71 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/<name>.py) or a run's saved config.json; in "
     "--mode=sample and --mode=evaluate the default is <workdir>/config.json.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (or gs:// URL) for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"],
-                  "train: train (resuming the workdir), then sample and evaluate; "
-                  "sample: sample from the workdir's latest checkpoint (config.sample); "
-                  "evaluate: score it, writing <workdir>/evaluate.json (config.evaluate).")
+_MODES = {
+    "train": "train (resuming the workdir), then sample grids and evaluate (config.train, "
+             "config.eval)",
+    "sample": "sample from the workdir's latest checkpoint (config.sample; the tasks below)",
+    "evaluate": "score the workdir's samples and inpaintings, writing <workdir>/evaluate.json "
+                "(config.evaluate)",
+}
+flags.DEFINE_enum("mode", "train", list(_MODES),
+                  "; ".join(f"{mode}: {meaning}" for mode, meaning in _MODES.items()) + ".")
 flags.mark_flags_as_required(["workdir"])
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SAVED_CONFIG = os.path.join(_PACKAGE_DIR, "base_config.py")  # its get_config(path)
+_HELP_ARGS = ("-h", "--help", "-help", "-?")   # absl's own --help lists only the flags
+
+
+def _sample_tasks() -> dict[str, str]:
+  """sample_mode.TASKS ({task: meaning}), read from its source: importing it would load jax."""
+  with open(os.path.join(_PACKAGE_DIR, "sample_mode.py"), encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  node = next(n for n in tree.body if isinstance(n, ast.Assign)
+              and [getattr(t, "id", None) for t in n.targets] == ["TASKS"])
+  return ast.literal_eval(node.value)
+
+
+def _table(rows, width: int, column: int) -> list[str]:
+  """One `  name  meaning` entry per row, the meanings from `column` on, wrapped at `width`."""
+  return ["\n".join(textwrap.wrap(f"  {name:<{column - 4}}  {meaning}", width,
+                                  subsequent_indent=" " * column, break_long_words=False,
+                                  break_on_hyphens=False)) for name, meaning in rows]
+
+
+def help_text(width: int = 100) -> str:
+  """What -h and --help print: the usage, flags, modes, sampling tasks and every config key.
+
+  Every key comes with its default and meaning from base_config.describe_keys (the
+  comments of base_config.py), the tasks from sample_mode.TASKS; nothing loads jax.
+  """
+  def para(text):
+    return textwrap.fill(text, width)
+
+  base = base_config.describe_keys()
+  seen = {(key, repr(default)) for key, default, _ in base}
+  autoencoder = base_config.describe_keys(base_config.get_autoencoder_base_config)
+  sections = ", ".join(dict.fromkeys(key.split(".")[0] for key, _, _ in autoencoder))
+  autoencoder = [row for row in autoencoder if (row[0], repr(row[1])) not in seen]
+  return "\n".join([
+      __doc__.strip(), "", "Flags:",
+      *_table([("--config", FLAGS["config"].help), ("--workdir", FLAGS["workdir"].help),
+               ("--mode", "one of the modes below (default: train)")], width, 14),
+      "", "Modes (--mode=MODE):", *_table(_MODES.items(), width, 14),
+      "", "Sampling tasks (--mode=sample --config.sample.task=TASK):",
+      *_table(_sample_tasks().items(), width, 20),
+      "", para("Config keys and their defaults, declared and documented in "
+               "asyncpatch_jax/base_config.py (every configs/*.py starts from them; a run's "
+               "config.json holds the values it used). Override one with "
+               "--config.section.key=value, e.g. --config.train.num_steps=500 "
+               "--config.sample.task=inpaint."),
+      *_table([(f"{key}={default!r}", meaning) for key, default, meaning in base], width, 40),
+      "", para("Autoencoder configs (configs/vqae_*.py, from "
+               f"base_config.get_autoencoder_base_config()) have the sections {sections}; "
+               "their keys have the defaults above except these:"),
+      *_table([(f"{key}={default!r}", meaning) for key, default, meaning in autoencoder],
+              width, 40),
+  ])
 
 
 def _flag_value(argv: list[str], name: str) -> tuple[int, str | None]:
@@ -117,7 +178,13 @@ def _flag_error(e: BaseException, argv: list[str]) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a JSON --config and every error as one line (exit code 1)."""
+  """absl's flag parsing, with a JSON --config and every error as one line (exit code 1).
+
+  -h or --help prints help_text() and exits 0, whatever else the command line holds.
+  """
+  if any(arg in _HELP_ARGS for arg in argv[1:]):
+    print(help_text())
+    sys.exit(0)
   try:
     return FLAGS(_with_config(argv))
   except checks.InputError as e:

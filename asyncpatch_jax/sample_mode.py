@@ -34,8 +34,27 @@ from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.training import train
 
-TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive", "interleaved", "ipr",
-         "adaptive", "ordered")
+# The tasks of sample.task, each with one line for `--help` (main.py reads this literal from
+# the source, so that --help does not load jax).
+TASKS = {
+    "generate": "new images from noise, every pixel on one synchronous schedule",
+    "inpaint": "fill the black pixels of sample.mask in sample.image (AsyncPatch Eq. 4)",
+    "outpaint": "grow the canvas around a smaller sample.image placed at sample.box, in "
+                "sample.num_stripes bands",
+    "autoregressive": "the sample.grid patches one after another in raster order "
+                      "(AsyncPatch Sec. 3.2)",
+    "progressive": "inpaint in sample.num_stripes stripes from the known boundary inward "
+                   "(Growing Images Sec. 2)",
+    "interleaved": "progressive's stripes visited round-robin, sample.num_rounds visits each "
+                   "(Growing Images Sec. 4.2)",
+    "ipr": "Iterative Partial Refinement: sample.ipr_rounds rounds that regenerate the "
+           "sample.grid regions (IPR Alg. 1); with sample.image and sample.mask only the unknown "
+           "ones",
+    "adaptive": "an uncertainty head (uncertainty.head_workdir) paces each pixel by "
+                "uncertainty.policy (AsyncPatch Sec. 5.5)",
+    "ordered": "the sample.grid patches one at a time, the most certain first by an uncertainty "
+               "head (SRM's order)",
+}
 
 
 # Tasks whose samples start from a known image (sample.image): label 'auto' means 'null'.
@@ -135,7 +154,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
     raise checks.InputError("an autoencoder workdir has nothing to sample; a latent diffusion "
                             "config names it in --config.latent.autoencoder_workdir.")
   sc = config.sample
-  checks.check_choice(sc.task, TASKS, "sample.task")
+  checks.check_choice(sc.task, tuple(TASKS), "sample.task")
   if sc.task in ("adaptive", "ordered") or (sc.task == "ipr" and "uncertainty" in config and
                                             config.uncertainty.ipr_order != "raster"):
     # Tasks with an uncertainty head and schedule policies (AsyncPatch Sec. 5.5, SRM).
