@@ -22,13 +22,14 @@ import json
 
 import jax
 import numpy as np
-from etils import epath
 
 from asyncpatch_jax import checks
 from asyncpatch_jax import generate
 from asyncpatch_jax import sample_mode
 from asyncpatch_jax.data import image_io
+from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import policies
+from asyncpatch_jax.runtime import multihost
 from asyncpatch_jax.training import head_train
 from asyncpatch_jax.training import train
 
@@ -92,8 +93,9 @@ def sample_from_workdir(config, workdir: str) -> dict:
   n = sc.num_images
   labels = sample_mode._labels(str(sc.label), n, setup.model.num_classes,  # pylint: disable=protected-access
                                known_image=x is not None)
-  out_dir = epath.Path(sc.out_dir or epath.Path(workdir) / "samples" / sc.task)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.path(sc.out_dir or storage.path(workdir) / "samples" / sc.task,
+                         "sample.out_dir")
+  storage.check_writable(out_dir.parent, "sample.out_dir's parent folder")
   key = jax.random.key(config.seed)
   gen = generate.Generator(setup.model, head=head)
   guide = dict(labels=labels, guidance_weight=sc.guidance if labels is not None else 0.0,
@@ -117,9 +119,6 @@ def sample_from_workdir(config, workdir: str) -> dict:
     shown = sorted({0, sc.ipr_rounds // 4, sc.ipr_rounds // 2, sc.ipr_rounds})
     rows = np.asarray(history)[shown, :min(n, 8)]
     rounds_path = str(out_dir / "rounds.png")
-    if jax.process_index() == 0:
-      image_io.save_grid(rows.reshape(-1, *shape), rounds_path, ncols=rows.shape[1],
-                         scale=4 if h <= 32 else 1)
     extra = {"ipr_rounds": sc.ipr_rounds, "ipr_alpha": sc.ipr_alpha,
              "regions_grid": list(sc.grid), "rounds_shown": shown, "rounds_grid": rounds_path,
              "condition_regions": np.flatnonzero(condition).tolist()}
@@ -135,11 +134,15 @@ def sample_from_workdir(config, workdir: str) -> dict:
       "network_evaluations_mean": float(evaluations.mean()),
       "network_evaluations_max": int(evaluations.max()),
       "grid": grid_path, "steps_grid": steps_path, "out_dir": str(out_dir), **extra}
-  if jax.process_index() == 0:
+  if multihost.is_writer():
     scale = 4 if h <= 32 else 1
-    image_io.save_grid(out, grid_path, scale=scale)
-    image_io.save_grid(_steps_image(steps, budget), steps_path, scale=scale)
-    for i in range(min(n, 16)):
-      image_io.save_png(image_io.to_uint8(out[i]), str(out_dir / f"sample_{i:03d}.png"))
-    (out_dir / "settings.json").write_text(json.dumps(settings, indent=2))
+    with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
+      if sc.task == "ipr":
+        image_io.save_grid(rows.reshape(-1, *shape), folder.file("rounds.png"),
+                           ncols=rows.shape[1], scale=scale)
+      image_io.save_grid(out, folder.file("samples.png"), scale=scale)
+      image_io.save_grid(_steps_image(steps, budget), folder.file("steps.png"), scale=scale)
+      for i in range(min(n, 16)):
+        image_io.save_png(image_io.to_uint8(out[i]), folder.file(f"sample_{i:03d}.png"))
+      storage.write_text_atomic(folder.file("settings.json"), json.dumps(settings, indent=2))
   return settings

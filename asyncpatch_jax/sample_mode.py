@@ -32,6 +32,7 @@ from asyncpatch_jax.training import progress as progress_lib
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import schedules
+from asyncpatch_jax.runtime import multihost
 from asyncpatch_jax.training import train
 
 # The tasks of sample.task, each with one line for `--help` (main.py reads this literal from
@@ -176,8 +177,10 @@ def sample_from_workdir(config, workdir: str) -> dict:
   if sc.task == "ipr":
     regions, condition = (_ipr_regions(sc, shape, mask) if codec is None
                           else codec.ipr_regions(tuple(sc.grid), mask))
-  out_dir = storage.check_writable(sc.out_dir or workdir / "samples" / sc.task,
-                                   "sample.out_dir")
+  # The call's outputs replace the folder's as one unit (storage.replaced_folder), in a
+  # temporary folder beside it: its parent must be writable.
+  out_dir = storage.path(sc.out_dir or workdir / "samples" / sc.task, "sample.out_dir")
+  storage.check_writable(out_dir.parent, "sample.out_dir's parent folder")
   setup, state = train.load_trained(workdir, config, setup=setup)
   key = jax.random.key(config.seed)
   gen = generate.Generator(setup.model)
@@ -220,9 +223,6 @@ def sample_from_workdir(config, workdir: str) -> dict:
     # Rows: the first 8 samples at rounds 0 (sequential inference), ~R/4, ~R/2, R.
     rows = np.stack([history[r] for r in shown])
     rounds_path = str(out_dir / "rounds.png")
-    if jax.process_index() == 0:
-      image_io.save_grid(rows.reshape(-1, *shape), rounds_path, ncols=rows.shape[1],
-                         scale=4 if shape[0] <= 32 else 1)
     extra = {"ipr_rounds": sc.ipr_rounds, "ipr_alpha": sc.ipr_alpha, "regions_grid": list(sc.grid),
              "condition_regions": np.flatnonzero(condition).tolist(), "rounds_shown": shown,
              "rounds_grid": rounds_path}
@@ -234,17 +234,22 @@ def sample_from_workdir(config, workdir: str) -> dict:
               "label": spec if str(sc.label) == spec else f"{spec} (sample.label={sc.label})",
               "image": sc.image, "mask": sc.mask, "grid": grid_path, "npz": npz_path,
               "out_dir": str(out_dir), **extra}
-  if jax.process_index() == 0:
-    image_io.save_grid(out, grid_path, scale=4 if shape[0] <= 32 else 1)
-    for i in range(min(n, 16)):
-      image_io.save_png(image_io.to_uint8(out[i]), out_dir / f"sample_{i:03d}.png")
-    if mask is not None:
-      image_io.save_png((mask[..., None] * 255).astype(np.uint8), out_dir / "mask.png")
-    arrays = {"samples_uint8": image_io.to_uint8(out), "samples": out.astype(np.float32)}
-    if labels is not None:
-      arrays["labels"] = np.asarray(labels, np.int32)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    storage.write_bytes_atomic(out_dir / "samples.npz", buf.getvalue())
-    storage.write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=2))
+  if multihost.is_writer():
+    scale = 4 if shape[0] <= 32 else 1
+    with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
+      if sc.task == "ipr":
+        image_io.save_grid(rows.reshape(-1, *shape), folder.file("rounds.png"),
+                           ncols=rows.shape[1], scale=scale)
+      image_io.save_grid(out, folder.file("samples.png"), scale=scale)
+      for i in range(min(n, 16)):
+        image_io.save_png(image_io.to_uint8(out[i]), folder.file(f"sample_{i:03d}.png"))
+      if mask is not None:
+        image_io.save_png((mask[..., None] * 255).astype(np.uint8), folder.file("mask.png"))
+      arrays = {"samples_uint8": image_io.to_uint8(out), "samples": out.astype(np.float32)}
+      if labels is not None:
+        arrays["labels"] = np.asarray(labels, np.int32)
+      buf = io.BytesIO()
+      np.savez_compressed(buf, **arrays)
+      storage.write_bytes_atomic(folder.file("samples.npz"), buf.getvalue())
+      storage.write_text_atomic(folder.file("settings.json"), json.dumps(settings, indent=2))
   return settings

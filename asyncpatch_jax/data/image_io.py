@@ -52,7 +52,7 @@ def save_png(array: np.ndarray, path, scale: int = 1) -> None:
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_bytes(buf.getvalue())
+  storage.write_bytes_atomic(out, buf.getvalue())
 
 
 def save_grid(images, path, ncols: int | None = None, scale: int = 1) -> None:

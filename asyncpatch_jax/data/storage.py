@@ -13,8 +13,11 @@ bucket that does not exist, a workdir that cannot be written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
+import shutil
 import uuid
 
 from absl import logging
@@ -182,6 +185,76 @@ def write_bytes_atomic(p: epath.Path, data: bytes) -> None:
       pass
     raise WriteError(f"writing {p} failed ({_reason(e)}); the previous version of the file, "
                      "if any, is unchanged.") from e
+
+
+MANIFEST = "manifest.json"
+
+
+class OutputFolder:
+  """The folder one call writes its outputs into (see `replaced_folder`).
+
+  `file(name)` is where to write `name` (in a temporary folder on a local disk);
+  `final(name)` is where it will be once the call has finished (for the paths a call
+  reports, e.g. in settings.json).
+  """
+
+  def __init__(self, final: epath.Path, staging: epath.Path):
+    self.final_dir, self.staging, self.names = final, staging, []
+
+  def file(self, name: str) -> epath.Path:
+    self.names.append(name)
+    return self.staging / name
+
+  def final(self, name: str) -> str:
+    return os.fspath(self.final_dir / name)
+
+
+@contextlib.contextmanager
+def replaced_folder(dest, what: str = "output folder"):
+  """Writes the new contents of the folder `dest` as one unit: all of it, or nothing.
+
+  Yields an OutputFolder. On a local disk the files go to a fresh folder beside `dest`
+  (`.<name>.<random>.tmp`), which then replaces `dest` by renames: the previous folder
+  is renamed aside and removed, so `dest` holds exactly one call's outputs; if the call
+  fails or is interrupted (Ctrl-C, a full disk), the temporary folder is removed and
+  `dest` keeps the previous call's outputs. gs:// has no rename: the previous call's
+  `manifest.json` is deleted first, the files are written in place, then a new
+  `manifest.json` listing them is written last and the files it does not list are
+  removed; a reader trusts only what the manifest lists (none while it is absent).
+  Call it on the one process that writes (process 0).
+  """
+  dest = path(dest, what)
+  if is_url(dest):
+    manifest = dest / MANIFEST
+    try:
+      if manifest.exists():
+        manifest.unlink()
+      out = OutputFolder(dest, dest)
+      yield out
+      write_text_atomic(manifest, json.dumps({"files": sorted(set(out.names))}, indent=2))
+      for old in dest.iterdir():
+        if old.name not in set(out.names) | {MANIFEST} and old.is_file():
+          old.unlink()
+    except _errors(dest) as e:
+      raise WriteError(f"writing {dest} failed ({_reason(e)}); it has no {MANIFEST}, so "
+                       "nothing in it counts as written; rerun the same command.") from e
+    return
+  tag = uuid.uuid4().hex
+  staging = dest.parent / f".{dest.name}.{tag}.tmp"
+  try:
+    staging.mkdir(parents=True)
+    yield OutputFolder(dest, staging)
+    aside = dest.parent / f".{dest.name}.{tag}.old"
+    if dest.exists():
+      dest.rename(aside)
+    staging.rename(dest)
+  except BaseException as e:
+    shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise WriteError(f"writing {dest} failed ({_reason(e)}); its previous contents are "
+                       "unchanged.") from e
+    raise
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 def _errors(p: epath.Path) -> tuple[type[BaseException], ...]:
