@@ -98,7 +98,14 @@ def _labels(spec: str, n: int, num_classes: int, known_image: bool = False):
 def _schedule_and_input(sc, shape):
   """(tau, x, mask) for the task, from the PNG inputs named in the config."""
   h, w, c = shape
-  steps = sc.num_steps
+  steps = checks.check_positive_int(sc.num_steps, "sample.num_steps")
+  grid = tuple(sc.grid) if isinstance(sc.grid, (tuple, list)) else (sc.grid,)
+  if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0
+                               for g in grid):
+    raise checks.InputError(f"sample.grid={sc.grid!r}; expected (rows, cols) of positive "
+                            "integers, e.g. --config.sample.grid='(2,2)'.")
+  checks.check_positive_int(sc.num_stripes, "sample.num_stripes")
+  checks.check_positive_int(sc.num_rounds, "sample.num_rounds")
   if sc.task == "generate":
     return schedules.synchronous(steps, h, w), None, None
   if sc.task == "autoregressive" or (sc.task == "ipr" and not sc.image):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from asyncpatch_jax import base_config
+from asyncpatch_jax import checks
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax import sample_mode
@@ -289,7 +290,7 @@ def test_every_config_builds_through_eval_shape(name, prepared_imagenet64):
 
 
 def test_bad_configs_fail_before_compiling(tmp_path, cli_env):
-  with pytest.raises(ValueError, match="Did you mean 'digits'"):
+  with pytest.raises(checks.InputError, match="Did you mean 'digits'"):
     train.Setup(make_config(data__dataset="digitz"))
   with pytest.raises(ValueError, match="data_dir"):
     train.Setup(make_config(data__dataset="imagenet64"))
@@ -307,6 +308,21 @@ def test_bad_configs_fail_before_compiling(tmp_path, cli_env):
   res = run_cli(["--config=configs/nonexistent.py", f"--workdir={tmp_path / 'w'}"], cli_env,
                 timeout=120)
   assert res.returncode != 0 and "nonexistent.py" in res.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(task="autoregressive", grid=(0, 2)), r"sample.grid=\(0, 2\); expected \(rows, cols\)"),
+    (dict(task="ipr", grid=(3,)), r"sample.grid=\(3,\); expected \(rows, cols\)"),
+    (dict(task="progressive", num_stripes=0), "sample.num_stripes=0; expected a positive"),
+    (dict(task="interleaved", num_rounds=-1), "sample.num_rounds=-1; expected a positive"),
+])
+def test_bad_sample_settings_are_one_line_errors(overrides, message):
+  """Before: ZeroDivisionError / ValueError tracebacks from the schedule arithmetic."""
+  config = make_config()
+  with config.unlocked():
+    config.sample.update(overrides)
+  with pytest.raises(checks.InputError, match=message):
+    sample_mode._schedule_and_input(config.sample, (16, 16, 1))  # pylint: disable=protected-access
 
 
 def test_collage_regulariser_enters_the_training_loss():

@@ -51,8 +51,8 @@ class Source(Protocol):
   def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
-def _unknown_name_error(name: str) -> ValueError:
-  return ValueError(f"Unknown dataset {name!r}.{checks.did_you_mean(name, DATASETS)} "
+def _unknown_name_error(name: str) -> checks.InputError:
+  return checks.InputError(f"Unknown dataset {name!r}.{checks.did_you_mean(name, DATASETS)} "
                     f"Known datasets: {', '.join(DATASETS)}.")
 
 
