@@ -225,3 +225,9 @@ def test_train_sample_and_evaluate_with_the_same_tilde_symlink_dotdot_flag(tmp_p
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, (mode, err[-2000:])
     assert written.exists(), mode
+    # With the progress bars off (configs/test.py), each phase still says what it does.
+    assert "compiling the sampler for these shapes" in err, err[-2000:]
+    if mode == "evaluate":
+      for phase in ("training the in-project digits feature network", "generating 16 samples",
+                    "inpainting 8 test images, mask family 'square'"):
+        assert f"evaluate: {phase}" in err, (phase, err[-2000:])

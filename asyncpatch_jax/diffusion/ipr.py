@@ -127,7 +127,9 @@ class Refiner(samplers.Sampler):
     super().__init__(velocity_fn, mesh=mesh, batched_cond=batched_cond,
                      uncertainty_fn=uncertainty_fn)
     self._refine = jax.jit(
-        functools.partial(refine_loop, velocity_fn, uncertainty_fn=uncertainty_fn),
+        samplers.announce_compiling(
+            "iterative partial refinement",
+            functools.partial(refine_loop, velocity_fn, uncertainty_fn=uncertainty_fn)),
         static_argnames=("num_rounds", "num_steps", "fixed_noise", "fixed_regions",
                          "return_history", "policy_fn"))
 

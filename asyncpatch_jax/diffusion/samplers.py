@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from asyncpatch_jax import checks
@@ -195,6 +196,20 @@ def policy_loop(velocity_fn: VelocityFn, uncertainty_fn: Callable[..., jax.Array
   return (result, violation) if debug else result
 
 
+def announce_compiling(what: str, fn: Callable) -> Callable:
+  """`fn`, logging "compiling <what> ..." each time jax traces it (jit it after wrapping).
+
+  A jitted function is traced once per new input signature, just before XLA compiles
+  it (or loads it from the persistent cache), so the line marks the wait a user would
+  otherwise see as a progress bar stuck at 0.
+  """
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    logging.info("compiling %s for these shapes (once; later calls reuse it) ...", what)
+    return fn(*args, **kwargs)
+  return traced
+
+
 def place(mesh: jax.sharding.Mesh | None, tree, batched: bool, batch: int):
   """Shards `tree` over its leading (batch) axis on `mesh` when it divides, else replicates."""
   if mesh is None:
@@ -225,9 +240,12 @@ class Sampler:
     self.uncertainty_fn = uncertainty_fn
     self.batched_cond = tuple(batched_cond)
     self.mesh = mesh
-    self._run = jax.jit(functools.partial(sample_loop, velocity_fn))
-    self._run_policy = jax.jit(functools.partial(policy_loop, velocity_fn, uncertainty_fn),
-                               static_argnames=("policy_fn", "history_steps", "debug"))
+    self._run = jax.jit(announce_compiling("the sampler",
+                                           functools.partial(sample_loop, velocity_fn)))
+    self._run_policy = jax.jit(
+        announce_compiling("the policy sampler",
+                           functools.partial(policy_loop, velocity_fn, uncertainty_fn)),
+        static_argnames=("policy_fn", "history_steps", "debug"))
 
   def _place(self, tree, batched: bool, batch: int):
     return place(self.mesh, tree, batched, batch)

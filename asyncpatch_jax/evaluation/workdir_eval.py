@@ -26,6 +26,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from asyncpatch_jax import checks
 from asyncpatch_jax.data import datasets
@@ -125,6 +126,8 @@ def feature_extractors(config, key: jax.Array, inception_features=None, bar=None
   dataset = config.data.dataset
   options = dict(config.data.options)
   if feature_nets.in_project_problem(dataset, options) is None:
+    logging.info("evaluate: training the in-project %s feature network (%d steps) ...",
+                 dataset, config.evaluate.feature_steps)
     extractor, accuracy = feature_nets.in_project(dataset, key, config.evaluate.feature_steps,
                                                   options)
     classes = datasets.get_dataset(dataset, "test", **options).num_classes
@@ -189,6 +192,8 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   options = dict(data.options)
   image_shape = tuple(image_shape)
   t0 = time.perf_counter()
+  # One line per phase, also with the progress bars off (train.progress_bar=false).
+  logging.info("evaluate: generating %d samples (%d steps) ...", ec.num_samples, sc.num_steps)
   samples = inpainting_eval.sample(
       generator, params, int(ec.num_samples), image_shape if codec is None else
       codec.latent_shape, num_steps=sc.num_steps, eta=sc.eta, key=jax.random.fold_in(key, 2),
@@ -206,6 +211,8 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
                 "num_steps": int(sc.num_steps), "eta": float(sc.eta),
                 "sampling_seconds": sample_seconds}
   batch = int(ec.batch_size)                 # feature networks (extract pads to the mesh)
+  logging.info("evaluate: sampled in %.1f s; scoring them against %d %s images ...",
+               sample_seconds, len(reference), ec.reference_split)
   for ex in extractors:
     generation.update(feature_nets.feature_metrics(ex, reference, samples, k=int(ec.k),
                                                    batch_size=batch, mesh=mesh))
@@ -225,6 +232,8 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   mask_seed = int(config.seed if mask_seed is None else mask_seed)
   families = {}
   for j, family in enumerate(ec.mask_families):
+    logging.info("evaluate: inpainting %d test images, mask family %r (%s) ...", len(originals),
+                 family, ec.inpaint_method)
     m = masks_lib.make_masks(family, len(originals), h, w, seed=mask_seed)
     out, cost = inpainting_eval.run_inpainting(fn, originals, m, jax.random.fold_in(key, 10 + j),
                                                _batch(ec.batch_size, len(originals), shards),
