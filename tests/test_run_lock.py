@@ -10,6 +10,7 @@ the workdir rule, checked through the real command line in subprocesses.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,13 +158,19 @@ def test_two_trainings_started_together_one_runs_one_stops_naming_the_owner(tmp_
   assert not (workdir / "run.lock").exists()                         # released at the end
 
 
-@pytest.mark.slow
-def test_sampling_beside_a_live_training(tmp_path):
-  """A trained workdir whose lock is held (a run in progress): sampling and evaluating it
-  work; training in it is refused."""
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained") / "run"
   train.train_and_evaluate(_config({"sample.num_images": 0, "eval.num_samples": 0}),
                            str(workdir))
+  return workdir
+
+
+@pytest.mark.slow
+def test_sampling_beside_a_live_training(trained, tmp_path):
+  """A trained workdir whose lock is held (a run in progress): sampling it works; training
+  in it is refused."""
+  workdir = trained
   lock = run_lock.RunLock.acquire(workdir, 3600)
   try:
     out = tmp_path / "samples"
@@ -231,3 +238,17 @@ def test_train_sample_and_evaluate_with_the_same_tilde_symlink_dotdot_flag(tmp_p
       for phase in ("training the in-project digits feature network", "generating 16 samples",
                     "inpainting 8 test images, mask family 'square'"):
         assert f"evaluate: {phase}" in err, (phase, err[-2000:])
+
+
+@pytest.mark.slow
+def test_a_workdir_read_elsewhere_names_both_places(trained, tmp_path, caplog):
+  """Checkpoints record where they were written; a copy names the original."""
+  copy = tmp_path / "copy"
+  shutil.copytree(trained, copy)
+  with caplog.at_level("INFO"):
+    assert train.saved_image_shape(str(copy)) == (16, 16, 1)
+  assert f"workdir {copy} was written as {trained}" in caplog.text
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    train.saved_image_shape(str(trained))
+  assert "was written as" not in caplog.text

@@ -220,7 +220,7 @@ class RunLock:
              "heartbeat": now, "token": uuid.uuid4().hex}
     data = json.dumps(owner).encode()
     for _ in range(3):            # a lock that vanishes or changes between looks: look again
-      version = store.replace(store.read()[1], data) or store.create(data)
+      version = store.create(data)
       if version is not None:
         return cls(store, workdir, version, owner, timeout)
       held, seen = store.read()
