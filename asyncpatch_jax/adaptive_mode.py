@@ -95,7 +95,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
                                known_image=x is not None)
   out_dir = storage.path(sc.out_dir or storage.path(workdir) / "samples" / sc.task,
                          "sample.out_dir")
-  storage.check_writable(out_dir.parent, "sample.out_dir's parent folder")
+  storage.check_replaceable(out_dir, "sample.out_dir")
   key = jax.random.key(config.seed)
   gen = generate.Generator(setup.model, head=head)
   guide = dict(labels=labels, guidance_weight=sc.guidance if labels is not None else 0.0,

@@ -187,7 +187,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   # The call's outputs replace the folder's as one unit (storage.replaced_folder), in a
   # temporary folder beside it: its parent must be writable.
   out_dir = storage.path(sc.out_dir or workdir / "samples" / sc.task, "sample.out_dir")
-  storage.check_writable(out_dir.parent, "sample.out_dir's parent folder")
+  storage.check_replaceable(out_dir, "sample.out_dir")
   setup, state = train.load_trained(workdir, config, setup=setup)
   key = jax.random.key(config.seed)
   gen = generate.Generator(setup.model)

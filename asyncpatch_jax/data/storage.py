@@ -155,6 +155,23 @@ def check_writable(p, what: str = "workdir") -> epath.Path:
   return out
 
 
+def check_replaceable(p, what: str = "output folder") -> epath.Path:
+  """path(p), checking that `replaced_folder(p)` can write beside it (its parent is writable).
+
+  Raises InputError naming `p` and the reason; `p` itself is not created or touched.
+  """
+  out = check_bucket(p, what)
+  try:
+    check_writable(out.parent, what)
+  except checks.InputError as e:
+    reason = str(e).rsplit(" is not writable (", 1)[-1].split(");", 1)[0]
+    raise checks.InputError(f"{what} {os.fspath(p)!r} is not writable (its folder "
+                            f"{os.fspath(out.parent)!r}: {reason}); choose a "
+                            f"{'bucket' if is_url(out) else 'directory'} you can write "
+                            "to.") from None
+  return out
+
+
 def write_text_atomic(p: epath.Path, text: str) -> None:
   """Writes `text` to `p` so that a reader (or a killed writer) never sees half a file.
 
