@@ -111,14 +111,21 @@ def check_range(value, name: str, low=None, high=None, *, low_open: bool = False
   if ok and high is not None:
     ok = x < high if high_open else x <= high
   if not ok:
-    if low is not None and high is not None:
-      interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-      interval = f"{'>' if low_open else '>='} {low:g}"
-    else:
-      interval = f"{'<' if high_open else '<='} {high:g}"
-    raise InputError(f"{name}={value!r}; expected a number {interval}.{' ' + hint if hint else ''}")
+    where = interval(low, high, low_open=low_open, high_open=high_open)
+    raise InputError(f"{name}={value!r}; expected a number{' ' + where if where else ''}."
+                     f"{' ' + hint if hint else ''}")
   return x
+
+
+def interval(low=None, high=None, *, low_open: bool = False, high_open: bool = False) -> str:
+  """How check_range names [low, high]: 'in [0, 1)', '> 0', '<= 1'; '' when unbounded."""
+  if low is not None and high is not None:
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+  if low is not None:
+    return f"{'>' if low_open else '>='} {low:g}"
+  if high is not None:
+    return f"{'<' if high_open else '<='} {high:g}"
+  return ""
 
 
 def check_dataset_size(dataset: str, num_examples, default_num_examples: dict, split: str,

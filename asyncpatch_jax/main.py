@@ -234,6 +234,8 @@ def main(argv):
       raise checks.InputError("--config is required for training: e.g. "
                               "--config=configs/default.py, or --config=<workdir>/config.json "
                               "to continue a run with its saved settings.")
+    # Every key's value, judged alone, before anything is built or read from the workdir.
+    base_config.validate(config)
     from asyncpatch_jax.training import sharding  # pylint: disable=g-import-not-at-top
     from asyncpatch_jax.training import train  # pylint: disable=g-import-not-at-top
     # XLA:CPU fixes its host devices when its backend starts: the library's CPU default
