@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asyncpatch_jax import base_config
 from asyncpatch_jax import checks
 from asyncpatch_jax import sample_mode
 from asyncpatch_jax.data import storage
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax.training import train
+from fixtures import configs
 from fixtures import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,15 +55,6 @@ else:
 sys.argv[0] = "asyncpatch_jax.main"
 runpy.run_module("asyncpatch_jax.main", run_name="__main__", alter_sys=True)
 '''
-
-
-def make_config(overrides):
-  config = base_config.load_config_file(TEST_CONFIG)
-  with config.unlocked():
-    for key, value in overrides.items():
-      section, name = key.split(".")
-      config[section][name] = value
-  return config
 
 
 def cli(args, env, cwd, without=None, **kw):
@@ -105,7 +96,7 @@ def tfrecords(data: bytes):
 def reference(tmp_path_factory):
   """The same run, local and uninterrupted, in this process (8 host devices, like the CLI)."""
   workdir = tmp_path_factory.mktemp("reference")
-  train.train_and_evaluate(make_config(RUN), str(workdir))
+  train.train_and_evaluate(configs.with_overrides(RUN), str(workdir))
   return workdir
 
 
@@ -134,7 +125,7 @@ def test_gs_workdir_killed_resumed_and_sampled_without_data(gcs, reference, tmp_
   assert f"Restoring checkpoint of step {resumed_from} from {url}" in err
 
   # 2. Bitwise the uninterrupted local run: parameters, EMA, optimizer state.
-  config = make_config(RUN)
+  config = configs.with_overrides(RUN)
   a, b = load_state(str(reference), config), load_state(url, config)
   assert int(a.step) == int(b.step) == 24
   for name in ("params", "ema_params", "opt_state"):
@@ -174,7 +165,7 @@ def test_gs_workdir_killed_resumed_and_sampled_without_data(gcs, reference, tmp_
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   local = tmp_path / "local_samples"
-  sample_mode.sample_from_workdir(make_config({**SAMPLE, "sample.out_dir": str(local)}),
+  sample_mode.sample_from_workdir(configs.with_overrides({**SAMPLE, "sample.out_dir": str(local)}),
                                   str(reference))
   settings = json.loads(gcs.read("run/samples/generate/settings.json"))
   assert settings["step"] == 24 and settings["out_dir"] == f"{url}/samples/generate"

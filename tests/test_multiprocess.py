@@ -28,6 +28,7 @@ from asyncpatch_jax import evaluate_mode
 from asyncpatch_jax import sample_mode
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax.training import train
+from fixtures import configs
 from fixtures import gcs_emulator
 
 # One worker runs the module (pytest.ini: --dist loadgroup), so each run below happens once.
@@ -248,15 +249,6 @@ def _flat(d, prefix=""):
   return out
 
 
-def _sample_config(workdir, overrides):
-  config = base_config.load_config_file(str(workdir / "config.json"))
-  with config.unlocked():
-    for key, value in overrides.items():
-      section, name = key.split(".")
-      config[section][name] = str(value) if isinstance(value, os.PathLike) else value
-  return config
-
-
 def test_sample_and_evaluate_on_two_processes_write_what_one_process_writes(two_processes,
                                                                              tmp_path):
   workdir = two_processes.workdir
@@ -288,7 +280,8 @@ def test_sample_and_evaluate_on_two_processes_write_what_one_process_writes(two_
                   processes=2, devices=2, env=env, folder=tmp_path, tag=task))
     assert_only_process_0_writes(tmp_path, task)
     sample_mode.sample_from_workdir(
-        _sample_config(workdir, {**overrides, "sample.out_dir": str(out["one"])}),
+        configs.with_overrides({**overrides, "sample.out_dir": out["one"]},
+                               path=workdir / "config.json"),
         str(workdir))
     files = sorted(os.listdir(out["one"]))
     assert sorted(os.listdir(out["two"])) == files, task
@@ -313,9 +306,9 @@ def test_sample_and_evaluate_on_two_processes_write_what_one_process_writes(two_
                  *flags({**EVALUATE, "evaluate.out": out["two"]})],
                 processes=2, devices=2, env=env, folder=tmp_path, tag="evaluate"))
   assert_only_process_0_writes(tmp_path, "evaluate")
-  evaluate_mode.evaluate_workdir(_sample_config(workdir, {**EVALUATE,
-                                                          "evaluate.out": str(out["one"])}),
-                                 str(workdir))
+  evaluate_mode.evaluate_workdir(
+      configs.with_overrides({**EVALUATE, "evaluate.out": out["one"]},
+                             path=workdir / "config.json"), str(workdir))
   a, b = (json.loads(p.read_text()) for p in (out["one"], out["two"]))
   for d in (a, b):
     for key in ("seconds", "grid", "devices", "mesh"):

@@ -19,12 +19,12 @@ import time
 
 import pytest
 
-from asyncpatch_jax import base_config
 from asyncpatch_jax import checks
 from asyncpatch_jax import sample_mode
 from asyncpatch_jax.data import storage
 from asyncpatch_jax.training import run_lock
 from asyncpatch_jax.training import train
+from fixtures import configs
 from fixtures import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,7 +161,7 @@ def test_two_trainings_started_together_one_runs_one_stops_naming_the_owner(tmp_
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.train_and_evaluate(_config({"sample.num_images": 0, "eval.num_samples": 0}),
+  train.train_and_evaluate(configs.with_overrides({"sample.num_images": 0, "eval.num_samples": 0}),
                            str(workdir))
   return workdir
 
@@ -175,22 +175,13 @@ def test_sampling_beside_a_live_training(trained, tmp_path):
   try:
     out = tmp_path / "samples"
     settings = sample_mode.sample_from_workdir(
-        _config({"sample.task": "generate", "sample.num_images": 4, "sample.out_dir": str(out)}),
+        configs.with_overrides({"sample.task": "generate", "sample.num_images": 4, "sample.out_dir": str(out)}),
         str(workdir))
     assert settings["step"] == 24 and (out / "samples.npz").exists()
     with pytest.raises(checks.InputError, match=f"pid {os.getpid()}"):
-      train.train_and_evaluate(_config({}), str(workdir))
+      train.train_and_evaluate(configs.with_overrides({}), str(workdir))
   finally:
     lock.release()
-
-
-def _config(overrides):
-  config = base_config.load_config_file(TEST_CONFIG)
-  with config.unlocked():
-    for key, value in overrides.items():
-      section, name = key.split(".")
-      config[section][name] = value
-  return config
 
 
 # --- one meaning of a workdir ---------------------------------------------------------------
