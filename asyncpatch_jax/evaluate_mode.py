@@ -89,9 +89,12 @@ def evaluate_workdir(config, workdir) -> dict:
     # Rows: samples, then per mask family the masked inputs and their inpaintings.
     rows = [examples["samples"]] + [x for f in config.evaluate.mask_families if f in examples
                                     for x in examples[f]]
-    image_io.save_grid(_stack(rows), grid_path, ncols=workdir_eval.NUM_EXAMPLES,
-                       scale=4 if setup.pixel_shape[0] <= 32 else 1)
-    storage.write_text_atomic(out_path, json.dumps(result, indent=2))
+    # The grid and the JSON that names it are replaced together (the JSON last).
+    with storage.replaced_files(out_path.parent, "evaluate.out's folder") as folder:
+      image_io.save_grid(_stack(rows), folder.file(grid_path.name),
+                         ncols=workdir_eval.NUM_EXAMPLES,
+                         scale=4 if setup.pixel_shape[0] <= 32 else 1)
+      storage.write_text_atomic(folder.file(out_path.name), json.dumps(result, indent=2))
   return _summary(result, str(out_path))
 
 

@@ -43,6 +43,21 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["out"]                 # no temporary folder left
 
 
+def test_files_in_a_shared_folder_are_replaced_together(tmp_path):
+  """--mode=evaluate's evaluate.png and evaluate.json, beside a workdir's other files."""
+  (tmp_path / "keep.txt").write_text("other")
+  for version in ("first", "second"):
+    with storage.replaced_files(tmp_path) as folder:
+      folder.file("evaluate.png").write_text(version)
+      folder.file("evaluate.json").write_text(version)
+  with pytest.raises(KeyboardInterrupt):
+    with storage.replaced_files(tmp_path) as folder:
+      folder.file("evaluate.png").write_text("third")
+      raise KeyboardInterrupt                   # before the JSON: nothing is replaced
+  assert {p: (tmp_path / p).read_text() for p in sorted(os.listdir(tmp_path))} == {
+      "evaluate.json": "second", "evaluate.png": "second", "keep.txt": "other"}
+
+
 def test_on_gs_the_manifest_is_written_last_and_lists_the_call(gcs):
   dest = f"gs://{gcs_emulator.BUCKET}/outputs"
   with storage.replaced_folder(dest) as folder:

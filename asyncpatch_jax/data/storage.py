@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import uuid
 
 from absl import logging
@@ -153,6 +154,40 @@ def check_writable(p, what: str = "workdir") -> epath.Path:
     raise checks.InputError(f"{what} {os.fspath(p)!r} is not writable ({_reason(e)}); choose a "
                             f"{'bucket' if is_url(out) else 'directory'} you can write to.") from None
   return out
+
+
+@contextlib.contextmanager
+def replaced_files(folder, what: str = "output folder"):
+  """Writes a few files into an existing `folder` (e.g. a workdir) as one unit.
+
+  Yields an OutputFolder. On a local disk the files are written in a temporary folder
+  inside `folder`, then moved into place in the order they were named, with SIGINT and
+  SIGTERM held back for those few renames, so an interrupted or failed call leaves
+  all of the previous files (or none of them) and never a mix. On gs:// each upload is
+  atomic and they happen in the order named: name the file readers trust (the JSON that
+  names the others) last. Call it on the one process that writes (process 0).
+  """
+  folder = path(folder, what)
+  if is_url(folder):
+    yield OutputFolder(folder, folder)
+    return
+  staging = folder / f".outputs.{uuid.uuid4().hex}.tmp"
+  try:
+    staging.mkdir(parents=True)
+    out = OutputFolder(folder, staging)
+    yield out
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+      for name in dict.fromkeys(out.names):
+        os.replace(staging / name, folder / name)
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+  except OSError as e:
+    raise WriteError(f"writing {folder} failed ({_reason(e)}); its previous files are "
+                     "unchanged.") from e
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_replaceable(p, what: str = "output folder") -> epath.Path:
