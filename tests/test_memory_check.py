@@ -19,6 +19,7 @@ import pytest
 
 from asyncpatch_jax import base_config
 from asyncpatch_jax import checks
+from asyncpatch_jax.data import storage
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import sharding
 from asyncpatch_jax.training import train
@@ -71,7 +72,7 @@ def test_over_limit_run_stops_in_one_line_before_writing_anything(tmp_path):
   setup = train.Setup(make_config(model__base_channels=4096))
   assert num_params == sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   per_device = _gib(estimate[0], "needs about")
-  assert per_device >= 4 * 4 * num_params / GIB
+  assert per_device + 0.05 >= 4 * 4 * num_params / GIB   # printed to 0.1 GiB
   # The error gives the same estimate, the limit (this machine's RAM) and what was tried.
   error = errors[0]
   assert _gib(error, "needs about") == per_device
@@ -133,7 +134,7 @@ def test_estimate_matches_the_measured_growth_in_peak_rss(tmp_path):
   estimate), with VmHWM reset to it there. Growth: VmHWM after two steps and the final
   checkpoint, minus the baseline. The estimate covers what comes after the baseline:
   the state, the batch, the step's temporaries and its new outputs. Measured on the
-  2-core development machine: estimate 2.65 GiB, growth 2.77 GiB (-4 %).
+  2-core development machine: estimate 2.65 GiB, growth 2.79 GiB (-5 %).
   """
   overrides = {"train.batch_size": 1536, "model.base_channels": 8, "train.num_steps": 2,
                "train.log_every": 1, "train.checkpoint_every": 2, "sample.num_images": 0,
@@ -235,3 +236,15 @@ def test_cgroup_limit_is_the_smallest_along_the_path(tmp_path):
   proc.write_text("12:memory:/job\n11:cpu,cpuacct:/job\n")
   assert memory.cgroup_memory_limit(str(v1), str(proc)) == 3 * GIB
   assert memory.cgroup_memory_limit(str(tmp_path / "none"), str(tmp_path / "none")) is None
+
+
+def test_a_workdir_that_cannot_be_written_stops_before_compiling(tmp_path, monkeypatch):
+  """`storage.precheck_writable` runs before the compile and leaves no trace."""
+  monkeypatch.setattr(memory, "compile_train_step",
+                      lambda *a, **k: pytest.fail("compiled before checking the workdir"))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(checks.InputError, match=r"a_file/run' is not writable \(Not a directory\)"):
+    train.train_and_evaluate(make_config(), str(blocker / "run"), devices=jax.devices()[:1])
+  storage.precheck_writable(str(tmp_path / "new" / "run"))
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]

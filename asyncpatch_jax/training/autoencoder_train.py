@@ -312,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   sharding.maybe_initialize_distributed()
   setup = AutoencoderSetup(config, devices)
-  storage.check_bucket(workdir, "workdir")  # reads only: a missing bucket stops before compiling
+  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)

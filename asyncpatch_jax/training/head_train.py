@@ -189,7 +189,7 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
   identity, the final `state` (head TrainState) and the `frozen` parameters it used.
   """
   sharding.maybe_initialize_distributed()
-  storage.check_bucket(workdir, "workdir")  # reads only: a missing bucket stops before loading
+  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before loading
   setup = HeadSetup(config, devices)
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)

@@ -350,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     return head_train.train_head(config, workdir, devices=devices)
   sharding.maybe_initialize_distributed()
   setup = Setup(config, devices)           # bad settings stop before the workdir is touched
-  storage.check_bucket(workdir, "workdir")  # reads only: a missing bucket stops before compiling
+  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
