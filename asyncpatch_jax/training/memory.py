@@ -78,6 +78,7 @@ class StepMemory:
     return self.arguments + (self.outputs - self.aliased) + self.temporaries
 
   def describe(self) -> str:
+    """The peak and its parts, for the log line."""
     return (f"{format_bytes(self.peak)} (arguments {format_bytes(self.arguments)}: state and "
             f"batch; temporaries {format_bytes(self.temporaries)}; new outputs "
             f"{format_bytes(self.outputs - self.aliased)})")
@@ -148,6 +149,7 @@ class MemoryLimit:
   what: str
 
   def fits(self, per_device: float) -> bool:
+    """Whether `per_device` bytes on each of the `shared_by` devices stay within the limit."""
     return per_device * self.shared_by <= self.bytes
 
 
