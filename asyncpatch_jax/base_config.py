@@ -101,6 +101,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       lock_timeout=300.0,    # seconds after which another run takes over this run's
                              # workdir lock (run.lock) once its heartbeat (every
                              # lock_timeout / 4 s) stopped; a dead process of this host: at once
+      skip_memory_check=False,  # True: train even when the train step's estimated peak memory
+                                # per device (logged before anything is allocated) exceeds
+                                # the devices' memory; False stops with settings that fit
   )
 
   config.sample = dict(

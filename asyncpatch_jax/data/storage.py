@@ -14,6 +14,7 @@ bucket that does not exist, a workdir that cannot be written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -204,6 +205,41 @@ def check_replaceable(p, what: str = "output folder") -> epath.Path:
                             f"{os.fspath(out.parent)!r}: {reason}); choose a "
                             f"{'bucket' if is_url(out) else 'directory'} you can write "
                             "to.") from None
+  return out
+
+
+def precheck_writable(p, what: str = "workdir") -> epath.Path:
+  """`check_writable` before there is a reason to write: check_bucket(p), leaving no trace.
+
+  A local folder is not created: it, or its nearest existing parent, must be a folder
+  this process may write in (os.access; a read-only file system is named). A gs:// URL
+  gets the probe object, written and removed (GCS has no folders, so nothing remains;
+  only a write tells whether the bucket takes one). `check_writable` still runs before
+  the first write: it is the one that creates the folder.
+  Raises InputError (naming the folder and the reason) as check_writable does.
+  """
+  out = check_bucket(p, what)
+  if is_url(out):
+    try:
+      probe = out / f".write_test_{uuid.uuid4().hex}"
+      probe.write_bytes(b"")
+      probe.unlink()
+    except _errors(out) as e:
+      raise checks.InputError(f"{what} {os.fspath(p)!r} is not writable ({_reason(e)}); choose "
+                              "a bucket you can write to.") from None
+    return out
+  existing = os.fspath(out)
+  while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  problem = None
+  if not os.path.isdir(existing):
+    problem = os.strerror(errno.ENOTDIR)
+  elif not os.access(existing, os.W_OK | os.X_OK):
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    problem = os.strerror(errno.EROFS if read_only else errno.EACCES)
+  if problem is not None:
+    raise checks.InputError(f"{what} {os.fspath(p)!r} is not writable ({problem}); choose a "
+                            "directory you can write to.")
   return out
 
 

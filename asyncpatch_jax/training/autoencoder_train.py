@@ -49,6 +49,7 @@ from asyncpatch_jax.data import training_masks
 from asyncpatch_jax.models import patchgan
 from asyncpatch_jax.models import vqae
 from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax.training import sharding
 from asyncpatch_jax.training import train
@@ -310,18 +311,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns a summary: final step, last metrics, eval results, preempted, and the `state`.
   """
   sharding.maybe_initialize_distributed()
-  workdir = storage.check_writable(workdir, "workdir")
   setup = AutoencoderSetup(config, devices)
+  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
+  root_key = jax.random.key(cfg.seed)
+  h, w, _ = setup.image_shape
+  example = {"image": setup.source[0]["image"], "mask": np.ones((h, w), np.float32)}
+  step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
+
+  def abstract_args(batch_size):
+    return (memory.with_shardings(setup.abstract_state, state_shardings),
+            memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)))
+
+  # Checked on shapes before anything is allocated or written (memory.py).
+  step_fn = memory.compile_train_step(step_fn, abstract_args, config=cfg, mesh=mesh,
+                                      params=setup.abstract_state.params,
+                                      what="autoencoder's train step")
+  workdir = storage.check_writable(workdir, "workdir")
   ckpt = _checkpointer(workdir, cfg, setup.image_shape, every=cfg.train.checkpoint_every,
                        keep=cfg.train.keep_checkpoints)
   writer = None
   try:
     ckpt.check_compatible()
     ckpt.write_config_json()
-    root_key = jax.random.key(cfg.seed)
     state = train.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
                                 root_key)
     start = int(jax.device_get(state.step))
@@ -331,13 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  jax.device_count(),
                  sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)),
                  setup.ae.halo)
-    step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
-                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
     pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
     writer = metric_writer.MetricWriter(workdir, start)
-    h, w, _ = setup.image_shape
     step_args = ((input_pipeline.make_global_batch(
         {"image": local["image"], "mask": batch_masks(cfg, step, h, w)}, mesh),)
                  for step, local in enumerate(pipeline.iterate(start, total - start), start))

@@ -65,6 +65,7 @@ DAMAGED_SUFFIX = ".damaged"
 FREE_TO_CHANGE = ("sample.", "eval.", "evaluate.", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.sample_every", "train.progress_bar",
                   "train.fsdp", "train.allow_schedule_change", "train.lock_timeout",
+                  "train.skip_memory_check",
                   "data.data_dir",
                   "uncertainty.head_workdir", "uncertainty.model_workdir",
                   "uncertainty.policy", "uncertainty.budget", "uncertainty.speedup",

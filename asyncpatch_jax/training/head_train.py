@@ -33,9 +33,11 @@ from etils import epath
 
 from asyncpatch_jax import checks
 from asyncpatch_jax.data import input_pipeline
+from asyncpatch_jax.data import storage
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax.training import sharding
 from asyncpatch_jax.training import train
@@ -187,38 +189,47 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
   identity, the final `state` (head TrainState) and the `frozen` parameters it used.
   """
   sharding.maybe_initialize_distributed()
-  try:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise checks.InputError(f"workdir {workdir!r} cannot be created ({e}); choose another "
-                            "--workdir.") from None
+  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before loading
   setup = HeadSetup(config, devices)
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
   frozen_shardings = sharding.state_shardings(setup.frozen, mesh)
+  root_key = jax.random.key(cfg.seed)
+  keys = ("image", "label") if setup.model.num_classes else ("image",)
+  example = {k: setup.model_setup.source[0][k] for k in keys}
+  step_fn = jax.jit(functools.partial(head_train_step, setup=setup, root_key=root_key),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                  frozen_shardings),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
+
+  def abstract_args(batch_size):
+    return (memory.with_shardings(setup.abstract_state, state_shardings),
+            memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)),
+            memory.with_shardings(setup.frozen, frozen_shardings))
+
+  # Checked on shapes before the head's state is allocated or the workdir written
+  # (memory.py); the frozen model is an argument of the step, so it is counted.
+  step_fn = memory.compile_train_step(step_fn, abstract_args, config=cfg, mesh=mesh,
+                                      params=setup.abstract_state.params,
+                                      what="uncertainty head's train step")
+  storage.check_writable(workdir, "workdir")
   frozen = jax.device_put(setup.frozen, frozen_shardings)
   ckpt = HeadCheckpointer(workdir, cfg, setup.image_shape, setup.identity,
                           every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
   try:
     ckpt.check_compatible()
     ckpt.write_config_json()
-    root_key = jax.random.key(cfg.seed)
     state = train.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
                                 root_key)
     start, total = int(jax.device_get(state.step)), cfg.train.num_steps
     logging.info("Training an uncertainty head for %s (frozen model step %d, fingerprint %s) "
                  "from step %d to %d.", cfg.uncertainty.model_workdir, setup.identity["step"],
                  setup.identity["fingerprint"][:12], start, total)
-    step_fn = jax.jit(functools.partial(head_train_step, setup=setup, root_key=root_key),
-                      in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                    frozen_shardings),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
     pipeline = input_pipeline.InputPipeline(setup.model_setup.source, cfg.train.batch_size,
                                             seed=cfg.seed)
     writer = metric_writer.MetricWriter(workdir, start)
-    keys = ("image", "label") if setup.model.num_classes else ("image",)
     step_args = ((input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh), frozen)
                  for local in pipeline.iterate(start, total - start))
     summary = train.run_steps(

@@ -33,6 +33,7 @@ from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax import generate
 from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.data import storage
+from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax import models
 from asyncpatch_jax.training import sharding
@@ -165,6 +166,34 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], froze
              "update_norm": optax.tree.norm(updates),
              "learning_rate": setup.lr_schedule(state.step), **aux}
   return new_state, metrics
+
+
+def compile_train_step(setup: Setup, mesh, root_key: jax.Array) -> jax.stages.Compiled:
+  """`train_step` jitted over `mesh` (state donated), compiled on shapes, memory checked.
+
+  Nothing is allocated: the state, the global batch of `train.batch_size` and the frozen
+  autoencoder are `jax.ShapeDtypeStruct`s with their shardings. Logs the parameter count
+  and the estimated peak memory per device, and raises InputError when the step does not
+  fit the devices (memory.compile_train_step). Call the result as
+  `step(state, batch, *frozen)`, with arrays of those shapes and shardings.
+  """
+  state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
+  keys = ("image", "label") if setup.model.num_classes else ("image",)
+  example = {k: setup.source[0][k] for k in keys}
+  frozen = () if setup.codec is None else (setup.codec.variables,)
+  step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh))
+                    + (sharding.replicated(mesh),) * len(frozen),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
+
+  def abstract_args(batch_size):
+    return (memory.with_shardings(setup.abstract_state, state_shardings),
+            memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)),
+            *(memory.with_shardings(v, sharding.replicated(mesh)) for v in frozen))
+
+  return memory.compile_train_step(step_fn, abstract_args, config=setup.config, mesh=mesh,
+                                   params=setup.abstract_state.params)
 
 
 class _Preemption:
@@ -321,10 +350,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     return head_train.train_head(config, workdir, devices=devices)
   sharding.maybe_initialize_distributed()
   setup = Setup(config, devices)           # bad settings stop before the workdir is touched
-  workdir = storage.check_writable(workdir, "workdir")
+  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
+  root_key = jax.random.key(cfg.seed)
+  # Compiled on shapes alone and checked against the devices' memory before anything is
+  # allocated or written (a resumed run's state has these shapes too); training calls it.
+  step_fn = compile_train_step(setup, mesh, root_key)
+  workdir = storage.check_writable(workdir, "workdir")
   ckpt = checkpointing.Checkpointer(workdir, cfg, setup.pixel_shape,
                                     every=cfg.train.checkpoint_every,
                                     keep=cfg.train.keep_checkpoints)
@@ -332,7 +366,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   try:
     ckpt.check_compatible()
     ckpt.write_config_json()
-    root_key = jax.random.key(cfg.seed)
     state = initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
                           root_key)
     start = int(jax.device_get(state.step))
@@ -343,11 +376,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
 
     frozen = () if setup.codec is None else (
         jax.device_put(setup.codec.variables, sharding.replicated(mesh)),)
-    step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
-                      in_shardings=(state_shardings, sharding.batch_sharding(mesh))
-                      + (sharding.replicated(mesh),) * len(frozen),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
     pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
     writer = metric_writer.MetricWriter(workdir, start)
     keys = ("image", "label") if setup.model.num_classes else ("image",)
