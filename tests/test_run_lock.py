@@ -56,8 +56,12 @@ def test_a_held_lock_refuses_a_second_run_and_is_removed_on_release(tmp_path):
   with pytest.raises(checks.InputError, match=rf"in use by another training run \(host "
                      rf"{socket.gethostname()}, pid {os.getpid()}, started at .*last heartbeat"):
     run_lock.RunLock.acquire(tmp_path, 60)
+  # The read-only check the trainers make before compiling says the same.
+  with pytest.raises(checks.InputError, match=f"in use by another training run .*pid {os.getpid()}"):
+    run_lock.check_free(tmp_path, 60)
   lock.release()
   assert not (tmp_path / "run.lock").exists()
+  run_lock.check_free(tmp_path, 60)
 
 
 def test_the_heartbeat_refreshes_the_lock(tmp_path):

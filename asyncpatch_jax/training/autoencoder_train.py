@@ -51,6 +51,7 @@ from asyncpatch_jax.models import vqae
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
+from asyncpatch_jax.training import run_lock
 from asyncpatch_jax.training import sharding
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
@@ -313,6 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sharding.maybe_initialize_distributed()
   setup = AutoencoderSetup(config, devices)
   storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
+  run_lock.check_free(workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)

@@ -39,6 +39,7 @@ from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.training import checkpointing
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
+from asyncpatch_jax.training import run_lock
 from asyncpatch_jax.training import sharding
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
@@ -190,6 +191,7 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
   """
   sharding.maybe_initialize_distributed()
   storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before loading
+  run_lock.check_free(workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
   setup = HeadSetup(config, devices)
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)

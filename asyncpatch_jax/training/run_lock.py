@@ -177,6 +177,28 @@ def stale_reason(owner: dict | None, timeout: float, now: float | None = None,
   return None
 
 
+def check_free(workdir, timeout: float) -> None:
+  """Raises InputError naming the owner when another live run holds the workdir's lock.
+
+  Reads only (no lock is taken): the trainers call it before compiling, so a second run
+  stops at once; the lock itself is taken later, before the first write (`Checkpointer`).
+  Only process 0 reads; the others learn the answer when the lock is taken.
+  """
+  if jax.process_index() != 0:
+    return
+  lock_path = storage.path(workdir, "workdir") / NAME
+  store = _GcsObject(lock_path) if storage.is_url(lock_path) else _LocalFile(lock_path)
+  held, seen = store.read()
+  if seen is not None and stale_reason(held, float(timeout)) is None:
+    raise checks.InputError(_in_use(storage.path(workdir, "workdir"), held, lock_path, timeout))
+
+
+def _in_use(workdir, held: dict | None, path, timeout: float) -> str:
+  return (f"workdir {workdir} is in use by another training run ({describe(held)}); "
+          f"stop it, or wait: its lock ({path}) is taken over once its heartbeat is older "
+          f"than train.lock_timeout={timeout:g} s. Sampling and evaluation work beside it.")
+
+
 class RunLock:
   """The held lock of one training run; `RunLock.acquire(workdir, timeout)` takes it."""
 
@@ -228,10 +250,7 @@ class RunLock:
         continue                  # released in between
       why = stale_reason(held, timeout)
       if why is None:
-        raise checks.InputError(
-            f"workdir {workdir} is in use by another training run ({describe(held)}); "
-            f"stop it, or wait: its lock ({path}) is taken over once its heartbeat is older "
-            f"than train.lock_timeout={timeout:g} s. Sampling and evaluation work beside it.")
+        raise checks.InputError(_in_use(workdir, held, path, timeout))
       version = store.take_over(seen, data)
       if version is not None:
         logging.warning("took over the run lock of workdir %s from %s: %s.", workdir,

@@ -36,6 +36,7 @@ from asyncpatch_jax.data import storage
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax import models
+from asyncpatch_jax.training import run_lock
 from asyncpatch_jax.training import sharding
 from asyncpatch_jax.diffusion import timesteps
 from asyncpatch_jax.training import train_state
@@ -351,6 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   sharding.maybe_initialize_distributed()
   setup = Setup(config, devices)           # bad settings stop before the workdir is touched
   storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
+  run_lock.check_free(workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
   cfg = config
   mesh = sharding.make_mesh(cfg.train.fsdp, devices)
   state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
