@@ -60,6 +60,7 @@ class _LocalFile:
     return owner, (owner or {}).get("token")
 
   def create(self, data: bytes) -> object | None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)   # the run's first write
     tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as f:
       f.write(data)
