@@ -3,7 +3,10 @@
 `jax.distributed` on localhost (gloo CPU collectives), the same command on every process,
 configs/test.py with fsdp = 2 and its final grids and evaluation on, as a pod user runs
 it. The reference for training is the same command on one process with 4 host devices
-(the same 2 x 2 mesh); for sampling and evaluation, the same calls in this process.
+(the same 2 x 2 mesh); for sampling and evaluation, the same calls in this process. What
+makes it work is runtime/multihost.py (`gather`: outputs that span processes are gathered
+before the host reads them; `is_writer`: process 0 writes); removing the gather from the
+sampler makes process 0 exit with jax's "non-addressable devices" error here.
 
 Who writes what is observed, not trusted: every process runs under an audit hook
 (AUDIT below, `sys.addaudithook`) that logs each file it opens for writing or renames
