@@ -16,6 +16,7 @@ under the test's folder, and on gs:// the emulator logs every upload
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -300,8 +301,12 @@ def test_sample_and_evaluate_on_two_processes_write_what_one_process_writes(two_
           for key in ("grid", "npz", "out_dir", "rounds_grid", "steps_grid"):
             d.pop(key, None)
         assert sa == sb, task
+    # Process 0 wrote each file once, in the staging folder that then became the task's
+    # folder in one rename (data/storage.replaced_folder).
     by_0 = written(tmp_path, task, 0)
-    assert all(by_0.get(f"two/{task}/{n}") == 1 for n in files), by_0
+    staged = [p for p in by_0 if re.fullmatch(rf"two/\.{task}\.[0-9a-f]+\.tmp/[^./][^/]*", p)]
+    assert sorted(os.path.basename(p) for p in staged) == files, by_0
+    assert all(by_0[p] == 1 for p in staged) and by_0.get(f"two/{task}") == 1, by_0
 
   # --mode=evaluate: the same scores.
   out = {n: tmp_path / n / "evaluate.json" for n in ("one", "two")}
