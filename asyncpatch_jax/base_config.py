@@ -10,6 +10,7 @@ thing in every mode).
 
 from __future__ import annotations
 
+import abc
 import ast
 import dataclasses
 import io
@@ -254,15 +255,17 @@ def _is_sequence(value) -> bool:
   return isinstance(value, (tuple, list))
 
 
-class Rule:
+class Rule(abc.ABC):
   """What a key accepts: `accepts(value)`, `expected()` (the words after "expected") and
   `hint(value)` (a sentence after them, e.g. the close matches of a misspelt name)."""
 
+  @abc.abstractmethod
   def accepts(self, value) -> bool:
-    raise NotImplementedError
+    """True when `value` is valid for the key."""
 
+  @abc.abstractmethod
   def expected(self) -> str:
-    raise NotImplementedError
+    """What the key accepts, in words."""
 
   def hint(self, value) -> str:  # pylint: disable=unused-argument
     return ""
