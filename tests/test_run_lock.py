@@ -135,6 +135,16 @@ def test_the_gs_lock_is_a_conditional_create(gcs):
   lock.release()
 
 
+def test_a_gs_lock_without_google_cloud_storage_says_what_to_install(monkeypatch):
+  # (This gcsfs imports google-cloud-storage itself; another gcsfs version may not.)
+  import google.cloud  # pylint: disable=g-import-not-at-top
+  monkeypatch.delattr(google.cloud, "storage", raising=False)
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", None)
+  with pytest.raises(checks.InputError, match=r"needs google-cloud-storage; install the GCS "
+                     r"extra: pip install -e '\.\[tpu\]'"):
+    run_lock._GcsObject("gs://some-bucket/run/run.lock")  # pylint: disable=protected-access
+
+
 # --- through the command line ---------------------------------------------------------------
 
 @pytest.mark.slow

@@ -103,8 +103,13 @@ class _GcsObject:
   """The lock on gs://: generation preconditions make every change a compare-and-swap."""
 
   def __init__(self, path: epath.Path):
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+    try:
+      from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+      from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise checks.InputError(f"the run lock of a gs:// workdir ({path}) needs "
+                              "google-cloud-storage; install the GCS extra: pip install -e "
+                              "'.[tpu]' (or pip install google-cloud-storage).") from None
     bucket, name = os.fspath(path).split("://", 1)[1].split("/", 1)
     self._failed = (exceptions.PreconditionFailed, exceptions.NotFound)
     self.blob = gcs.Client().bucket(bucket).blob(name)
