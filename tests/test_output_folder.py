@@ -43,6 +43,25 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["out"]                 # no temporary folder left
 
 
+def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
+  dest = tmp_path / "out"
+  with storage.replaced_folder(dest) as folder:
+    folder.file("a.txt").write_text("first")
+  cls = type(storage.path(dest))
+  rename = cls.rename
+
+  def failing(self, target):
+    if self.name.endswith(".tmp"):        # the new folder cannot take the old one's place
+      raise OSError(28, "No space left on device")
+    return rename(self, target)
+
+  monkeypatch.setattr(cls, "rename", failing)
+  with pytest.raises(storage.WriteError, match="No space left on device"):
+    with storage.replaced_folder(dest) as folder:
+      folder.file("a.txt").write_text("second")
+  assert sorted(os.listdir(tmp_path)) == ["out"] and (dest / "a.txt").read_text() == "first"
+
+
 def test_files_in_a_shared_folder_are_replaced_together(tmp_path):
   """--mode=evaluate's evaluate.png and evaluate.json, beside a workdir's other files."""
   (tmp_path / "keep.txt").write_text("other")

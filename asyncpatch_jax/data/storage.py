@@ -177,13 +177,9 @@ def replaced_files(folder, what: str = "output folder"):
     staging.mkdir(parents=True)
     out = OutputFolder(folder, staging)
     yield out
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
+    with _signals_held():
       for name in dict.fromkeys(out.names):
         os.replace(staging / name, folder / name)
-    finally:
-      signal.pthread_sigmask(signal.SIG_SETMASK, previous)
   except OSError as e:
     raise WriteError(f"writing {folder} failed ({_reason(e)}); its previous files are "
                      "unchanged.") from e
@@ -329,13 +325,19 @@ def replaced_folder(dest, what: str = "output folder"):
     return
   tag = uuid.uuid4().hex
   staging = dest.parent / f".{dest.name}.{tag}.tmp"
+  aside = dest.parent / f".{dest.name}.{tag}.old"
   try:
     staging.mkdir(parents=True)
     yield OutputFolder(dest, staging)
-    aside = dest.parent / f".{dest.name}.{tag}.old"
-    if dest.exists():
-      dest.rename(aside)
-    staging.rename(dest)
+    with _signals_held():          # the two renames are not split by Ctrl-C or SIGTERM
+      if dest.exists():
+        dest.rename(aside)
+      try:
+        staging.rename(dest)
+      except OSError:
+        if aside.exists() and not dest.exists():
+          aside.rename(dest)         # the previous folder back in its place
+        raise
   except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
     if isinstance(e, OSError):
@@ -343,6 +345,16 @@ def replaced_folder(dest, what: str = "output folder"):
                        "unchanged.") from e
     raise
   shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+  """SIGINT and SIGTERM wait (are blocked) inside the block, then arrive."""
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _errors(p: epath.Path) -> tuple[type[BaseException], ...]:
