@@ -23,8 +23,16 @@ import json
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import textwrap
+
+# Ctrl-C or SIGTERM during start-up waits until the libraries are loaded (the block is lifted
+# in main()): jaxlib interrupted while it loads can crash with SIGSEGV, and the signal then
+# arrives at a point where the run stops cleanly (exit 130 for Ctrl-C).
+_START_UP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+if __name__ == "__main__":
+  signal.pthread_sigmask(signal.SIG_BLOCK, _START_UP_SIGNALS)
 
 from absl import app
 from absl import flags
@@ -236,8 +244,13 @@ def main(argv):
                               "to continue a run with its saved settings.")
     # Every key's value, judged alone, before anything is built or read from the workdir.
     base_config.validate(config)
-    from asyncpatch_jax.training import sharding  # pylint: disable=g-import-not-at-top
-    from asyncpatch_jax.training import train  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from asyncpatch_jax import evaluate_mode
+    from asyncpatch_jax import sample_mode
+    from asyncpatch_jax.training import sharding
+    from asyncpatch_jax.training import train
+    # pylint: enable=g-import-not-at-top
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_UP_SIGNALS)
     # XLA:CPU fixes its host devices when its backend starts: the library's CPU default
     # (the batch sharded over two host devices per core) is decided before that.
     sample = config.get("sample")
@@ -250,10 +263,8 @@ def main(argv):
     if FLAGS.mode == "train":
       summary = train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "evaluate":
-      from asyncpatch_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
       summary = evaluate_mode.evaluate_workdir(config, FLAGS.workdir)
     else:
-      from asyncpatch_jax import sample_mode  # pylint: disable=g-import-not-at-top
       summary = sample_mode.sample_from_workdir(config, FLAGS.workdir)
   except (checks.InputError, FloatingPointError, storage.WriteError) as e:
     # The library's own input errors, a failed write and a diverging loss end with the

@@ -257,6 +257,24 @@ def test_ctrl_c_saves_exits_130_and_resumes_bitwise(reference, tmp_path):
   assert [r["loss"] for r in records] == [r["loss"] for r in ref_records]
 
 
+@pytest.mark.parametrize("delay", [0.6, 1.2])
+def test_ctrl_c_during_start_up_exits_130_in_one_line_and_touches_nothing(delay, tmp_path):
+  """Ctrl-C while the libraries load: held until they are loaded, then exit 130.
+
+  Python's default (a KeyboardInterrupt traceback, killed by SIGINT) and, in CI, a
+  SIGSEGV inside jaxlib's import were what an early Ctrl-C gave before.
+  """
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen(cli(f"--workdir={workdir}"), cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert err.strip().splitlines()[-1] == "interrupted." and "Traceback" not in err, err
+  assert not out and not workdir.exists()
+
+
 def test_sample_mode_needs_no_config_and_reports_a_damaged_step_in_one_line(reference,
                                                                            tmp_path):
   ref_dir, _, _ = reference
