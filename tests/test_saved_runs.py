@@ -1,0 +1,75 @@
+"""Runs saved by earlier code still load, sample and evaluate, writing the same files.
+
+tests/fixtures/saved_runs holds four small workdirs (a pixel model, an uncertainty head
+on it, an autoencoder and a latent model on it) written on 2026-12-06, before the
+library's modules were regrouped, and what `--mode=sample` and `--mode=evaluate` wrote
+from them then (tests/fixtures/make_saved_runs.py). Today's command line must write the
+same files with bitwise the same arrays, PNGs and scores.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fixtures import make_saved_runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAVED = os.path.join(ROOT, "tests", "fixtures", "saved_runs")
+
+
+def _copy(tmp_path) -> str:
+  """The saved runs under tmp_path, their "{runs}" paths filled in."""
+  runs = str(tmp_path / "runs")
+  shutil.copytree(SAVED, runs, ignore=shutil.ignore_patterns("expected"))
+  for name in ("head", "latent"):
+    path = os.path.join(runs, name, "config.json")
+    text = open(path).read()
+    open(path, "w").write(text.replace("{runs}", runs))
+  return runs
+
+
+def _untimed(d):
+  """`d` without its wall-clock entries (keys that name seconds)."""
+  if isinstance(d, dict):
+    return {k: _untimed(v) for k, v in d.items() if "seconds" not in k}
+  return d
+
+
+def _same_json(got: str, want: str, runs: str, out: str) -> None:
+  want_text = open(want).read().replace("{runs}/expected", out).replace("{runs}", runs)
+  assert _untimed(json.loads(open(got).read())) == _untimed(json.loads(want_text))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, _ in make_saved_runs.output_commands("", "")])
+def test_a_saved_run_samples_and_evaluates_as_it_did(name, tmp_path):
+  runs = _copy(tmp_path)
+  out = str(tmp_path / "out")
+  args = dict(make_saved_runs.output_commands(runs, out))[name]
+  res = subprocess.run([sys.executable, "-m", "asyncpatch_jax.main", *args], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr[-3000:]
+  want = os.path.join(SAVED, "expected", name)
+  got = os.path.join(out, name)
+  if name.endswith(".json"):
+    _same_json(got, want, runs, out)
+    assert sorted(os.listdir(out)) == sorted(
+        p for p in os.listdir(os.path.join(SAVED, "expected")) if p.startswith(name[:-5]))
+    return
+  assert sorted(os.listdir(got)) == sorted(os.listdir(want))
+  for file in os.listdir(want):
+    if file.endswith(".json"):
+      _same_json(os.path.join(got, file), os.path.join(want, file), runs, out)
+    elif file.endswith(".npz"):
+      a, b = np.load(os.path.join(got, file)), np.load(os.path.join(want, file))
+      assert sorted(a) == sorted(b)
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    else:
+      assert open(os.path.join(got, file), "rb").read() == \
+          open(os.path.join(want, file), "rb").read(), file
