@@ -39,9 +39,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import storage
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -60,13 +60,13 @@ flags.DEFINE_enum("mode", "train", list(_MODES),
 flags.mark_flags_as_required(["workdir"])
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_SAVED_CONFIG = os.path.join(_PACKAGE_DIR, "base_config.py")  # its get_config(path)
+_SAVED_CONFIG = os.path.join(_PACKAGE_DIR, "config", "base_config.py")  # its get_config(path)
 _HELP_ARGS = ("-h", "--help", "-help", "-?")   # absl's own --help lists only the flags
 
 
 def _sample_tasks() -> dict[str, str]:
   """sample_mode.TASKS ({task: meaning}), read from its source: importing it would load jax."""
-  with open(os.path.join(_PACKAGE_DIR, "sample_mode.py"), encoding="utf-8") as f:
+  with open(os.path.join(_PACKAGE_DIR, "modes", "sample_mode.py"), encoding="utf-8") as f:
     tree = ast.parse(f.read())
   node = next(n for n in tree.body if isinstance(n, ast.Assign)
               and [getattr(t, "id", None) for t in n.targets] == ["TASKS"])
@@ -102,7 +102,7 @@ def help_text(width: int = 100) -> str:
       "", "Sampling tasks (--mode=sample --config.sample.task=TASK):",
       *_table(_sample_tasks().items(), width, 20),
       "", para("Config keys and their defaults, declared and documented in "
-               "asyncpatch_jax/base_config.py (every configs/*.py starts from them; a run's "
+               "asyncpatch_jax/config/base_config.py (every configs/*.py starts from them; a run's "
                "config.json holds the values it used). Override one with "
                "--config.section.key=value, e.g. --config.train.num_steps=500 "
                "--config.sample.task=inpaint."),
@@ -174,7 +174,7 @@ def _flag_error(e: BaseException, argv: list[str]) -> str:
                      and key in a.split("=", 1)[0].split(".")), None)
     where = f"{override}: " if override else ""
     return (f"{where}the config has no key {key!r}.{' ' + hint if hint else ''} Every key is "
-            "declared in asyncpatch_jax/base_config.py.")
+            "declared in asyncpatch_jax/config/base_config.py.")
   text = str(e)
   found = re.findall(r"asyncpatch_jax\.checks\.InputError: (.*)", text)
   if found:        # an InputError raised while loading the config, wrapped by ml_collections
@@ -245,9 +245,9 @@ def main(argv):
     # Every key's value, judged alone, before anything is built or read from the workdir.
     base_config.validate(config)
     # pylint: disable=g-import-not-at-top
-    from asyncpatch_jax import evaluate_mode
-    from asyncpatch_jax import sample_mode
-    from asyncpatch_jax.training import sharding
+    from asyncpatch_jax.modes import evaluate_mode
+    from asyncpatch_jax.modes import sample_mode
+    from asyncpatch_jax.runtime import sharding
     from asyncpatch_jax.training import train
     # pylint: enable=g-import-not-at-top
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_UP_SIGNALS)

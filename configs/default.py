@@ -4,7 +4,7 @@ Trains and samples on a 2-core CPU in under 10 minutes with no download:
   python -m asyncpatch_jax.main --config=configs/default.py --workdir=/tmp/asyncpatch_default
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

@@ -7,8 +7,8 @@
 4x4 patch gets its own uniform time (`patchwise`, the SRM / IPR paper's 4x4 patches).
 """
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
 
 
 def get_config(variant: str = ""):

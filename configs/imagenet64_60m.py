@@ -6,7 +6,7 @@ Needs imagenet_resized/64x64 prepared in a TFDS data_dir (README: "Real datasets
 Paper: 1e6 steps at batch 512, Adam, grad clipping, EMA 0.999, DDIM 250 steps, eta 0.25.
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

@@ -5,7 +5,7 @@ On a TPU pod slice (see launch/tpu_pod.sh):
       --config.data.data_dir=gs://bucket/tfds
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

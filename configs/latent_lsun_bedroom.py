@@ -5,7 +5,7 @@ parameters FSDP-sharded. Train the autoencoder, then on a TPU pod slice:
       --config.latent.autoencoder_workdir=gs://bucket/vqae_lsun --config.data.data_dir=gs://bucket/tfds
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

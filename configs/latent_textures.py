@@ -6,7 +6,7 @@ own noise level. Train the autoencoder first, then:
       --config.latent.autoencoder_workdir=/tmp/vqae_textures
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

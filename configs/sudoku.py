@@ -3,7 +3,7 @@
   python -m asyncpatch_jax.main --config=configs/sudoku.py --workdir=/tmp/asyncpatch_sudoku
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

@@ -11,8 +11,8 @@ t = 0 beside generated ones at t = 1 are in the training distribution.
 `:cpu` is the tiny variant that experiments/ipr_benchmarks.py trains on a 2-core CPU.
 """
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
 
 
 def get_config(variant: str = ""):

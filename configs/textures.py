@@ -3,7 +3,7 @@
   python -m asyncpatch_jax.main --config=configs/textures.py --workdir=/tmp/asyncpatch_textures
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ Then sample with it (--workdir is the model, the head comes from head_workdir):
       --config.uncertainty.head_workdir=/tmp/asyncpatch_head
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ jax.eval_shape). Loss: L1 + VQ (beta 0.25) + PatchGAN hinge with the adaptive we
       --config.data.data_dir=/data/tfds
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ names its workdir:
   python -m asyncpatch_jax.main --config=configs/vqae_textures.py --workdir=/tmp/vqae_textures
 """
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 
 
 def get_config():

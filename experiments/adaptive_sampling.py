@@ -32,8 +32,8 @@ from etils import epath
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from asyncpatch_jax import checks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from asyncpatch_jax import generate
+from asyncpatch_jax.runtime import checks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import flow

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax import models
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.diffusion import policies

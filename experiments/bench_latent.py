@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax.training import latent_codec as latent
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runs import latent_codec as latent
 from asyncpatch_jax.models import vqae
 from asyncpatch_jax.training import train
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax import models
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import masks

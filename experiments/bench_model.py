@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax import models
 from asyncpatch_jax.diffusion import samplers

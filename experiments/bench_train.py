@@ -21,7 +21,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.training import train
 
 FLAGS = flags.FLAGS

@@ -37,8 +37,8 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from asyncpatch_jax import checks
-from asyncpatch_jax import generate
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import sudoku as sudoku_lib
@@ -47,8 +47,8 @@ from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import constraints
 from asyncpatch_jax.evaluation import digit_classifier
-from asyncpatch_jax.training import checkpointing
-from asyncpatch_jax.training import progress
+from asyncpatch_jax.runs import checkpointing
+from asyncpatch_jax.runtime import progress
 from asyncpatch_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

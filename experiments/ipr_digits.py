@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from asyncpatch_jax.evaluation import digit_classifier as classifier
-from asyncpatch_jax import generate
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import ipr
 from asyncpatch_jax.diffusion import schedules

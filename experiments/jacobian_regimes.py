@@ -133,7 +133,7 @@ def build_eps_fn(images, key):
     cov = np.cov(flat.T) + 1e-3 * np.eye(flat.shape[1])
     vel = gaussian.GaussianVelocity(flat.mean(0).reshape(shape), cov)
     return ddim_maps.velocity_to_eps(vel), "exact denoiser of the Gaussian fit (stand-in)"
-  from asyncpatch_jax import base_config  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.config import base_config  # pylint: disable=import-outside-toplevel
   cfg = base_config.get_base_config().model
   with cfg.unlocked():
     cfg.out_channels = shape[-1]

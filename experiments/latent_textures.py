@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import generate
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import masks as mask_lib

@@ -33,8 +33,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import generate
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.evaluation import workdir_eval

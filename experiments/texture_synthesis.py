@@ -43,14 +43,14 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 
-from asyncpatch_jax import base_config  # noqa: E402
-from asyncpatch_jax import checks  # noqa: E402
-from asyncpatch_jax import generate  # noqa: E402
+from asyncpatch_jax.config import base_config  # noqa: E402
+from asyncpatch_jax.runtime import checks  # noqa: E402
+from asyncpatch_jax.generation import generate  # noqa: E402
 from asyncpatch_jax.data import datasets  # noqa: E402
 from asyncpatch_jax.data import image_io  # noqa: E402
 from asyncpatch_jax.diffusion import schedules  # noqa: E402
 from asyncpatch_jax.evaluation import texture_stats  # noqa: E402
-from asyncpatch_jax.training import progress  # noqa: E402
+from asyncpatch_jax.runtime import progress  # noqa: E402
 from asyncpatch_jax.training import train  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.diffusion import gaussian
 from asyncpatch_jax.diffusion import ipr
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import sharding
 
 H, W, C = 4, 4, 1
 D = H * W * C

@@ -9,9 +9,9 @@ Nothing here trains or loads a model: the input checks must fire first.
 import numpy as np
 import pytest
 
-from asyncpatch_jax import adaptive_mode
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
+from asyncpatch_jax.modes import adaptive_mode
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.training import train
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asyncpatch_jax import checks
-from asyncpatch_jax import sample_mode
-from asyncpatch_jax.data import storage
-from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.modes import sample_mode
+from asyncpatch_jax.runtime import storage
+from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import train
 from fixtures import configs
 from fixtures import gcs_emulator

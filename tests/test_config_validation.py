@@ -16,9 +16,9 @@ import sys
 import ml_collections
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
-from asyncpatch_jax.base_config import (Bool, Choice, ClassLabel, Int, Ints, Names, Number,
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.config.base_config import (Bool, Choice, ClassLabel, Int, Ints, Names, Number,
                                         Numbers, Options, Text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,9 +187,9 @@ def test_messages_say_what_is_expected():
 
 
 def test_the_name_lists_match_the_modules_that_define_them():
-  from asyncpatch_jax import adaptive_mode  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.modes import adaptive_mode  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax import models  # pylint: disable=g-import-not-at-top
-  from asyncpatch_jax import sample_mode  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.modes import sample_mode  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.data import masks  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.data import training_masks  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.diffusion import timesteps  # pylint: disable=g-import-not-at-top

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.evaluation import inception
 from asyncpatch_jax.evaluation import lpips
 from fixtures import feature_weights
@@ -121,7 +121,7 @@ def test_feature_extraction_sharded_over_a_mesh_equals_one_device(devices):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   from asyncpatch_jax.evaluation import digit_classifier, feature_nets
-  from asyncpatch_jax.training import sharding
+  from asyncpatch_jax.runtime import sharding
   params = digit_classifier.DigitClassifier().init(jax.random.key(1),
                                                    jnp.zeros((1, 16, 16, 1)))["params"]
   extractor = feature_nets.DigitFeatures(params)

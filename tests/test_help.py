@@ -13,9 +13,9 @@ import sys
 import ml_collections
 import pytest
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax import main
-from asyncpatch_jax import sample_mode
+from asyncpatch_jax.modes import sample_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = (base_config.get_base_config, base_config.get_autoencoder_base_config)
@@ -73,7 +73,7 @@ def test_help_does_not_load_jax():
 def test_help_lists_every_key_with_its_default_and_a_meaning(make):
   text = main.help_text()
   assert not _not_shown(text, make())
-  assert "asyncpatch_jax/base_config.py" in text and "--config.section.key=value" in text
+  assert "asyncpatch_jax/config/base_config.py" in text and "--config.section.key=value" in text
 
 
 @pytest.mark.parametrize("make", CONFIGS, ids=lambda f: f.__name__)

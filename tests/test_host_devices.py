@@ -1,4 +1,4 @@
-"""The CPU default (training/sharding.py): host devices chosen from the cores, batch sharded.
+"""The CPU default (runtime/sharding.py): host devices chosen from the cores, batch sharded.
 
 The rule's decisions are checked against its statement enumerated by hand; training on
 8 host devices (the default from 4 cores up) follows the one-device loss curve, and
@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.diffusion import guidance, samplers, schedules
-from asyncpatch_jax.training import sharding, train
+from asyncpatch_jax.runtime import sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
@@ -95,7 +95,7 @@ def test_unknown_xla_flag_is_one_clear_error():
 def test_the_default_takes_effect_before_the_backend_starts():
   """A fresh process without XLA_FLAGS: the count the rule gives this machine's cores."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  code = ("from asyncpatch_jax.training import sharding\n"
+  code = ("from asyncpatch_jax.runtime import sharding\n"
           "n = sharding.configure_cpu_devices(64)\n"
           "import jax\nprint(n, jax.device_count())")
   out = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=ROOT),

@@ -15,8 +15,8 @@ import scipy.linalg
 import jax
 import jax.numpy as jnp
 
-from asyncpatch_jax import checks
-from asyncpatch_jax import generate
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.evaluation import inpainting_eval as ie
 

@@ -15,7 +15,7 @@ import pytest
 from asyncpatch_jax.diffusion import gaussian
 from asyncpatch_jax.diffusion import ipr
 from asyncpatch_jax.diffusion import schedules
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import sharding
 
 H, W, C = 4, 4, 1
 D = H * W * C

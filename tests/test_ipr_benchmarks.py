@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import digits as digits_lib
 from asyncpatch_jax.data import sudoku as sudoku_lib

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
-from asyncpatch_jax.training import latent_codec as latent
-from asyncpatch_jax import sample_mode
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runs import latent_codec as latent
+from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import schedules
@@ -258,10 +258,10 @@ def test_evaluate_mode_scores_a_latent_workdir_on_decoded_pixels(ae_run, latent_
   codec's parts (the latent_textures.py protocol): encode the masked test images, the
   token schedule of Eq. 4's pixel schedule, the generator on tokens, decode, paste back;
   PSNR in float64 NumPy; the known pixels against the dataset's images."""
-  from asyncpatch_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
-  from asyncpatch_jax import generate  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.modes import evaluate_mode  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.generation import generate  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.data import masks  # pylint: disable=g-import-not-at-top
-  from asyncpatch_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   ae_workdir, _ = ae_run
   workdir, _ = latent_run
   config = latent_config(ae_workdir)

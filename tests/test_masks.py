@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import masks
 

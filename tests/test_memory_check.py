@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.training import memory
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def test_over_limit_run_stops_in_one_line_before_writing_anything(tmp_path):
 # memory (VmRSS, VmHWM from /proc/self/status) and the estimate the trainer computed.
 _RSS_CHILD = r"""
 import json, sys
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.training import memory, train
 
 def status(key):

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import skimage.metrics
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.evaluation import metrics
 
 
@@ -181,7 +181,7 @@ def test_prdc_sharded_over_a_mesh_equals_bruteforce_and_single_device(devices, f
   # counts are integers: sharded and single-device results must be equal exactly
   # (a flip would need two float32 distances within rounding of each other).
   import jax
-  from asyncpatch_jax.training import sharding
+  from asyncpatch_jax.runtime import sharding
   rng = np.random.default_rng(21)
   real = rng.normal(size=(123, 6))
   fake = rng.normal(size=(77, 6)) * 1.3 + 0.4

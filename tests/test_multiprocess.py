@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import evaluate_mode
-from asyncpatch_jax import sample_mode
-from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.modes import evaluate_mode
+from asyncpatch_jax.modes import sample_mode
+from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import train
 from fixtures import configs
 from fixtures import gcs_emulator

@@ -1,4 +1,4 @@
-"""A sample folder holds exactly one call's outputs (data/storage.py, `replaced_folder`).
+"""A sample folder holds exactly one call's outputs (runtime/storage.py, `replaced_folder`).
 
 References: the folder's own files (a call's `settings.json` names its image count, which
 the PNGs and `samples.npz` beside it must match), after a second call, after Ctrl-C sent
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.training import train
 from fixtures import gcs_emulator
 

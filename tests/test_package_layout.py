@@ -1,77 +1,167 @@
-"""The package's wings import only wings below them (README "What is where").
+"""The package's layout (asyncpatch_jax/): wings import only wings below them, no cycles.
 
-Order, lowest first: `checks` (the input checks every wing uses) and `runtime` (processes
-and the arrays that span them); the math and the parts
-(`diffusion`, `models`, `data`, `analysis`, `spin`, which import only `checks` and
-themselves); `evaluation`; `training` (which also uses `generate`, see ALLOWED);
-then the top-level front end (`main`, `base_config`, `generate`, `sample_mode`,
-`adaptive_mode`, `evaluate_mode`). Imports are read from the source with `ast`, including
-the ones inside functions (a deferred import is still a dependency).
+Order, lowest first:
+- `runtime`: input checks, storage, device meshes, progress bars, processes;
+- the math and the parts: `diffusion`, `models`, `data`, `analysis`, `spin`;
+- `config`: every key's default, saved config.json files, validation;
+- `runs`: trained runs on disk (checkpoints, the run lock, the loader, the latent codec);
+- `generation`: the sampling pipeline and its outputs;
+- `evaluation`: metrics, feature networks and the evaluators;
+- `training`: the training loop and the trainers;
+- `modes`: the command line's train, sample and evaluate;
+- the root: `main.py` alone (and `__init__.py`).
+Imports are read from the source with `ast`, including the ones inside functions (a
+deferred import is still a dependency), and no file may take part in an import cycle.
 """
 
 import ast
+import collections
 import pathlib
 
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "asyncpatch_jax"
-WINGS = ("runtime", "diffusion", "models", "data", "analysis", "spin", "evaluation", "training")
-# What each wing may import besides itself (checks.py and base_config.py are the base).
+PARTS = ("diffusion", "models", "data", "analysis", "spin")
+# What each wing may import besides itself.
 ALLOWED = {
-    "runtime": {"checks"},
-    "diffusion": {"checks", "runtime"},
-    "models": {"checks", "runtime"},
-    "data": {"checks", "runtime"},
-    "analysis": {"checks", "runtime"},
-    "spin": {"checks", "runtime"},
-    "evaluation": {"checks", "runtime", "diffusion", "models", "data"},
-    # training writes the run's grids and evaluation samples with generate.Generator, the
-    # sampling front end that issue 10 keeps at the top (the one upward import).
-    "training": {"checks", "runtime", "base_config", "diffusion", "models", "data", "evaluation",
-                 "analysis", "generate"},
+    "runtime": set(),
+    **{part: {"runtime"} for part in PARTS},
+    "config": {"runtime", "data"},
+    "runs": {"runtime", "config", *PARTS},
+    "generation": {"runtime", "runs", *PARTS},
+    "evaluation": {"runtime", "config", "runs", "generation", *PARTS},
+    "training": {"runtime", "config", "runs", "generation", "evaluation", *PARTS},
+    "modes": {"runtime", "config", "runs", "generation", "evaluation", "training", *PARTS},
+    "main": {"runtime", "config", "modes"},
 }
+WINGS = tuple(w for w in ALLOWED if w != "main")
+ROOT_MODULES = {"__init__.py", "main.py"}
+MAX_LINES = 500
 
 
-def _imported_parts(path: pathlib.Path) -> set[tuple[str, int]]:
-  """(first component under asyncpatch_jax, line) of every import of the package in `path`."""
+def _module(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: pathlib.Path, modules=None) -> set[tuple[str, int]]:
+  """(module of the package, line) of every import in `path`, deferred ones included."""
+  modules = MODULES if modules is None else modules
   out = set()
   for node in ast.walk(ast.parse(path.read_text())):
+    names = []
     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      parts = node.module.split(".")
-      if parts[0] != "asyncpatch_jax":
-        continue
-      if len(parts) > 1:
-        out.add((parts[1], node.lineno))
-      else:
-        out.update((alias.name, node.lineno) for alias in node.names)
+      names = [f"{node.module}.{a.name}" for a in node.names]
     elif isinstance(node, ast.Import):
-      for alias in node.names:
-        parts = alias.name.split(".")
-        if parts[0] == "asyncpatch_jax" and len(parts) > 1:
-          out.add((parts[1], node.lineno))
+      names = [a.name for a in node.names]
+    for name in names:
+      if not name.startswith("asyncpatch_jax."):
+        continue
+      while name not in modules and name.count(".") > 1:
+        name = name.rsplit(".", 1)[0]
+      out.add((name, node.lineno))
   return out
 
 
-@pytest.mark.parametrize("wing", WINGS)
+def _wing(module: str) -> str:
+  parts = module.split(".")
+  return parts[1] if len(parts) > 2 or parts[-1] == "main" else (
+      parts[1] if len(parts) == 2 else "")
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+  """The strongly connected components of more than one module (Tarjan)."""
+  index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+  def visit(v):
+    index[v] = low[v] = counter[0]
+    counter[0] += 1
+    stack.append(v)
+    on.add(v)
+    for w in edges.get(v, ()):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      comp = []
+      while True:
+        w = stack.pop()
+        on.discard(w)
+        comp.append(w)
+        if w == v:
+          break
+      if len(comp) > 1 or v in edges.get(v, ()):
+        out.append(sorted(comp))
+
+  for v in sorted(edges):
+    if v not in index:
+      visit(v)
+  return out
+
+
+def _edges(modules) -> dict[str, set[str]]:
+  return {m: {n for n, _ in _imports(p, modules) if n != m and n in modules}
+          for m, p in modules.items()}
+
+
+@pytest.mark.parametrize("wing", [*WINGS, "main"])
 def test_a_wing_imports_only_wings_below_it(wing):
   offending = []
-  for path in sorted((PACKAGE / wing).glob("*.py")):
-    for part, line in _imported_parts(path):
-      if part != wing and part not in ALLOWED[wing]:
-        offending.append(f"{path.relative_to(PACKAGE)}:{line} imports asyncpatch_jax.{part}")
+  for module, path in sorted(MODULES.items()):
+    if _wing(module) != wing:
+      continue
+    for name, line in _imports(path):
+      other = _wing(name)
+      if other and other != wing and other not in ALLOWED[wing]:
+        offending.append(f"{path.relative_to(PACKAGE)}:{line} imports {name}")
   assert not offending, "\n".join(offending)
 
 
-def test_every_module_lives_in_a_wing_or_is_the_front_end():
-  top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-  assert top <= {"main", "base_config", "checks", "generate", "sample_mode", "adaptive_mode",
-                 "evaluate_mode"}, top
+def test_no_import_cycles_between_files_or_wings():
+  edges = _edges(MODULES)
+  assert not _cycles(edges), _cycles(edges)
+  wings = collections.defaultdict(set)
+  for a, bs in edges.items():
+    wings[_wing(a)].update(_wing(b) for b in bs if _wing(b) != _wing(a))
+  assert not _cycles(dict(wings)), _cycles(dict(wings))
+
+
+def test_the_root_holds_main_alone_and_every_folder_is_a_wing():
+  assert {p.name for p in PACKAGE.glob("*.py")} == ROOT_MODULES
   assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} \
       == set(WINGS)
 
 
-def test_the_checker_sees_a_planted_upward_import(tmp_path):
-  bad = tmp_path / "x.py"
-  bad.write_text("def f():\n  from asyncpatch_jax.training import train\n"
-                 "from asyncpatch_jax import generate\nimport asyncpatch_jax.models.unet\n")
-  assert _imported_parts(bad) == {("training", 2), ("generate", 3), ("models", 4)}
+def test_no_module_is_over_500_lines():
+  long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+          if (n := len(p.read_text().splitlines())) > MAX_LINES}
+  assert not long, long
+
+
+def test_the_checker_sees_a_planted_lazy_cycle(tmp_path):
+  """A lazy import from a trainer back to the module that calls it is a cycle, and upward."""
+  pkg = tmp_path / "asyncpatch_jax"
+  (pkg / "training").mkdir(parents=True)
+  (pkg / "modes").mkdir()
+  for p in (pkg / "__init__.py", pkg / "training" / "__init__.py", pkg / "modes" / "__init__.py"):
+    p.write_text("")
+  (pkg / "modes" / "train_mode.py").write_text(
+      "from asyncpatch_jax.training import head_trainer\n")
+  (pkg / "training" / "head_trainer.py").write_text(
+      "def f():\n  from asyncpatch_jax.modes import train_mode  # deferred\n")
+  modules = {_module_in(pkg, p): p for p in pkg.rglob("*.py")}
+  assert _imports(pkg / "training" / "head_trainer.py", modules) == {
+      ("asyncpatch_jax.modes.train_mode", 2)}
+  assert _cycles(_edges(modules)) == [["asyncpatch_jax.modes.train_mode",
+                                       "asyncpatch_jax.training.head_trainer"]]
+  assert "modes" not in ALLOWED["training"]
+
+
+def _module_in(package: pathlib.Path, path: pathlib.Path) -> str:
+  parts = path.relative_to(package.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from fixtures.readme import RUN_ELSEWHERE

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.diffusion import gaussian
 from asyncpatch_jax.diffusion import repaint
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import sharding
 
 
 def get_schedule_jump_reference(t_T, n_sample, jump_length, jump_n_sample, jump2_length=1,

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
-from asyncpatch_jax import sample_mode
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
 
@@ -523,7 +523,7 @@ def test_evaluate_mode_on_a_trained_workdir_matches_an_independent_recomputation
   first 160 train digits as reference; for family j the first 12 test digits, masks
   make_masks(family, 12, 16, 16, seed), key fold_in(key, 10 + j); then float64 NumPy:
   scipy's sqrtm Frechet distance, the PRDC definitions, PSNR."""
-  from asyncpatch_jax import generate  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.generation import generate  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.data import datasets, masks  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.evaluation import digit_classifier  # pylint: disable=g-import-not-at-top
@@ -595,7 +595,7 @@ def test_evaluate_mode_on_a_trained_workdir_matches_an_independent_recomputation
 
 def test_evaluate_mode_bad_input_stops_before_restoring_and_changes_nothing(reference, tmp_path,
                                                                            monkeypatch):
-  from asyncpatch_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.modes import evaluate_mode  # pylint: disable=g-import-not-at-top
   ref_dir, _, _ = reference
   workdir = str(tmp_path / "w")
   shutil.copytree(ref_dir, workdir)

@@ -1,4 +1,4 @@
-"""One workdir, one writer (training/run_lock.py) and one meaning of a workdir path (data/storage.py).
+"""One workdir, one writer (runs/run_lock.py) and one meaning of a workdir path (runtime/storage.py).
 
 References: the lock's documented rules, checked on the files themselves (a second
 training stops naming the owner and leaves the first run's files as they are; a lock of a
@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from asyncpatch_jax import checks
-from asyncpatch_jax import sample_mode
-from asyncpatch_jax.data import storage
-from asyncpatch_jax.training import run_lock
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.modes import sample_mode
+from asyncpatch_jax.runtime import storage
+from asyncpatch_jax.runs import run_lock
 from asyncpatch_jax.training import train
 from fixtures import configs
 from fixtures import gcs_emulator
@@ -76,7 +76,7 @@ def test_the_heartbeat_refreshes_the_lock(tmp_path):
 def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path):
   # A process that takes the lock and is SIGKILLed while it holds it.
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from asyncpatch_jax.training import run_lock; "
+      [sys.executable, "-c", "import sys, time; from asyncpatch_jax.runs import run_lock; "
        f"run_lock.RunLock.acquire({str(tmp_path)!r}, 3600); print('held', flush=True); "
        "time.sleep(600)"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
       stdout=subprocess.PIPE, text=True)

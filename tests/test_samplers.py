@@ -8,7 +8,7 @@ import pytest
 from asyncpatch_jax.diffusion import gaussian
 from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import sharding
 
 H, W, C = 3, 3, 1
 D = H * W * C

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.diffusion import schedules
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.evaluation import texture_features
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.evaluation import texture_stats
 
 

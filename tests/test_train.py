@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
-from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax import sample_mode
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.modes import sample_mode
+from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import train
 from asyncpatch_jax.data import tfds_source
 

@@ -10,7 +10,7 @@ masked samples against Binomial(num, fraction).
 import numpy as np
 import pytest
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import training_masks as tm
 
 

@@ -12,14 +12,14 @@ import numpy as np
 import optax
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax import models as models_lib
-from asyncpatch_jax import sample_mode
+from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import gaussian
 from asyncpatch_jax.models import uncertainty_head
-from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import head_train
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncpatch_jax import base_config
-from asyncpatch_jax import checks
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.models import vqae
 from asyncpatch_jax.training import autoencoder_train
 

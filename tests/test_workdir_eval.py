@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from asyncpatch_jax import base_config
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import masks
 from asyncpatch_jax.evaluation import workdir_eval
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import sharding
 
 W_FEATURES = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.analysis.ddim_maps import check_image_map
 from asyncpatch_jax.analysis.patch_stats import patch_grid, patchify, unpatchify
 from asyncpatch_jax.analysis.ddim_maps import as_partial

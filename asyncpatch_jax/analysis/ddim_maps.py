@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.analysis import pifs
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.analysis import cpu_conv_layout
 from asyncpatch_jax.analysis import norm_method
 from asyncpatch_jax.analysis.ddim_maps import as_partial, check_image_map

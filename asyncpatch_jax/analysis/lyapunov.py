@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.analysis import jacobian_norms
 from asyncpatch_jax.analysis.ddim_maps import Chain, as_partial
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 
 def patch_grid(image_shape, patch_size: int) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.analysis import pifs
 from asyncpatch_jax.analysis.ddim_maps import as_partial, check_image_map
 from asyncpatch_jax.analysis.jacobian_norms import linearized, spectral_norm, unit

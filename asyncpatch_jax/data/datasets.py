@@ -22,7 +22,7 @@ import importlib
 import inspect
 from typing import Any, Protocol
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 # name -> (module, class). Modules are imported on first use so that importing
 # this package pulls in neither scikit-learn, scikit-image nor TFDS.

@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 NUM_CLASSES = 10
 RAW_SIZE = 8

@@ -22,7 +22,7 @@ import colorsys
 
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 SPLITS = ("train", "test")
 DEFAULT_NUM_EXAMPLES = {"train": 60_000, "test": 10_000}

@@ -1,7 +1,7 @@
 """Images at the file boundary: PNG grids out, PNG images and masks in (uint8 <-> [-1, 1]).
 
 Paths may be local or gs:// URLs: files are read and written as bytes through
-etils.epath (data/storage.py), Pillow only encodes and decodes.
+etils.epath (runtime/storage.py), Pillow only encodes and decodes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from asyncpatch_jax import checks
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import storage
 
 
 def to_uint8(images) -> np.ndarray:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 Batch = dict[str, np.ndarray]
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import image_io
 
 FAMILIES = ("thin", "medium", "thick", "wide", "square", "extrema", "left_half")

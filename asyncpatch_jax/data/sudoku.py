@@ -29,7 +29,7 @@ import itertools
 
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import digits as digits_lib
 
 GRID = 9

@@ -19,7 +19,7 @@ import functools
 
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 DEFAULT_IMAGES = ("brick", "grass", "gravel", "astronaut", "coffee", "chelsea", "rocket")
 # Bundled in scikit-image's wheel (checked offline in tests/test_datasets.py).

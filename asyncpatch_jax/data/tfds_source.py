@@ -23,7 +23,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ def check_prepared(name: str, split: str, data_dir) -> tuple[TfdsSpec, str]:
   as TFRecord instead of ArrayRecord, split absent).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from asyncpatch_jax.data import storage  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.runtime import storage  # pylint: disable=g-import-not-at-top
 
   if name not in DATASETS:
     raise checks.InputError(f"Unknown TFDS-backed dataset {name!r}; known: {sorted(DATASETS)}.")

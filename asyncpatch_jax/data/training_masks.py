@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 OWN_FAMILIES = ("box", "stroke")
 

@@ -16,7 +16,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 LossWeighting = Literal["sigmoid", "mse"]
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.runtime import multihost

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.diffusion import samplers

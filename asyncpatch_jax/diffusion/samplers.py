@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import schedules

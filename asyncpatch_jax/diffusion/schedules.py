@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 KNOWN = -1  # group id of known pixels in a group map
 

@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 SAMPLER_NAMES = ("global", "independent", "patchwise", "perlin", "asyncpatch")
 

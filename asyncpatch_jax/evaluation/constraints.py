@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import even_pixels as even_pixels_lib
 from asyncpatch_jax.data import sudoku as sudoku_lib
 from asyncpatch_jax.evaluation import digit_classifier

@@ -12,7 +12,7 @@ Their Frechet distances are never called FID. With Inception-v3 weights from a f
 those features).
 
 Feature extraction and PRDC take an optional `jax.sharding.Mesh` (built by the caller,
-training/sharding.py): the batch is split over all of the mesh's devices.
+runtime/sharding.py): the batch is split over all of the mesh's devices.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import metrics
 from asyncpatch_jax.evaluation import texture_features
@@ -141,7 +141,7 @@ def extract(extractor, images, batch_size: int = 256,
   put = lambda x: x
   if mesh is not None:
     if not isinstance(mesh, jax.sharding.Mesh):
-      raise checks.InputError(f"mesh={mesh!r}; expected a jax.sharding.Mesh (training/sharding.py "
+      raise checks.InputError(f"mesh={mesh!r}; expected a jax.sharding.Mesh (runtime/sharding.py "
                               "builds one) or None.")
     batch_size = -(-batch_size // mesh.size) * mesh.size
     batch = NamedSharding(mesh, P(tuple(mesh.axis_names)))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.diffusion import repaint

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 from jax.sharding import PartitionSpec as P
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import multihost
 
 
@@ -324,7 +324,7 @@ def prdc(real_features, fake_features, k: int = 5, block: int = 1024,
     raise checks.InputError(f"k={k} nearest neighbours need more than k samples in each set; got "
                             f"{real.shape[0]} real and {fake.shape[0]} fake.")
   if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-    raise checks.InputError(f"mesh={mesh!r}; expected a jax.sharding.Mesh (training/sharding.py "
+    raise checks.InputError(f"mesh={mesh!r}; expected a jax.sharding.Mesh (runtime/sharding.py "
                             "builds one) or None.")
   shards = 1 if mesh is None else mesh.size
   block = min(block, -(-max(real.shape[0], fake.shape[0]) // shards))

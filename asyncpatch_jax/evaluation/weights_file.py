@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 # flax leaf name -> PyTorch suffix (BatchNorm scale/bias/statistics, conv/dense weights)
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import masks as masks_lib
 from asyncpatch_jax.diffusion import repaint

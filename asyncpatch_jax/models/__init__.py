@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.models.unet import UNet
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 zeros = nn.initializers.zeros
 

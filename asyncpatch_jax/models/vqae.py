@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.models import blocks
 from asyncpatch_jax.models import embeddings
 

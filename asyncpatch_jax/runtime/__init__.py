@@ -1,1 +1,1 @@
-"""Where the library runs: processes and the arrays that span them (below every other wing)."""
+"""Shared infrastructure below every other wing: input checks, storage (local and gs://), device meshes, progress bars, and the processes of a multi-host run."""

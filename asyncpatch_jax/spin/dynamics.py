@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int, blume_capel_response
 from asyncpatch_jax.spin.schedules import (Schedule, check_record_every, check_schedule,
                                            make_schedule, schedule_weights)

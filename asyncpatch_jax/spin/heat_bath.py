@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.spin.model import BlockChain, ChainParams, as_int
 from asyncpatch_jax.spin.schedules import (Schedule, check_distribution, check_record_every,
                                            check_schedule, schedule_weights)

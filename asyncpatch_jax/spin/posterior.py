@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.spin.model import BlockChain
 
 

@@ -24,7 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.spin.model import BlockChain, as_int
 
 SCHEDULE_NAMES = ("parallel", "progressive_lr", "progressive_rl", "interleaved")

@@ -40,19 +40,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import input_pipeline
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.data import training_masks
 from asyncpatch_jax.models import patchgan
 from asyncpatch_jax.models import vqae
-from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
-from asyncpatch_jax.training import run_lock
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runs import run_lock
+from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
 

@@ -31,16 +31,16 @@ import optax
 from absl import logging
 from etils import epath
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import input_pipeline
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.models import uncertainty_head
-from asyncpatch_jax.training import checkpointing
+from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
-from asyncpatch_jax.training import run_lock
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runs import run_lock
+from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
 

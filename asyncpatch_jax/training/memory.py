@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from asyncpatch_jax import checks
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import sharding
 
 _CGROUP_ROOT = "/sys/fs/cgroup"
 # cgroup v1 writes "no limit" as the largest page-aligned int64; anything above this is none.

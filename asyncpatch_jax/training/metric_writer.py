@@ -1,6 +1,6 @@
 """Training metrics to `workdir/metrics.jsonl` and TensorBoard event files, from process 0 only.
 
-The workdir may be a local folder or a gs:// URL (data/storage.py). An object store
+The workdir may be a local folder or a gs:// URL (runtime/storage.py). An object store
 cannot append, so metrics.jsonl is rewritten whole (atomically) at every write; a run
 that resumes from the checkpoint of step k first drops the records after step k, which
 the interrupted run logged but did not checkpoint, so every step appears once.
@@ -15,7 +15,7 @@ import json
 
 import jax
 
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 
 
 def _records(text: str, last_step: int | None) -> list[str]:

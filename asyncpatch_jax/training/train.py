@@ -25,19 +25,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from asyncpatch_jax.training import checkpointing
-from asyncpatch_jax import checks
-from asyncpatch_jax.training import progress as progress_lib
+from asyncpatch_jax.runs import checkpointing
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import flow
-from asyncpatch_jax import generate
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import input_pipeline
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax import models
-from asyncpatch_jax.training import run_lock
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runs import run_lock
+from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.diffusion import timesteps
 from asyncpatch_jax.training import train_state
 
@@ -74,7 +74,7 @@ class Setup:
     latent_cfg = cfg.get("latent")
     if latent_cfg is not None and latent_cfg.autoencoder_workdir:
       # Latent AsyncPatch (Sec. 5.2): the UNet diffuses a frozen autoencoder's latents.
-      from asyncpatch_jax.training import latent_codec as latent  # pylint: disable=g-import-not-at-top
+      from asyncpatch_jax.runs import latent_codec as latent  # pylint: disable=g-import-not-at-top
       self.codec = latent.LatentCodec.load(latent_cfg.autoencoder_workdir, self.pixel_shape,
                                            latent_cfg.scale, cfg.model)
       self.image_shape = self.codec.latent_shape
@@ -334,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
 
   Args:
     config: a config from configs/ (see base_config.py for every key).
-    workdir: a local folder or a gs:// URL (data/storage.py) for checkpoints,
+    workdir: a local folder or a gs:// URL (runtime/storage.py) for checkpoints,
       config.json, metrics.jsonl, tensorboard/, samples/, eval.json.
     devices: the devices of the mesh (default: all devices of all processes).
   Returns:
@@ -451,7 +451,7 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
   refs = np.stack([test[i]["image"] for i in range(min(16, len(test)))])
   key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 1)
   if setup.codec is not None:
-    from asyncpatch_jax.training import latent_codec as latent  # pylint: disable=g-import-not-at-top
+    from asyncpatch_jax.runs import latent_codec as latent  # pylint: disable=g-import-not-at-top
     paths = latent.write_grids(generator, state.ema_params, setup.codec, cfg.sample, refs, key,
                                workdir / "samples" / name)
     return paths if jax.process_index() == 0 else {}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 
 @flax.struct.dataclass

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.models import vqae
@@ -179,7 +179,7 @@ def write_grids(generator, params, codec: LatentCodec, sample_config, references
   """The pixel model's grids (generate.write_grids) for a latent model: samples, inpainting
   of the right half (masked input, latent inpainting with known pixels pasted, originals)
   and autoregressive generation over a 2x2 grid of token patches; PNGs in `out_dir`."""
-  from asyncpatch_jax import generate  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.generation import generate  # pylint: disable=g-import-not-at-top
   n = sample_config.num_images
   h, w, c = codec.pixel_shape
   lh, lw, lc = codec.latent_shape

@@ -25,7 +25,7 @@ import uuid
 from absl import logging
 from etils import epath
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 # With TensorFlow installed, epath would route gs:// through tf.io.gfile (importing TF).
 os.environ.setdefault("EPATH_USE_TF", "false")

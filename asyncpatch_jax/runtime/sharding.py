@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 
 BATCH_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated: sharding them saves nothing.

@@ -12,16 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import checks
-from asyncpatch_jax.training import progress as progress_lib
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.diffusion import ipr
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.diffusion import schedules
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import sharding
 
 
 class Generator:

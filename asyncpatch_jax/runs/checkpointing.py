@@ -6,7 +6,7 @@ config), so a workdir alone is enough to rebuild and sample its model
 (`saved_meta`). A run refuses to resume a checkpoint whose model config differs from
 its own and lists the differing keys; a training run also refuses changed training
 settings (schedule, optimizer, data, loss) unless `train.allow_schedule_change` is set.
-The workdir may be a local folder or a gs:// URL (data/storage.py); orbax reaches GCS
+The workdir may be a local folder or a gs:// URL (runtime/storage.py); orbax reaches GCS
 through etils.epath and tensorstore.
 
 Integrity. Saves are asynchronous and atomic: orbax writes a temporary directory and
@@ -45,10 +45,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from asyncpatch_jax import checks
-from asyncpatch_jax.data import storage
-from asyncpatch_jax.training import run_lock
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import storage
+from asyncpatch_jax.runs import run_lock
+from asyncpatch_jax.runtime import sharding
 
 ITEMS = ("state", "meta")
 MANIFEST = "asyncpatch_checksums.json"

@@ -23,11 +23,11 @@ import json
 import jax
 import numpy as np
 
-from asyncpatch_jax import checks
-from asyncpatch_jax import generate
-from asyncpatch_jax import sample_mode
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.generation import generate
+from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.runtime import multihost
 from asyncpatch_jax.training import head_train

@@ -22,13 +22,13 @@ import time
 import jax
 import numpy as np
 
-from asyncpatch_jax import checks
-from asyncpatch_jax import generate
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.evaluation import workdir_eval
-from asyncpatch_jax.training import progress as progress_lib
-from asyncpatch_jax.training import sharding
+from asyncpatch_jax.runtime import progress as progress_lib
+from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import train
 
 

@@ -26,11 +26,11 @@ import json
 import jax
 import numpy as np
 
-from asyncpatch_jax import checks
-from asyncpatch_jax import generate
-from asyncpatch_jax.training import progress as progress_lib
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.generation import generate
+from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.runtime import multihost
 from asyncpatch_jax.training import train
@@ -166,12 +166,12 @@ def sample_from_workdir(config, workdir: str) -> dict:
   if sc.task in ("adaptive", "ordered") or (sc.task == "ipr" and "uncertainty" in config and
                                             config.uncertainty.ipr_order != "raster"):
     # Tasks with an uncertainty head and schedule policies (AsyncPatch Sec. 5.5, SRM).
-    from asyncpatch_jax import adaptive_mode  # pylint: disable=g-import-not-at-top
+    from asyncpatch_jax.modes import adaptive_mode  # pylint: disable=g-import-not-at-top
     return adaptive_mode.sample_from_workdir(config, workdir)
   workdir = storage.check_bucket(workdir, "workdir")
   setup = train.Setup(config, image_shape=train.saved_image_shape(workdir))
   shape = setup.image_shape
-  codec = setup.codec            # a latent workdir: the pixel task runs on tokens (training/latent_codec.py)
+  codec = setup.codec            # a latent workdir: the pixel task runs on tokens (runs/latent_codec.py)
   # Bad inputs fail here, before restoring or compiling anything.
   n = checks.check_positive_int(sc.num_images, "sample.num_images")
   bs = checks.check_positive_int(sc.batch_size, "sample.batch_size")

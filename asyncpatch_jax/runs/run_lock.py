@@ -34,8 +34,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from asyncpatch_jax import checks
-from asyncpatch_jax.data import storage
+from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import storage
 
 NAME = "run.lock"
 # train.lock_timeout's default (seconds): a pod job relaunched on other hosts after a hard

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from asyncpatch_jax import checks
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import datasets
 
 
@@ -158,7 +158,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       classifier_steps=600,  # steps of the in-project digit classifier
   )
 
-  # --mode=evaluate (evaluate_mode.py, evaluation/workdir_eval.py): a trained workdir's
+  # --mode=evaluate (modes/evaluate_mode.py, evaluation/workdir_eval.py): a trained workdir's
   # generation and inpainting quality, written to <workdir>/evaluate.json. The sampler
   # settings (num_steps, eta, num_stripes) are config.sample's.
   config.evaluate = dict(
@@ -617,7 +617,7 @@ def validate(config) -> None:
       if not isinstance(node, (dict, ml_collections.ConfigDict)):
         section = ".".join(parts[:i])
         raise checks.InputError(f"{section}={_one_line_repr(node)}; expected a section of "
-                                "keys (a dict), as in asyncpatch_jax/base_config.py.")
+                                "keys (a dict), as in asyncpatch_jax/config/base_config.py.")
       if part not in node:
         found = False
         break
@@ -758,7 +758,7 @@ def load_config_json(path) -> ml_collections.ConfigDict:
   `--config.x=...` overrides parse as usual.
   """
   import json  # pylint: disable=g-import-not-at-top
-  from asyncpatch_jax.data import storage  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.runtime import storage  # pylint: disable=g-import-not-at-top
 
   p = storage.check_bucket(path, "config file")
   if not p.is_file():

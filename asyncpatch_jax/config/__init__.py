@@ -1,0 +1,1 @@
+"""The configuration: defaults of every key, saved config.json files, validation, and the key descriptions behind --help."""

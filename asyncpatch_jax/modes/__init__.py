@@ -1,0 +1,1 @@
+"""The command line's modes: train, sample (every task) and evaluate a workdir."""
