@@ -40,6 +40,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from asyncpatch_jax.config import base_config
+from asyncpatch_jax.config import describe
+from asyncpatch_jax.config import rules
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import storage
 
@@ -83,15 +85,15 @@ def _table(rows, width: int, column: int) -> list[str]:
 def help_text(width: int = 100) -> str:
   """What -h and --help print: the usage, flags, modes, sampling tasks and every config key.
 
-  Every key comes with its default and meaning from base_config.describe_keys (the
+  Every key comes with its default and meaning from describe.describe_keys (the
   comments of base_config.py), the tasks from sample_mode.TASKS; nothing loads jax.
   """
   def para(text):
     return textwrap.fill(text, width)
 
-  base = base_config.describe_keys()
+  base = describe.describe_keys()
   seen = {(key, repr(default)) for key, default, _ in base}
-  autoencoder = base_config.describe_keys(base_config.get_autoencoder_base_config)
+  autoencoder = describe.describe_keys(base_config.get_autoencoder_base_config)
   sections = ", ".join(dict.fromkeys(key.split(".")[0] for key, _, _ in autoencoder))
   autoencoder = [row for row in autoencoder if (row[0], repr(row[1])) not in seen]
   return "\n".join([
@@ -243,7 +245,7 @@ def main(argv):
                               "--config=configs/default.py, or --config=<workdir>/config.json "
                               "to continue a run with its saved settings.")
     # Every key's value, judged alone, before anything is built or read from the workdir.
-    base_config.validate(config)
+    rules.validate(config)
     # pylint: disable=g-import-not-at-top
     from asyncpatch_jax.modes import evaluate_mode
     from asyncpatch_jax.modes import sample_mode

@@ -1,4 +1,4 @@
-"""Every config key has a rule (base_config.RULES) that accepts its default and refuses a
+"""Every config key has a rule (rules.RULES) that accepts its default and refuses a
 wrong type and an out-of-range value in one line naming the key; main.py applies the rules
 in every mode before anything is built or read from the workdir.
 
@@ -17,8 +17,9 @@ import ml_collections
 import pytest
 
 from asyncpatch_jax.config import base_config
+from asyncpatch_jax.config import rules
 from asyncpatch_jax.runtime import checks
-from asyncpatch_jax.config.base_config import (Bool, Choice, ClassLabel, Int, Ints, Names, Number,
+from asyncpatch_jax.config.rules import (Bool, Choice, ClassLabel, Int, Ints, Names, Number,
                                         Numbers, Options, Text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def _leaves(config, prefix: str = "") -> dict:
   out = {}
   for name, value in config.items():
     key = prefix + name
-    if isinstance(value, ml_collections.ConfigDict) and key not in base_config.RULES:
+    if isinstance(value, ml_collections.ConfigDict) and key not in rules.RULES:
       out.update(_leaves(value, key + "."))
     else:
       out[key] = value
@@ -126,7 +127,7 @@ def out_of_range(rule) -> list[tuple[object, str]]:
 
 def _refused(make_name: str, key: str, value) -> str:
   with pytest.raises(checks.InputError) as e:
-    base_config.validate(_with(make_name, key, value))
+    rules.validate(_with(make_name, key, value))
   message = str(e.value)
   assert message.startswith(f"{key}="), (key, value, message)
   assert "; expected " in message and "\n" not in message, (key, value, message)
@@ -136,22 +137,22 @@ def _refused(make_name: str, key: str, value) -> str:
 @pytest.mark.parametrize("make", MAKERS, ids=lambda m: m.__name__)
 def test_every_key_has_a_rule_that_accepts_its_default(make):
   leaves = _leaves(make())
-  missing = sorted(set(leaves) - set(base_config.RULES))
-  assert not missing, f"keys without a rule in base_config.RULES: {missing}"
+  missing = sorted(set(leaves) - set(rules.RULES))
+  assert not missing, f"keys without a rule in rules.RULES: {missing}"
   for key, default in leaves.items():
-    assert base_config.RULES[key].accepts(default), (key, default)
-  base_config.validate(make())
+    assert rules.RULES[key].accepts(default), (key, default)
+  rules.validate(make())
 
 
 def test_every_rule_names_a_key():
   """A rule for a key no config declares (a typo) would check nothing."""
   declared = {key for make in MAKERS for key in _leaves(make())}
-  assert set(base_config.RULES) - declared <= ANNOUNCED, set(base_config.RULES) - declared
+  assert set(rules.RULES) - declared <= ANNOUNCED, set(rules.RULES) - declared
 
 
 @pytest.mark.parametrize("make_name,key", KEYS, ids=[f"{m[4:-7]}:{k}" for m, k in KEYS])
 def test_a_wrong_type_or_an_out_of_range_value_is_one_line_naming_the_key(make_name, key):
-  rule = base_config.RULES[key]
+  rule = rules.RULES[key]
   for value in wrong_types(rule):
     _refused(make_name, key, value)
   for value, part in out_of_range(rule):
@@ -171,7 +172,7 @@ def test_messages_say_what_is_expected():
           "timesteps.sampler='perlinn'; expected one of 'global', 'independent', 'patchwise', "
           "'perlin', 'asyncpatch'. Did you mean 'perlin'?",
       ("data.dataset", "digitz"): "data.dataset='digitz'; expected one of "
-          + ", ".join(repr(n) for n in base_config.datasets.DATASETS) + ". Did you mean 'digits'?",
+          + ", ".join(repr(n) for n in rules.datasets.DATASETS) + ". Did you mean 'digits'?",
       ("data.options", "x"): "data.options='x'; expected a dict of keyword arguments, e.g. "
                              "{'grid_size': 4}.",
   }
@@ -181,9 +182,9 @@ def test_messages_say_what_is_expected():
       "autoencoder.encoder_kernels=(3, 2, 1); expected a non-empty tuple of positive odd "
       "integers.")
   # A free-form dict is one value: its entries are the dataset's business (one line).
-  base_config.validate(_with("get_base_config", "data.options", {"grid_size": 4}))
+  rules.validate(_with("get_base_config", "data.options", {"grid_size": 4}))
   with pytest.raises(checks.InputError, match=r"^data=3; expected a section"):
-    base_config.validate(_with("get_base_config", "data", 3))
+    rules.validate(_with("get_base_config", "data", 3))
 
 
 def test_the_name_lists_match_the_modules_that_define_them():
@@ -196,7 +197,7 @@ def test_the_name_lists_match_the_modules_that_define_them():
   from asyncpatch_jax.evaluation import inpainting_eval  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.evaluation import workdir_eval  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.models import vqae  # pylint: disable=g-import-not-at-top
-  b = base_config
+  b = rules
   assert b.TIMESTEP_SAMPLERS == timesteps.SAMPLER_NAMES
   assert b.SAMPLE_TASKS == tuple(sample_mode.TASKS)
   assert b.ADAPTIVE_POLICIES == adaptive_mode.ADAPTIVE_POLICIES
@@ -213,8 +214,8 @@ def test_the_name_lists_match_the_modules_that_define_them():
 def test_every_config_file_passes(path):
   config = base_config.load_config_file(path)
   leaves = _leaves(config)
-  assert not set(leaves) - set(base_config.RULES), set(leaves) - set(base_config.RULES)
-  base_config.validate(config)
+  assert not set(leaves) - set(rules.RULES), set(leaves) - set(rules.RULES)
+  rules.validate(config)
 
 
 def test_a_saved_config_json_with_a_wrong_type_is_refused(tmp_path):
@@ -227,7 +228,7 @@ def test_a_saved_config_json_with_a_wrong_type_is_refused(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({section: values}))
     with pytest.raises(checks.InputError) as e:
-      base_config.validate(base_config.load_config_json(str(path)))
+      rules.validate(base_config.load_config_json(str(path)))
     assert str(e.value) == message
 
 

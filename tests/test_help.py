@@ -2,7 +2,7 @@
 default and one line of meaning, the meanings read from base_config.py's own comments.
 
 The reference for the keys and defaults is the configs themselves (`_leaves` walks
-get_base_config() and get_autoencoder_base_config()), not base_config.describe_keys.
+get_base_config() and get_autoencoder_base_config()), not describe.describe_keys.
 """
 
 import os
@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 from asyncpatch_jax.config import base_config
+from asyncpatch_jax.config import describe
 from asyncpatch_jax import main
 from asyncpatch_jax.modes import sample_mode
 
@@ -78,7 +79,7 @@ def test_help_lists_every_key_with_its_default_and_a_meaning(make):
 
 @pytest.mark.parametrize("make", CONFIGS, ids=lambda f: f.__name__)
 def test_every_key_has_a_meaning_from_base_config_comments(make):
-  rows = base_config.describe_keys(make)
+  rows = describe.describe_keys(make)
   assert [key for key, _, _ in rows] == list(dict.fromkeys(key for key, _, _ in rows))
   assert {key: default for key, default, _ in rows} == _leaves(make())
   assert [key for key, _, meaning in rows if not meaning.strip()] == []
@@ -90,14 +91,14 @@ def test_help_lists_the_tasks_of_sample_mode():
 
 
 def test_a_key_missing_from_help_is_caught(monkeypatch):
-  describe = base_config.describe_keys
-  monkeypatch.setattr(base_config, "describe_keys",
+  original = describe.describe_keys
+  monkeypatch.setattr(describe, "describe_keys",
                       lambda make=base_config.get_base_config: [
-                          row for row in describe(make) if row[0] != "train.ema_decay"])
+                          row for row in original(make) if row[0] != "train.ema_decay"])
   assert _not_shown(main.help_text(), base_config.get_base_config()) == ["train.ema_decay=0.999"]
-  monkeypatch.setattr(base_config, "describe_keys",
+  monkeypatch.setattr(describe, "describe_keys",
                       lambda make=base_config.get_base_config: [
-                          (k, d, "" if k == "seed" else m) for k, d, m in describe(make)])
+                          (k, d, "" if k == "seed" else m) for k, d, m in original(make)])
   assert _not_shown(main.help_text(), base_config.get_base_config()) == ["seed=0"]
 
 
@@ -115,8 +116,8 @@ def test_comments_are_paired_with_their_keys(tmp_path, monkeypatch):
       "      y=3,\n"
       "  )\n"
       "  config.a.update(y=4)  # y changed\n")
-  monkeypatch.setattr(base_config, "__file__", str(planted))
-  comments = base_config._key_comments("get_base_config")  # pylint: disable=protected-access
+  monkeypatch.setattr(describe, "_SOURCE", str(planted))
+  comments = describe._key_comments("get_base_config")  # pylint: disable=protected-access
   assert comments == {"seed": (2, "the seed"),
                       "a.x": (6, "two lines of value, and two of comment"),
                       "a.y": (11, "y changed")}

@@ -30,6 +30,8 @@ from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.runs import checkpointing
+from asyncpatch_jax.runs import compat
+from asyncpatch_jax.runs import step_selection
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
 
@@ -166,13 +168,13 @@ def test_every_checkpoint_damaged_stops_with_a_list_and_changes_nothing(referenc
   _damage("truncated", os.path.join(workdir, "checkpoints", "24"))
   _damage("deleted_meta", os.path.join(workdir, "checkpoints", "20"))
   before = snapshot(workdir)
-  with pytest.raises(checkpointing.DamagedCheckpointError) as err:
+  with pytest.raises(step_selection.DamagedCheckpointError) as err:
     train.train_and_evaluate(make_config(), workdir)
   msg = str(err.value)
   assert "\n" not in msg and "every step is damaged" in msg
   assert "step 24: file state/ocdbt.process_0/d/" in msg and "(truncated)" in msg
   assert "step 20: file meta/metadata is missing" in msg and "Nothing was deleted" in msg
-  with pytest.raises(checkpointing.DamagedCheckpointError):
+  with pytest.raises(step_selection.DamagedCheckpointError):
     train.load_trained(workdir)
   assert snapshot(workdir) == before
 
@@ -389,7 +391,7 @@ def test_accepted_schedule_change_keeps_the_original_config(reference, tmp_path)
   original = open(os.path.join(workdir, "config.json")).read()
   # The saved config.json is a config (--config=DIR/config.json): the run's own, key by key.
   saved = base_config.load_config_file(os.path.join(workdir, "config.json"))
-  assert checkpointing.config_differences(saved.to_dict(), make_config().to_dict()) == []
+  assert compat.config_differences(saved.to_dict(), make_config().to_dict()) == []
   assert isinstance(saved.model.channel_mult, tuple)
   config = make_config({"train.num_steps": 48, "optim.learning_rate": 2e-3,
                         "train.allow_schedule_change": True})

@@ -419,7 +419,7 @@ def load_autoencoder(workdir, ae_config=None) -> tuple[vqae.VQAutoencoder, Any, 
     raise checks.InputError(f"workdir {str(workdir)!r} holds a checkpoint of a diffusion model, "
                             "not an autoencoder (its config has no `autoencoder` section).")
   if ae_config is not None:
-    diffs = checkpointing.config_differences(saved["model"], architecture(ae_config))
+    diffs = compat.config_differences(saved["model"], architecture(ae_config))
     if diffs:
       raise checks.InputError(
           f"autoencoder workdir {str(workdir)!r} was trained with another architecture; "

@@ -283,7 +283,7 @@ def load_head(head_workdir: str, model_setup: train.Setup, model_state: train_st
       raise checks.InputError(f"workdir {head_workdir!r} has no head checkpoint; train it first.")
     step = ckpt.latest_step()
     saved = ckpt.saved_meta(step)["model"]
-    diffs = checkpointing.config_differences(saved["frozen"], ckpt.meta["model"]["frozen"])
+    diffs = compat.config_differences(saved["frozen"], ckpt.meta["model"]["frozen"])
     if diffs:
       raise checks.InputError(
           f"the uncertainty head in {head_workdir!r} (step {step}) was trained on another "
