@@ -249,8 +249,8 @@ def main(argv):
     # pylint: disable=g-import-not-at-top
     from asyncpatch_jax.modes import evaluate_mode
     from asyncpatch_jax.modes import sample_mode
+    from asyncpatch_jax.modes import train_mode
     from asyncpatch_jax.runtime import sharding
-    from asyncpatch_jax.training import train
     # pylint: enable=g-import-not-at-top
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_UP_SIGNALS)
     # XLA:CPU fixes its host devices when its backend starts: the library's CPU default
@@ -263,7 +263,7 @@ def main(argv):
     sharding.maybe_initialize_distributed()
     print(_describe_devices(), file=sys.stderr, flush=True)
     if FLAGS.mode == "train":
-      summary = train.train_and_evaluate(config, FLAGS.workdir)
+      summary = train_mode.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "evaluate":
       summary = evaluate_mode.evaluate_workdir(config, FLAGS.workdir)
     else:
@@ -281,7 +281,7 @@ def main(argv):
   print(json.dumps(summary, indent=2, default=str))
   if summary.get("preempted"):
     # 128 + the signal (130 SIGINT, 143 SIGTERM): schedulers restart the job, which resumes.
-    sys.exit(train.interrupt_exit_code())
+    sys.exit(train_mode.exit_code(summary))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
@@ -127,7 +128,7 @@ def train_or_resume(config, workdir: str):
   meta = checkpointing.saved_meta(workdir) if os.path.isdir(workdir) else None
   done = meta is not None and train.load_trained(workdir, config)[1].step >= config.train.num_steps
   if not done:
-    train.train_and_evaluate(config, workdir)
+    train_mode.train_and_evaluate(config, workdir)
   return train.load_trained(workdir, config)
 
 

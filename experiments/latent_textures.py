@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
@@ -44,7 +45,7 @@ from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import masks as mask_lib
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import reconstruction
-from asyncpatch_jax.training import autoencoder_train
+from asyncpatch_jax.runs import loader
 from asyncpatch_jax.training import train
 
 FLAGS = flags.FLAGS
@@ -92,7 +93,7 @@ def _config(name: str, **sections):
 def _train(config, workdir: str) -> float:
   """Trains (resumes) a run; returns the wall time spent here."""
   t = time.time()
-  train.train_and_evaluate(config, workdir)
+  train_mode.train_and_evaluate(config, workdir)
   return time.time() - t
 
 
@@ -142,7 +143,7 @@ def main(argv):
   h, w, _ = x.shape[1:]
 
   # Autoencoder quality and the leak test, per mask family.
-  ae, ae_params, ae_meta = autoencoder_train.load_autoencoder(ae_dir)
+  ae, ae_params, ae_meta = loader.load_autoencoder(ae_dir)
   rec = reconstruction.Reconstructor(ae, ae_params)
   family_masks = {f: mask_lib.make_masks(f, n, h, w, seed=FLAGS.seed) for f in FLAGS.families}
   autoencoder = {"halo": ae.halo, "factor": ae.factor, "step": ae_meta["step"],

@@ -33,6 +33,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from asyncpatch_jax.runs import loader
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
@@ -68,7 +70,7 @@ def _train(sampler: str) -> str:
     config.train.num_steps = FLAGS.train_steps
   config.eval.num_samples = 0                       # scored here instead
   workdir = os.path.join(FLAGS.workdir_root, sampler)
-  train.train_and_evaluate(config, workdir)
+  train_mode.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -82,7 +84,7 @@ def _eval_config(workdir: str):
       num_inpaint=FLAGS.num_inpaint, inpaint_method="asyncpatch",
       feature_steps=FLAGS.classifier_steps, inception_weights=FLAGS.inception_weights,
       lpips_weights=FLAGS.lpips_weights)
-  workdir_eval.check_settings(config, train.saved_image_shape(workdir))
+  workdir_eval.check_settings(config, loader.saved_image_shape(workdir))
   return config
 
 

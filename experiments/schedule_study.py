@@ -47,6 +47,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config  # noqa: E402
 from asyncpatch_jax.runtime import checks  # noqa: E402
 from asyncpatch_jax.generation import generate  # noqa: E402
@@ -396,7 +397,7 @@ def main(argv):
                     FLAGS.fixed_total_schedules)
 
   t = time.time()
-  summary = train.train_and_evaluate(config, FLAGS.workdir)      # trains or resumes, else no-op
+  summary = train_mode.train_and_evaluate(config, FLAGS.workdir)      # trains or resumes, else no-op
   train_seconds = time.time() - t
   setup, state = train.load_trained(FLAGS.workdir)
   params = state.ema_params

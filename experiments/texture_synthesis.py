@@ -43,6 +43,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config  # noqa: E402
 from asyncpatch_jax.runtime import checks  # noqa: E402
 from asyncpatch_jax.generation import generate  # noqa: E402
@@ -274,7 +275,7 @@ def main(argv):
   user = [load_user_image(p, size) for p in FLAGS.image]       # refused before any training
 
   t = time.time()
-  train.train_and_evaluate(config, FLAGS.workdir)              # trains or resumes, else no-op
+  train_mode.train_and_evaluate(config, FLAGS.workdir)              # trains or resumes, else no-op
   train_seconds = time.time() - t
   setup, state = train.load_trained(FLAGS.workdir)
   h, w, c = setup.pixel_shape

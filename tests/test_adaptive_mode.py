@@ -1,4 +1,4 @@
-"""The uncertainty-head tasks of --mode=sample (adaptive_mode.py): task routing, the policy
+"""The uncertainty-head tasks of --mode=sample (sample_mode.py): task routing, the policy
 each config selects, the step-count image, and the refusals before anything loads.
 
 References: the module docstring's table of tasks and config keys (enumerated), the
@@ -9,7 +9,7 @@ Nothing here trains or loads a model: the input checks must fire first.
 import numpy as np
 import pytest
 
-from asyncpatch_jax.modes import adaptive_mode
+from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import image_io
@@ -30,7 +30,7 @@ def _config(**sample_and_uncertainty):
     ("inpaint", "raster", False), ("progressive", "uncertainty", False)])
 def test_uses_head_routes_exactly_the_head_tasks(task, ipr_order, expected):
   config = _config(sample__task=task, uncertainty__ipr_order=ipr_order)
-  assert adaptive_mode.uses_head(config) is expected
+  assert sample_mode.uses_head(config) is expected
 
 
 @pytest.mark.parametrize("policy,keys,name,params", [
@@ -44,7 +44,7 @@ def test_uses_head_routes_exactly_the_head_tasks(task, ipr_order, expected):
 def test_adaptive_policy_comes_from_its_config_keys(policy, keys, name, params, grid):
   config = _config(sample__task="adaptive", uncertainty__policy=policy, uncertainty__grid=grid,
                    **{f"uncertainty__{k}": v for k, v in keys.items()})
-  p = adaptive_mode.policy_from_config(config)
+  p = sample_mode.policy_from_config(config)
   assert p.name == name and p.params == params
   assert p.regions == (tuple(grid) or None)                  # () = per pixel
 
@@ -57,7 +57,7 @@ def test_ordered_tasks_use_srm_order_on_the_uncertainty_or_sample_grid(task, ipr
   config = _config(sample__task=task, sample__grid=s_grid, uncertainty__grid=u_grid,
                    uncertainty__ipr_order=ipr_order, uncertainty__overlap=0.3,
                    uncertainty__policy="not-read-by-these-tasks")
-  p = adaptive_mode.policy_from_config(config)
+  p = sample_mode.policy_from_config(config)
   assert p.name == "uncertainty_ordered" and p.params == {"overlap": 0.3}
   assert p.regions == expected
 
@@ -65,14 +65,14 @@ def test_ordered_tasks_use_srm_order_on_the_uncertainty_or_sample_grid(task, ipr
 def test_unknown_policy_is_a_one_line_input_error_with_a_suggestion():
   config = _config(sample__task="adaptive", uncertainty__policy="dual-loop")
   with pytest.raises(checks.InputError, match="Did you mean 'dual_loop'") as err:
-    adaptive_mode.policy_from_config(config)
+    sample_mode.policy_from_config(config)
   assert "uncertainty.policy" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_steps_image_is_the_documented_linear_map():
   budget = 8
   steps = np.array([[[0, 1, 2], [4, 6, 8]]], np.int32)            # [N=1, H=2, W=3]
-  img = adaptive_mode._steps_image(steps, budget)  # pylint: disable=protected-access
+  img = sample_mode._steps_image(steps, budget)  # pylint: disable=protected-access
   assert img.shape == (1, 2, 3, 1) and img.dtype == np.float32
   np.testing.assert_array_equal(img[..., 0], [[[-1.0, -0.75, -0.5], [0.0, 0.5, 1.0]]])
   # As written to steps.png: 0 steps black, the budget white, half the budget mid grey.
@@ -108,6 +108,6 @@ def test_sample_from_workdir_refuses_bad_settings_before_loading_anything(
   monkeypatch.setattr(train, "load_trained", must_not_load)
   workdir = tmp_path / "run"
   with pytest.raises(checks.InputError, match=message) as err:
-    adaptive_mode.sample_from_workdir(_config(**settings), str(workdir))
+    sample_mode._sample_with_head(_config(**settings), str(workdir))
   assert "\n" not in str(err.value)
   assert not workdir.exists()                                  # nothing written

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.runtime import storage
@@ -96,7 +97,7 @@ def tfrecords(data: bytes):
 def reference(tmp_path_factory):
   """The same run, local and uninterrupted, in this process (8 host devices, like the CLI)."""
   workdir = tmp_path_factory.mktemp("reference")
-  train.train_and_evaluate(configs.with_overrides(RUN), str(workdir))
+  train_mode.train_and_evaluate(configs.with_overrides(RUN), str(workdir))
   return workdir
 
 

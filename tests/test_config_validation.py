@@ -188,9 +188,8 @@ def test_messages_say_what_is_expected():
 
 
 def test_the_name_lists_match_the_modules_that_define_them():
-  from asyncpatch_jax.modes import adaptive_mode  # pylint: disable=g-import-not-at-top
-  from asyncpatch_jax import models  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.modes import sample_mode  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax import models  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.data import masks  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.data import training_masks  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.diffusion import timesteps  # pylint: disable=g-import-not-at-top
@@ -200,8 +199,8 @@ def test_the_name_lists_match_the_modules_that_define_them():
   b = rules
   assert b.TIMESTEP_SAMPLERS == timesteps.SAMPLER_NAMES
   assert b.SAMPLE_TASKS == tuple(sample_mode.TASKS)
-  assert b.ADAPTIVE_POLICIES == adaptive_mode.ADAPTIVE_POLICIES
-  assert b.IPR_ORDERS == adaptive_mode.IPR_ORDERS
+  assert b.ADAPTIVE_POLICIES == sample_mode.ADAPTIVE_POLICIES
+  assert b.IPR_ORDERS == sample_mode.IPR_ORDERS
   assert b.DTYPES == tuple(models._DTYPES) == tuple(vqae._DTYPES)  # pylint: disable=protected-access
   assert b.MASK_FAMILIES == masks.FAMILIES
   assert b.TRAINING_MASK_FAMILIES == training_masks.OWN_FAMILIES + masks.FAMILIES

@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
-from asyncpatch_jax.runs import latent_codec as latent
+from asyncpatch_jax.runs import loader
 from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
@@ -58,7 +59,7 @@ def test_autoencoder_reconstructs_far_better_than_the_mean_image(ae_run):
   mean_image = np.mean([train_src[i]["image"] for i in range(len(train_src))], axis=0)
   x = np.stack([test_src[i]["image"] for i in range(64)])
   baseline = np.abs(x - mean_image).mean()
-  ae, params, meta = autoencoder_train.load_autoencoder(workdir)
+  ae, params, meta = loader.load_autoencoder(workdir)
   rec = reconstruction.Reconstructor(ae, params).reconstruct(x)
   l1 = np.abs(x - rec).mean()
   assert l1 < 0.5 * baseline, (l1, baseline)
@@ -78,7 +79,7 @@ def test_autoencoder_resume_is_bitwise(ae_run, tmp_path):
 def test_autoencoder_checkpoints_refuse_another_architecture(ae_run):
   workdir, _ = ae_run
   with pytest.raises(checks.InputError, match="codebook_size: 32 -> 64"):
-    autoencoder_train.load_autoencoder(workdir, ae_config(codebook_size=64).autoencoder)
+    loader.load_autoencoder(workdir, ae_config(codebook_size=64).autoencoder)
   with pytest.raises(checks.InputError, match=r"different model(.|\n)*latent_channels: 3 -> 4"):
     autoencoder_train.train_and_evaluate(ae_config(latent_channels=4), workdir, **ONE)
 
@@ -102,7 +103,7 @@ def latent_config(ae_workdir, **model):
 def latent_run(ae_run, tmp_path_factory):
   ae_workdir, _ = ae_run
   workdir = str(tmp_path_factory.mktemp("latent"))
-  summary = train.train_and_evaluate(latent_config(ae_workdir), workdir, **ONE)
+  summary = train_mode.train_and_evaluate(latent_config(ae_workdir), workdir, **ONE)
   return workdir, summary
 
 
@@ -118,7 +119,7 @@ def test_latent_training_encodes_each_batch_inside_the_step(ae_run, latent_run):
   assert setup.image_shape == (4, 4, 3) and setup.pixel_shape == (16, 16, 3)
   x = np.stack([setup.source[i]["image"] for i in range(8)])
   z = codec.encode_images(x)
-  ae, params, meta = autoencoder_train.load_autoencoder(ae_workdir)
+  ae, params, meta = loader.load_autoencoder(ae_workdir)
   h = reconstruction.Reconstructor(ae, params).encode(x)
   np.testing.assert_allclose(z, h / meta["latent_stats"]["std"], rtol=1e-5, atol=1e-6)
   pixel_cfg = latent_config("")
@@ -137,7 +138,7 @@ def test_latent_training_encodes_each_batch_inside_the_step(ae_run, latent_run):
 
 def test_token_schedule_knows_exactly_the_tokens_whose_cell_and_halo_are_known(ae_run):
   ae_workdir, _ = ae_run
-  codec = latent.LatentCodec.load(ae_workdir, (16, 16, 3))
+  codec = loader.load_codec(ae_workdir, (16, 16, 3))
   mask = np.ones((16, 16), np.float32)
   mask[5:9, 10:12] = 0.0
   tau = codec.latent_schedule(schedules.inpainting(mask, 6), known_content=True)

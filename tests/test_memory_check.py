@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import storage
@@ -92,14 +93,14 @@ def test_over_limit_run_stops_in_one_line_before_writing_anything(tmp_path):
 _RSS_CHILD = r"""
 import json, sys
 from asyncpatch_jax.config import base_config
-from asyncpatch_jax.training import memory, train
+from asyncpatch_jax.training import loop, memory, train
 
 def status(key):
   with open("/proc/self/status") as f:
     return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
 marks = {}
-compile_train_step, initial_state = memory.compile_train_step, train.initial_state
+compile_train_step, initial_state = memory.compile_train_step, loop.initial_state
 
 def compile_hook(*args, **kwargs):
   compiled = compile_train_step(*args, **kwargs)
@@ -112,11 +113,11 @@ def initial_state_hook(*args, **kwargs):
   marks["baseline"] = status("VmRSS")
   return initial_state(*args, **kwargs)
 
-memory.compile_train_step, train.initial_state = compile_hook, initial_state_hook
+memory.compile_train_step, loop.initial_state = compile_hook, initial_state_hook
 config = base_config.load_config_file(sys.argv[1])
 with config.unlocked():
   config.update_from_flattened_dict(json.loads(sys.argv[3]))
-summary = train.train_and_evaluate(config, sys.argv[2])
+summary = train_mode.train_and_evaluate(config, sys.argv[2])
 marks["peak"] = status("VmHWM")
 marks["step"] = summary["step"]
 print("MARKS " + json.dumps(marks))
@@ -129,7 +130,7 @@ def test_estimate_matches_the_measured_growth_in_peak_rss(tmp_path):
 
   One host device; the step dominates: a tiny UNet (base_channels=8) on a batch of 1536
   digits, ~2.6 GiB of temporaries (activations for the backward pass). Baseline: VmRSS
-  just before `train.initial_state` allocates the state (after compiling: Python, the
+  just before `loop.initial_state` allocates the state (after compiling: Python, the
   XLA runtime, the compiled step and the dataset are in it, none of them in the
   estimate), with VmHWM reset to it there. Growth: VmHWM after two steps and the final
   checkpoint, minus the baseline. The estimate covers what comes after the baseline:
@@ -192,12 +193,12 @@ def test_limit_stops_the_run_and_skip_memory_check_overrides_it(tmp_path, monkey
   _limit(monkeypatch, needs.peak - 1)
   workdir = tmp_path / "run"
   with pytest.raises(checks.InputError, match=r"more than the .* of a test limit") as e:
-    train.train_and_evaluate(config, str(workdir), devices=devices)
+    train_mode.train_and_evaluate(config, str(workdir), devices=devices)
   assert "\n" not in str(e.value)
   assert not workdir.exists()
   config = make_config(train__num_steps=2, train__checkpoint_every=2,
                        train__skip_memory_check=True)
-  summary = train.train_and_evaluate(config, str(workdir), devices=devices)
+  summary = train_mode.train_and_evaluate(config, str(workdir), devices=devices)
   assert summary["step"] == 2
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
@@ -209,7 +210,7 @@ def test_suggested_batch_size_fits_when_compiled(tmp_path, monkeypatch):
   limit = int(0.6 * _step_memory(make_config(train__batch_size=64), devices).peak)
   _limit(monkeypatch, limit)
   with pytest.raises(checks.InputError, match=r"train\.batch_size=(\d+) or less \(about") as e:
-    train.train_and_evaluate(make_config(train__batch_size=64), str(tmp_path / "run"),
+    train_mode.train_and_evaluate(make_config(train__batch_size=64), str(tmp_path / "run"),
                              devices=devices)
   assert not (tmp_path / "run").exists()
   suggested = int(re.search(r"--config\.train\.batch_size=(\d+)", str(e.value)).group(1))
@@ -247,6 +248,6 @@ def test_a_workdir_that_cannot_be_written_stops_before_compiling(tmp_path, monke
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(checks.InputError, match=r"a_file/run' is not writable \(Not a directory\)"):
-    train.train_and_evaluate(make_config(), str(blocker / "run"), devices=jax.devices()[:1])
+    train_mode.train_and_evaluate(make_config(), str(blocker / "run"), devices=jax.devices()[:1])
   storage.precheck_writable(str(tmp_path / "new" / "run"))
   assert sorted(os.listdir(tmp_path)) == ["a_file"]

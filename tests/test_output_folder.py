@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import storage
-from asyncpatch_jax.training import train
 from fixtures import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +98,7 @@ def workdir(tmp_path_factory):
   with config.unlocked():
     config.sample.num_images = 0
     config.eval.num_samples = 0
-  train.train_and_evaluate(config, str(path))
+  train_mode.train_and_evaluate(config, str(path))
   return path
 
 

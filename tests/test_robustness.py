@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.modes import sample_mode
@@ -91,7 +92,7 @@ def assert_same_state(a, b):
 def reference(tmp_path_factory):
   """The uninterrupted run: (workdir, final state, metrics.jsonl records)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  summary = train.train_and_evaluate(make_config(), workdir)
+  summary = train_mode.train_and_evaluate(make_config(), workdir)
   assert summary["step"] == 24
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "24"]
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -143,7 +144,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_bitwise(kind, referenc
   name = _damage(kind, damaged)
   kept = snapshot(damaged)
   caplog.set_level("WARNING")
-  summary = train.train_and_evaluate(make_config(), workdir)
+  summary = train_mode.train_and_evaluate(make_config(), workdir)
   reports = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
   assert len(reports) == 1, reports
   assert f"step 24 " in reports[0] and f"file {name} " in reports[0]
@@ -169,7 +170,7 @@ def test_every_checkpoint_damaged_stops_with_a_list_and_changes_nothing(referenc
   _damage("deleted_meta", os.path.join(workdir, "checkpoints", "20"))
   before = snapshot(workdir)
   with pytest.raises(step_selection.DamagedCheckpointError) as err:
-    train.train_and_evaluate(make_config(), workdir)
+    train_mode.train_and_evaluate(make_config(), workdir)
   msg = str(err.value)
   assert "\n" not in msg and "every step is damaged" in msg
   assert "step 24: file state/ocdbt.process_0/d/" in msg and "(truncated)" in msg
@@ -252,7 +253,7 @@ def test_ctrl_c_saves_exits_130_and_resumes_bitwise(reference, tmp_path):
   assert "Traceback" not in err and "Interrupted: saving" in err
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   assert 6 <= saved[-1] < 24, saved                 # the step it was at, saved
-  summary = train.train_and_evaluate(make_config(), workdir)       # resume, as a rerun would
+  summary = train_mode.train_and_evaluate(make_config(), workdir)       # resume, as a rerun would
   assert_same_state(ref_state, summary["state"])
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records] == list(range(1, 25))        # every step once
@@ -429,7 +430,7 @@ def test_optimizer_settings_are_range_checked(key, value, expected):
 def test_train_settings_are_range_checked_before_anything_is_built(tmp_path):
   for key, value in (("ema_decay", 1.0), ("label_dropout", 1.2)):
     with pytest.raises(checks.InputError, match=f"train.{key}={value}; expected a number in"):
-      train.train_and_evaluate(make_config({f"train.{key}": value}), str(tmp_path / "w"))
+      train_mode.train_and_evaluate(make_config({f"train.{key}": value}), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
 
 
@@ -469,11 +470,11 @@ def test_second_ctrl_c_exits_at_once():
   """The first SIGINT asks the loop to save and stop; a second one exits with 130 at once."""
   script = """
 import os, signal, time
-from asyncpatch_jax.training import train
-with train._Preemption() as preemption:
+from asyncpatch_jax.training import loop
+with loop._Preemption() as preemption:
   os.kill(os.getpid(), signal.SIGINT)
   time.sleep(0.2)
-  print("requested", preemption.requested, train.interrupt_exit_code(), flush=True)
+  print("requested", preemption.requested, loop.interrupt_exit_code(), flush=True)
   os.kill(os.getpid(), signal.SIGINT)
   time.sleep(5)
 print("not reached")

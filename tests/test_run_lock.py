@@ -19,11 +19,12 @@ import time
 
 import pytest
 
+from asyncpatch_jax.runs import loader
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.runs import run_lock
-from asyncpatch_jax.training import train
 from fixtures import configs
 from fixtures import gcs_emulator
 
@@ -175,7 +176,7 @@ def test_two_trainings_started_together_one_runs_one_stops_naming_the_owner(tmp_
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.train_and_evaluate(configs.with_overrides({"sample.num_images": 0, "eval.num_samples": 0}),
+  train_mode.train_and_evaluate(configs.with_overrides({"sample.num_images": 0, "eval.num_samples": 0}),
                            str(workdir))
   return workdir
 
@@ -193,7 +194,7 @@ def test_sampling_beside_a_live_training(trained, tmp_path):
         str(workdir))
     assert settings["step"] == 24 and (out / "samples.npz").exists()
     with pytest.raises(checks.InputError, match=f"pid {os.getpid()}"):
-      train.train_and_evaluate(configs.with_overrides({}), str(workdir))
+      train_mode.train_and_evaluate(configs.with_overrides({}), str(workdir))
   finally:
     lock.release()
 
@@ -251,9 +252,9 @@ def test_a_workdir_read_elsewhere_names_both_places(trained, tmp_path, caplog):
   copy = tmp_path / "copy"
   shutil.copytree(trained, copy)
   with caplog.at_level("INFO"):
-    assert train.saved_image_shape(str(copy)) == (16, 16, 1)
+    assert loader.saved_image_shape(str(copy)) == (16, 16, 1)
   assert f"workdir {copy} was written as {trained}" in caplog.text
   caplog.clear()
   with caplog.at_level("INFO"):
-    train.saved_image_shape(str(trained))
+    loader.saved_image_shape(str(trained))
   assert "was written as" not in caplog.text

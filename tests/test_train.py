@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runs import checkpointing
@@ -75,7 +76,7 @@ def assert_trees_equal(a, b, atol=0.0):
 def trained_workdir(tmp_path_factory):
   """A tiny model trained in-process for 24 steps on one device (the test config)."""
   workdir = str(tmp_path_factory.mktemp("trained"))
-  summary = train.train_and_evaluate(make_config(), workdir, devices=jax.devices()[:1])
+  summary = train_mode.train_and_evaluate(make_config(), workdir, devices=jax.devices()[:1])
   return workdir, summary
 
 
@@ -104,7 +105,7 @@ def test_sharded_training_matches_one_device(fsdp, trained_workdir, monkeypatch,
   """8 CPU devices (data x fsdp) give the one-device loss and parameters."""
   monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", 0)  # shard every leaf that divides
   _, one = trained_workdir
-  many = train.train_and_evaluate(make_config(train__fsdp=fsdp), str(tmp_path))
+  many = train_mode.train_and_evaluate(make_config(train__fsdp=fsdp), str(tmp_path))
   assert len(jax.tree.leaves(many["state"].params)[0].sharding.device_set) == 8
   if fsdp > 1:
     specs = [x.sharding.spec for x in jax.tree.leaves(many["state"].params)]
@@ -175,7 +176,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                     train__num_steps=20, train__checkpoint_every=1, train__log_every=10)
   workdir = str(tmp_path)
   with pytest.raises(FloatingPointError, match=r"non-finite at step (\d+)") as err:
-    train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+    train_mode.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
   bad = int(err.value.args[0].split("at step ")[1].split(" ")[0])
   step, state = load_state(workdir, cfg)
   assert step == bad      # the checkpoint after the last finite step, nothing later
@@ -187,7 +188,7 @@ def test_incompatible_checkpoint_is_refused(trained_workdir):
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   cfg = make_config(model__base_channels=24)
   with pytest.raises(ValueError, match=r"different model(.|\n)*base_channels: 16 -> 24"):
-    train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+    train_mode.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -301,7 +302,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, cli_env):
   blocker = tmp_path / "file"
   blocker.write_text("")
   with pytest.raises(ValueError, match="not writable"):
-    train.train_and_evaluate(make_config(), str(blocker / "workdir"))
+    train_mode.train_and_evaluate(make_config(), str(blocker / "workdir"))
   res = run_cli([f"--config={TEST_CONFIG}", f"--workdir={tmp_path / 'w'}",
                  "--config.train.num_stesp=3"], cli_env, timeout=120)
   assert res.returncode != 0 and 'Did you mean "num_steps"' in res.stderr

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax import models as models_lib
@@ -20,6 +21,7 @@ from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import gaussian
 from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.runs import checkpointing
+from asyncpatch_jax.runs import loader
 from asyncpatch_jax.training import head_train
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
@@ -178,7 +180,7 @@ def models(tmp_path_factory):
   setup_a, state_a = _make_model(a, 0)
   setup_b, state_b = _make_model(b, 1)
   head_dir = str(root / "head_a")
-  summary = train.train_and_evaluate(_head_config(a), head_dir, devices=jax.devices()[:1])
+  summary = train_mode.train_and_evaluate(_head_config(a), head_dir, devices=jax.devices()[:1])
   return dict(root=root, a=a, b=b, setup_a=setup_a, state_a=state_a, setup_b=setup_b,
               state_b=state_b, head_dir=head_dir, summary=summary)
 
@@ -207,7 +209,7 @@ def test_the_model_stays_frozen_and_the_head_trains(models):
   _assert_trees_equal(summary["frozen"], models["state_a"].ema_params)
   _assert_trees_equal(state_after.params, models["state_a"].params)
   _assert_trees_equal(state_after.ema_params, models["state_a"].ema_params)
-  assert summary["frozen_model"]["fingerprint"] == head_train.fingerprint(
+  assert summary["frozen_model"]["fingerprint"] == loader.fingerprint(
       models["state_a"].ema_params)
   # The head did train: its parameters moved from the initialisation.
   setup = head_train.HeadSetup(_head_config(models["a"]))
@@ -225,7 +227,7 @@ def test_head_training_resumes_bitwise(models):
   resumed = str(models["root"] / "head_resumed")
   shutil.copytree(models["head_dir"], resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-  summary = train.train_and_evaluate(_head_config(models["a"]), resumed,
+  summary = train_mode.train_and_evaluate(_head_config(models["a"]), resumed,
                                      devices=jax.devices()[:1])
   assert summary["step"] == 4
   a = _head_state(models["head_dir"], models["a"])
@@ -238,22 +240,22 @@ def test_head_training_resumes_bitwise(models):
 def test_a_head_of_another_model_is_refused(models):
   head_dir = models["head_dir"]
   before = sorted(os.listdir(os.path.join(head_dir, "checkpoints")))
-  fp_a = head_train.fingerprint(models["state_a"].ema_params)
-  fp_b = head_train.fingerprint(models["state_b"].ema_params)
+  fp_a = loader.fingerprint(models["state_a"].ema_params)
+  fp_b = loader.fingerprint(models["state_b"].ema_params)
   assert fp_a != fp_b
   # Resuming its training on model B.
   with pytest.raises(checks.InputError, match=rf"different model(.|\n)*frozen.fingerprint: "
                                               rf"'{fp_a}' -> '{fp_b}'"):
-    train.train_and_evaluate(_head_config(models["b"]), head_dir, devices=jax.devices()[:1])
+    train_mode.train_and_evaluate(_head_config(models["b"]), head_dir, devices=jax.devices()[:1])
   assert sorted(os.listdir(os.path.join(head_dir, "checkpoints"))) == before
   # Sampling model B with it.
   with pytest.raises(checks.InputError, match=rf"trained on another model(.|\n)*fingerprint: "
                                               rf"'{fp_a}' -> '{fp_b}'"):
-    head_train.load_head(head_dir, models["setup_b"], models["state_b"])
+    loader.load_run(models["b"], head_workdir=head_dir)
   # Model A gets its head's EMA parameters.
-  head, params = head_train.load_head(head_dir, models["setup_a"], models["state_a"])
-  _assert_trees_equal(params, models["summary"]["state"].ema_params)
-  assert head.channels == 8
+  head = loader.load_run(models["a"], head_workdir=head_dir).head
+  _assert_trees_equal(head.params, models["summary"]["state"].ema_params)
+  assert head.module.channels == 8
   with pytest.raises(checks.InputError, match="model_workdir is empty"):
     head_train.HeadSetup(_head_config(""))
 

@@ -223,8 +223,8 @@ TIMESTEP_SAMPLERS = ("global", "independent", "patchwise", "perlin",
                      "asyncpatch")                               # timesteps.SAMPLER_NAMES
 SAMPLE_TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressive",
                 "interleaved", "ipr", "adaptive", "ordered")     # sample_mode.TASKS
-ADAPTIVE_POLICIES = ("uncertainty_accelerated", "look_ahead", "dual_loop")  # adaptive_mode's
-IPR_ORDERS = ("raster", "uncertainty")                           # adaptive_mode.IPR_ORDERS
+ADAPTIVE_POLICIES = ("uncertainty_accelerated", "look_ahead", "dual_loop")  # sample_mode's
+IPR_ORDERS = ("raster", "uncertainty")                           # sample_mode.IPR_ORDERS
 DTYPES = ("float32", "bfloat16")                                 # models._DTYPES, vqae._DTYPES
 MASK_FAMILIES = ("thin", "medium", "thick", "wide", "square", "extrema",
                  "left_half")                                    # data/masks.FAMILIES

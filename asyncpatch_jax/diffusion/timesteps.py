@@ -103,6 +103,14 @@ class TimestepSampler:
   perlin_threshold: tuple[float, float] = (-0.2, 0.2)
   antithetic: bool = False
 
+  @classmethod
+  def from_config(cls, ts) -> "TimestepSampler":
+    """The sampler that `config.timesteps` describes (sampler, t range, patches, Perlin)."""
+    return cls(name=ts.sampler, t_min=ts.t_min, t_max=ts.t_max,
+               patch_sizes=tuple(ts.patch_sizes) or None, perlin_cells=tuple(ts.perlin_cells),
+               perlin_octaves=ts.perlin_octaves, perlin_threshold=tuple(ts.perlin_threshold),
+               antithetic=ts.antithetic)
+
   def __post_init__(self):
     checks.check_choice(self.name, SAMPLER_NAMES, "timestep sampler")
     if not 0.0 <= self.t_min < self.t_max <= 1.0:

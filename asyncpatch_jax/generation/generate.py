@@ -185,3 +185,39 @@ def _write_grids(generator, params, sample_config, references, key, out_dir, num
                    key=keys[4], shape=(n, h, w, c), eta=eta)
   save("autoregressive", auto)
   return paths
+
+
+def write_latent_grids(generator, params, codec, sample_config, references: np.ndarray,
+                key: jax.Array, out_dir) -> dict[str, str]:
+  """The pixel model's grids (`write_grids`) for a latent model (runs/latent_codec.py): samples, inpainting
+  of the right half (masked input, latent inpainting with known pixels pasted, originals)
+  and autoregressive generation over a 2x2 grid of token patches; PNGs in `out_dir`."""
+  n = sample_config.num_images
+  h, w, c = codec.pixel_shape
+  lh, lw, lc = codec.latent_shape
+  steps, eta = sample_config.num_steps, sample_config.eta
+  keys = jax.random.split(key, 3)
+  paths = {}
+
+  def save(name, images, ncols=None):
+    path = out_dir / f"{name}.png"
+    if jax.process_index() == 0:
+      image_io.save_grid(np.asarray(images), path, ncols=ncols, scale=4 if h <= 32 else 1)
+    paths[name] = str(path)
+
+  sync = schedules.synchronous(steps, lh, lw)
+  save("samples", codec.finish(generator(params, sync, key=keys[0], shape=(n, lh, lw, lc),
+                                         eta=eta)))
+  k = min(n, len(references), 16)
+  x = references[:k]
+  mask = np.broadcast_to(left_half_mask(h, w), (k, h, w))
+  z_known, _ = codec.known_latents(x, mask)
+  tau = codec.latent_schedule(schedules.inpainting(mask[0], steps), known_content=True)
+  z = generator(params, tau, key=keys[1], x=z_known, eta=eta)
+  masked = np.where(mask[..., None] > 0, x, -1.0)
+  save("inpainting", np.concatenate([masked, codec.finish(z, x, mask), x]), ncols=k)
+  grid = (2, 2) if lh % 2 == 0 and lw % 2 == 0 else (1, 1)
+  auto = generator(params, schedules.autoregressive(lh, lw, grid, max(steps // 4, 1)),
+                   key=keys[2], shape=(n, lh, lw, lc), eta=eta)
+  save("autoregressive", codec.finish(auto))
+  return paths

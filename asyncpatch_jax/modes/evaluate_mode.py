@@ -4,7 +4,7 @@
 
 Needs only the workdir (a local folder or a gs:// URL; the command line's default
 config is the workdir's own config.json). Loads the latest checkpoint's EMA parameters
-(training/train.load_trained, as --mode=sample), then scores generation and inpainting
+(runs/loader.py, as --mode=sample), then scores generation and inpainting
 quality (evaluation/workdir_eval.py: Frechet distance and PRDC on the dataset's
 in-project feature network, `fd_digits` / `fd_textures`; FID with Inception-v3 weights;
 PSNR/SSIM and LPIPS per mask family on the held-out split; a latent diffusion workdir on
@@ -29,7 +29,7 @@ from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.evaluation import workdir_eval
 from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.runtime import sharding
-from asyncpatch_jax.training import train
+from asyncpatch_jax.runs import loader
 
 
 def _summary(result: dict, path: str) -> dict:
@@ -53,15 +53,15 @@ def evaluate_workdir(config, workdir) -> dict:
                             "diffusion workdir that names it instead.")
   t0 = time.perf_counter()
   workdir = storage.check_bucket(workdir, "workdir")
-  image_shape = train.saved_image_shape(workdir)       # InputError: no checkpoint
-  setup = train.Setup(config, image_shape=image_shape)
+  loader.saved_image_shape(workdir)                    # InputError: no checkpoint
+  setup = loader.open_run(workdir, config)
   codec = setup.codec              # a latent workdir: tokens, scored decoded (pixel_shape)
   workdir_eval.check_settings(config, setup.pixel_shape, latent=codec is not None)
   out_path = (storage.check_bucket(config.evaluate.out, "evaluate.out") if config.evaluate.out
               else workdir / "evaluate.json")
   storage.check_writable(out_path.parent, "evaluate.out's folder")
   inception_features, lpips_fn = workdir_eval.load_weight_files(config)
-  setup, state = train.load_trained(workdir, config, setup=setup)
+  setup = loader.load_run(workdir, config, run=setup)
   mesh = sharding.sampling_mesh()                      # None on one device
   generator = generate.Generator(setup.model, mesh=mesh)
   key = jax.random.key(config.seed)
@@ -71,9 +71,9 @@ def evaluate_workdir(config, workdir) -> dict:
     extractors, nets = workdir_eval.feature_extractors(config, jax.random.fold_in(key, 1),
                                                        inception_features, bar)
     scores, examples = workdir_eval.evaluate(
-        generator, state.ema_params, config, image_shape=setup.pixel_shape, key=key,
+        generator, setup.params, config, image_shape=setup.pixel_shape, key=key,
         extractors=extractors, lpips_fn=lpips_fn, mesh=mesh, bar=bar, codec=codec)
-  result = {"workdir": str(workdir), "step": int(jax.device_get(state.step)),
+  result = {"workdir": str(workdir), "step": setup.step,
             "dataset": config.data.dataset, "image_shape": list(setup.pixel_shape),
             "devices": jax.device_count(), "mesh": None if mesh is None else dict(mesh.shape),
             "feature_nets": nets, **scores, "seconds": time.perf_counter() - t0}

@@ -267,11 +267,14 @@ class Checkpointer:
     storage.write_text_atomic(self.workdir / name,
                               json.dumps(self.meta["config"], indent=2, sort_keys=True))
 
-  def restore(self, abstract_state):
+  def restore(self, abstract_state, *, partial: bool = False):
     """The newest intact state, restored into the shardings of `abstract_state`, or None.
 
     Leaves without a sharding are restored replicated over all devices, whatever
     topology wrote the checkpoint (e.g. sampling on one device from a pod run).
+    partial: `abstract_state` is a dict of some of the saved state's fields (e.g.
+    {"ema_params": ..., "step": ...}); only those are read, so loading a trained model
+    needs neither the optimizer's state nor its structure.
     """
     replicated = sharding.replicated_everywhere()
     abstract_state = jax.tree.map(
@@ -283,8 +286,11 @@ class Checkpointer:
         return None
       logging.info("Restoring checkpoint of step %d from %s", step, str(self.workdir))
       try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        args = (ocp.args.PyTreeRestore(
+            item=abstract_state, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+                if partial else ocp.args.StandardRestore(abstract_state))
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
         return restored["state"]
       except Exception as e:  # pylint: disable=broad-except
         if step in self._reader.verified or jax.process_count() > 1:

@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax.runtime import checks
-from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.models import vqae
 
@@ -50,47 +48,6 @@ class LatentCodec:
     self.latent_shape = ae.latent_shape(self.pixel_shape)
     self._encode_jit = jax.jit(self.encode)
     self._decode_jit = jax.jit(self.decode)
-
-  @classmethod
-  def load(cls, workdir, pixel_shape, scale: float = 0.0, model_config=None) -> "LatentCodec":
-    """The codec of a trained autoencoder workdir for images of `pixel_shape` [H, W, C].
-
-    scale: 0 reads 1 / std from the workdir's latent_stats.json (written at the end of
-    the autoencoder's training). model_config: the UNet's `config.model`, checked
-    against the latent shape (channels, divisibility).
-    """
-    from asyncpatch_jax.training import autoencoder_train  # pylint: disable=g-import-not-at-top
-    if not workdir:
-      raise checks.InputError("latent.autoencoder_workdir is empty; name a trained autoencoder "
-                              "workdir (configs/vqae_*.py).")
-    ae, params, meta = autoencoder_train.load_autoencoder(workdir)
-    pixel_shape = tuple(int(s) for s in pixel_shape)
-    if pixel_shape[-1] != ae.image_channels:
-      raise checks.InputError(f"the images have {pixel_shape[-1]} channels but the autoencoder in "
-                              f"{str(workdir)!r} was trained on {ae.image_channels}.")
-    latent_shape = ae.latent_shape(pixel_shape)
-    if model_config is not None:
-      if model_config.out_channels != ae.latent_channels:
-        raise checks.InputError(
-            f"model.out_channels={model_config.out_channels} but the autoencoder's latent has "
-            f"{ae.latent_channels} channels; set --config.model.out_channels={ae.latent_channels}.")
-      down = 2 ** (len(model_config.channel_mult) - 1)
-      if latent_shape[0] % down or latent_shape[1] % down:
-        raise checks.InputError(
-            f"the latent is {latent_shape[0]}x{latent_shape[1]} (images {pixel_shape[0]}x"
-            f"{pixel_shape[1]} / f={ae.factor}), not divisible by the UNet's downsampling {down} "
-            f"({len(model_config.channel_mult)} levels); use fewer UNet levels or larger images.")
-    if not scale:
-      stats = meta["latent_stats"]
-      if stats is None or not stats.get("std"):
-        raise checks.InputError(
-            f"autoencoder workdir {str(workdir)!r} has no latent_stats.json (written when its "
-            "training finishes); finish the training or set --config.latent.scale.")
-      scale = 1.0 / stats["std"]
-    if not np.isfinite(scale) or scale <= 0:
-      raise checks.InputError(f"latent.scale={scale}; expected a positive number (0 = from the "
-                              "autoencoder's latent statistics).")
-    return cls(ae, jax.device_get(params), scale, pixel_shape)
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -173,39 +130,3 @@ class LatentCodec:
     mask = np.broadcast_to(np.asarray(mask, np.float32), x.shape[:3])
     return self.encode_images(x, mask), self.token_mask(mask)
 
-
-def write_grids(generator, params, codec: LatentCodec, sample_config, references: np.ndarray,
-                key: jax.Array, out_dir) -> dict[str, str]:
-  """The pixel model's grids (generate.write_grids) for a latent model: samples, inpainting
-  of the right half (masked input, latent inpainting with known pixels pasted, originals)
-  and autoregressive generation over a 2x2 grid of token patches; PNGs in `out_dir`."""
-  from asyncpatch_jax.generation import generate  # pylint: disable=g-import-not-at-top
-  n = sample_config.num_images
-  h, w, c = codec.pixel_shape
-  lh, lw, lc = codec.latent_shape
-  steps, eta = sample_config.num_steps, sample_config.eta
-  keys = jax.random.split(key, 3)
-  paths = {}
-
-  def save(name, images, ncols=None):
-    path = out_dir / f"{name}.png"
-    if jax.process_index() == 0:
-      image_io.save_grid(np.asarray(images), path, ncols=ncols, scale=4 if h <= 32 else 1)
-    paths[name] = str(path)
-
-  sync = schedules.synchronous(steps, lh, lw)
-  save("samples", codec.finish(generator(params, sync, key=keys[0], shape=(n, lh, lw, lc),
-                                         eta=eta)))
-  k = min(n, len(references), 16)
-  x = references[:k]
-  mask = np.broadcast_to(generate.left_half_mask(h, w), (k, h, w))
-  z_known, _ = codec.known_latents(x, mask)
-  tau = codec.latent_schedule(schedules.inpainting(mask[0], steps), known_content=True)
-  z = generator(params, tau, key=keys[1], x=z_known, eta=eta)
-  masked = np.where(mask[..., None] > 0, x, -1.0)
-  save("inpainting", np.concatenate([masked, codec.finish(z, x, mask), x]), ncols=k)
-  grid = (2, 2) if lh % 2 == 0 and lw % 2 == 0 else (1, 1)
-  auto = generator(params, schedules.autoregressive(lh, lw, grid, max(steps // 4, 1)),
-                   key=keys[2], shape=(n, lh, lw, lc), eta=eta)
-  save("autoregressive", codec.finish(auto))
-  return paths

@@ -51,23 +51,11 @@ from asyncpatch_jax.models import vqae
 from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
+from asyncpatch_jax.runs import loader
 from asyncpatch_jax.runs import run_lock
 from asyncpatch_jax.runtime import sharding
-from asyncpatch_jax.training import train
+from asyncpatch_jax.training import loop
 from asyncpatch_jax.training import train_state
-
-# The autoencoder settings that define its parameters (a checkpoint of other values is refused).
-ARCHITECTURE_KEYS = ("image_channels", "base_channels", "channel_mult", "num_res_blocks",
-                     "latent_channels", "codebook_size", "encoder_kernels",
-                     "attention_resolutions", "head_dim", "mask_embed_dim", "dtype")
-LATENT_STATS = "latent_stats.json"
-
-
-def architecture(ae_config) -> dict[str, Any]:
-  """The architecture keys of `config.autoencoder` (what a checkpoint must match)."""
-  return json.loads(json.dumps({k: ae_config[k] for k in ARCHITECTURE_KEYS},
-                               default=list))
-
 
 @flax.struct.dataclass
 class AutoencoderState:
@@ -300,7 +288,7 @@ def batch_masks(config, step: int, height: int, width: int, process_index: int |
 
 def _checkpointer(workdir, config, image_shape, *, every, keep) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(workdir, config, image_shape, every=every, keep=keep,
-                                    model=architecture(config.autoencoder))
+                                    model=loader.architecture(config.autoencoder))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -341,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     ckpt.check_compatible()
     ckpt.write_config_json()
-    state = train.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
+    state = loop.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
                                 root_key)
     start = int(jax.device_get(state.step))
     total = cfg.train.num_steps
@@ -355,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     step_args = ((input_pipeline.make_global_batch(
         {"image": local["image"], "mask": batch_masks(cfg, step, h, w)}, mesh),)
                  for step, local in enumerate(pipeline.iterate(start, total - start), start))
-    summary = train.run_steps(
+    summary = loop.run_steps(
         cfg, state, step_fn, step_args, ckpt, writer,
         postfix=lambda s: {"l1": f"{s['rec_l1']:.4f}", "ppl": f"{s['perplexity']:.0f}"})
     state = summary["state"]
@@ -388,7 +376,7 @@ def _evaluate(setup: AutoencoderSetup, params, workdir: str) -> dict[str, Any]:
     train_images = np.stack([setup.source[i]["image"] for i in range(min(n, len(setup.source)))])
     stats = codec.latent_statistics(train_images)
     if jax.process_index() == 0:
-      storage.write_text_atomic(workdir / LATENT_STATS, json.dumps(stats, indent=2))
+      storage.write_text_atomic(workdir / loader.LATENT_STATS, json.dumps(stats, indent=2))
       k = min(8, len(images))
       rows = [images[:k], codec.reconstruct(images[:k]),
               np.where(masks[:k, ..., None] > 0, images[:k], -1.0),
@@ -399,43 +387,3 @@ def _evaluate(setup: AutoencoderSetup, params, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     storage.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
   return result
-
-
-def load_autoencoder(workdir, ae_config=None) -> tuple[vqae.VQAutoencoder, Any, dict]:
-  """(ae, params, meta) of the latest checkpoint of a trained autoencoder workdir.
-
-  ae_config: a `config.autoencoder` to load with; None builds the one saved with the
-  checkpoint. A config whose architecture (codebook size, latent width, ...) differs
-  from the checkpoint's is refused with the differing keys listed.
-  meta: {"image_shape", "config", "step", "latent_stats" (None if absent)}.
-  """
-  saved = checkpointing.saved_meta(workdir)
-  if saved is None:
-    raise checks.InputError(f"autoencoder workdir {str(workdir)!r} has no checkpoints; train the "
-                            "autoencoder there first (python -m asyncpatch_jax.main "
-                            f"--config=configs/vqae_textures.py --workdir={workdir}).")
-  config = ml_collections.ConfigDict(saved["config"])
-  if "autoencoder" not in config:
-    raise checks.InputError(f"workdir {str(workdir)!r} holds a checkpoint of a diffusion model, "
-                            "not an autoencoder (its config has no `autoencoder` section).")
-  if ae_config is not None:
-    diffs = compat.config_differences(saved["model"], architecture(ae_config))
-    if diffs:
-      raise checks.InputError(
-          f"autoencoder workdir {str(workdir)!r} was trained with another architecture; "
-          "differing keys (checkpoint -> requested):\n  " + "\n  ".join(diffs))
-  image_shape = tuple(saved["image_shape"])
-  with config.unlocked():
-    config.train.fsdp = 1
-  setup = AutoencoderSetup(config, devices=jax.devices()[:1], image_shape=image_shape)
-  ckpt = _checkpointer(workdir, config, image_shape, every=1, keep=None)
-  try:
-    ckpt.check_compatible()
-    state = ckpt.restore(setup.abstract_state)
-    step = ckpt.latest_step()
-  finally:
-    ckpt.close()
-  stats_path = storage.path(workdir) / LATENT_STATS
-  stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-  return setup.ae, state.params, {"image_shape": image_shape, "config": config,
-                                  "latent_stats": stats, "step": step}

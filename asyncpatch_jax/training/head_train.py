@@ -19,67 +19,39 @@ The config's own data, model and timesteps sections are not used.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
-from etils import epath
 
 from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.diffusion import flow
+from asyncpatch_jax.diffusion import timesteps
 from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
+from asyncpatch_jax.runs import loader
 from asyncpatch_jax.runs import run_lock
 from asyncpatch_jax.runtime import sharding
-from asyncpatch_jax.training import train
+from asyncpatch_jax.training import loop
 from asyncpatch_jax.training import train_state
 
 
-def fingerprint(params) -> str:
-  """SHA-256 of a parameter tree: every leaf's path, dtype, shape and bytes, in tree order."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    arr = np.asarray(jax.device_get(leaf))
-    digest.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
-    digest.update(np.ascontiguousarray(arr).tobytes())
-  return digest.hexdigest()
-
-
-def frozen_identity(model_config, image_shape, frozen_params, step: int) -> dict:
-  """What a head checkpoint records about the model it belongs to."""
-  return {"model": model_config.to_dict(), "image_shape": list(image_shape),
-          "params": "ema_params", "step": int(step), "fingerprint": fingerprint(frozen_params)}
-
-
-def _json(obj):
-  return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
 class HeadCheckpointer(checkpointing.Checkpointer):
-  """The model's Checkpointer, with meta['model'] = the head and the frozen model's identity.
-
-  `check_compatible` (inherited) then refuses a head workdir whose head architecture or
-  frozen model differ, listing the differing keys ('frozen.fingerprint: ... -> ...').
-  """
+  """The model's Checkpointer, with meta['model'] = the head and the frozen model's identity
+  (loader.head_meta_model), so that resuming refuses another head or another model."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, image_shape,
                identity: dict, **kwargs):
-    super().__init__(workdir, config, image_shape, **kwargs)
-    u = config.uncertainty
-    self.meta["model"] = _json({
-        "head": {k: u[k] for k in ("channels", "num_layers", "time_features", "logvar_min",
-                                   "logvar_max")},
-        "frozen": identity})
+    super().__init__(workdir, config, image_shape,
+                     model=loader.head_meta_model(config.uncertainty, identity), **kwargs)
 
 
 def head_update(state: train_state.TrainState, x: jax.Array, y, frozen, key: jax.Array, *,
@@ -145,16 +117,21 @@ class HeadSetup:
     if cfg.train.batch_size % n_dev:
       raise checks.InputError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                               f"{n_dev} devices.")
-    # The model's own Setup (with its dataset: the head trains on the model's data), then
-    # its latest checkpoint (refused if it is not that config's model).
-    model_config = read_config(model_workdir)
-    self.model_setup = train.Setup(model_config)
-    _, model_state = train.load_trained(model_workdir, model_config, setup=self.model_setup)
-    self.model = self.model_setup.model
-    self.image_shape = self.model_setup.image_shape
-    self.frozen = model_state.ema_params
-    self.identity = frozen_identity(self.model_setup.config.model, self.image_shape,
-                                    self.frozen, int(jax.device_get(model_state.step)))
+    # The model's data (the head trains on it) and its latest checkpoint (refused if it is
+    # not that config's model).
+    model_config = loader.read_config(model_workdir)
+    data = model_config.data
+    self.source = datasets.get_dataset(data.dataset, "train", data_dir=data.data_dir or None,
+                                       **dict(data.options))
+    run = loader.load_run(model_workdir, model_config)
+    loader.check_model(run.model, model_config, run.image_shape, self.source.num_classes)
+    self.model = run.model
+    self.image_shape = run.image_shape
+    self.frozen = run.params
+    self.identity = loader.frozen_identity(model_config.model, self.image_shape, self.frozen,
+                                           run.step)
+    self.label_dropout = model_config.train.label_dropout
+    self.timestep_sampler = timesteps.TimestepSampler.from_config(model_config.timesteps)
     self.tx, self.lr_schedule = train_state.make_optimizer(
         cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
     self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))
@@ -174,12 +151,12 @@ def head_train_step(state, batch, frozen, *, setup: HeadSetup, root_key):
   model = setup.model
   y = None
   if model.num_classes:
-    drop = jax.random.bernoulli(k_label, setup.model_setup.config.train.label_dropout,
+    drop = jax.random.bernoulli(k_label, setup.label_dropout,
                                 batch["label"].shape)
     y = jnp.where(drop, model.null_label, batch["label"]).astype(jnp.int32)
   return head_update(state, batch["image"], y, frozen, k_update, head=setup.head, tx=setup.tx,
                      velocity_fn=setup.velocity,
-                     timestep_sampler=setup.model_setup.timestep_sampler,
+                     timestep_sampler=setup.timestep_sampler,
                      ema_decay=setup.config.train.ema_decay, lr_schedule=setup.lr_schedule)
 
 
@@ -199,7 +176,7 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
   frozen_shardings = sharding.state_shardings(setup.frozen, mesh)
   root_key = jax.random.key(cfg.seed)
   keys = ("image", "label") if setup.model.num_classes else ("image",)
-  example = {k: setup.model_setup.source[0][k] for k in keys}
+  example = {k: setup.source[0][k] for k in keys}
   step_fn = jax.jit(functools.partial(head_train_step, setup=setup, root_key=root_key),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                   frozen_shardings),
@@ -223,75 +200,21 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
   try:
     ckpt.check_compatible()
     ckpt.write_config_json()
-    state = train.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
+    state = loop.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
                                 root_key)
     start, total = int(jax.device_get(state.step)), cfg.train.num_steps
     logging.info("Training an uncertainty head for %s (frozen model step %d, fingerprint %s) "
                  "from step %d to %d.", cfg.uncertainty.model_workdir, setup.identity["step"],
                  setup.identity["fingerprint"][:12], start, total)
-    pipeline = input_pipeline.InputPipeline(setup.model_setup.source, cfg.train.batch_size,
+    pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size,
                                             seed=cfg.seed)
     writer = metric_writer.MetricWriter(workdir, start)
     step_args = ((input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh), frozen)
                  for local in pipeline.iterate(start, total - start))
-    summary = train.run_steps(
+    summary = loop.run_steps(
         cfg, state, step_fn, step_args, ckpt, writer,
         postfix=lambda s: {"nll": f"{s['loss']:.4f}", "calib": f"{s['calibration']:.2f}"})
     summary.update(frozen_model=setup.identity, frozen=frozen)
     return summary
   finally:
     ckpt.close()
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json of a head (or model) workdir."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise checks.InputError(f"workdir {workdir!r} has no config.json; train the head there "
-                            "first (python -m asyncpatch_jax.main "
-                            "--config=configs/uncertainty_digits.py --workdir=...).")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_head(head_workdir: str, model_setup: train.Setup, model_state: train_state.TrainState
-              ) -> tuple[uncertainty_head.UncertaintyHead, Any]:
-  """(head, EMA head parameters) of a trained head workdir, checked against a model.
-
-  model_setup, model_state: the model the head will be used with (train.load_trained).
-  Raises InputError, listing the differences, if the head was trained on another model
-  (model config, image shape, step or parameters).
-  """
-  config = read_config(head_workdir)
-  if "uncertainty" not in config:
-    raise checks.InputError(f"workdir {head_workdir!r} does not hold an uncertainty head (its "
-                            "config has no 'uncertainty' section).")
-  head = uncertainty_head.build_head(config.uncertainty)
-  identity = frozen_identity(model_setup.config.model, model_setup.image_shape,
-                             model_state.ema_params, int(jax.device_get(model_state.step)))
-  tx, _ = train_state.make_optimizer(config.optim, config.train.num_steps,
-                                     flatten=config.train.fsdp == 1)
-  image_shape = model_setup.image_shape
-
-  def init_state(key):
-    params = head.init(key, *uncertainty_head.example_inputs(image_shape))["params"]
-    return train_state.create(params, tx)
-
-  ckpt = HeadCheckpointer(head_workdir, config, image_shape, identity, every=1, keep=None,
-                          read_only=True)
-  try:
-    if ckpt.latest_step() is None:
-      raise checks.InputError(f"workdir {head_workdir!r} has no head checkpoint; train it first.")
-    step = ckpt.latest_step()
-    saved = ckpt.saved_meta(step)["model"]
-    diffs = compat.config_differences(saved["frozen"], ckpt.meta["model"]["frozen"])
-    if diffs:
-      raise checks.InputError(
-          f"the uncertainty head in {head_workdir!r} (step {step}) was trained on another "
-          "model; refusing to use it. Differences (head's model -> this model):\n  "
-          + "\n  ".join(diffs) + "\nTrain a head for this model (configs/uncertainty_digits.py "
-          "with --config.uncertainty.model_workdir=<this workdir>).")
-    ckpt.check_compatible()
-    state = ckpt.restore(jax.eval_shape(init_state, jax.random.key(0)))
-  finally:
-    ckpt.close()
-  return head, state.ema_params

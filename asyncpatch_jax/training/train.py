@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
-import sys
-import time
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +29,11 @@ from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.runtime import storage
+from asyncpatch_jax.training import loop
 from asyncpatch_jax.training import memory
 from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax import models
+from asyncpatch_jax.runs import loader
 from asyncpatch_jax.runs import run_lock
 from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.diffusion import timesteps
@@ -74,26 +72,14 @@ class Setup:
     latent_cfg = cfg.get("latent")
     if latent_cfg is not None and latent_cfg.autoencoder_workdir:
       # Latent AsyncPatch (Sec. 5.2): the UNet diffuses a frozen autoencoder's latents.
-      from asyncpatch_jax.runs import latent_codec as latent  # pylint: disable=g-import-not-at-top
-      self.codec = latent.LatentCodec.load(latent_cfg.autoencoder_workdir, self.pixel_shape,
-                                           latent_cfg.scale, cfg.model)
+      self.codec = loader.load_codec(latent_cfg.autoencoder_workdir, self.pixel_shape,
+                                     latent_cfg.scale, cfg.model)
       self.image_shape = self.codec.latent_shape
     self.model = models.build_unet(cfg.model)
-    if self.model.out_channels != self.image_shape[-1]:
-      raise checks.InputError(f"model.out_channels={self.model.out_channels} but dataset "
-                       f"{cfg.data.dataset!r} has {self.image_shape[-1]} channels; set "
-                       f"--config.model.out_channels={self.image_shape[-1]}.")
-    num_classes = self.source.num_classes if self.source is not None else self.model.num_classes
-    if self.model.num_classes and self.model.num_classes != (num_classes or 0):
-      raise checks.InputError(f"model.num_classes={self.model.num_classes} but dataset "
-                       f"{cfg.data.dataset!r} has {num_classes or 'no'} classes; "
-                       f"set --config.model.num_classes={num_classes or 0}.")
+    loader.check_model(self.model, cfg, self.image_shape,
+                       self.source.num_classes if self.source is not None else None)
     ts = cfg.timesteps
-    self.timestep_sampler = timesteps.TimestepSampler(
-        name=ts.sampler, t_min=ts.t_min, t_max=ts.t_max,
-        patch_sizes=tuple(ts.patch_sizes) or None, perlin_cells=tuple(ts.perlin_cells),
-        perlin_octaves=ts.perlin_octaves, perlin_threshold=tuple(ts.perlin_threshold),
-        antithetic=ts.antithetic)
+    self.timestep_sampler = timesteps.TimestepSampler.from_config(ts)
     h, w, _ = self.image_shape
     if ts.sampler in ("patchwise", "asyncpatch"):
       self.timestep_sampler.patch_sizes_for(h, w)
@@ -197,137 +183,6 @@ def compile_train_step(setup: Setup, mesh, root_key: jax.Array) -> jax.stages.Co
                                    params=setup.abstract_state.params)
 
 
-class _Preemption:
-  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop then saves and stops.
-
-  A second SIGINT exits at once (exit code 130, no save). With several processes,
-  SIGINT keeps Python's default (KeyboardInterrupt) and SIGTERM goes through orbax's
-  `reached_preemption`, which makes the processes agree on the step.
-  """
-
-  signum: int | None = None   # the signal that stopped the last run (for the exit code)
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    _Preemption.signum = None
-    wanted = [signal.SIGTERM] + ([signal.SIGINT] if jax.process_count() == 1 else [])
-    for sig in wanted:
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested and signum == signal.SIGINT:
-      sys.stderr.write("\nInterrupted again: exiting now without saving.\n")
-      sys.stderr.flush()
-      os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
-    self.requested = True
-    _Preemption.signum = signum
-    if signum == signal.SIGINT:
-      sys.stderr.write("\nInterrupted: saving a checkpoint of the current step, then stopping "
-                       "(Ctrl-C again to exit at once, without saving).\n")
-      sys.stderr.flush()
-
-  def __exit__(self, *exc):
-    for sig, previous in self._previous.items():
-      signal.signal(sig, previous)
-
-
-def interrupt_exit_code() -> int:
-  """128 + the signal that stopped the last training run: 130 (SIGINT) or 143 (SIGTERM)."""
-  return 128 + (_Preemption.signum or signal.SIGTERM)
-
-
-def _check_finite(state: train_state.TrainState, last_metrics: dict | None) -> None:
-  bad = int(jax.device_get(state.nonfinite_step))
-  if bad >= 0:
-    loss = None if last_metrics is None else float(jax.device_get(last_metrics["loss"]))
-    raise FloatingPointError(
-        f"The loss became non-finite at step {bad} (last logged loss {loss}); training "
-        "stopped and no checkpoint was written after it. Lower optim.learning_rate or "
-        "check the data; the last good checkpoint is kept in the workdir.")
-
-
-def initial_state(ckpt, init_state: Callable, abstract_state, state_shardings, root_key):
-  """The workdir's latest verified checkpoint, or a fresh state from `init_state(key)`.
-
-  The fresh state's key is `fold_in(root_key, -1)` (never a step's key). On XLA:CPU the
-  one-off init program is compiled without backend optimisation (it runs once).
-  """
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, state_shardings)
-  state = ckpt.restore(target)
-  if state is None:
-    init = jax.jit(init_state, out_shardings=state_shardings)
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    init_key = jax.random.fold_in(root_key, -1 % 2 ** 31)
-    state = init.lower(init_key).compile(compiler_options=options)(init_key)
-  return state
-
-
-def run_steps(cfg, state, step_fn: Callable, step_args: Iterable[tuple], ckpt, writer, *,
-              postfix: Callable[[dict], dict], after_step: Callable | None = None
-              ) -> dict[str, Any]:
-  """The training loop shared by the model, the uncertainty head and the autoencoder.
-
-  Runs `state, metrics = step_fn(state, *args)` for the steps from the state's step to
-  `cfg.train.num_steps`, one `args` tuple (global batch and any frozen inputs) per step
-  from `step_args`. Every `train.log_every` steps it checks the state is finite and writes
-  the metrics (with steps/s and images/s); it saves every `train.checkpoint_every` steps,
-  at the end, and on SIGTERM / Ctrl-C (then stops, `preempted`); a failed background save
-  stops it at the next step (`ckpt.poll`). `postfix(scalars)` is the progress bar's
-  postfix; `after_step(done, state)` runs after each step's bookkeeping (e.g. grids).
-
-  Returns {"preempted", "step", "state", "metrics"} (and "signal" when preempted).
-  """
-  start, total = int(jax.device_get(state.step)), cfg.train.num_steps
-  summary: dict[str, Any] = {"preempted": False}
-  metrics, done = None, start
-  with progress_lib.bar(total, "train", enabled=bool(cfg.train.progress_bar), unit="step",
-                        initial=start) as bar, _Preemption() as preemption:
-    t_log, n_log = time.time(), 0
-    for step, args in zip(range(start, total), step_args):
-      state, metrics = step_fn(state, *args)
-      done, n_log = step + 1, n_log + 1
-      bar.update(1)
-      ckpt.poll()              # a failed background save stops training here
-      if done % cfg.train.log_every == 0 or done == total:
-        scalars = jax.device_get(metrics)
-        dt = time.time() - t_log
-        scalars.update(steps_per_s=n_log / dt, images_per_s=n_log * cfg.train.batch_size / dt)
-        _check_finite(state, metrics)
-        writer.write(done, scalars)
-        bar.set_postfix(**postfix(scalars))
-        t_log, n_log = time.time(), 0
-      preempted = (ckpt.reached_preemption(done) if jax.process_count() > 1
-                   else preemption.requested)
-      if done % cfg.train.checkpoint_every == 0 or done == total or preempted:
-        _check_finite(state, metrics)
-        ckpt.save(done, state, force=True)
-      if after_step is not None and not preempted:
-        after_step(done, state)
-      if preempted:
-        summary["preempted"] = True
-        summary["signal"] = signal.Signals(_Preemption.signum or signal.SIGTERM).name
-        break
-  writer.close()
-  ckpt.wait()
-  if summary["preempted"]:
-    logging.warning("%s: saved step %d, stopping; rerun the same command to resume.",
-                    summary["signal"], done)
-  summary["step"] = int(jax.device_get(state.step))
-  summary["state"] = state
-  if metrics is not None:
-    summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  return summary
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
                        devices=None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming its latest checkpoint), then samples and evaluates.
@@ -341,14 +196,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     A summary: final step, last metrics, eval results, the PNG grids, whether it was
     preempted, and the final `state` (TrainState).
   """
-  if "autoencoder" in config:
-    # The localized VQ autoencoder of latent AsyncPatch (Sec. 5.2, App. F).
-    from asyncpatch_jax.training import autoencoder_train  # pylint: disable=g-import-not-at-top
-    return autoencoder_train.train_and_evaluate(config, workdir, devices=devices)
-  if "uncertainty" in config and config.uncertainty.model_workdir:
-    # An uncertainty head on a trained model's frozen parameters (AsyncPatch Sec. 5.5).
-    from asyncpatch_jax.training import head_train  # pylint: disable=g-import-not-at-top
-    return head_train.train_head(config, workdir, devices=devices)
   sharding.maybe_initialize_distributed()
   setup = Setup(config, devices)           # bad settings stop before the workdir is touched
   storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
@@ -368,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   try:
     ckpt.check_compatible()
     ckpt.write_config_json()
-    state = initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
+    state = loop.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
                           root_key)
     start = int(jax.device_get(state.step))
     total = cfg.train.num_steps
@@ -389,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
 
     step_args = ((input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh), *frozen)
                  for local in pipeline.iterate(start, total - start))
-    summary = run_steps(cfg, state, step_fn, step_args, ckpt, writer, after_step=after_step,
+    summary = loop.run_steps(cfg, state, step_fn, step_args, ckpt, writer, after_step=after_step,
                         postfix=lambda scalars: {"loss": f"{scalars['loss']:.4f}"})
     state = summary["state"]
     if summary["preempted"] or summary["step"] < total:
@@ -404,15 +251,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     ckpt.close()
 
 
-def saved_image_shape(workdir) -> tuple[int, int, int]:
-  """The [H, W, C] recorded in the workdir's latest checkpoint; InputError if it has none."""
-  meta = checkpointing.saved_meta(workdir)
-  if meta is None:
-    raise checks.InputError(f"workdir {str(workdir)!r} has no checkpoints; train first "
-                            "(python -m asyncpatch_jax.main --config=... --workdir=...).")
-  return tuple(meta["image_shape"])
-
-
 def load_trained(workdir, config: ml_collections.ConfigDict | None = None, *,
                  setup: Setup | None = None) -> tuple[Setup, train_state.TrainState]:
   """(setup, state) of the latest checkpoint in a trained workdir, for sampling and analysis.
@@ -424,14 +262,9 @@ def load_trained(workdir, config: ml_collections.ConfigDict | None = None, *,
   setup: a `Setup` already built (e.g. to check inputs before restoring).
   """
   path = storage.check_bucket(workdir, "workdir")
-  if config is None:
-    if not (path / "config.json").is_file():
-      raise checks.InputError(f"workdir {str(workdir)!r} has no config.json; train there first "
-                              f"(python -m asyncpatch_jax.main --config=configs/default.py "
-                              f"--workdir={workdir}).")
-    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+  config = loader.read_config(workdir) if config is None else config
   if setup is None:
-    setup = Setup(config, image_shape=saved_image_shape(path))
+    setup = Setup(config, image_shape=loader.saved_image_shape(path))
   ckpt = checkpointing.Checkpointer(workdir, config, setup.pixel_shape, every=1, keep=None,
                                     read_only=True)
   try:
@@ -451,9 +284,8 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
   refs = np.stack([test[i]["image"] for i in range(min(16, len(test)))])
   key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 1)
   if setup.codec is not None:
-    from asyncpatch_jax.runs import latent_codec as latent  # pylint: disable=g-import-not-at-top
-    paths = latent.write_grids(generator, state.ema_params, setup.codec, cfg.sample, refs, key,
-                               workdir / "samples" / name)
+    paths = generate.write_latent_grids(generator, state.ema_params, setup.codec, cfg.sample,
+                                        refs, key, workdir / "samples" / name)
     return paths if jax.process_index() == 0 else {}
   paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
                                workdir / "samples" / name,
