@@ -38,22 +38,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.data import training_masks
 from asyncpatch_jax.models import patchgan
 from asyncpatch_jax.models import vqae
-from asyncpatch_jax.runs import checkpointing
-from asyncpatch_jax.training import memory
-from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax.runs import loader
-from asyncpatch_jax.runs import run_lock
-from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import loop
 from asyncpatch_jax.training import train_state
 
@@ -74,7 +67,7 @@ class AutoencoderState:
   nonfinite_step: jax.Array
 
 
-class AutoencoderSetup:
+class AutoencoderSetup(loop.Trainer):
   """Everything built from an autoencoder config before compiling: validated, nothing allocated.
 
   image_shape: build without a dataset for this [H, W, C] (loading a trained workdir,
@@ -123,6 +116,43 @@ class AutoencoderSetup:
       raise checks.InputError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                               f"{n_dev} devices.")
     self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))
+
+  # -- the loop's trainer interface (loop.Trainer) --------------------------------------------
+
+  what = "autoencoder's train step"
+
+  @property
+  def checkpoint_shape(self):
+    return self.image_shape
+
+  def step(self, state, batch, *frozen, root_key):
+    del frozen
+    return train_step(state, batch, setup=self, root_key=root_key)
+
+  def batch(self, step, local):
+    h, w, _ = self.image_shape
+    return {"image": local["image"], "mask": batch_masks(self.config, step, h, w)}
+
+  def example(self):
+    h, w, _ = self.image_shape
+    return {"image": self.source[0]["image"], "mask": np.ones((h, w), np.float32)}
+
+  def checkpoint_model(self):
+    return loader.architecture(self.config.autoencoder)
+
+  def describe(self, start, total, mesh):
+    return (f"Training the autoencoder on {self.config.data.dataset} from step {start} to "
+            f"{total} on {jax.device_count()} devices, "
+            f"{sum(x.size for x in jax.tree.leaves(self.abstract_state.params))} parameters, "
+            f"halo {self.ae.halo} pixels.")
+
+  def postfix(self, scalars):
+    return {"l1": f"{scalars['rec_l1']:.4f}", "ppl": f"{scalars['perplexity']:.0f}"}
+
+  def finish(self, summary, workdir, completed):
+    if completed:
+      summary["eval"] = _evaluate(self, summary["state"].params, workdir)
+    return summary
 
   def init_state(self, key: jax.Array) -> AutoencoderState:
     k_ae, k_disc = jax.random.split(key)
@@ -286,11 +316,6 @@ def batch_masks(config, step: int, height: int, width: int, process_index: int |
   return masks[pi * local:(pi + 1) * local]
 
 
-def _checkpointer(workdir, config, image_shape, *, every, keep) -> checkpointing.Checkpointer:
-  return checkpointing.Checkpointer(workdir, config, image_shape, every=every, keep=keep,
-                                    model=loader.architecture(config.autoencoder))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices=None) -> dict[str, Any]:
   """Trains the autoencoder of `config` in `workdir` (resuming its latest checkpoint), then
@@ -299,62 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns a summary: final step, last metrics, eval results, preempted, and the `state`.
   """
-  sharding.maybe_initialize_distributed()
-  setup = AutoencoderSetup(config, devices)
-  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
-  run_lock.check_free(workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
-  cfg = config
-  mesh = sharding.make_mesh(cfg.train.fsdp, devices)
-  state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
-  root_key = jax.random.key(cfg.seed)
-  h, w, _ = setup.image_shape
-  example = {"image": setup.source[0]["image"], "mask": np.ones((h, w), np.float32)}
-  step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
-
-  def abstract_args(batch_size):
-    return (memory.with_shardings(setup.abstract_state, state_shardings),
-            memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)))
-
-  # Checked on shapes before anything is allocated or written (memory.py).
-  step_fn = memory.compile_train_step(step_fn, abstract_args, config=cfg, mesh=mesh,
-                                      params=setup.abstract_state.params,
-                                      what="autoencoder's train step")
-  workdir = storage.check_writable(workdir, "workdir")
-  ckpt = _checkpointer(workdir, cfg, setup.image_shape, every=cfg.train.checkpoint_every,
-                       keep=cfg.train.keep_checkpoints)
-  writer = None
-  try:
-    ckpt.check_compatible()
-    ckpt.write_config_json()
-    state = loop.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
-                                root_key)
-    start = int(jax.device_get(state.step))
-    total = cfg.train.num_steps
-    logging.info("Training the autoencoder on %s from step %d to %d on %d devices, %d "
-                 "parameters, halo %d pixels.", cfg.data.dataset, start, total,
-                 jax.device_count(),
-                 sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)),
-                 setup.ae.halo)
-    pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
-    writer = metric_writer.MetricWriter(workdir, start)
-    step_args = ((input_pipeline.make_global_batch(
-        {"image": local["image"], "mask": batch_masks(cfg, step, h, w)}, mesh),)
-                 for step, local in enumerate(pipeline.iterate(start, total - start), start))
-    summary = loop.run_steps(
-        cfg, state, step_fn, step_args, ckpt, writer,
-        postfix=lambda s: {"l1": f"{s['rec_l1']:.4f}", "ppl": f"{s['perplexity']:.0f}"})
-    state = summary["state"]
-    if summary["preempted"] or summary["step"] < total:
-      return summary
-    summary["eval"] = _evaluate(setup, state.params, workdir)
-    return summary
-  finally:
-    if writer is not None:
-      writer.close()
-    ckpt.close()
+  return loop.train(lambda: AutoencoderSetup(config, devices), config, workdir,
+                    devices=devices)
 
 
 def _evaluate(setup: AutoencoderSetup, params, workdir: str) -> dict[str, Any]:

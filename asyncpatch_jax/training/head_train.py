@@ -18,27 +18,20 @@ The config's own data, model and timesteps sections are not used.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
 
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import datasets
-from asyncpatch_jax.data import input_pipeline
-from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.diffusion import timesteps
 from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.runs import checkpointing
-from asyncpatch_jax.training import memory
-from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax.runs import loader
-from asyncpatch_jax.runs import run_lock
 from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import loop
 from asyncpatch_jax.training import train_state
@@ -100,7 +93,7 @@ def head_update(state: train_state.TrainState, x: jax.Array, y, frozen, key: jax
   return new_state, metrics
 
 
-class HeadSetup:
+class HeadSetup(loop.Trainer):
   """The frozen model (restored), the head, its optimizer: validated before compiling."""
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None):
@@ -127,8 +120,8 @@ class HeadSetup:
     loader.check_model(run.model, model_config, run.image_shape, self.source.num_classes)
     self.model = run.model
     self.image_shape = run.image_shape
-    self.frozen = run.params
-    self.identity = loader.frozen_identity(model_config.model, self.image_shape, self.frozen,
+    self.frozen_params = run.params
+    self.identity = loader.frozen_identity(model_config.model, self.image_shape, self.frozen_params,
                                            run.step)
     self.label_dropout = model_config.train.label_dropout
     self.timestep_sampler = timesteps.TimestepSampler.from_config(model_config.timesteps)
@@ -142,6 +135,42 @@ class HeadSetup:
 
   def velocity(self, frozen, z, t, y):
     return self.model.apply({"params": frozen}, z, t, y)
+
+  # -- the loop's trainer interface (loop.Trainer) --------------------------------------------
+
+  what = "uncertainty head's train step"
+
+  @property
+  def checkpoint_shape(self):
+    return self.image_shape
+
+  def step(self, state, batch, *frozen, root_key):
+    return head_train_step(state, batch, *frozen, setup=self, root_key=root_key)
+
+  def batch(self, step, local):
+    del step
+    keys = ("image", "label") if self.model.num_classes else ("image",)
+    return {k: local[k] for k in keys}
+
+  def frozen(self, mesh):
+    # The frozen model is an argument of the step, so the memory check counts it.
+    return ((self.frozen_params, sharding.state_shardings(self.frozen_params, mesh)),)
+
+  def checkpoint_model(self):
+    return loader.head_meta_model(self.config.uncertainty, self.identity)
+
+  def describe(self, start, total, mesh):
+    return (f"Training an uncertainty head for {self.config.uncertainty.model_workdir} "
+            f"(frozen model step {self.identity['step']}, fingerprint "
+            f"{self.identity['fingerprint'][:12]}) from step {start} to {total}.")
+
+  def postfix(self, scalars):
+    return {"nll": f"{scalars['loss']:.4f}", "calib": f"{scalars['calibration']:.2f}"}
+
+  def finish(self, summary, workdir, completed):
+    del workdir, completed
+    summary.update(frozen_model=self.identity, frozen=self.frozen_params)
+    return summary
 
 
 def head_train_step(state, batch, frozen, *, setup: HeadSetup, root_key):
@@ -166,55 +195,4 @@ def train_head(config: ml_collections.ConfigDict, workdir: str, *, devices=None)
   Returns a summary: step, last metrics, whether it was preempted, the frozen model's
   identity, the final `state` (head TrainState) and the `frozen` parameters it used.
   """
-  sharding.maybe_initialize_distributed()
-  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before loading
-  run_lock.check_free(workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
-  setup = HeadSetup(config, devices)
-  cfg = config
-  mesh = sharding.make_mesh(cfg.train.fsdp, devices)
-  state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
-  frozen_shardings = sharding.state_shardings(setup.frozen, mesh)
-  root_key = jax.random.key(cfg.seed)
-  keys = ("image", "label") if setup.model.num_classes else ("image",)
-  example = {k: setup.source[0][k] for k in keys}
-  step_fn = jax.jit(functools.partial(head_train_step, setup=setup, root_key=root_key),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                  frozen_shardings),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
-
-  def abstract_args(batch_size):
-    return (memory.with_shardings(setup.abstract_state, state_shardings),
-            memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)),
-            memory.with_shardings(setup.frozen, frozen_shardings))
-
-  # Checked on shapes before the head's state is allocated or the workdir written
-  # (memory.py); the frozen model is an argument of the step, so it is counted.
-  step_fn = memory.compile_train_step(step_fn, abstract_args, config=cfg, mesh=mesh,
-                                      params=setup.abstract_state.params,
-                                      what="uncertainty head's train step")
-  storage.check_writable(workdir, "workdir")
-  frozen = jax.device_put(setup.frozen, frozen_shardings)
-  ckpt = HeadCheckpointer(workdir, cfg, setup.image_shape, setup.identity,
-                          every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
-  try:
-    ckpt.check_compatible()
-    ckpt.write_config_json()
-    state = loop.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
-                                root_key)
-    start, total = int(jax.device_get(state.step)), cfg.train.num_steps
-    logging.info("Training an uncertainty head for %s (frozen model step %d, fingerprint %s) "
-                 "from step %d to %d.", cfg.uncertainty.model_workdir, setup.identity["step"],
-                 setup.identity["fingerprint"][:12], start, total)
-    pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size,
-                                            seed=cfg.seed)
-    writer = metric_writer.MetricWriter(workdir, start)
-    step_args = ((input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh), frozen)
-                 for local in pipeline.iterate(start, total - start))
-    summary = loop.run_steps(
-        cfg, state, step_fn, step_args, ckpt, writer,
-        postfix=lambda s: {"nll": f"{s['loss']:.4f}", "calib": f"{s['calibration']:.2f}"})
-    summary.update(frozen_model=setup.identity, frozen=frozen)
-    return summary
-  finally:
-    ckpt.close()
+  return loop.train(lambda: HeadSetup(config, devices), config, workdir, devices=devices)

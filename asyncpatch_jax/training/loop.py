@@ -11,6 +11,8 @@ a step and call these.
 
 from __future__ import annotations
 
+import abc
+import functools
 import os
 import signal
 import sys
@@ -18,9 +20,18 @@ import time
 from typing import Any, Callable, Iterable
 
 import jax
+import ml_collections
+import numpy as np
 from absl import logging
 
+from asyncpatch_jax.data import input_pipeline
+from asyncpatch_jax.runs import checkpointing
+from asyncpatch_jax.runs import run_lock
 from asyncpatch_jax.runtime import progress as progress_lib
+from asyncpatch_jax.runtime import sharding
+from asyncpatch_jax.runtime import storage
+from asyncpatch_jax.training import memory
+from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax.training import train_state
 
 
@@ -153,3 +164,139 @@ def run_steps(cfg, state, step_fn: Callable, step_args: Iterable[tuple], ckpt, w
   if metrics is not None:
     summary["metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
   return summary
+
+
+class Trainer(abc.ABC):
+  """What a trainer gives the loop: a state, a step, its data and its checkpoint's identity.
+
+  A subclass is built from a config (validated, nothing allocated) and sets `config`,
+  `source` (the training data), `abstract_state` (`jax.eval_shape` of `init_state`) and
+  `checkpoint_shape` (the [H, W, C] its checkpoints record).
+  """
+  config: ml_collections.ConfigDict
+  source: Any
+  abstract_state: Any
+  checkpoint_shape: tuple[int, ...]
+  what = "train step"          # the step's name in the compile and memory messages
+
+  @abc.abstractmethod
+  def init_state(self, key: jax.Array):
+    """A fresh state (params, optimizer state, step 0, ...)."""
+
+  @abc.abstractmethod
+  def step(self, state, batch: dict[str, jax.Array], *frozen, root_key: jax.Array):
+    """(state, metrics) after one step on the global batch (jitted, state donated)."""
+
+  @abc.abstractmethod
+  def batch(self, step: int, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays the step reads, from this process's share of step `step`'s batch."""
+
+  def example(self) -> dict[str, np.ndarray]:
+    """One example's arrays as the step reads them (shapes and dtypes for compiling)."""
+    return self.batch(0, self.source[0])
+
+  def frozen(self, mesh) -> tuple[tuple[Any, Any], ...]:
+    """((value, sharding), ...) of the frozen inputs the step takes after the batch."""
+    del mesh
+    return ()
+
+  def checkpoint_model(self) -> dict | None:
+    """What its checkpoints record as the model (None: config.model)."""
+    return None
+
+  @abc.abstractmethod
+  def describe(self, start: int, total: int, mesh) -> str:
+    """The log line announcing the run."""
+
+  def postfix(self, scalars: dict) -> dict:
+    """The progress bar's postfix for a step's metrics."""
+    return {"loss": f"{scalars['loss']:.4f}"}
+
+  def after_step(self, done: int, state, workdir) -> None:
+    """Runs after each step's bookkeeping (e.g. intermediate grids)."""
+
+  def finish(self, summary: dict[str, Any], workdir, completed: bool) -> dict[str, Any]:
+    """The summary after the last step (`completed`: it reached train.num_steps)."""
+    del workdir, completed
+    return summary
+
+
+def compile_step(trainer: Trainer, mesh, root_key: jax.Array, frozen) -> jax.stages.Compiled:
+  """`trainer.step` jitted over `mesh` (state donated), compiled on shapes, memory checked.
+
+  Nothing is allocated: the state, the global batch of `train.batch_size` and the frozen
+  inputs are `jax.ShapeDtypeStruct`s with their shardings; memory.compile_train_step
+  raises InputError when the step does not fit the devices. Call the result as
+  `step(state, batch, *frozen)`.
+  """
+  state_shardings = sharding.state_shardings(trainer.abstract_state, mesh)
+  example = trainer.example()
+  frozen_shardings = tuple(s for _, s in frozen)
+  step_fn = jax.jit(functools.partial(trainer.step, root_key=root_key),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                  *frozen_shardings),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
+
+  def abstract_args(batch_size):
+    return (memory.with_shardings(trainer.abstract_state, state_shardings),
+            memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)),
+            *(memory.with_shardings(v, s) for v, s in frozen))
+
+  return memory.compile_train_step(step_fn, abstract_args, config=trainer.config, mesh=mesh,
+                                   params=trainer.abstract_state.params, what=trainer.what)
+
+
+def train(make_trainer: Callable[[], Trainer], config: ml_collections.ConfigDict, workdir, *,
+          devices=None) -> dict[str, Any]:
+  """Trains in `workdir`, resuming its newest checkpoint: the skeleton every trainer shares.
+
+  In order: distributed start-up; the trainer (its settings validated, nothing allocated);
+  the workdir checked writable and free (runs/run_lock.py) before anything compiles; the
+  mesh and shardings; the step compiled on shapes and checked against the devices'
+  memory; then the workdir is created and locked, the checkpoint checked against this
+  config, `config.json` written, the state restored or initialised, and the steps run
+  (`run_steps`: logging, checkpoints, the non-finite stop, SIGTERM and Ctrl-C). The
+  metric writer and the checkpointer are closed whatever happens.
+
+  Returns the summary of `run_steps` as `trainer.finish` completes it.
+  """
+  sharding.maybe_initialize_distributed()
+  trainer = make_trainer()                 # bad settings stop before the workdir is touched
+  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
+  run_lock.check_free(workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
+  cfg = config
+  mesh = sharding.make_mesh(cfg.train.fsdp, devices)
+  state_shardings = sharding.state_shardings(trainer.abstract_state, mesh)
+  root_key = jax.random.key(cfg.seed)
+  frozen = trainer.frozen(mesh)
+  # Compiled on shapes alone and checked against the devices' memory before anything is
+  # allocated or written (a resumed run's state has these shapes too).
+  step_fn = compile_step(trainer, mesh, root_key, frozen)
+  workdir = storage.check_writable(workdir, "workdir")
+  ckpt = checkpointing.Checkpointer(workdir, cfg, trainer.checkpoint_shape,
+                                    every=cfg.train.checkpoint_every,
+                                    keep=cfg.train.keep_checkpoints,
+                                    model=trainer.checkpoint_model())
+  writer = None
+  try:
+    ckpt.check_compatible()
+    ckpt.write_config_json()
+    state = initial_state(ckpt, trainer.init_state, trainer.abstract_state, state_shardings,
+                          root_key)
+    start, total = int(jax.device_get(state.step)), cfg.train.num_steps
+    logging.info("%s", trainer.describe(start, total, mesh))
+    frozen_values = tuple(jax.device_put(v, s) for v, s in frozen)
+    pipeline = input_pipeline.InputPipeline(trainer.source, cfg.train.batch_size, seed=cfg.seed)
+    writer = metric_writer.MetricWriter(workdir, start)
+    step_args = ((input_pipeline.make_global_batch(trainer.batch(step, local), mesh),
+                  *frozen_values)
+                 for step, local in enumerate(pipeline.iterate(start, total - start), start))
+    summary = run_steps(cfg, state, step_fn, step_args, ckpt, writer, postfix=trainer.postfix,
+                        after_step=lambda done, s: trainer.after_step(done, s, workdir))
+    completed = not summary["preempted"] and summary["step"] >= total
+    return trainer.finish(summary, workdir, completed)
+  finally:
+    if writer is not None:
+      writer.close()
+    ckpt.close()

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.runtime import checks
@@ -27,21 +26,18 @@ from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.generation import generate
-from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.training import loop
-from asyncpatch_jax.training import memory
-from asyncpatch_jax.training import metric_writer
 from asyncpatch_jax import models
 from asyncpatch_jax.runs import loader
-from asyncpatch_jax.runs import run_lock
 from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.diffusion import timesteps
 from asyncpatch_jax.training import train_state
 
 
-class Setup:
-  """Everything built from a config before compiling: validated, nothing allocated.
+class Setup(loop.Trainer):
+  """The diffusion trainer: everything built from a config before compiling, validated,
+  nothing allocated.
 
   Args:
     config: the experiment config.
@@ -53,6 +49,7 @@ class Setup:
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None, image_shape=None):
     self.config = cfg = config
+    self.devices = devices
     checks.check_choice(cfg.loss.weighting, ("sigmoid", "mse"), "loss.weighting")
     checks.check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -97,6 +94,47 @@ class Setup:
     z, t, y = models.example_inputs(self.model, self.image_shape)
     params = self.model.init(key, z, t, y)["params"]
     return train_state.create(params, self.tx)
+
+  # -- the loop's trainer interface (loop.Trainer) --------------------------------------------
+
+  @property
+  def checkpoint_shape(self):
+    return self.pixel_shape
+
+  def step(self, state, batch, *frozen, root_key):
+    return train_step(state, batch, *frozen, setup=self, root_key=root_key)
+
+  def batch(self, step, local):
+    del step
+    keys = ("image", "label") if self.model.num_classes else ("image",)
+    return {k: local[k] for k in keys}
+
+  def frozen(self, mesh):
+    # A latent model's step encodes each batch with the frozen autoencoder (Sec. 5.2).
+    return () if self.codec is None else ((self.codec.variables, sharding.replicated(mesh)),)
+
+  def describe(self, start, total, mesh):
+    return (f"Training {self.config.data.dataset} from step {start} to {total} on "
+            f"{jax.device_count()} devices (mesh {dict(mesh.shape)}), "
+            f"{sum(x.size for x in jax.tree.leaves(self.abstract_state.params))} parameters.")
+
+  @functools.cached_property
+  def generator(self) -> generate.Generator:
+    return generate.Generator(self.model, mesh=None if self.devices is not None else "auto")
+
+  def after_step(self, done, state, workdir):
+    cfg = self.config
+    if cfg.train.sample_every and done % cfg.train.sample_every == 0 and done != cfg.train.num_steps:
+      _write_grids(self.generator, state, cfg, self, workdir, f"step_{done}")
+
+  def finish(self, summary, workdir, completed):
+    if not completed:
+      return summary
+    state, cfg = summary["state"], self.config
+    if cfg.sample.num_images:
+      summary["grids"] = _write_grids(self.generator, state, cfg, self, workdir, "final")
+    summary["eval"] = _evaluate(self.generator, state, cfg, self, workdir)
+    return summary
 
 
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], frozen=None, *,
@@ -156,31 +194,8 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], froze
 
 
 def compile_train_step(setup: Setup, mesh, root_key: jax.Array) -> jax.stages.Compiled:
-  """`train_step` jitted over `mesh` (state donated), compiled on shapes, memory checked.
-
-  Nothing is allocated: the state, the global batch of `train.batch_size` and the frozen
-  autoencoder are `jax.ShapeDtypeStruct`s with their shardings. Logs the parameter count
-  and the estimated peak memory per device, and raises InputError when the step does not
-  fit the devices (memory.compile_train_step). Call the result as
-  `step(state, batch, *frozen)`, with arrays of those shapes and shardings.
-  """
-  state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
-  keys = ("image", "label") if setup.model.num_classes else ("image",)
-  example = {k: setup.source[0][k] for k in keys}
-  frozen = () if setup.codec is None else (setup.codec.variables,)
-  step_fn = jax.jit(functools.partial(train_step, setup=setup, root_key=root_key),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh))
-                    + (sharding.replicated(mesh),) * len(frozen),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
-
-  def abstract_args(batch_size):
-    return (memory.with_shardings(setup.abstract_state, state_shardings),
-            memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)),
-            *(memory.with_shardings(v, sharding.replicated(mesh)) for v in frozen))
-
-  return memory.compile_train_step(step_fn, abstract_args, config=setup.config, mesh=mesh,
-                                   params=setup.abstract_state.params)
+  """`train_step` jitted over `mesh`, compiled on shapes and memory checked (loop.compile_step)."""
+  return loop.compile_step(setup, mesh, root_key, setup.frozen(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
@@ -196,59 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     A summary: final step, last metrics, eval results, the PNG grids, whether it was
     preempted, and the final `state` (TrainState).
   """
-  sharding.maybe_initialize_distributed()
-  setup = Setup(config, devices)           # bad settings stop before the workdir is touched
-  storage.precheck_writable(workdir, "workdir")  # a bad workdir stops before compiling
-  run_lock.check_free(workdir, config.train.get("lock_timeout", run_lock.DEFAULT_TIMEOUT))
-  cfg = config
-  mesh = sharding.make_mesh(cfg.train.fsdp, devices)
-  state_shardings = sharding.state_shardings(setup.abstract_state, mesh)
-  root_key = jax.random.key(cfg.seed)
-  # Compiled on shapes alone and checked against the devices' memory before anything is
-  # allocated or written (a resumed run's state has these shapes too); training calls it.
-  step_fn = compile_train_step(setup, mesh, root_key)
-  workdir = storage.check_writable(workdir, "workdir")
-  ckpt = checkpointing.Checkpointer(workdir, cfg, setup.pixel_shape,
-                                    every=cfg.train.checkpoint_every,
-                                    keep=cfg.train.keep_checkpoints)
-  writer = None
-  try:
-    ckpt.check_compatible()
-    ckpt.write_config_json()
-    state = loop.initial_state(ckpt, setup.init_state, setup.abstract_state, state_shardings,
-                          root_key)
-    start = int(jax.device_get(state.step))
-    total = cfg.train.num_steps
-    logging.info("Training %s from step %d to %d on %d devices (mesh %s), %d parameters.",
-                 cfg.data.dataset, start, total, jax.device_count(), dict(mesh.shape),
-                 sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)))
-
-    frozen = () if setup.codec is None else (
-        jax.device_put(setup.codec.variables, sharding.replicated(mesh)),)
-    pipeline = input_pipeline.InputPipeline(setup.source, cfg.train.batch_size, seed=cfg.seed)
-    writer = metric_writer.MetricWriter(workdir, start)
-    keys = ("image", "label") if setup.model.num_classes else ("image",)
-    generator = generate.Generator(setup.model, mesh=None if devices is not None else "auto")
-
-    def after_step(done, state):
-      if cfg.train.sample_every and done % cfg.train.sample_every == 0 and done != total:
-        _write_grids(generator, state, cfg, setup, workdir, f"step_{done}")
-
-    step_args = ((input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh), *frozen)
-                 for local in pipeline.iterate(start, total - start))
-    summary = loop.run_steps(cfg, state, step_fn, step_args, ckpt, writer, after_step=after_step,
-                        postfix=lambda scalars: {"loss": f"{scalars['loss']:.4f}"})
-    state = summary["state"]
-    if summary["preempted"] or summary["step"] < total:
-      return summary
-    if cfg.sample.num_images:
-      summary["grids"] = _write_grids(generator, state, cfg, setup, workdir, "final")
-    summary["eval"] = _evaluate(generator, state, cfg, setup, workdir)
-    return summary
-  finally:
-    if writer is not None:
-      writer.close()
-    ckpt.close()
+  return loop.train(lambda: Setup(config, devices), config, workdir, devices=devices)
 
 
 def load_trained(workdir, config: ml_collections.ConfigDict | None = None, *,
