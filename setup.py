@@ -10,7 +10,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
-    # Every path under a workdir or data_dir (data/storage.py).
+    # Every path under a workdir or data_dir (runtime/storage.py).
     "etils[epath]>=1.7,<2",
     # The input pipeline's reader threads (data/input_pipeline.py).
     "grain==0.2.18",

@@ -124,7 +124,7 @@ def collage_loss_for_velocity_model(velocity_apply: Callable, params, z, t, *, k
   """The collage penalty of a rectified-flow model at a training batch (Thm. 15).
 
   The epsilon-predictor of a velocity model is `eps_hat(z) = z + (1 - t) v_hat(z, t)`
-  (SPEC); this estimates, per example and averaged over the batch,
+  (docs/conventions.md); this estimates, per example and averaged over the batch,
   `sum_{k != j} ||[d eps_hat / d z]_kj||_F^2` at the batch's noisy states. It is
   taken with respect to the rectified-flow state z (the network's input); the
   identity part of eps_hat has no cross blocks, so it equals

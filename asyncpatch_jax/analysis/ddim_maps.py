@@ -5,7 +5,7 @@
 * `Chain` / `ddim_chain_fn`: a whole reverse chain as one `lax.scan`, so a
   Jacobian through 50 steps of a UNet compiles the network once.
 * `velocity_to_eps`: a rectified-flow velocity model seen as a VP
-  epsilon-predictor (the SPEC's "Analysis convention").
+  epsilon-predictor (docs/conventions.md, "The PIFS analysis convention").
 * `gaussian_eps_fn`: the exact (Bayes-optimal) epsilon-predictor of Gaussian data
   N(mean, Sigma) (PIFS Thm. 17 proof), the closed-form model the Jacobian tools
   are tested against.
@@ -166,12 +166,13 @@ def _eps_from_velocity_image(velocity_fn, x, abar):
 
 
 def velocity_to_eps(velocity_fn: Callable, *, per_image_time: bool = False) -> Partial:
-  """A rectified-flow velocity model as a VP epsilon-predictor (SPEC conventions).
+  """A rectified-flow velocity model as a VP epsilon-predictor (docs/conventions.md, "The
+  PIFS analysis convention").
 
   VP: `x = sqrt(abar) x0 + sqrt(1 - abar) eps`; RF: `z = (1 - t) x0 + t eps`. The two
   share (x0, eps) when `z = x / (sqrt(abar) + sqrt(1 - abar))` and
   `t = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar))`; then
-  `eps_hat = z + (1 - t) v_hat(z, t)` (SPEC: eps_hat = z + (1 - t) v_hat). The
+  `eps_hat = z + (1 - t) v_hat(z, t)` (docs/conventions.md: eps_hat = z + (1 - t) v_hat). The
   reverse scaling is `x = z / sqrt((1 - t)^2 + t^2)`.
 
   Args:
@@ -179,7 +180,8 @@ def velocity_to_eps(velocity_fn: Callable, *, per_image_time: bool = False) -> P
       `[B, H, W]` (pass a `jax.tree_util.Partial` holding the model parameters so
       they stay traced arguments).
     per_image_time: pass the (constant) time as `[B]` instead of a map `[B, H, W]`;
-      SPEC models give the same result either way, the per-image path is cheaper.
+      models that follow docs/conventions.md give the same result either way, the
+      per-image path is cheaper.
 
   Returns:
     `eps_fn(x, abar) -> eps_hat`, x `[H, W, C]` or `[B, H, W, C]`.

@@ -2,7 +2,7 @@
 
 Everything here depends on the noise schedule (and, for the Gaussian attractor, on
 patch variances) only; no model is evaluated. Conventions are the paper's discrete
-variance-preserving ones (shared/SPEC.md, "Analysis convention"):
+variance-preserving ones (docs/conventions.md, "The PIFS analysis convention"):
 
   * `abar` is an array `[T + 1]` with `abar[0] = 1` (clean) decreasing to `abar[T]`.
   * A *chain* is a strictly increasing integer array of timesteps `[t_0 < t_1 < ... <

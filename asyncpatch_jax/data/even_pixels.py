@@ -1,6 +1,6 @@
 """Even Pixels: two-colour images with exactly half the pixels of each colour.
 
-IPR (papers/004) Appendix C.4, after Wewer et al. (2025, SRM):
+IPR (Kang, Yoon, Ahn) Appendix C.4, after Wewer et al. (2025, SRM):
   * colours in HSV: base hue h1 ~ U[0, 0.5), second hue h2 = h1 + 0.5 (180
     degrees apart); saturation S = 1.0 and value V = 0.7 constant over the image;
   * a random binary mask M with sum(M) = H * W / 2 (512 for the paper's 32x32):

@@ -1,6 +1,6 @@
 """Inpainting mask families of the benchmarks (LaMa strokes, square, extrema, left half) and mask files.
 
-Every mask is `[H, W]` of 0/1 with `1 = known` (SPEC conventions), deterministic per
+Every mask is `[H, W]` of 0/1 with `1 = known` (docs/conventions.md), deterministic per
 (seed, index): mask i of `make_masks(family, num, H, W, seed)` depends only on
 (family, H, W, seed, i).
 

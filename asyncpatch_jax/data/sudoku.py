@@ -1,7 +1,7 @@
 """Digit Sudoku: 9x9 (or 4x4) grids of bundled 8x8 digit images forming a valid Sudoku.
 
 The MNIST-Sudoku benchmark of SRM (Wewer et al., 2025) as used by IPR
-(papers/004, Section 4.2 and Appendix C.2), with scikit-learn's bundled 8x8
+(IPR, Kang, Yoon, Ahn, Sec. 4.2 and App. C.2), with scikit-learn's bundled 8x8
 digits in place of 28x28 MNIST so that it needs no download: each of the 81
 cells shows an image of its digit 1..9 (the digit-0 images are not used), the
 grid is a valid Sudoku solution (every row, column and 3x3 box holds 1..9
@@ -163,7 +163,7 @@ class SudokuSource:
                multiple of 8n upsamples by pixel repetition),
     solution:  [n, n] int32, the digits 1..n shown in the cells,
     cell_mask: [n, n] float32, 1 = given cell,
-    mask:      [S, S] float32 pixel mask, 1 = pixel of a given cell (SPEC: m = 1 known).
+    mask:      [S, S] float32 pixel mask, 1 = pixel of a given cell (docs/conventions.md: m = 1 known).
   num_givens: an int or (lo, hi) range; default the HARD setting (`hard_givens(n)`).
   """
 

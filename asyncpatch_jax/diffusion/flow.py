@@ -1,6 +1,6 @@
 """Rectified flow with per-pixel time: noising, targets, conversions, the training loss.
 
-Conventions (shared/SPEC.md): t in [0, 1], t = 0 is clean data, t = 1 is pure noise;
+Conventions (docs/conventions.md): t in [0, 1], t = 0 is clean data, t = 1 is pure noise;
     z_t = (1 - t) * x + t * eps,   v = eps - x,
     x_hat = z - t * v_hat,         eps_hat = z + (1 - t) * v_hat,
     logSNR lambda(t) = 2 * log((1 - t) / t).
@@ -83,7 +83,7 @@ def sigmoid_loss_weight(t: jax.Array, bias: float) -> jax.Array:
   constant 2,
       weight(t) = t (1 - t) / (t^2 + e^{-b} (1 - t)^2),
   which vanishes at t = 0 (where v is unpredictable) and at t = 1.
-  (shared/SPEC.md section 2; AsyncPatch Eq. 2 with lambda(t_i) per pixel.)
+  (docs/conventions.md, "Loss weighting"; AsyncPatch Eq. 2 with lambda(t_i) per pixel.)
   """
   t = jnp.asarray(t)
   one_minus = 1.0 - t

@@ -1,4 +1,4 @@
-"""Iterative Partial Refinement (IPR, papers/004 Algorithm 1) on the per-pixel sampler.
+"""Iterative Partial Refinement (IPR, Kang, Yoon, Ahn, Alg. 1) on the per-pixel sampler.
 
 Given a sample x^(0) (from any schedule: sequential inference in the paper), each
 round r = 1..R

@@ -283,7 +283,7 @@ def uncertainty_ordered(grid=(2, 2), overlap: float = 0.0) -> Policy:
   floor(j L (1 - overlap)); which region is j-th is decided when it starts: the unknown,
   not yet started region with the lowest mean predicted sigma (sqrt of the uncertainty).
   overlap = 0: one region after the other; overlap -> 1: all together. The IPR paper
-  regenerates its regions with this order (papers/004 Sec. 2.2, Table 1).
+  regenerates its regions with this order (IPR Sec. 2.2, Table 1).
 
   Needs N >= n - 1 + ceil(1 / (1 - overlap)) so that regions start at distinct steps.
   """

@@ -4,7 +4,8 @@ RePaint's schedule (`get_schedule_jump` of the paper's code, Sec. 4.2 "resamplin
 visits integer times t_T - 1, t_T - 2, ..., -1; at every multiple j of `jump_length`
 below t_T - jump_length it goes back up `jump_length` steps, `jump_n_sample - 1` times
 in all, and walks down again. With the defaults 250 / 10 / 10: 2410 model steps and
-2160 steps back up (SPEC section 8).
+2160 steps back up (Lugmayr et al. 2022, `get_schedule_jump`; docs/conventions.md,
+"RePaint on rectified flow").
 
 For rectified flow (z_t = (1 - t) x + t eps), index i is the time t = (i + 1) / t_T,
 so index t_T - 1 is pure noise and -1 is the clean image. A step down from t to s < t

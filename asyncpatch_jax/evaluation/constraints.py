@@ -1,6 +1,6 @@
 """Constraint metrics of the IPR benchmarks: Sudoku validity and Even Pixels balance / spread.
 
-IPR (papers/004) App. C.2.3 and C.4.3, after SRM (Wewer et al. 2025):
+IPR App. C.2.3 and C.4.3, after SRM (Wewer et al. 2025):
 
   Sudoku validity   each cell of a generated grid is read by a digit classifier (here the
                     in-project one, evaluation/digit_classifier.py, trained on the bundled

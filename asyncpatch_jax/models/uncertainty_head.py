@@ -4,7 +4,8 @@ AsyncPatch Sec. 5.5 trains "an uncertainty estimation head on top of a pre-train
 model ... to predict the error that the model is making"; SRM and Patch Forcing train
 theirs as one extra output of log-variance (clamped) with the Gaussian negative
 log-likelihood of the target under a mean that is the model's own prediction, with the
-gradient stopped (shared/SPEC.md section 8). Here the model is frozen, so only the NLL
+gradient stopped (SRM; Patch Forcing; docs/conventions.md, "The uncertainty head's loss").
+Here the model is frozen, so only the NLL
 term has a gradient (their velocity MSE term is a constant; the 0.01 weight they put on
 the NLL only rescales it):
 

@@ -5,7 +5,7 @@ of step k is a pure function of (seed, k) assembled into a global jax.Array from
 each process's share; all randomness is `fold_in(root_key, step)`. The latest
 checkpoint in the workdir is restored before anything else, so a preempted or
 killed run continues bit-for-bit (on CPU) as if it had not been interrupted.
-AsyncPatch Sec. 3.1 and App. E; shared/SPEC.md section 2.
+AsyncPatch Sec. 3.1 and App. E; docs/conventions.md, "Randomness".
 """
 
 from __future__ import annotations
