@@ -15,6 +15,7 @@ from asyncpatch_jax.config import base_config
 
 def get_config():
   config = base_config.get_base_config()
+  config.trainer = "head"
   config.uncertainty.model_workdir = "/tmp/asyncpatch_default"
   config.uncertainty.update(channels=16, num_layers=3, time_features=16)
   config.optim.update(learning_rate=2e-3, warmup_steps=50)

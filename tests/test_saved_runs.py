@@ -16,6 +16,11 @@ import sys
 import numpy as np
 import pytest
 
+from asyncpatch_jax.config import base_config
+from asyncpatch_jax.config import rules
+from asyncpatch_jax.modes import train_mode
+from asyncpatch_jax.runs import loader
+from asyncpatch_jax.runtime import checks
 from fixtures import make_saved_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +78,25 @@ def test_a_saved_run_samples_and_evaluates_as_it_did(name, tmp_path):
     else:
       assert open(os.path.join(got, file), "rb").read() == \
           open(os.path.join(want, file), "rb").read(), file
+
+
+@pytest.mark.parametrize("name, trainer", [("pixel", "diffusion"), ("head", "head"),
+                                           ("autoencoder", "autoencoder"),
+                                           ("latent", "diffusion")])
+def test_a_saved_config_without_trainer_gets_it_inferred(name, trainer):
+  path = os.path.join(SAVED, name, "config.json")
+  assert "trainer" not in json.load(open(path))
+  assert base_config.load_config_json(path).trainer == trainer
+  assert train_mode.trainer_of(loader.read_config(os.path.join(SAVED, name))) == trainer
+
+
+def test_the_trainer_key_picks_the_trainer_and_a_forgotten_head_trainer_is_one_line():
+  assert tuple(train_mode.TRAINERS) == base_config.TRAINERS == rules.RULES["trainer"].names
+  config = base_config.get_base_config()
+  assert train_mode.trainer_of(config) == "diffusion"
+  config.uncertainty.model_workdir = "/some/model"
+  with pytest.raises(checks.InputError, match="set --config.trainer=head"):
+    train_mode.trainer_of(config)
+  config.trainer = "head"
+  assert train_mode.trainer_of(config) == "head"
+  assert train_mode.trainer_of(base_config.get_autoencoder_base_config()) == "autoencoder"

@@ -20,6 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all experiments (AsyncPatch App. E where the paper fixes them)."""
   config = ml_collections.ConfigDict()
   config.seed = 0   # seed of the run's one root key: initialisation, batches, time maps, sampling
+  config.trainer = "diffusion"  # what --mode=train trains: diffusion | autoencoder | head
 
   config.data = dict(
       dataset="digits",      # see asyncpatch_jax.data.datasets.DATASETS
@@ -187,6 +188,7 @@ def get_autoencoder_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   for section in ("seed", "data", "optim", "train", "eval"):
     config[section] = base[section]
+  config.trainer = "autoencoder"        # the localized VQ autoencoder (App. F)
   config.optim.update(b1=0.5, b2=0.9)   # Adam betas of latent diffusion's autoencoder
   config.autoencoder = dict(
       # Architecture (models/vqae.py).
@@ -263,6 +265,17 @@ def _merge_saved(config: ml_collections.ConfigDict, saved: dict, path: str,
   return ignored
 
 
+TRAINERS = ("diffusion", "autoencoder", "head")
+
+
+def infer_trainer(config) -> str:
+  """The trainer of a config (or saved dict) without `trainer`: what its sections say."""
+  if "autoencoder" in config:
+    return "autoencoder"
+  uncertainty = config.get("uncertainty") or {}
+  return "head" if uncertainty.get("model_workdir") else "diffusion"
+
+
 def load_config_json(path) -> ml_collections.ConfigDict:
   """A run's saved `config.json` (local or gs://) as a locked config with this version's keys.
 
@@ -289,6 +302,8 @@ def load_config_json(path) -> ml_collections.ConfigDict:
   make = get_autoencoder_base_config if "autoencoder" in saved and \
       "get_autoencoder_base_config" in globals() else get_base_config
   config = make()
+  if "trainer" not in saved:        # written before config.trainer existed
+    saved = {**saved, "trainer": infer_trainer(saved)}
   ignored = _merge_saved(config, saved, str(path))
   if ignored:
     from absl import logging  # pylint: disable=g-import-not-at-top

@@ -239,6 +239,7 @@ _WEIGHT = Number(0)                       # a loss or guidance weight: >= 0
 
 RULES: dict[str, Rule] = {
     "seed": Int(0, 2 ** 63 - 1),
+    "trainer": Choice(("diffusion", "autoencoder", "head")),      # base_config.TRAINERS
     "data.dataset": Choice(datasets.DATASETS),
     "data.data_dir": Text("a TFDS folder or gs:// URL, or '' for an embedded dataset"),
     "data.options": Options(),

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.training import autoencoder_train
 from asyncpatch_jax.training import head_train
@@ -28,16 +29,19 @@ TRAINERS = {
 
 
 def trainer_of(config: ml_collections.ConfigDict) -> str:
-  """config.trainer, or for a config without it, what its sections say it trains."""
-  name = config.get("trainer")
-  if name:
-    checks.check_choice(name, tuple(TRAINERS), "trainer")
-    return name
-  if "autoencoder" in config:
-    return "autoencoder"
-  if "uncertainty" in config and config.uncertainty.get("model_workdir"):
-    return "head"
-  return "diffusion"
+  """config.trainer, or for a config without it, what its sections say it trains.
+
+  A diffusion config that names a model to put a head on is refused in one line: it is a
+  head config that forgot `trainer = "head"`.
+  """
+  name = config.get("trainer") or base_config.infer_trainer(config)
+  checks.check_choice(name, tuple(TRAINERS), "trainer")
+  if name == "diffusion" and config.get("uncertainty") and config.uncertainty.model_workdir:
+    raise checks.InputError(
+        "uncertainty.model_workdir is set but trainer='diffusion'; to train an uncertainty "
+        "head on that model set --config.trainer=head (configs/uncertainty_digits.py does), "
+        "or clear uncertainty.model_workdir.")
+  return name
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
