@@ -181,8 +181,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
                             "config names it in --config.latent.autoencoder_workdir.")
   sc = config.sample
   checks.check_choice(sc.task, tuple(TASKS), "sample.task")
-  if sc.task in ("adaptive", "ordered") or (sc.task == "ipr" and "uncertainty" in config and
-                                            config.uncertainty.ipr_order != "raster"):
+  if "uncertainty" in config and uses_head(config):
     # Tasks with an uncertainty head and schedule policies (AsyncPatch Sec. 5.5, SRM).
     return _sample_with_head(config, workdir)
   workdir = storage.check_bucket(workdir, "workdir")
@@ -287,8 +286,8 @@ IPR_ORDERS = ("raster", "uncertainty")
 
 
 def uses_head(config) -> bool:
-  """Whether --mode=sample's task is one of this module's."""
-  return config.sample.task in TASKS or (config.sample.task == "ipr" and
+  """Whether --mode=sample's task samples with an uncertainty head."""
+  return config.sample.task in HEAD_TASKS or (config.sample.task == "ipr" and
                                          config.uncertainty.ipr_order != "raster")
 
 
