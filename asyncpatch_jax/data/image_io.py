@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import multihost
 from asyncpatch_jax.runtime import storage
 
 
@@ -57,6 +58,22 @@ def save_png(array: np.ndarray, path, scale: int = 1) -> None:
 
 def save_grid(images, path, ncols: int | None = None, scale: int = 1) -> None:
   save_png(make_grid(images, ncols), path, scale)
+
+
+def display_scale(height: int) -> int:
+  """The upscaling of a grid of images `height` pixels high: x4 up to 32 pixels, else 1."""
+  return 4 if height <= 32 else 1
+
+
+def write_grid(images, path, ncols: int | None = None) -> None:
+  """The run's grid PNG of `images` [N, H, W, C], at `display_scale(H)`, from process 0 alone.
+
+  Every process computes the images (they may come from a sharded sampler); only process 0
+  writes, atomically (`save_png`).
+  """
+  if multihost.is_writer():
+    images = np.asarray(images)
+    save_grid(images, path, ncols=ncols, scale=display_scale(images.shape[1]))
 
 
 # Pillow's single-channel 16- and 32-bit integer modes (a 16-bit grayscale PNG opens as one).

@@ -156,10 +156,8 @@ def _write_grids(generator, params, sample_config, references, key, out_dir, num
 
   def save(name, images, ncols=None):
     path = out_dir / f"{name}.png"
-    images = np.asarray(images)
     bar.update(1)
-    if jax.process_index() == 0:
-      image_io.save_grid(images, path, ncols=ncols, scale=4 if h <= 32 else 1)
+    image_io.write_grid(images, path, ncols=ncols)
     paths[name] = str(path)
 
   sync = schedules.synchronous(steps, h, w)
@@ -201,8 +199,7 @@ def write_latent_grids(generator, params, codec, sample_config, references: np.n
 
   def save(name, images, ncols=None):
     path = out_dir / f"{name}.png"
-    if jax.process_index() == 0:
-      image_io.save_grid(np.asarray(images), path, ncols=ncols, scale=4 if h <= 32 else 1)
+    image_io.write_grid(images, path, ncols=ncols)
     paths[name] = str(path)
 
   sync = schedules.synchronous(steps, lh, lw)

@@ -93,7 +93,7 @@ def evaluate_workdir(config, workdir) -> dict:
     with storage.replaced_files(out_path.parent, "evaluate.out's folder") as folder:
       image_io.save_grid(_stack(rows), folder.file(grid_path.name),
                          ncols=workdir_eval.NUM_EXAMPLES,
-                         scale=4 if setup.pixel_shape[0] <= 32 else 1)
+                         scale=image_io.display_scale(setup.pixel_shape[0]))
       storage.write_text_atomic(folder.file(out_path.name), json.dumps(result, indent=2))
   return _summary(result, str(out_path))
 

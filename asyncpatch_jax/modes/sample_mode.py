@@ -258,7 +258,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
               "image": sc.image, "mask": sc.mask, "grid": grid_path, "npz": npz_path,
               "out_dir": str(out_dir), **extra}
   if multihost.is_writer():
-    scale = 4 if shape[0] <= 32 else 1
+    scale = image_io.display_scale(shape[0])
     with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
       if sc.task == "ipr":
         image_io.save_grid(rows.reshape(-1, *shape), folder.file("rounds.png"),
@@ -383,7 +383,7 @@ def _sample_with_head(config, workdir: str) -> dict:
       "network_evaluations_max": int(evaluations.max()),
       "grid": grid_path, "steps_grid": steps_path, "out_dir": str(out_dir), **extra}
   if multihost.is_writer():
-    scale = 4 if h <= 32 else 1
+    scale = image_io.display_scale(h)
     with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
       if sc.task == "ipr":
         image_io.save_grid(rows.reshape(-1, *shape), folder.file("rounds.png"),

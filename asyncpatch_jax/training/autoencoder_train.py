@@ -353,7 +353,7 @@ def _evaluate(setup: AutoencoderSetup, params, workdir: str) -> dict[str, Any]:
               np.where(masks[:k, ..., None] > 0, images[:k], -1.0),
               codec.reconstruct(images[:k], masks[:k])]
       path = workdir / "samples" / "final" / "reconstructions.png"
-      image_io.save_grid(np.concatenate(rows), path, ncols=k, scale=4 if h <= 32 else 1)
+      image_io.write_grid(np.concatenate(rows), path, ncols=k)
       result["grid"] = str(path)
   if jax.process_index() == 0:
     storage.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
