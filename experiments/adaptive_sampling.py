@@ -81,7 +81,7 @@ def _calibration(setup, state, head, head_params, images, key) -> list[dict]:
   model = setup.model
   b, h, w, _ = images.shape
   k_t, k_eps = jax.random.split(key)
-  t = setup.timestep_sampler(k_t, b, h, w)
+  t = setup.noise_level_sampler(k_t, b, h, w)
   eps = jax.random.normal(k_eps, images.shape)
   z = flow.add_noise(images, eps, t)
   y = jnp.full((b,), model.null_label, jnp.int32) if model.num_classes else None

@@ -344,7 +344,7 @@ def _model_info(config, setup, state, workdir, name, train_call_s) -> dict:
           "train_steps": int(jax.device_get(state.step)),
           "batch_size": config.train.batch_size,
           "train_time_s": _train_seconds(workdir), "train_call_s": train_call_s,
-          "timestep_sampler": f"{config.timesteps.sampler} {tuple(config.timesteps.patch_sizes)}",
+          "noise_level_sampler": f"{config.timesteps.sampler} {tuple(config.timesteps.patch_sizes)}",
           "image_shape": list(setup.image_shape)}
 
 

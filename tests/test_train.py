@@ -408,7 +408,7 @@ def test_training_on_gaussian_data_approaches_the_analytic_loss_floor(gaussian_s
   setup, step, init_state = gaussian_setup
   mean, cov = _gaussian_data()
   bias = setup.config.loss.bias
-  t_ref = np.asarray(setup.timestep_sampler(jax.random.key(123), 512, GAUSS_HW, GAUSS_HW))
+  t_ref = np.asarray(setup.noise_level_sampler(jax.random.key(123), 512, GAUSS_HW, GAUSS_HW))
   floor, zero = _gaussian_loss_floor(t_ref, mean, cov, bias)
   chol = np.linalg.cholesky(cov)
   rng = np.random.default_rng(0)

@@ -87,7 +87,7 @@ def test_head_recovers_the_exact_gaussian_error_variance():
     x = (mu + jax.random.normal(k_x, (batch, D)) @ chol.T).reshape(batch, H, W, C)
     return head_train.head_update(state, x, None, {}, k_update, head=head, tx=tx,
                                   velocity_fn=lambda frozen, z, t, y: model(z, t),
-                                  timestep_sampler=_time_maps, ema_decay=0.99)
+                                  noise_level_sampler=_time_maps, ema_decay=0.99)
 
   # A host loop over one compiled step, as train_head runs it (XLA:CPU runs the
   # convolutions' backward pass several times slower inside a scan).

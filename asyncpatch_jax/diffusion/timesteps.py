@@ -1,4 +1,7 @@
-"""Training timestep samplers: per-pixel time maps `t [B, H, W]` (AsyncPatch Sec. 3.1, App. C).
+"""Training noise-level samplers: per-pixel time maps `t [B, H, W]` (AsyncPatch Sec. 3.1, App. C).
+
+(A noise-level sampler draws the training times; the samplers that generate images are
+diffusion/samplers.py's.)
 
 Five samplers, all jittable and keyed (`sampler(key, batch, height, width)`):
   global       one t ~ U(t_min, t_max) per image (the synchronous baseline);
@@ -81,8 +84,8 @@ def _patch_map(values: jax.Array, patch: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class TimestepSampler:
-  """A training timestep sampler; call as `sampler(key, batch, height, width) -> [B, H, W]`.
+class NoiseLevelSampler:
+  """A training noise-level sampler: `sampler(key, batch, height, width) -> t [B, H, W]`.
 
   Attributes:
     name: one of SAMPLER_NAMES.
@@ -104,7 +107,7 @@ class TimestepSampler:
   antithetic: bool = False
 
   @classmethod
-  def from_config(cls, ts) -> "TimestepSampler":
+  def from_config(cls, ts) -> "NoiseLevelSampler":
     """The sampler that `config.timesteps` describes (sampler, t range, patches, Perlin)."""
     return cls(name=ts.sampler, t_min=ts.t_min, t_max=ts.t_max,
                patch_sizes=tuple(ts.patch_sizes) or None, perlin_cells=tuple(ts.perlin_cells),
@@ -204,6 +207,6 @@ class TimestepSampler:
     return jnp.clip(tbar + delta * offsets, self.t_min, self.t_max)
 
 
-def get_sampler(name: str, **kwargs) -> TimestepSampler:
+def get_sampler(name: str, **kwargs) -> NoiseLevelSampler:
   """The timestep sampler `name` (one of SAMPLER_NAMES) with its options."""
-  return TimestepSampler(name=name, **kwargs)
+  return NoiseLevelSampler(name=name, **kwargs)

@@ -49,15 +49,15 @@ class HeadCheckpointer(checkpointing.Checkpointer):
 
 def head_update(state: train_state.TrainState, x: jax.Array, y, frozen, key: jax.Array, *,
                 head: uncertainty_head.UncertaintyHead, tx: optax.GradientTransformation,
-                velocity_fn, timestep_sampler, ema_decay: float, lr_schedule=None):
+                velocity_fn, noise_level_sampler, ema_decay: float, lr_schedule=None):
   """One head step on clean images x [B, H, W, C]: pure, for any frozen velocity function.
 
   velocity_fn(frozen, z, t, y) -> v_hat is the frozen model (a UNet's apply, or the exact
-  Gaussian field in the tests); timestep_sampler(key, B, H, W) -> t [B, H, W].
+  Gaussian field in the tests); noise_level_sampler(key, B, H, W) -> t [B, H, W].
   """
   k_t, k_eps = jax.random.split(key)
   b, h, w, _ = x.shape
-  t = timestep_sampler(k_t, b, h, w)
+  t = noise_level_sampler(k_t, b, h, w)
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
   z = flow.add_noise(x, eps, t)
   v = flow.velocity_target(x, eps)
@@ -124,7 +124,7 @@ class HeadSetup(loop.Trainer):
     self.identity = loader.frozen_identity(model_config.model, self.image_shape, self.frozen_params,
                                            run.step)
     self.label_dropout = model_config.train.label_dropout
-    self.timestep_sampler = timesteps.TimestepSampler.from_config(model_config.timesteps)
+    self.noise_level_sampler = timesteps.NoiseLevelSampler.from_config(model_config.timesteps)
     self.tx, self.lr_schedule = train_state.make_optimizer(
         cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
     self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))
@@ -185,7 +185,7 @@ def head_train_step(state, batch, frozen, *, setup: HeadSetup, root_key):
     y = jnp.where(drop, model.null_label, batch["label"]).astype(jnp.int32)
   return head_update(state, batch["image"], y, frozen, k_update, head=setup.head, tx=setup.tx,
                      velocity_fn=setup.velocity,
-                     timestep_sampler=setup.timestep_sampler,
+                     noise_level_sampler=setup.noise_level_sampler,
                      ema_decay=setup.config.train.ema_decay, lr_schedule=setup.lr_schedule)
 
 

@@ -76,10 +76,10 @@ class Setup(loop.Trainer):
     loader.check_model(self.model, cfg, self.image_shape,
                        self.source.num_classes if self.source is not None else None)
     ts = cfg.timesteps
-    self.timestep_sampler = timesteps.TimestepSampler.from_config(ts)
+    self.noise_level_sampler = timesteps.NoiseLevelSampler.from_config(ts)
     h, w, _ = self.image_shape
     if ts.sampler in ("patchwise", "asyncpatch"):
-      self.timestep_sampler.patch_sizes_for(h, w)
+      self.noise_level_sampler.patch_sizes_for(h, w)
     self.tx, self.lr_schedule = train_state.make_optimizer(
         cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
     n_dev = jax.device_count() if devices is None else len(devices)
@@ -152,7 +152,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], froze
   if setup.codec is not None:
     x = setup.codec.encode(frozen, x)          # frozen autoencoder: latents [B, h, w, D]
   b, h, w, _ = x.shape
-  t = setup.timestep_sampler(k_t, b, h, w)                       # [B, H, W]
+  t = setup.noise_level_sampler(k_t, b, h, w)                       # [B, H, W]
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
   z = flow.add_noise(x, eps, t)
   target = flow.velocity_target(x, eps)
