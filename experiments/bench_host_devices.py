@@ -60,7 +60,8 @@ def bench_case(name: str, variants: list[str]) -> dict:
   from asyncpatch_jax.config import base_config  # pylint: disable=import-outside-toplevel
   from asyncpatch_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   from asyncpatch_jax.diffusion import guidance, samplers, schedules  # pylint: disable=import-outside-toplevel
-  from asyncpatch_jax.runtime import sharding, train  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.training import train  # pylint: disable=import-outside-toplevel
 
   cfg_name, size, c, batch = CASES[name]
   config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{cfg_name}.py"))

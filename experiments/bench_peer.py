@@ -59,7 +59,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from asyncpatch_jax.config import base_config  # noqa: E402
 from asyncpatch_jax.data import input_pipeline  # noqa: E402
 from asyncpatch_jax.diffusion import guidance, samplers, schedules  # noqa: E402
-from asyncpatch_jax.runtime import sharding, train  # noqa: E402
+from asyncpatch_jax.runtime import sharding  # noqa: E402
+from asyncpatch_jax.training import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")

@@ -88,7 +88,8 @@ def test_renoise_has_the_forward_transition_moments():
 
 
 def test_generator_refuses_a_negative_input_guidance_weight():
-  from asyncpatch_jax.runtime import checks, generate  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.generation import generate  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.runtime import checks  # pylint: disable=g-import-not-at-top
   gen = generate.Generator(model=None, mesh=None)       # refused before the model is touched
   with pytest.raises(checks.InputError, match=r"input_guidance=-0.5; expected a number >= 0\. "
                      r"Input guidance \(AsyncPatch Eq. 8\)"):

@@ -20,7 +20,8 @@ from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.diffusion import guidance, samplers, schedules
-from asyncpatch_jax.runtime import sharding, train
+from asyncpatch_jax.runtime import sharding
+from asyncpatch_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
