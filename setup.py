@@ -10,6 +10,9 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
+    # Shape assertions at API boundaries, and readable reshapes (heads, patches).
+    "chex==0.1.92",
+    "einops==0.8.2",
     # Every path under a workdir or data_dir (runtime/storage.py).
     "etils[epath]>=1.7,<2",
     # The input pipeline's reader threads (data/input_pipeline.py).

@@ -1,5 +1,6 @@
 """Rectified flow: conversions, the SiD2 weight against float64 NumPy, the exact-model loss."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +88,32 @@ def test_bad_time_inputs_raise():
     flow.rectified_flow_loss(lambda z, t: z, x, jnp.full((2,), 1.5), x)
   with pytest.raises(ValueError, match="weighting"):
     flow.loss_weight(jnp.zeros(2), "l1")
+
+
+class NoisingWithAndWithoutJitTest(chex.TestCase):
+  """add_noise, velocity_target and per_pixel_loss give the float64 formulas, jitted or not,
+  and refuse mismatched shapes at their boundary (chex)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_against_float64(self):
+    rng = np.random.default_rng(0)
+    x, eps = rng.normal(size=(2, 4, 6, 3)), rng.normal(size=(2, 4, 6, 3))
+    t = rng.uniform(size=(2, 4, 6))
+    z = self.variant(flow.add_noise)(*(jnp.asarray(a, jnp.float32) for a in (x, eps, t)))
+    np.testing.assert_allclose(z, (1 - t[..., None]) * x + t[..., None] * eps, rtol=1e-5,
+                               atol=1e-6)
+    v = self.variant(flow.velocity_target)(jnp.asarray(x, jnp.float32),
+                                           jnp.asarray(eps, jnp.float32))
+    np.testing.assert_allclose(v, eps - x, rtol=1e-5, atol=1e-6)
+    loss = self.variant(lambda a, b, tt: flow.per_pixel_loss(a, b, tt, "mse"))(
+        jnp.asarray(v), jnp.zeros_like(v), jnp.asarray(t, jnp.float32))
+    np.testing.assert_allclose(loss, ((eps - x) ** 2).mean(-1), rtol=1e-5)
+
+  def test_mismatched_shapes_are_refused(self):
+    x = jnp.zeros((2, 4, 6, 3))
+    with self.assertRaises(AssertionError):
+      flow.add_noise(x, jnp.zeros((2, 4, 6, 1)), jnp.zeros((2,)))
+    with self.assertRaises(AssertionError):
+      flow.add_noise(x, x, jnp.zeros((3,)))
+    with self.assertRaises(AssertionError):
+      flow.per_pixel_loss(x, x[..., :1], jnp.zeros((2, 4, 6)))

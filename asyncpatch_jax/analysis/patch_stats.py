@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
+import einops
 import numpy as np
 
 from asyncpatch_jax.runtime import checks
@@ -37,24 +38,16 @@ def patch_grid(image_shape, patch_size: int) -> tuple[int, int, int]:
 
 def patchify(x, patch_size: int):
   """`[..., H, W, C] -> [..., M, p * p * C]` (raster order). Works on jnp and np arrays."""
-  *lead, h, w, c = x.shape
-  p = patch_size
-  y = x.reshape(*lead, h // p, p, w // p, p, c)
-  nl = len(lead)
-  perm = tuple(range(nl)) + (nl, nl + 2, nl + 1, nl + 3, nl + 4)
-  y = y.transpose(perm)
-  return y.reshape(*lead, (h // p) * (w // p), p * p * c)
+  return einops.rearrange(x, "... (m p) (n q) c -> ... (m n) (p q c)", p=patch_size,
+                          q=patch_size)
 
 
 def unpatchify(patches, image_shape, patch_size: int):
   """`[..., M, p * p * C] -> [..., H, W, C]`, the inverse of `patchify`."""
   h, w, c = image_shape
   p = patch_size
-  *lead, _, _ = patches.shape
-  y = patches.reshape(*lead, h // p, w // p, p, p, c)
-  nl = len(lead)
-  perm = tuple(range(nl)) + (nl, nl + 2, nl + 1, nl + 3, nl + 4)
-  return y.transpose(perm).reshape(*lead, h, w, c)
+  return einops.rearrange(patches, "... (m n) (p q c) -> ... (m p) (n q) c", m=h // p,
+                          n=w // p, p=p, q=p, c=c)
 
 
 def patch_permutation(image_shape, patch_size: int) -> np.ndarray:

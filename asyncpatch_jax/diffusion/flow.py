@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -35,12 +36,15 @@ def add_noise(x: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
 
   x, eps: [B, H, W, C]; t: [B] or [B, H, W].
   """
+  chex.assert_equal_shape([x, eps])
+  chex.assert_equal_shape_prefix([x, t], jnp.ndim(t))
   te = expand_time(t, x.ndim)
   return (1.0 - te) * x + te * eps
 
 
 def velocity_target(x: jax.Array, eps: jax.Array) -> jax.Array:
   """The rectified-flow velocity dz/dt = eps - x."""
+  chex.assert_equal_shape([x, eps])
   return eps - x
 
 
@@ -107,6 +111,8 @@ def per_pixel_loss(v: jax.Array, v_hat: jax.Array, t: jax.Array,
 
   v, v_hat: [B, H, W, C]; t: [B] or [B, H, W].
   """
+  chex.assert_equal_shape([v, v_hat])
+  chex.assert_equal_shape_prefix([v, t], jnp.ndim(t))
   err = jnp.mean(jnp.square(v.astype(jnp.float32) - v_hat.astype(jnp.float32)), axis=-1)
   t_map = jnp.broadcast_to(expand_time(t, 3), err.shape)
   return loss_weight(t_map, weighting, bias) * err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,9 +79,11 @@ class Attention(nn.Module):
     b, h, w, c = x.shape
     heads = max(1, c // self.head_dim)
     y = Norm(self.norm, self.num_groups, self.dtype, name="norm")(x)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, h * w, 3, heads, c // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]        # [B, L, heads, d]
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y)
+    q, k, v = einops.rearrange(qkv, "b h w (three n d) -> three b (h w) n d", three=3,
+                               n=heads)                                  # [B, L, heads, d]
+    out = einops.rearrange(jax.nn.dot_product_attention(q, k, v), "b (h w) n d -> b h w (n d)",
+                           h=h, w=w)
     return x + nn.Dense(c, dtype=self.dtype, kernel_init=zeros, name="proj")(out)
 
 
