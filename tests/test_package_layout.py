@@ -16,7 +16,10 @@ deferred import is still a dependency), and no file may take part in an import c
 
 import ast
 import collections
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -165,3 +168,18 @@ def test_the_checker_sees_a_planted_lazy_cycle(tmp_path):
 def _module_in(package: pathlib.Path, path: pathlib.Path) -> str:
   parts = path.relative_to(package.parent).with_suffix("").parts
   return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_loading_a_trained_run_imports_no_optimizer_trainer_or_dataset():
+  """runs/loader.py alone, and the sample and evaluate modes: no trainer comes with them."""
+  code = ("import sys\n"
+          "import asyncpatch_jax.runs.loader\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optax', 'grain', "
+          "'tensorflow_datasets') or m.startswith(('asyncpatch_jax.training', "
+          "'asyncpatch_jax.data.datasets'))))\n"
+          "import asyncpatch_jax.modes.sample_mode, asyncpatch_jax.modes.evaluate_mode\n"
+          "print(sorted(m for m in sys.modules if m.startswith('asyncpatch_jax.training')))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, cwd=PACKAGE.parent,
+                       env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)}).stdout
+  assert out.splitlines() == ["[]", "[]"], out
