@@ -93,7 +93,8 @@ class AutoencoderSetup(loop.Trainer):
                                          data_dir=cfg.data.data_dir or None,
                                          **dict(cfg.data.options))
       image_shape = self.source.image_shape
-    self.image_shape = tuple(int(s) for s in image_shape)
+    self.image_shape = self.checkpoint_shape = tuple(int(s) for s in image_shape)
+    self.step_fn = train_step
     self.ae = vqae.build_autoencoder(ac)
     self.latent_shape = self.ae.latent_shape(self.image_shape)   # checks H, W, C
     self.disc = None
@@ -120,14 +121,6 @@ class AutoencoderSetup(loop.Trainer):
   # -- the loop's trainer interface (loop.Trainer) --------------------------------------------
 
   what = "autoencoder's train step"
-
-  @property
-  def checkpoint_shape(self):
-    return self.image_shape
-
-  def step(self, state, batch, *frozen, root_key):
-    del frozen
-    return train_step(state, batch, setup=self, root_key=root_key)
 
   def batch(self, step, local):
     h, w, _ = self.image_shape

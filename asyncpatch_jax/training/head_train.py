@@ -119,7 +119,8 @@ class HeadSetup(loop.Trainer):
     run = loader.load_run(model_workdir, model_config)
     loader.check_model(run.model, model_config, run.image_shape, self.source.num_classes)
     self.model = run.model
-    self.image_shape = run.image_shape
+    self.image_shape = self.checkpoint_shape = run.image_shape
+    self.step_fn = head_train_step
     self.frozen_params = run.params
     self.identity = loader.frozen_identity(model_config.model, self.image_shape, self.frozen_params,
                                            run.step)
@@ -141,16 +142,8 @@ class HeadSetup(loop.Trainer):
   what = "uncertainty head's train step"
 
   @property
-  def checkpoint_shape(self):
-    return self.image_shape
-
-  def step(self, state, batch, *frozen, root_key):
-    return head_train_step(state, batch, *frozen, setup=self, root_key=root_key)
-
-  def batch(self, step, local):
-    del step
-    keys = ("image", "label") if self.model.num_classes else ("image",)
-    return {k: local[k] for k in keys}
+  def class_conditional(self) -> bool:
+    return bool(self.model.num_classes)
 
   def frozen(self, mesh):
     # The frozen model is an argument of the step, so the memory check counts it.

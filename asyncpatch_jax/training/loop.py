@@ -170,8 +170,8 @@ class Trainer(abc.ABC):
   """What a trainer gives the loop: a state, a step, its data and its checkpoint's identity.
 
   A subclass is built from a config (validated, nothing allocated) and sets `config`,
-  `source` (the training data), `abstract_state` (`jax.eval_shape` of `init_state`) and
-  `checkpoint_shape` (the [H, W, C] its checkpoints record).
+  `source` (the training data), `abstract_state` (`jax.eval_shape` of `init_state`),
+  `checkpoint_shape` (the [H, W, C] its checkpoints record) and `step_fn`.
   """
   config: ml_collections.ConfigDict
   source: Any
@@ -183,13 +183,17 @@ class Trainer(abc.ABC):
   def init_state(self, key: jax.Array):
     """A fresh state (params, optimizer state, step 0, ...)."""
 
-  @abc.abstractmethod
-  def step(self, state, batch: dict[str, jax.Array], *frozen, root_key: jax.Array):
-    """(state, metrics) after one step on the global batch (jitted, state donated)."""
+  # The step: `step_fn(state, batch, *frozen, setup=trainer, root_key=...) -> (state,
+  # metrics)` on the global batch (jitted, state donated); a module-level function.
+  step_fn: Callable
 
-  @abc.abstractmethod
+  class_conditional = False    # whether the step reads the labels
+
   def batch(self, step: int, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays the step reads, from this process's share of step `step`'s batch."""
+    """The arrays the step reads, from this process's share of step `step`'s batch: the
+    images, and the labels when `class_conditional`."""
+    del step
+    return {k: local[k] for k in (("image", "label") if self.class_conditional else ("image",))}
 
   def example(self) -> dict[str, np.ndarray]:
     """One example's arrays as the step reads them (shapes and dtypes for compiling)."""
@@ -232,7 +236,7 @@ def compile_step(trainer: Trainer, mesh, root_key: jax.Array, frozen) -> jax.sta
   state_shardings = sharding.state_shardings(trainer.abstract_state, mesh)
   example = trainer.example()
   frozen_shardings = tuple(s for _, s in frozen)
-  step_fn = jax.jit(functools.partial(trainer.step, root_key=root_key),
+  step_fn = jax.jit(functools.partial(trainer.step_fn, setup=trainer, root_key=root_key),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                   *frozen_shardings),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),

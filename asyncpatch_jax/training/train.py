@@ -64,7 +64,8 @@ class Setup(loop.Trainer):
                                          **dict(cfg.data.options))
       image_shape = self.source.image_shape
     self.image_shape = tuple(image_shape)
-    self.pixel_shape = self.image_shape
+    self.pixel_shape = self.checkpoint_shape = self.image_shape
+    self.step_fn = train_step
     self.codec = None
     latent_cfg = cfg.get("latent")
     if latent_cfg is not None and latent_cfg.autoencoder_workdir:
@@ -98,16 +99,8 @@ class Setup(loop.Trainer):
   # -- the loop's trainer interface (loop.Trainer) --------------------------------------------
 
   @property
-  def checkpoint_shape(self):
-    return self.pixel_shape
-
-  def step(self, state, batch, *frozen, root_key):
-    return train_step(state, batch, *frozen, setup=self, root_key=root_key)
-
-  def batch(self, step, local):
-    del step
-    keys = ("image", "label") if self.model.num_classes else ("image",)
-    return {k: local[k] for k in keys}
+  def class_conditional(self) -> bool:
+    return bool(self.model.num_classes)
 
   def frozen(self, mesh):
     # A latent model's step encodes each batch with the frozen autoencoder (Sec. 5.2).
