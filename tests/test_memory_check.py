@@ -93,7 +93,8 @@ def test_over_limit_run_stops_in_one_line_before_writing_anything(tmp_path):
 _RSS_CHILD = r"""
 import json, sys
 from asyncpatch_jax.config import base_config
-from asyncpatch_jax.training import loop, memory, train
+from asyncpatch_jax.modes import train_mode
+from asyncpatch_jax.training import loop, memory
 
 def status(key):
   with open("/proc/self/status") as f:
