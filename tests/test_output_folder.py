@@ -136,7 +136,10 @@ def test_second_call_interrupted_calls_and_a_full_disk_leave_one_calls_files(wor
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode in (0, 130), err[-2000:]
+    # 130: interrupted in Python; -SIGINT: interrupted while XLA compiles, whose LLVM
+    # re-raises SIGINT with the default action (no Python handler runs). Either way the
+    # folder must hold one call's files.
+    assert proc.returncode in (0, 130, -signal.SIGINT), err[-2000:]
     seen.add(one_call(out))
     if proc.returncode == 0:
       break
