@@ -76,8 +76,8 @@ def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
     assert os.path.exists(tmp_path / "ss" / f), f
 
   # The README's command (its two exemplar files as the user's images), made tiny.
-  users = [a[len("--image="):] for a in readme_command("experiments/asyncpatch/texture_synthesis.py")
-           if a.startswith("--image=")]
+  command = readme_command("experiments/asyncpatch/texture_synthesis.py")
+  users = [a[len("--image="):] for a in command if a.startswith("--image=")]
   assert len(users) == 2 and all(os.path.isfile(os.path.join(ROOT, u)) for u in users)
   _run(TEXTURE_SYNTHESIS, f"--out={tmp_path}/ts/texture_synthesis.json",
        f"--workdir={model}", readme=True)

@@ -13,7 +13,7 @@ for; a variant `<n>[:<xla option>=<value>[+...]]` runs the real sharded
 first (compile time reported separately); then the timed repetitions alternate
 between the variants (1, 2, 4, 1, 2, 4, ...), so that all of them see the same load
 on a shared machine. Medians and spreads per variant, and speed-ups over the first.
-`--tiny`: variants 1 and 2, one repetition of one train step.
+`--tiny`: the test config (train_test, sample_test), variants 1 and 2, one repetition.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ flags.DEFINE_string("out", None, "Output JSON path.")
 flags.DEFINE_list("variants", ["1", "2", "4"],
                   "host devices[:xla_option=value+...] per variant, e.g. 2:xla_cpu_use_xnnpack=true")
 flags.DEFINE_list("cases", ["train_default", "sample_default"],
-                  "train_default, sample_default, train_60m.")
+                  "train_default, sample_default, train_60m (train_test, sample_test: --tiny).")
 flags.DEFINE_integer("reps", 5, "Timed repetitions per variant (alternating).")
 flags.DEFINE_integer("train_steps", 3, "Train steps per repetition (1 for train_60m).")
-common.define_tiny(dict(variants=["1", "2"], reps=1, train_steps=1))
+common.define_tiny(dict(cases=["train_test", "sample_test"], variants=["1", "2"], reps=1,
+                        train_steps=1))
 CASES = {"train_default": ("default", 16, 1, 64), "sample_default": ("default", 16, 1, 64),
+         "train_test": ("test", 16, 1, 16), "sample_test": ("test", 16, 1, 16),  # --tiny's
          "train_60m": ("imagenet64_60m", 64, 3, 8)}
 
 

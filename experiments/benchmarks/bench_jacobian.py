@@ -24,8 +24,8 @@ Measured side by side, medians of repeats, everything jitted and warmed up:
     k = 64 vectors vmapped, and looping over the 64 vectors in Python.
 The counted cost (`jacobian.block_norm_costs`, XLA flops) is reported beside the
 times, with the automatic choice, and the counted crossover size where
-materialising J becomes cheaper than power iteration. `--tiny`: 8x8x1 only, 2 tangent
-vectors, one repeat.
+materialising J becomes cheaper than power iteration. `--tiny`: the UNet at tiny widths,
+8x8x1 only, 2 tangent vectors, one repeat.
 """
 
 from __future__ import annotations
@@ -128,10 +128,13 @@ def _project_velocity_model(shape, key):
     return None
   with cfg.unlocked():
     cfg.out_channels = shape[-1]
+    if FLAGS.tiny:                                       # the same code, compiled in seconds
+      cfg.update(common.TINY_UNET)
   model = models.build_unet(cfg)
   params = models.init_params(model, key, shape)
   nparams = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  return jax.tree_util.Partial(models.NullLabelVelocity(model), params), "UNet(configs/default.py)", nparams
+  name = "UNet(configs/default.py" + (", tiny widths)" if FLAGS.tiny else ")")
+  return jax.tree_util.Partial(models.NullLabelVelocity(model), params), name, nparams
 
 
 def velocity_model(shape, key):

@@ -30,7 +30,8 @@ Measured along `--num_seeds` generated trajectories at every DDIM step t:
     trajectory estimate (1/T) sum_t log |kappa^diag_k,t|, the Gaussian Lambda(lambda_k),
     and the top of the chain's Lyapunov spectrum (`lyapunov_spectrum`).
 Writes the JSON and a PNG of the same name beside it. Reduced defaults finish in a few
-minutes on a 2-core CPU; `--tiny` (one seed, a 5-step chain, 3 iterations) in seconds.
+minutes on a 2-core CPU; `--tiny` (one seed, a 5-step chain, 3 iterations; `unet_random` at
+tiny widths) in seconds.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def build_eps_fn(images, key):
   cfg = base_config.get_base_config().model
   with cfg.unlocked():
     cfg.out_channels = shape[-1]
+    if FLAGS.tiny:                                       # the same code, compiled in seconds
+      cfg.update(common.TINY_UNET)
   model = models.build_unet(cfg)
   params = models.init_params(model, key, shape)
   return (ddim_maps.velocity_to_eps(jax.tree_util.Partial(models.NullLabelVelocity(model), params),
