@@ -3,8 +3,8 @@
   python -m asyncpatch_jax.main --config=configs/even_pixels.py --workdir=/tmp/asyncpatch_even
   python -m asyncpatch_jax.main --config=configs/even_pixels.py:cpu --workdir=/tmp/asyncpatch_even_cpu
 
-`:cpu` is the tiny variant that experiments/ipr_benchmarks.py trains on a 2-core CPU: each
-4x4 patch gets its own uniform time (`patchwise`, the SRM / IPR paper's 4x4 patches).
+`:cpu` is the tiny variant that experiments/ipr/ipr_benchmarks.py trains on a 2-core CPU:
+each 4x4 patch gets its own uniform time (`patchwise`, the SRM / IPR paper's 4x4 patches).
 """
 
 from asyncpatch_jax.config import base_config

@@ -8,7 +8,7 @@ t = 0 beside generated ones at t = 1 are in the training distribution.
   python -m asyncpatch_jax.main --config=configs/sudoku4.py --workdir=/tmp/asyncpatch_sudoku4
   python -m asyncpatch_jax.main --config=configs/sudoku4.py:cpu --workdir=/tmp/asyncpatch_sudoku4_cpu
 
-`:cpu` is the tiny variant that experiments/ipr_benchmarks.py trains on a 2-core CPU.
+`:cpu` is the tiny variant that experiments/ipr/ipr_benchmarks.py trains on a 2-core CPU.
 """
 
 from asyncpatch_jax.config import base_config
@@ -29,7 +29,7 @@ def get_config(variant: str = ""):
   config.eval.num_samples = 0
   if variant == "cpu":
     # 0.38M parameters; 0.65-1.5 s a step at batch 16 on the shared 2-core machine (load 10-16),
-    # so 1200 steps fit the 25-minute budget of experiments/ipr_benchmarks.py.
+    # so 1200 steps fit the 25-minute budget of experiments/ipr/ipr_benchmarks.py.
     config.model.update(base_channels=16, num_res_blocks=(1, 1, 1, 1),
                         attention_resolutions=(4,), head_dim=16, time_embed_dim=32,
                         num_groups=8)

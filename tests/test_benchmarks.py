@@ -1,4 +1,6 @@
-"""The two benchmark scripts end to end on the tiny config (experiments/sampler_ablation.py, inpainting_benchmark.py)."""
+"""The two benchmark scripts end to end on the tiny config (experiments/asyncpatch/
+sampler_ablation.py, inpainting_benchmark.py), run as experiments/asyncpatch/README.md writes
+them with --tiny (the test config, 2 training steps, 4 sampler steps, the square family)."""
 
 import json
 import os
@@ -6,37 +8,42 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from asyncpatch_jax.diffusion import repaint
+from fixtures.readme import readme_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num_steps=4", "--batch=16", "--classifier_steps=5", "--families=square"]
 
 
 def _run(script, *args):
+  """The README's command of `script` with --tiny and `args` (later flags win)."""
   env = dict(os.environ, PYTHONPATH=ROOT)
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  res = subprocess.run([sys.executable, *script[1:], "--tiny", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_sampler_ablation_then_inpainting_benchmark(tmp_path):
-  root = str(tmp_path / "workdirs")
-  _run("sampler_ablation.py", f"--out={tmp_path}/ablation.json", "--config=configs/test.py",
-       f"--workdir_root={root}", "--samplers=asyncpatch", "--train_steps=2", "--num_samples=20",
-       "--num_inpaint=20", *TINY)
+  # --tiny: the workdirs go to <dir of --out>/tiny_workdirs, where inpainting_benchmark.py
+  # --tiny finds the asyncpatch model.
+  _run(readme_command("experiments/asyncpatch/sampler_ablation.py"),
+       f"--out={tmp_path}/ablation.json")
   ablation = json.load(open(tmp_path / "ablation.json"))
   model = ablation["models"]["asyncpatch"]
-  assert model["train_steps"] == 2
+  assert list(ablation["models"]) == ["asyncpatch"] and model["train_steps"] == 2
+  assert model["workdir"] == str(tmp_path / "tiny_workdirs" / "asyncpatch")
   gen, inp = model["generation"], model["inpainting"]["square"]
   assert set(gen) == {"fd_digits", "precision_digits", "recall_digits", "density_digits",
                       "coverage_digits"} and np.isfinite(gen["fd_digits"])
   assert inp["network_evals"] == 4 and np.isfinite(inp["psnr"])
   assert os.path.exists(tmp_path / "ablation.md") and os.path.exists(tmp_path / "ablation.png")
+  assert ablation["command"].startswith("python -m experiments.asyncpatch.sampler_ablation ")
 
-  _run("inpainting_benchmark.py", f"--out={tmp_path}/inpainting.json",
-       f"--workdirs=asyncpatch:{root}/asyncpatch", "--num_inpaint=20", "--repaint=4,2,2",
-       "--num_stripes=2", *TINY)
+  # The README's --repaint=50,5,5, made tiny.
+  _run(readme_command("experiments/asyncpatch/inpainting_benchmark.py"),
+       f"--out={tmp_path}/inpainting.json", "--repaint=4,2,2")
   bench = json.load(open(tmp_path / "inpainting.json"))["models"]["asyncpatch"]
   evals = {m: bench[m]["square"]["network_evals"] for m in bench}
   # Network evaluations per image: 4 steps; twice that with input guidance (two passes a

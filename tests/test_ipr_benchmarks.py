@@ -270,7 +270,7 @@ def test_benchmark_configs_build_through_eval_shape(name):
   assert isinstance(base_config.get_base_config(), type(config))
 
 
-# Every field the README's IPR tables read (experiments/ipr_benchmarks.py).
+# Every field the README's IPR tables read (experiments/ipr/ipr_benchmarks.py).
 SUDOKU_FIELDS = ["hard.validity", "hard.stderr", "corrupted.1.validity", "corrupted.3.validity",
                  "corrupted.5.validity", "ablations.alpha_0.1.validity",
                  "ablations.alpha_0.25.validity", "ablations.alpha_0.5.validity",
@@ -300,13 +300,14 @@ def _field(d, path):
   return node
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   # One host device: the tiny run's batch of 2 (the suite's 8 fake devices are for sharding).
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "force_host_platform_device_count" not in f)
   # The README's command, made tiny (later flags override earlier ones).
-  cmd = readme_command("experiments/ipr_benchmarks.py")
+  cmd = readme_command("experiments/ipr/ipr_benchmarks.py")
   res = subprocess.run([sys.executable, *cmd[1:], "--tiny", f"--out={tmp_path}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-4000:]
@@ -320,7 +321,7 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
       assert curve.shape == (3,) and np.isfinite(curve).all(), f
     for f in scalars:
       assert np.isfinite(float(_field(result, f))), f
-    assert result["command"].startswith("python experiments/ipr_benchmarks.py ")
+    assert result["command"].startswith("python -m experiments.ipr.ipr_benchmarks ")
     assert "--tiny" in result["command"].split()
   # Table 1 budgets: x^(0) over 16 cells at 3 steps each; Even Pixels (16x16 in the tiny
   # run: 16 patches) at 30 steps a patch with overlap 0.9: 30 (15 * 0.1 + 1) = 75.

@@ -1,6 +1,6 @@
-"""Issue 15's experiments end to end on a tiny model (experiments/schedule_study.py,
-texture_synthesis.py): the JSON holds every field the README tables read, and bad input
-stops with one line before anything trains."""
+"""Issue 15's experiments end to end on a tiny model (experiments/growing_images/
+schedule_study.py, experiments/asyncpatch/texture_synthesis.py): the JSON holds every field
+the README tables read, and bad input stops with one line before anything trains."""
 
 import json
 import os
@@ -8,18 +8,21 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from asyncpatch_jax.data import image_io
 from fixtures.readme import readme_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEDULE_STUDY = "experiments/growing_images/schedule_study.py"
+TEXTURE_SYNTHESIS = "experiments/asyncpatch/texture_synthesis.py"
 
 
 def _run(script, *args, ok=True, readme=False):
   """`script` --tiny --noprogress `args`; with readme=True, the README's command made tiny."""
   env = dict(os.environ, PYTHONPATH=ROOT)
-  cmd = (readme_command(f"experiments/{script}")[1:] if readme
-         else [os.path.join(ROOT, "experiments", script)])
+  cmd = (readme_command(script)[1:] if readme
+         else ["-m", script[:-len(".py")].replace("/", ".")])
   res = subprocess.run([sys.executable, *cmd, "--tiny", "--noprogress", *args], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
   if ok:
@@ -31,12 +34,13 @@ ROW_FIELDS = ("K", "steps_per_stripe", "steps_per_pixel", "steps_per_pixel_max",
               "network_evaluations", "psnr", "psnr_se", "ssim", "ssim_se", "seconds")
 
 
+@pytest.mark.slow
 def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
   model = str(tmp_path / "model")
   # The README's command with the --tiny values of the flags it sets (later flags win).
-  assert readme_command("experiments/schedule_study.py")[3:] == [
+  assert readme_command("experiments/growing_images/schedule_study.py")[4:] == [
       "--num_images=200", "--steps_per_stripe=6", "--total_steps=36"]
-  _run("schedule_study.py", "--num_images=24", "--steps_per_stripe=2", "--total_steps=4",
+  _run(SCHEDULE_STUDY, "--num_images=24", "--steps_per_stripe=2", "--total_steps=4",
        f"--out={tmp_path}/ss/schedule_study.json", f"--workdir={model}", readme=True)
   res = json.load(open(tmp_path / "ss" / "schedule_study.json"))
   names = res["features"]["metric_names"]
@@ -65,16 +69,17 @@ def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
   lab = res["lab"]["2"]
   assert lab["progressive_lr"] > 0.05 and lab["interleaved"] < 1e-4 and lab["parallel"] < 1e-4
   assert {"fd_textures", "precision_textures", "images"} <= set(res["reference"])
-  assert res["wall_seconds"] > 0 and res["command"].startswith("python experiments/schedule_study")
+  assert res["wall_seconds"] > 0
+  assert res["command"].startswith("python -m experiments.growing_images.schedule_study ")
   for f in ("schedule_study.md", "metrics_vs_K.png", "examples_per_stripe.png",
             "examples_fixed_total.png"):
     assert os.path.exists(tmp_path / "ss" / f), f
 
   # The README's command (its two exemplar files as the user's images), made tiny.
-  users = [a[len("--image="):] for a in readme_command("experiments/texture_synthesis.py")
-           if a.startswith("--image=")]
+  command = readme_command("experiments/asyncpatch/texture_synthesis.py")
+  users = [a[len("--image="):] for a in command if a.startswith("--image=")]
   assert len(users) == 2 and all(os.path.isfile(os.path.join(ROOT, u)) for u in users)
-  _run("texture_synthesis.py", f"--out={tmp_path}/ts/texture_synthesis.json",
+  _run(TEXTURE_SYNTHESIS, f"--out={tmp_path}/ts/texture_synthesis.json",
        f"--workdir={model}", readme=True)
   res = json.load(open(tmp_path / "ts" / "texture_synthesis.json"))
   assert [r["w"] for r in res["weights"]] == [0.0, 2.0]
@@ -97,14 +102,15 @@ def test_schedule_study_then_texture_synthesis_tiny(tmp_path):
     assert os.path.exists(tmp_path / "ts" / f), f
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_in_one_line(tmp_path):
   small = tmp_path / "small.png"
   image_io.save_png(np.zeros((20, 48, 3), np.uint8), str(small))
-  cases = [("texture_synthesis.py", ["--weights=0,-1"], "input guidance weight w=-1.0; expected "
+  cases = [(TEXTURE_SYNTHESIS, ["--weights=0,-1"], "input guidance weight w=-1.0; expected "
             "a number >= 0"),
-           ("texture_synthesis.py", [f"--image={small}"], "is 48x20 (WxH), smaller than the "
+           (TEXTURE_SYNTHESIS, [f"--image={small}"], "is 48x20 (WxH), smaller than the "
             "model's 32x32"),
-           ("schedule_study.py", ["--stripes=1,17"], "num_stripes=17 is larger than the masked "
+           (SCHEDULE_STUDY, ["--stripes=1,17"], "num_stripes=17 is larger than the masked "
             "width")]
   for script, args, message in cases:
     res = _run(script, f"--out={tmp_path}/x/out.json", f"--workdir={tmp_path}/never", *args,

@@ -1,7 +1,8 @@
 """AsyncPatch Sec. 5.4 (Fig. 5-6, App. J) with this project's model: texture synthesis with input guidance.
 
-  python experiments/texture_synthesis.py --out=results/texture_synthesis/texture_synthesis.json
-  python experiments/texture_synthesis.py --image=my_texture.png      # also a user exemplar
+  python -m experiments.asyncpatch.texture_synthesis \
+      --out=results/texture_synthesis/texture_synthesis.json
+  python -m experiments.asyncpatch.texture_synthesis --image=my_texture.png   # a user exemplar
 
 The top half of each exemplar is given, the bottom half is generated (AsyncPatch Eq. 4,
 `--num_steps` steps, eta 0.25) with input guidance (Eq. 8; diffusion/guidance.py through
@@ -24,7 +25,8 @@ exemplar of another source image (what "a different texture" scores). Means over
 exemplars (seeds averaged first) with standard errors over exemplars; differences to
 w = 0 are paired (the same seeds). An ablation reruns w = `--ablate_w` with the other
 t_g in `--ablate_t`. Writes the JSON, a Markdown table and PNG grids next to `--out`;
-samples are cached in `--cache` (a rerun only rescores).
+samples are cached in `--cache` (a rerun only rescores). `--tiny`: a tiny model and few
+exemplars, seeds and steps (the tests' run; flags given on the command line win).
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import matplotlib
 import numpy as np
@@ -43,8 +44,6 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 
-from asyncpatch_jax.modes import train_mode
-from asyncpatch_jax.config import base_config  # noqa: E402
 from asyncpatch_jax.runtime import checks  # noqa: E402
 from asyncpatch_jax.generation import generate  # noqa: E402
 from asyncpatch_jax.data import datasets  # noqa: E402
@@ -52,13 +51,12 @@ from asyncpatch_jax.data import image_io  # noqa: E402
 from asyncpatch_jax.diffusion import schedules  # noqa: E402
 from asyncpatch_jax.evaluation import texture_stats  # noqa: E402
 from asyncpatch_jax.runtime import progress  # noqa: E402
-from asyncpatch_jax.training import train  # noqa: E402
+from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("out", "results/texture_synthesis/texture_synthesis.json", "Output JSON path.")
 flags.DEFINE_string("workdir", "workdirs/textures_pixel",
-                    "The model's workdir (experiments/schedule_study.py's model); trained there "
+                    "The model's workdir (schedule_study.py's model); trained there "
                     "(or resumed) if needed (--tiny: <dir of --out>/tiny_model unless given).")
 flags.DEFINE_integer("train_steps", 1500, "Training steps of the model (if trained here).")
 flags.DEFINE_integer("train_batch", 16, "Training batch size of the model (if trained here).")
@@ -77,26 +75,12 @@ flags.DEFINE_integer("patch", 4, "Patch size of patch_swd.")
 flags.DEFINE_integer("directions", 128, "Random directions of patch_swd.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
-flags.DEFINE_bool("tiny", False, "A tiny model and few exemplars (the test suite's run).")
+common.define_tiny(dict(out="results/tmp/texture_synthesis_tiny/texture_synthesis.json",
+                        train_steps=2, train_batch=8, weights=["0", "2"], seeds=2, per_image=1,
+                        num_steps=3, directions=16, ablate_t=["0.9"]),
+                   "A tiny model and few exemplars (the test suite's run).")
 
-PIXEL_MODEL = {"base_channels": 32, "num_res_blocks": (1, 1, 1)}       # as schedule_study.py
-TINY_MODEL = {"base_channels": 8, "channel_mult": (1,), "num_res_blocks": (1,),
-              "attention_resolutions": (), "head_dim": 8, "time_embed_dim": 16, "num_groups": 4}
-TINY_FLAGS = dict(out="results/tmp/texture_synthesis_tiny/texture_synthesis.json",
-                  train_steps=2, train_batch=8, weights=["0", "2"], seeds=2, per_image=1,
-                  num_steps=3, directions=16, ablate_t=["0.9"])
 STATS = ("patch_swd", "colour_w1", "seam_ratio", "seam_l1", "seed_spread")
-
-
-def model_config(tiny: bool, steps: int, batch: int):
-  """configs/textures.py with the model of experiments/schedule_study.py."""
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", "textures.py"))
-  with config.unlocked():
-    config.model.update(TINY_MODEL if tiny else PIXEL_MODEL)
-    config.train.update(num_steps=steps, batch_size=batch, checkpoint_every=1000,
-                        progress_bar=not tiny)
-    config.sample.num_images = 0
-  return config
 
 
 def parse_weights(values) -> list[float]:
@@ -250,14 +234,9 @@ def plot(path, result):
 
 def main(argv):
   del argv
-  t_start = time.time()
   tiny = FLAGS.tiny
-  if tiny:
-    for name, value in TINY_FLAGS.items():
-      if not FLAGS[name].present:
-        FLAGS[name].value = value
-    if not FLAGS["workdir"].present:
-      FLAGS.workdir = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)), "tiny_model")
+  if tiny and not FLAGS["workdir"].present:
+    FLAGS.workdir = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)), "tiny_model")
   weights = parse_weights(FLAGS.weights)
   for name in ("seeds", "per_image", "num_steps", "patch", "directions"):
     checks.check_positive_int(getattr(FLAGS, name), f"--{name}")
@@ -270,18 +249,16 @@ def main(argv):
     raise checks.InputError(f"--ablate_t={','.join(FLAGS.ablate_t)}; expected numbers.") from None
   for t_g in ablate_t:
     checks.check_range(t_g, "--ablate_t", 0.0, 1.0, low_open=True)
-  config = model_config(tiny, FLAGS.train_steps, FLAGS.train_batch)
+  config = common.textures_pixel_config(FLAGS.train_steps, FLAGS.train_batch, tiny)
   size = int(dict(config.data.options).get("image_size", 32))
   user = [load_user_image(p, size) for p in FLAGS.image]       # refused before any training
 
-  t = time.time()
-  train_mode.train_and_evaluate(config, FLAGS.workdir)              # trains or resumes, else no-op
-  train_seconds = time.time() - t
-  setup, state = train.load_trained(FLAGS.workdir)
-  h, w, c = setup.pixel_shape
-  gen = generate.Generator(setup.model)
+  train_seconds = common.train_or_resume(config, FLAGS.workdir)
+  run = common.load_run(FLAGS.workdir)
+  h, w, c = run.pixel_shape
+  gen = generate.Generator(run.model)
 
-  x, names, labels = held_out_exemplars(setup.config, FLAGS.per_image)
+  x, names, labels = held_out_exemplars(run.config, FLAGS.per_image)
   num_held_out = len(x)
   if user:
     x = np.concatenate([x, np.stack(user)])
@@ -295,7 +272,7 @@ def main(argv):
   # Samples are cached per (model, settings, exemplars, w, t_g, seed): a rerun only rescores.
   cache = FLAGS.cache or os.path.join(FLAGS.workdir, "texture_synthesis")
   os.makedirs(cache, exist_ok=True)
-  tag = hashlib.sha1(json.dumps([int(state.step), FLAGS.num_steps, FLAGS.eta, FLAGS.seed,
+  tag = hashlib.sha1(json.dumps([run.step, FLAGS.num_steps, FLAGS.eta, FLAGS.seed,
                                  tiny]).encode() + x.tobytes()).hexdigest()[:10]
   t_sample = 0.0
 
@@ -306,7 +283,7 @@ def main(argv):
       out = np.load(path)
     else:
       t0 = time.time()
-      out = np.asarray(gen(state.ema_params, tau, key=jax.random.fold_in(key, s), x=x,
+      out = np.asarray(gen(run.params, tau, key=jax.random.fold_in(key, s), x=x,
                            eta=FLAGS.eta, input_guidance=wt, input_guidance_t=t_g))
       t_sample += time.time() - t0
       np.save(path + ".tmp.npy", out)
@@ -395,19 +372,17 @@ def main(argv):
                    "network_evaluations": {"w = 0": FLAGS.num_steps,
                                            "w > 0": 2 * FLAGS.num_steps},
                    "tiny": tiny, "device": jax.default_backend()},
-      "model": {"workdir": FLAGS.workdir, "step": int(state.step),
-                "parameters": int(sum(a.size for a in jax.tree.leaves(state.ema_params))),
+      "model": {"workdir": FLAGS.workdir, "step": run.step, "parameters": run.num_params,
                 "train_seconds_this_run": train_seconds},
       "num_exemplars": num_held_out, "exemplars": names,
       "weights": rows_out, "guidance_t_ablation": ablation, "reference": reference,
       "per_source": per_source,
       "user_images": users,
-      "command": "python experiments/texture_synthesis.py " + " ".join(sys.argv[1:]),
-      "sampling_seconds": t_sample, "wall_seconds": time.time() - t_start,
+      "command": common.command(),
+      "sampling_seconds": t_sample, "wall_seconds": common.elapsed(),
   }
   plot(os.path.join(out_dir, "statistics_vs_w.png"), result)
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(FLAGS.out, result)
   md = markdown(result)
   with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
     f.write(md)
@@ -415,7 +390,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except checks.InputError as e:       # bad input: one line, no traceback
-    sys.exit(f"error: {e}")
+  common.run(main)

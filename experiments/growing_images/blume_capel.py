@@ -11,19 +11,18 @@ T_int = 20, N = 1 in the rate pi / N:
   fig3_phase_diagram.png  classes of the single-block free energy over (h, Delta) (Fig. 3);
 and the numbers in a JSON file:
 
-  python experiments/blume_capel.py --out results/blume_capel/blume_capel.json
+  python -m experiments.growing_images.blume_capel --out=results/blume_capel/blume_capel.json
 
 Runs in float64 (the machine-precision biases of Fig. 4 need it); about a
-minute on a 2-core CPU.
+minute on a 2-core CPU. `--tiny`: 2 seeds, 8 for the plateau check, no Fig. 3.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import matplotlib
 import numpy as np
@@ -32,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 
 from asyncpatch_jax import spin  # noqa: E402
+from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path; the PNG figures are written beside it.")
@@ -40,6 +40,7 @@ flags.DEFINE_integer("seed", 0, "Root PRNG seed.")
 flags.DEFINE_bool("phase_diagram", True, "Also compute Fig. 3 (about 10 s).")
 flags.DEFINE_integer("num_seeds_check", 4096,
                      "Seeds for the seed-expectation of the progressive plateaus (0 to skip).")
+common.define_tiny(dict(num_seeds=2, phase_diagram=False, num_seeds_check=8))
 
 NAMES = ("parallel", "interleaved", "progressive_lr", "progressive_rl")
 LABELS = {"parallel": "parallel", "interleaved": "interleaved",
@@ -301,11 +302,9 @@ def main(argv):
                    "block_indexing": "m_star[0] is the paper's block 1 (clamped)"},
       "wall_time_s": round(time.time() - start, 1),
   }
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=1)
+  common.write_json(FLAGS.out, result, time_key="wall_time_s", indent=1)
   print(f"[{time.time() - start:5.1f}s] wrote {FLAGS.out} and figures to {out_dir}")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("out")
-  app.run(main)
+  common.run(main, required=("out",))

@@ -1,19 +1,18 @@
 """AsyncPatch Fig. 3: the distribution of the per-image mean time of each training sampler.
 
-  python experiments/timestep_statistics.py --out results/timesteps/timestep_statistics.json
+  python -m experiments.asyncpatch.timestep_statistics --out=results/timesteps/timestep_statistics.json
 
 For each sampler at 32x32 over 8192 images: a histogram PNG of the per-image mean
 time (beside the JSON, with one example map per sampler) and
 {"samplers": {name: {"mean_of_means", "std_of_means", "mean_spread"}}}, where the
-spread of an image is max t - min t.
+spread of an image is max t - min t. `--tiny`: 1024 images.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-from absl import app, flags
+from absl import flags
 import jax
 import matplotlib
 import numpy as np
@@ -22,12 +21,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from asyncpatch_jax.diffusion import timesteps  # noqa: E402
+from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path; PNGs are written beside it.")
 flags.DEFINE_integer("num_images", 8192, "Images per sampler.")
 flags.DEFINE_integer("size", 32, "Image side.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
+common.define_tiny(dict(num_images=1024))
 
 
 def main(argv):
@@ -58,10 +59,8 @@ def main(argv):
   fig.suptitle(f"Training timestep samplers at {s}x{s}, {n} images (AsyncPatch Fig. 3)")
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "timestep_statistics.png"), dpi=80)
-  with open(FLAGS.out, "w") as f:
-    json.dump({"size": s, "num_images": n, "samplers": stats}, f, indent=2)
+  common.write_json(FLAGS.out, {"size": s, "num_images": n, "samplers": stats})
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

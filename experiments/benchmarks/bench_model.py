@@ -1,29 +1,29 @@
 """Cost of per-pixel vs per-image time conditioning, and sampler throughput, side by side.
 
-  python experiments/bench_model.py --out results/bench/bench_model.json
+  python -m experiments.benchmarks.bench_model --out=results/bench/bench_model.json
 
 For the default config (16x16x1) and the paper's 60M config (64x64x3), batch 8: the
 XLA cost-analysis FLOPs and the wall time of one forward pass with a per-pixel time
 map [B, H, W] and with a per-image time [B] (same parameters, same compiled shapes
-otherwise), and the compiled sampler's steps/s (per-pixel schedule, batch 8).
+otherwise), and the compiled sampler's steps/s (per-pixel schedule, batch 8). `--tiny`: the
+test config, one repetition.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax import models
 from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
@@ -31,8 +31,8 @@ flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 flags.DEFINE_integer("sampler_steps", 8, "Steps of the timed sampler run.")
 flags.DEFINE_list("configs", ["default", "imagenet64_60m"], "Configs to measure.")
+common.define_tiny(dict(configs=["test"], repeats=1))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"test": 16, "default": 16, "imagenet64_60m": 64}
 
 
@@ -47,7 +47,7 @@ def _median_time(fn, *args):
 
 
 def bench(name: str) -> dict:
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+  config = common.load_config(name)
   model = models.build_unet(config.model)
   hw, c, b = SIZES[name], config.model.out_channels, FLAGS.batch
   params = models.init_params(model, jax.random.key(0), (hw, hw, c))
@@ -85,12 +85,9 @@ def main(argv):
       "sampler_steps_per_s": {k: v["sampler_steps_per_s"] for k, v in results.items()},
       "details": results,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(summary, f, indent=2)
+  common.write_json(FLAGS.out, summary)
   print(json.dumps({k: summary[k] for k in list(summary)[:5]}, indent=2))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

@@ -1,6 +1,7 @@
 """Growing Images Sec. 2 (Fig. 1, App. C) with this project's model: the spatial-schedule study.
 
-  python experiments/schedule_study.py --out=results/schedule_study/schedule_study.json
+  python -m experiments.growing_images.schedule_study \
+      --out=results/schedule_study/schedule_study.json
 
 One trained AsyncPatch UNet (the pixel model of the embedded 32x32 textures; trained in
 `--workdir` with the sharded, resumable loop if it is not there yet) fills the hidden
@@ -36,10 +37,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import matplotlib
 import numpy as np
@@ -47,8 +47,6 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 
-from asyncpatch_jax.modes import train_mode
-from asyncpatch_jax.config import base_config  # noqa: E402
 from asyncpatch_jax.runtime import checks  # noqa: E402
 from asyncpatch_jax.generation import generate  # noqa: E402
 from asyncpatch_jax import spin  # noqa: E402
@@ -58,10 +56,9 @@ from asyncpatch_jax.diffusion import schedules  # noqa: E402
 from asyncpatch_jax.evaluation import feature_nets  # noqa: E402
 from asyncpatch_jax.evaluation import metrics  # noqa: E402
 from asyncpatch_jax.runtime import progress  # noqa: E402
-from asyncpatch_jax.training import train  # noqa: E402
+from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("out", "results/schedule_study/schedule_study.json", "Output JSON path.")
 flags.DEFINE_string("workdir", "workdirs/textures_pixel",
                     "The model's workdir; trained there (or resumed) with --train_steps "
@@ -85,35 +82,20 @@ flags.DEFINE_integer("seed", 0, "Root seed.")
 flags.DEFINE_integer("num_show", 8, "Images in the example grids.")
 flags.DEFINE_bool("lab", True, "Also run the Blume-Capel lab's prediction per K.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
-flags.DEFINE_bool("tiny", False, "A tiny model, few images and steps (the test suite's run).")
+# --tiny: a tiny model (flags given on the command line win); seconds end to end.
+common.define_tiny(dict(out="results/tmp/schedule_study_tiny/schedule_study.json",
+                        train_steps=2, train_batch=8, num_images=24, stripes=["1", "2"],
+                        steps_per_stripe=2, total_steps=4, batch=24, feature_steps=3,
+                        jackknife_groups=4, num_show=4),
+                   "A tiny model, few images and steps (the test suite's run).")
 
-# --tiny: these defaults (flags given on the command line win); seconds end to end.
-TINY_FLAGS = dict(out="results/tmp/schedule_study_tiny/schedule_study.json", train_steps=2,
-                  train_batch=8, num_images=24, stripes=["1", "2"], steps_per_stripe=2,
-                  total_steps=4, batch=24, feature_steps=3, jackknife_groups=4, num_show=4)
 SCHEDULES = ("progressive", "interleaved")
 TABLES = ("per_stripe", "fixed_total")
-# The pixel model of results/latent (experiments/latent_textures.py): configs/textures.py's
-# UNet at width 32, one block per level (1.1M parameters), what this CPU trains in its budget.
-PIXEL_MODEL = {"base_channels": 32, "num_res_blocks": (1, 1, 1)}
-TINY_MODEL = {"base_channels": 8, "channel_mult": (1,), "num_res_blocks": (1,),
-              "attention_resolutions": (), "head_dim": 8, "time_embed_dim": 16, "num_groups": 4}
-# The lab chain of Growing Images Sec. 4.3 (experiments/blume_capel.py), K hidden blocks.
+# The lab chain of Growing Images Sec. 4.3 (blume_capel.py), K hidden blocks.
 LAB_CHAIN = dict(block_size=1, j_intra=1.0, j_inter=0.6, delta=0.5, fields=0.0)
 LAB_PHASE, LAB_T_INT, LAB_SEEDS = 3000, 20, 24
 PER_IMAGE = ("psnr", "ssim", "lpips")
 DISTRIBUTIONAL = ("frechet", "precision", "recall", "density", "coverage")
-
-
-def model_config(tiny: bool, steps: int, batch: int):
-  """configs/textures.py with the study's model size and budget."""
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", "textures.py"))
-  with config.unlocked():
-    config.model.update(TINY_MODEL if tiny else PIXEL_MODEL)
-    config.train.update(num_steps=steps, batch_size=batch, checkpoint_every=1000,
-                        progress_bar=not tiny)
-    config.sample.num_images = 0
-  return config
 
 
 def study_runs(stripes, kinds, steps_per_stripe: int, total_steps: int,
@@ -370,22 +352,12 @@ def plot_metrics(path, result):
   plt.close(fig)
 
 
-def apply_tiny_defaults() -> None:
-  """--tiny: the TINY_FLAGS values for every flag not given on the command line."""
-  for name, value in TINY_FLAGS.items():
-    if not FLAGS[name].present:
-      FLAGS[name].value = value
-  if not FLAGS["workdir"].present:
-    FLAGS.workdir = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)), "tiny_model")
-
-
 def main(argv):
   del argv
-  t_start = time.time()
   tiny = FLAGS.tiny
-  if tiny:
-    apply_tiny_defaults()
-  config = model_config(tiny, FLAGS.train_steps, FLAGS.train_batch)
+  if tiny and not FLAGS["workdir"].present:
+    FLAGS.workdir = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)), "tiny_model")
+  config = common.textures_pixel_config(FLAGS.train_steps, FLAGS.train_batch, tiny)
   size = config.data.options.get("image_size", 32) if "options" in config.data else 32
   stripes, kinds = check_flags(size)
   for kind in FLAGS.fixed_total_schedules:
@@ -396,17 +368,15 @@ def main(argv):
   runs = study_runs(stripes, kinds, FLAGS.steps_per_stripe, FLAGS.total_steps,
                     FLAGS.fixed_total_schedules)
 
-  t = time.time()
-  summary = train_mode.train_and_evaluate(config, FLAGS.workdir)      # trains or resumes, else no-op
-  train_seconds = time.time() - t
-  setup, state = train.load_trained(FLAGS.workdir)
-  params = state.ema_params
-  num_params = int(sum(x.size for x in jax.tree.leaves(params)))
-  gen = generate.Generator(setup.model)
-  h, w, c = setup.pixel_shape
+  train_seconds = common.train_or_resume(config, FLAGS.workdir)
+  run = common.load_run(FLAGS.workdir)
+  params = run.params
+  gen = generate.Generator(run.model)
+  h, w, c = run.pixel_shape
   mask = generate.left_half_mask(h, w)
 
-  test = datasets.get_dataset(setup.config.data.dataset, "test", **dict(setup.config.data.options))
+  data = run.config.data
+  test = datasets.get_dataset(data.dataset, "test", **dict(data.options))
   n = FLAGS.num_images
   if 2 * n > len(test):
     raise checks.InputError(f"--num_images={n}: the test split has {len(test)} crops; the "
@@ -416,8 +386,7 @@ def main(argv):
 
   key = jax.random.key(FLAGS.seed)
   extractor, feat_accuracy = feature_nets.in_project(            # `textures`: never FID
-      setup.config.data.dataset, jax.random.fold_in(key, 1), FLAGS.feature_steps,
-      dict(setup.config.data.options))
+      data.dataset, jax.random.fold_in(key, 1), FLAGS.feature_steps, dict(data.options))
   names = feature_nets.metric_names(extractor.name)
   names = {"frechet": names["frechet"], **{m: names[m] for m in DISTRIBUTIONAL[1:]}}
   lpips_fn = None
@@ -431,7 +400,7 @@ def main(argv):
   os.makedirs(cache, exist_ok=True)
   # Image i's samples depend on (model, eta, seed, batch) but not on num_images: a cache of
   # more images serves a smaller study.
-  tag = hashlib.sha1(json.dumps([int(state.step), FLAGS.eta, FLAGS.seed, FLAGS.batch,
+  tag = hashlib.sha1(json.dumps([run.step, FLAGS.eta, FLAGS.seed, FLAGS.batch,
                                  tiny]).encode()).hexdigest()[:10]
   sample_key = jax.random.fold_in(key, 2)                        # shared by every schedule
   distinct = {}                                                  # (kind, K, T) -> runs
@@ -509,21 +478,20 @@ def main(argv):
                    "lpips_weights": FLAGS.lpips_weights or None,
                    "jackknife_groups": FLAGS.jackknife_groups, "tiny": tiny,
                    "device": jax.default_backend()},
-      "model": {"workdir": FLAGS.workdir, "parameters": num_params, "step": int(state.step),
-                "batch_size": int(setup.config.train.batch_size),
+      "model": {"workdir": FLAGS.workdir, "parameters": run.num_params, "step": run.step,
+                "batch_size": int(run.config.train.batch_size),
                 "train_seconds_this_run": train_seconds,
-                "trained_here": bool(summary.get("metrics"))},
+                "trained_here": train_seconds > 0},
       "features": {"name": extractor.name, "metric_names": names,
                    "held_out_accuracy": feat_accuracy, "training_steps": FLAGS.feature_steps},
       "tables": tables, "verdict": verdicts, "reference": reference, "lab": lab,
       "lab_settings": {**LAB_CHAIN, "clamped": "block 0 = +1", "t_phase": LAB_PHASE,
                        "t_int": LAB_T_INT, "seeds": LAB_SEEDS, "dtype": "float32"},
-      "command": "python experiments/schedule_study.py " + " ".join(sys.argv[1:]),
-      "sampling_seconds": sampling_seconds, "wall_seconds": time.time() - t_start,
+      "command": common.command(),
+      "sampling_seconds": sampling_seconds, "wall_seconds": common.elapsed(),
   }
   plot_metrics(os.path.join(out_dir, "metrics_vs_K.png"), result)
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(FLAGS.out, result)
   md = markdown(result)
   with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
     f.write(md)
@@ -531,7 +499,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except checks.InputError as e:       # bad input: one line, no traceback
-    sys.exit(f"error: {e}")
+  common.run(main)

@@ -1,6 +1,6 @@
 """Benchmark: cost of the Jacobian tools relative to one forward pass (not a test).
 
-  python experiments/bench_jacobian.py --out results/jacobian/bench_jacobian.json
+  python -m experiments.benchmarks.bench_jacobian --out=results/jacobian/bench_jacobian.json
 
 The map is a DDIM step Phi_t (PIFS Eq. 4) of a rectified-flow network seen as a VP
 epsilon-predictor (`velocity_to_eps`). The network is the project's default UNet
@@ -24,17 +24,16 @@ Measured side by side, medians of repeats, everything jitted and warmed up:
     k = 64 vectors vmapped, and looping over the 64 vectors in Python.
 The counted cost (`jacobian.block_norm_costs`, XLA flops) is reported beside the
 times, with the automatic choice, and the counted crossover size where
-materialising J becomes cheaper than power iteration.
+materialising J becomes cheaper than power iteration. `--tiny`: the UNet at tiny widths,
+8x8x1 only, 2 tangent vectors, one repeat.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 
-from absl import app, flags
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,8 @@ from asyncpatch_jax.analysis import norm_method as nm
 from asyncpatch_jax.analysis import lyapunov as ly
 from asyncpatch_jax.analysis import pifs
 from asyncpatch_jax.analysis import ddim_maps
+from asyncpatch_jax.runtime import checks
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
@@ -56,6 +57,8 @@ flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("lyapunov_vectors", 64, "Tangent vectors k of the Lyapunov benchmark.")
 flags.DEFINE_list("crossover_sizes", ["8", "12", "16", "20", "24", "28", "32", "40", "48", "56",
                                       "64"], "Square sizes (C = 3) of the counted crossover.")
+common.define_tiny(dict(sizes="8x8x1", num_iters=3, repeats=1, lyapunov_vectors=2,
+                        crossover_sizes=["8"]))
 
 
 # ----------------------------------------------------------------------------- model
@@ -119,22 +122,19 @@ def _project_velocity_model(shape, key):
   `asyncpatch_jax.models` or the config are missing.
   """
   try:
-    import importlib.util  # pylint: disable=import-outside-toplevel
     from asyncpatch_jax import models  # pylint: disable=import-outside-toplevel
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "default.py")
-    spec = importlib.util.spec_from_file_location("default_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-  except (ImportError, FileNotFoundError):
+    cfg = common.load_config("default").model
+  except (ImportError, checks.InputError):
     return None
-  cfg = mod.get_config().model
   with cfg.unlocked():
     cfg.out_channels = shape[-1]
+    if FLAGS.tiny:                                       # the same code, compiled in seconds
+      cfg.update(common.TINY_UNET)
   model = models.build_unet(cfg)
   params = models.init_params(model, key, shape)
   nparams = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  return jax.tree_util.Partial(models.NullLabelVelocity(model), params), "UNet(configs/default.py)", nparams
+  name = "UNet(configs/default.py" + (", tiny widths)" if FLAGS.tiny else ")")
+  return jax.tree_util.Partial(models.NullLabelVelocity(model), params), name, nparams
 
 
 def velocity_model(shape, key):
@@ -350,11 +350,9 @@ def main(argv):
   out["checks"] = checks
   print("checks:", checks)
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(out, f, indent=1)
+    common.write_json(FLAGS.out, out, indent=1)
     print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -1,10 +1,10 @@
 """Converts the official FID Inception and LPIPS checkpoints (local files) to this library's .npz.
 
-  python experiments/convert_weights.py --inception=pt_inception-2015-12-05-6726825d.pth \
+  python tools/convert_weights.py --inception=pt_inception-2015-12-05-6726825d.pth \
       --out=weights/inception_fid.npz
-  python experiments/convert_weights.py --lpips_lin=<site-packages>/lpips/weights/v0.1/alex.pth \
+  python tools/convert_weights.py --lpips_lin=<site-packages>/lpips/weights/v0.1/alex.pth \
       --lpips_trunk=alexnet-owt-7be5be79.pth --out=weights/lpips_alex.npz
-  python experiments/convert_weights.py --lpips_lin=<site-packages>/lpips/weights/v0.1/vgg.pth \
+  python tools/convert_weights.py --lpips_lin=<site-packages>/lpips/weights/v0.1/vgg.pth \
       --lpips_trunk=vgg16-397923af.pth --out=weights/lpips_vgg.npz
 
 Inputs are files you already have (nothing is downloaded): pytorch-fid's release

@@ -1,10 +1,11 @@
 """Our train step and sampler against the same UNet in PyTorch eager, side by side in one run.
 
   pip install -e '.[bench]'
-  python experiments/bench_peer.py --out results/bench/bench_peer.json
-  python experiments/bench_peer.py --out /tmp/quick.json --cases=train_default,sample_default
+  python -m experiments.benchmarks.bench_peer --out=results/bench/bench_peer.json
+  python -m experiments.benchmarks.bench_peer --out=/tmp/quick.json \
+      --cases=train_default,sample_default
 
-The peer is `experiments/torch_unet.py`: the project's UNet ported layer for layer to
+The peer is `torch_unet.py` (next to this file): the project's UNet ported layer for layer to
 PyTorch (same parameter count, checked; the flax parameters are copied into it and
 both must compute the same velocity before anything is timed). Both sides run the
 same work:
@@ -33,7 +34,8 @@ separately, and the 1-minute load average around every case (the development
 machine is shared). `ours_over_torch_time` < 1 means we are faster. On a GPU the same
 script runs unchanged (torch on CUDA) and reports our MFU: XLA's cost-analysis FLOPs
 per step / step time / the device's dense peak (PEAK_TFLOPS by device kind, or
---peak_tflops). A Markdown table goes next to the JSON (FILE.md).
+--peak_tflops). A Markdown table goes next to the JSON (FILE.md). `--tiny`: the default
+config's cases, one repetition of one step.
 """
 
 from __future__ import annotations
@@ -45,22 +47,18 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from asyncpatch_jax.config import base_config  # noqa: E402
-from asyncpatch_jax.data import input_pipeline  # noqa: E402
-from asyncpatch_jax.diffusion import guidance, samplers, schedules  # noqa: E402
-from asyncpatch_jax.runtime import sharding  # noqa: E402
-from asyncpatch_jax.training import train  # noqa: E402
+from asyncpatch_jax.data import input_pipeline
+from asyncpatch_jax.diffusion import guidance, samplers, schedules
+from asyncpatch_jax.runtime import sharding, train
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
@@ -76,8 +74,9 @@ flags.DEFINE_bool("profile", True, "Trace our train steps (jax.profiler) and rep
                   "their time goes, per XLA op and per kind of op.")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0: PEAK_TFLOPS by "
                    "device kind; no MFU on CPU).")
+common.define_tiny(dict(cases=["train_default", "sample_default", "conv_default"], reps=1,
+                        train_steps=1))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {  # name -> (config, image size, batch)
     "train_default": ("default", 16, 64),
     "train_60m": ("imagenet64_60m", 64, 8),
@@ -108,7 +107,7 @@ def load_average() -> float:
 
 
 def load_config(name: str, size: int, batch: int):
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+  config = common.load_config(name)
   with config.unlocked():
     config.model.dtype = "float32"
     config.train.batch_size = batch
@@ -130,7 +129,7 @@ def perturbed(params, key):
 
 
 def torch_model(config, params, size, device):
-  import torch_unet  # pylint: disable=import-outside-toplevel
+  from experiments.benchmarks import torch_unet  # pylint: disable=import-outside-toplevel
   model = torch_unet.TorchUNet(config.model, size)
   n_torch = sum(p.numel() for p in model.parameters())
   if n_torch != count(params):
@@ -514,9 +513,7 @@ def main(argv):
       k: v["ours_over_torch_per_pixel"] for k, v in results["cases"].items()
       if "ours_over_torch_per_pixel" in v}
   print(json.dumps(results["ours_over_torch_time"], indent=2))
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(FLAGS.out, results)
   table = markdown(results)
   with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
     f.write(table)
@@ -524,5 +521,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

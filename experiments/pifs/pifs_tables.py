@@ -3,7 +3,7 @@
 All numbers come from the closed-form schedule theory in `asyncpatch_jax/pifs.py`
 (float64, no model):
 
-  python experiments/pifs_tables.py --out results/pifs/pifs_tables.json
+  python -m experiments.pifs.pifs_tables --out=results/pifs/pifs_tables.json
 
 Conventions: T = 1000, abar[0] = 1, steps t = 1..T (t -> t - 1); linear betas
 1e-4..0.02; cosine with offset s, betas clipped at 0.999; the 50-step DDIM chain is
@@ -12,15 +12,15 @@ the population standard deviation; lambda* min/max are over the interior t in
 [2, T - 2]. The JSON also records the paper's printed numbers beside ours, the chain
 that reproduces the paper's 50-step lambda** exactly, and Table 2 computed with
 stand-in patch variances (the paper prints only the range of the CIFAR-10 ones).
-Writes `thresholds.png` (lambda*(t) and L*_t) beside the JSON. Runs in a few seconds.
+Writes `thresholds.png` (lambda*(t) and L*_t) beside the JSON. Runs in a few seconds
+(`--tiny` is the same run).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-from absl import app, flags
+from absl import flags
 import matplotlib
 import numpy as np
 import scipy.stats
@@ -29,9 +29,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from asyncpatch_jax.analysis import pifs  # noqa: E402
+from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path; PNGs are written beside it.")
+common.define_tiny({}, "The same run (it takes seconds).")
 
 T = 1000
 SCHEDULES = {
@@ -184,13 +186,10 @@ def main(argv):
   result = {"table1": t1, "lambda_star": ls, "moran": mo, "moran_details": mo_extra,
             "table2_standin": t2, "paper": PAPER}
   if FLAGS.out:
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
-    plot(out_dir)
+    common.write_json(FLAGS.out, result, indent=1)
+    plot(os.path.dirname(os.path.abspath(FLAGS.out)))
     print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

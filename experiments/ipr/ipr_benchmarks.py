@@ -1,10 +1,10 @@
 """IPR on its constraint benchmarks (papers/004 Sec. 4.2-4.5): 4x4 Digit Sudoku and Even Pixels.
 
-  python experiments/ipr_benchmarks.py --out=results/ipr   # trains (or resumes), then evaluates
-  python experiments/ipr_benchmarks.py --tiny --out=/tmp/ipr_tiny  # smoke run, workdirs in it
+  python -m experiments.ipr.ipr_benchmarks --out=results/ipr   # trains (or resumes), evaluates
+  python -m experiments.ipr.ipr_benchmarks --tiny --out=/tmp/ipr_tiny   # smoke run, workdirs in it
 
 1. Training: `configs/sudoku4.py:cpu` and `configs/even_pixels.py:cpu` (tiny widths for a
-   2-core CPU) with the sharded, resumable loop (`train.train_and_evaluate`) in
+   2-core CPU) with the sharded, resumable loop (`common.train_or_resume`) in
    <workdir_root>/sudoku4 and <workdir_root>/even_pixels; a rerun resumes an interrupted run
    and skips a finished one.
 2. x^(0): the paper's sequential initial generation (SRM), `policies.uncertainty_ordered`
@@ -26,18 +26,15 @@ Writes <out>/ipr_sudoku.json, ipr_even_pixels.json, Markdown tables (.md), curve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 
-from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
@@ -48,11 +45,9 @@ from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import constraints
 from asyncpatch_jax.evaluation import digit_classifier
-from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.runtime import progress
-from asyncpatch_jax.training import train
+from experiments import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir_root", "", "Workdirs sudoku4/ and even_pixels/ below it (default "
                     "/tmp/ipr_benchmarks; with --tiny <out>/tiny_workdirs).")
@@ -69,9 +64,10 @@ flags.DEFINE_float("alpha", 0.25, "Resampling ratio of the main runs (Table 1 / 
 flags.DEFINE_float("eta", 0.5, "Sampler stochasticity (Table 1: 0.5).")
 flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project cell classifier.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
-flags.DEFINE_bool("tiny", False, "Smoke run: tiny UNets, 2 training steps, 2 samples, 2 "
-                  "rounds, 16x16 Even Pixels, one IPR budget for every Sudoku run (writes "
-                  "every field).")
+common.define_tiny(dict(num_rounds=2, sudoku_samples=2, corrupted_samples=2, ablation_samples=2,
+                        even_pixels_samples=2, classifier_steps=5),
+                   "Smoke run: tiny UNets, 2 training steps, 2 samples, 2 rounds, 16x16 Even "
+                   "Pixels, one IPR budget for every Sudoku run (writes every field).")
 
 # IPR paper Table 1 (App. D.2).
 TABLE1 = {
@@ -91,21 +87,16 @@ def _workdir_root() -> str:
   return os.path.join(FLAGS.out, "tiny_workdirs") if FLAGS.tiny else "/tmp/ipr_benchmarks"
 
 
-def _load_config(name: str, variant: str, tiny: bool):
-  spec = importlib.util.spec_from_file_location(f"ipr_cfg_{name}",
-                                                os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
+def _load_config(spec: str, tiny: bool):
+  config = common.load_config(spec)
   if tiny:
-    with config.unlocked():
-      config.model.update(base_channels=8, channel_mult=(1,), num_res_blocks=(1,),
-                          attention_resolutions=(), head_dim=8, time_embed_dim=16, num_groups=4)
-      config.train.update(batch_size=8, num_steps=2, log_every=1, checkpoint_every=2,
-                          progress_bar=False)
-      config.optim.warmup_steps = 1
-      config.sample.num_images = 0
-      if config.data.dataset == "even_pixels":
+    common.updated(config, {
+        "model": common.TINY_UNET,
+        "train": dict(batch_size=8, num_steps=2, log_every=1, checkpoint_every=2,
+                      progress_bar=False),
+        "optim": dict(warmup_steps=1), "sample": dict(num_images=0)})
+    if config.data.dataset == "even_pixels":
+      with config.unlocked():
         config.data.options = {"image_size": 16}
   return config
 
@@ -121,15 +112,6 @@ def _train_seconds(workdir: str) -> float:
         total += (rec["step"] - last) / rec["steps_per_s"]
         last = rec["step"]
   return total
-
-
-def train_or_resume(config, workdir: str):
-  """Trains (resuming) unless the workdir already holds the final step; returns (setup, state)."""
-  meta = checkpointing.saved_meta(workdir) if os.path.isdir(workdir) else None
-  done = meta is not None and train.load_trained(workdir, config)[1].step >= config.train.num_steps
-  if not done:
-    train_mode.train_and_evaluate(config, workdir)
-  return train.load_trained(workdir, config)
 
 
 def budget(num_regions: int, steps_per_patch: int, overlap: float) -> int:
@@ -155,23 +137,22 @@ def _shown(rounds: int) -> list[int]:
 def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   hp = TABLE1["sudoku"]
   workdir = os.path.join(_workdir_root(), "sudoku4")
-  config = _load_config("sudoku4", "cpu", tiny)
-  t0 = time.time()
-  setup, state = train_or_resume(config, workdir)
-  train_call_s = time.time() - t0
-  params = state.ema_params
-  gen = generate.Generator(setup.model)
-  h, w, c = setup.image_shape
+  config = _load_config("sudoku4:cpu", tiny)
+  train_call_s = common.train_or_resume(config, workdir)
+  run = common.load_run(workdir, config)
+  params = run.params
+  gen = generate.Generator(run.model)
+  h, w, c = run.image_shape
   n, cell = SUDOKU_N, h // SUDOKU_N
   regions = schedules.grid_regions(h, w, (n, n))
-  n_main = 2 if tiny else FLAGS.sudoku_samples
-  n_corrupt = 2 if tiny else FLAGS.corrupted_samples
-  n_ablate = 2 if tiny else FLAGS.ablation_samples
+  n_main = FLAGS.sudoku_samples
+  n_corrupt = FLAGS.corrupted_samples
+  n_ablate = FLAGS.ablation_samples
   eta = FLAGS.eta
 
   t0 = time.time()
   cls_params, held_out = digit_classifier.train_classifier(
-      jax.random.fold_in(key, 0), 5 if tiny else FLAGS.classifier_steps)
+      jax.random.fold_in(key, 0), FLAGS.classifier_steps)
   test = datasets.get_dataset("sudoku", "test", grid_size=n,
                               num_examples=max(n_main, n_corrupt, 8 if tiny else 256))
   examples = [test[i] for i in range(len(test))]
@@ -179,7 +160,7 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   solutions = np.stack([e["solution"] for e in examples])
   cell_mask = np.stack([e["cell_mask"] for e in examples]) > 0
   read = constraints.sudoku_validity(cls_params, real, n)
-  classifier = {"steps": 5 if tiny else FLAGS.classifier_steps,
+  classifier = {"steps": FLAGS.classifier_steps,
                 "held_out_accuracy_10_classes": held_out,
                 "rendered_cell_accuracy": float(np.mean(read["grids"] == solutions)),
                 "real_grid_validity": read["rate"], "num_real_grids": len(real),
@@ -266,8 +247,7 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
       "rounds": list(range(rounds + 1)),
       "hard": runs["hard"], "corrupted": corrupted, "ablations": ablations,
       "classifier": classifier,
-      "model": _model_info(config, setup, state, workdir, "configs/sudoku4.py:cpu",
-                           train_call_s),
+      "model": _model_info(config, run, "configs/sudoku4.py:cpu", train_call_s),
       "settings": dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds,
                        init_budget=init_steps, ipr_budget=ipr_steps, order="raster (no head)",
                        regions=f"{n}x{n} cells of {cell}x{cell} pixels",
@@ -283,17 +263,16 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
 def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   hp = TABLE1["even_pixels"]
   workdir = os.path.join(_workdir_root(), "even_pixels")
-  config = _load_config("even_pixels", "cpu", tiny)
-  t0 = time.time()
-  setup, state = train_or_resume(config, workdir)
-  train_call_s = time.time() - t0
-  params = state.ema_params
-  gen = generate.Generator(setup.model)
-  h, w, c = setup.image_shape
+  config = _load_config("even_pixels:cpu", tiny)
+  train_call_s = common.train_or_resume(config, workdir)
+  run = common.load_run(workdir, config)
+  params = run.params
+  gen = generate.Generator(run.model)
+  h, w, c = run.image_shape
   grid = (h // EP_PATCH, w // EP_PATCH)
   n_regions = grid[0] * grid[1]
   regions = schedules.grid_regions(h, w, grid)
-  num = 2 if tiny else FLAGS.even_pixels_samples
+  num = FLAGS.even_pixels_samples
   eta = FLAGS.eta
   wall = {}
   t0 = time.time()
@@ -329,8 +308,7 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   b = np.array(result["balance_accuracy"])
   result["balance_accuracy_stderr"] = np.sqrt(b * (1 - b) / num).tolist()
   result.update(
-      data=data, model=_model_info(config, setup, state, workdir, "configs/even_pixels.py:cpu",
-                                   train_call_s),
+      data=data, model=_model_info(config, run, "configs/even_pixels.py:cpu", train_call_s),
       settings=dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds, init_budget=init_steps,
                     ipr_budget=ipr_steps, regions_per_round=n_sel, order="raster (no head)",
                     num_samples=num),
@@ -338,14 +316,12 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   return result
 
 
-def _model_info(config, setup, state, workdir, name, train_call_s) -> dict:
-  return {"config": name, "workdir": workdir,
-          "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
-          "train_steps": int(jax.device_get(state.step)),
-          "batch_size": config.train.batch_size,
-          "train_time_s": _train_seconds(workdir), "train_call_s": train_call_s,
-          "noise_level_sampler": f"{config.timesteps.sampler} {tuple(config.timesteps.patch_sizes)}",
-          "image_shape": list(setup.image_shape)}
+def _model_info(config, run, name, train_call_s) -> dict:
+  return {"config": name, "workdir": run.workdir, "parameters": run.num_params,
+          "train_steps": run.step, "batch_size": config.train.batch_size,
+          "train_time_s": _train_seconds(run.workdir), "train_call_s": train_call_s,
+          "timestep_sampler": f"{config.timesteps.sampler} {tuple(config.timesteps.patch_sizes)}",
+          "image_shape": list(run.image_shape)}
 
 
 # ------------------------------------------------------------------------ tables, plots
@@ -439,8 +415,7 @@ def _plot_even_pixels(res: dict, path: str):
 
 
 def _write(res: dict, stem: str, table: str, command: str):
-  with open(stem + ".json", "w") as f:
-    json.dump(res, f, indent=1)
+  common.write_json(stem + ".json", res, time_key=None, indent=1)
   total = res["total_wall_s"]
   train_s = res["model"]["train_time_s"]
   with open(stem + ".md", "w") as f:
@@ -452,7 +427,7 @@ def _write(res: dict, stem: str, table: str, command: str):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every restore at INFO
-  rounds = checks.check_positive_int(2 if FLAGS.tiny else FLAGS.num_rounds, "num_rounds")
+  rounds = checks.check_positive_int(FLAGS.num_rounds, "num_rounds")
   for a in [FLAGS.alpha] + [float(x) for x in FLAGS.ablation_alphas]:
     if not 0.0 < a <= 1.0:
       raise checks.InputError(f"alpha={a}; the resampling ratio must lie in (0, 1].")
@@ -462,7 +437,7 @@ def main(argv):
     if not k.isdigit() or not 0 <= int(k) <= SUDOKU_N * SUDOKU_N // 2 - SUDOKU_N + 1:
       raise checks.InputError(f"--corruptions: K={k!r}; expected integers 0..5 for a 4x4 grid.")
   os.makedirs(FLAGS.out, exist_ok=True)
-  command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+  command = common.command()
   key = jax.random.key(FLAGS.seed)
   if "sudoku" in FLAGS.benchmarks:
     total = 3 + len(FLAGS.corruptions) + len(FLAGS.ablation_alphas) + 2
@@ -489,4 +464,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -1,10 +1,11 @@
 """AsyncPatch Table 1 in miniature: one config trained with each timestep sampler, then evaluated.
 
-  python experiments/sampler_ablation.py --out results/evaluation/sampler_ablation.json
+  python -m experiments.asyncpatch.sampler_ablation --out=results/evaluation/sampler_ablation.json
 
 For each of --samplers (global, perlin, patchwise, asyncpatch) the config (default: the
 main job's, configs/default.py, --train_steps overriding its step count) is trained in
-<workdir_root>/<sampler> (resuming if a checkpoint is there), then its EMA weights are
+<workdir_root>/<sampler> (resuming if a checkpoint is there; `--tiny`: the tiny config in
+<dir of --out>/tiny_workdirs), then its EMA weights are
 scored by `evaluation/workdir_eval.evaluate` (what `--mode=evaluate` runs on one workdir):
   - generation: --num_samples class-conditional samples (labels cycling, synchronous
     schedule) against the held-out digits, Frechet distance and PRDC on the in-project
@@ -16,7 +17,7 @@ in-project ones) and a PNG grid of inpaintings beside it.
 
 On an accelerator, with a prepared ImageNet 64 and the converted Inception/LPIPS
 weights (paper: 60M model, 50k samples for FID, 1k for inpainting):
-  python experiments/sampler_ablation.py --config=configs/imagenet64_60m.py \
+  python -m experiments.asyncpatch.sampler_ablation --config=configs/imagenet64_60m.py \
       --workdir_root=gs://<bucket>/ablation --inception_weights=weights/inception_fid.npz \
       --lpips_weights=weights/lpips_alex.npz --num_samples=50000 --num_inpaint=1000 \
       --train_steps=0 --out=results/evaluation/sampler_ablation_imagenet64.json
@@ -26,21 +27,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from asyncpatch_jax.runs import loader
-from asyncpatch_jax.modes import train_mode
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.evaluation import workdir_eval
-from asyncpatch_jax.training import train
+from asyncpatch_jax.runs import loader
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path (table and grid go next to it).")
@@ -59,24 +57,26 @@ flags.DEFINE_integer("classifier_steps", 600, "Training steps of the digit featu
 flags.DEFINE_string("inception_weights", "", "FID Inception weights (.npz): features = Inception.")
 flags.DEFINE_string("lpips_weights", "", "LPIPS weights (.npz/.safetensors): adds LPIPS.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests' run, chained with inpainting_benchmark.py --tiny on the same --out folder.
+common.define_tiny(dict(config="configs/test.py", samplers=["asyncpatch"], train_steps=2,
+                        num_samples=20, num_inpaint=20, num_steps=4, batch=16,
+                        classifier_steps=5, families=["square"]))
 
 
 def _train(sampler: str) -> str:
-  config = base_config.load_config_file(os.path.join(ROOT, FLAGS.config))
+  config = common.load_config(FLAGS.config)
   config.timesteps.sampler = sampler
   if FLAGS.train_steps:
     config.train.num_steps = FLAGS.train_steps
   config.eval.num_samples = 0                       # scored here instead
   workdir = os.path.join(FLAGS.workdir_root, sampler)
-  train_mode.train_and_evaluate(config, workdir)
+  common.train_or_resume(config, workdir)
   return workdir
 
 
 def _eval_config(workdir: str):
   """The workdir's config with this script's evaluation settings (config.sample, config.evaluate)."""
-  config = base_config.load_config_json(os.path.join(workdir, "config.json"))
+  config = common.load_config(os.path.join(workdir, "config.json"))
   config.sample.update(num_steps=FLAGS.num_steps, eta=FLAGS.eta)
   config.evaluate.update(
       num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=FLAGS.guidance,
@@ -106,7 +106,9 @@ def _markdown(result: dict, names: dict) -> str:
 
 def main(argv):
   del argv
-  t0 = time.time()
+  if FLAGS.tiny and not FLAGS["workdir_root"].present:
+    FLAGS.workdir_root = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)),
+                                      "tiny_workdirs")
   key = jax.random.key(FLAGS.seed)
   workdirs = {s: _train(s) for s in FLAGS.samplers}
   configs = {s: _eval_config(workdirs[s]) for s in FLAGS.samplers}
@@ -124,26 +126,23 @@ def main(argv):
             "models": {}}
   grid_rows = []
   for s in tqdm(FLAGS.samplers, desc="evaluating"):
-    setup, state = train.load_trained(workdirs[s], configs[s])
-    gen = generate.Generator(setup.model)
+    run = common.load_run(workdirs[s], configs[s])
+    gen = generate.Generator(run.model)
     scores, examples = workdir_eval.evaluate(
-        gen, state.ema_params, configs[s], image_shape=setup.image_shape, key=key,
+        gen, run.params, configs[s], image_shape=run.image_shape, key=key,
         extractors=extractors, lpips_fn=lpips_fn, mesh=gen.mesh, mask_seed=FLAGS.seed)
     inpainting = scores["inpainting"]
-    model_result = {"workdir": workdirs[s], "train_steps": int(state.step),
+    model_result = {"workdir": workdirs[s], "train_steps": run.step,
                     "generation": {k: v for k, v in scores["generation"].items()
                                    if k in metric_keys},
                     "inpainting": {fam: {**q, "network_evals": inpainting["network_evals"]}
                                    for fam, q in inpainting["families"].items()}}
     for fam in FLAGS.families:
       grid_rows.extend(examples[fam])
-    h = setup.image_shape[0]
+    h = run.image_shape[0]
     result["models"][s] = model_result
     print(s, json.dumps(model_result))
-  result["seconds"] = time.time() - t0
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(FLAGS.out, result, time_key="seconds")
   table = (f"Frechet distance and PRDC on `{extractor.name}` features; inpainting: AsyncPatch "
            f"Eq. 4, {FLAGS.num_steps} steps, {FLAGS.num_inpaint} held-out images a family.\n\n"
            + _markdown(result, names))
@@ -155,5 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

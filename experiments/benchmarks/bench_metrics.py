@@ -1,6 +1,6 @@
 """Metric throughput and the cost of RePaint vs AsyncPatch inpainting, side by side in one run.
 
-  python experiments/bench_metrics.py --out results/evaluation/bench_metrics.json
+  python -m experiments.benchmarks.bench_metrics --out=results/evaluation/bench_metrics.json
 
 Measured on the default device (wall time of compiled calls, median of --repeats, compile
 excluded and reported apart; the Frechet distance also in process CPU seconds, which a
@@ -16,6 +16,7 @@ shared machine does not inflate):
     weights): AsyncPatch inpainting (Eq. 4 schedule, one network evaluation a step) at
     the config's step count and at RePaint's 250, and RePaint with its defaults
     (250 / 10 / 10: 2410 network evaluations); network evaluations and seconds per image.
+`--tiny`: small sizes, the digit features only, the test config, RePaint 8 / 2 / 2.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax import models
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import masks
@@ -43,6 +43,7 @@ from asyncpatch_jax.evaluation import inception
 from asyncpatch_jax.evaluation import lpips
 from asyncpatch_jax.evaluation import metrics
 from asyncpatch_jax.evaluation import weights_file
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
@@ -59,8 +60,9 @@ flags.DEFINE_list("feature_nets", ["inception", "alex", "vgg", "digits"], "Featu
 # pool competes with OpenBLAS's threads and the same call measured 10x slower here.
 flags.DEFINE_list("parts", ["frechet", "features", "prdc", "inpainting"],
                   "Parts to run; the others are kept from an existing --out file.")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+common.define_tiny(dict(prdc_n=200, dim=32, repaint=["8", "2", "2"], feature_batch=1,
+                        repeats=1, feature_nets=["digits"], config="configs/test.py",
+                        compare_steps=8))
 
 
 def _median(fn, repeats=None):
@@ -148,7 +150,7 @@ def bench_prdc() -> dict:
 
 
 def bench_inpainting() -> dict:
-  config = base_config.load_config_file(os.path.join(ROOT, FLAGS.config))
+  config = common.load_config(FLAGS.config)
   model = models.build_unet(config.model)
   h, w, c = datasets.get_dataset(config.data.dataset, "test").image_shape
   b = FLAGS.inpaint_batch
@@ -200,12 +202,12 @@ def main(argv):
   if os.path.exists(FLAGS.out) and set(FLAGS.parts) != set(parts):
     with open(FLAGS.out) as f:
       results = json.load(f)
+    for key in ("command", "wall_seconds"):       # this run's, not the kept parts'
+      results.pop(key, None)
   results["device"] = str(jax.devices()[0].device_kind)
   for name in FLAGS.parts:
     results[name] = parts[name]()
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(FLAGS.out, results)
   print(_table(results))
 
 
@@ -235,5 +237,4 @@ def _table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

@@ -1,6 +1,7 @@
 """Adaptive sampling (AsyncPatch Sec. 5.5, Fig. 7; SRM; Patch Forcing) on this project's digits model.
 
-  python experiments/adaptive_sampling.py --workdir=/tmp/asyncpatch_default --head_workdir=/tmp/asyncpatch_head --out=results/adaptive/adaptive_sampling.json
+  python -m experiments.asyncpatch.adaptive_sampling --workdir=/tmp/asyncpatch_default \
+      --head_workdir=/tmp/asyncpatch_head --out=results/adaptive/adaptive_sampling.json
 
 Needs the main job's trained workdir and an uncertainty head trained on it
 (configs/uncertainty_digits.py). For the synchronous schedule and every schedule policy
@@ -15,6 +16,7 @@ predicted and actual squared error per time bin), and the Fig. 7 panels of
 uncertainty_accelerated: per-pixel step-count maps and their histogram with the samples
 (adaptive_steps.png), the predicted uncertainty and the x0 prediction at four times
 (adaptive_evolution.png). Writes the JSON, a Markdown table (.md) and the PNGs next to --out.
+`--tiny`: 8 samples, budgets 4 and 6 (the tests' run).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -42,8 +44,7 @@ from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.models import uncertainty_head
-from asyncpatch_jax.training import head_train
-from asyncpatch_jax.training import train
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/asyncpatch_default", "Trained digits model (the main job).")
@@ -56,6 +57,8 @@ flags.DEFINE_float("eta", 0.25, "Sampler eta (AsyncPatch App. E).")
 flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project classifier.")
 flags.DEFINE_integer("panel_budget", 32, "Budget of the Fig. 7 panels.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
+common.define_tiny(dict(num_samples=8, batch_size=8, budgets=["4", "6"], classifier_steps=5,
+                        panel_budget=6))
 
 REPLICATE = "synchronous (2nd seed)"
 # (name, policy or None for the tensor schedule) in the order of the table.
@@ -75,19 +78,19 @@ def _describe(policy) -> dict:
           "grid": "pixels" if policy.regions is None else list(policy.regions)}
 
 
-def _calibration(setup, state, head, head_params, images, key) -> list[dict]:
+def _calibration(run, images, key) -> list[dict]:
   """Per time bin (t of the model's timestep sampler, t > 0): mean err^2 / sigma^2 (1 when
   calibrated) and corr(log sigma^2, log err^2) over pixels, on held-out images."""
-  model = setup.model
+  model = run.model
   b, h, w, _ = images.shape
   k_t, k_eps = jax.random.split(key)
-  t = setup.noise_level_sampler(k_t, b, h, w)
+  t = run.noise_level_sampler(k_t, b, h, w)
   eps = jax.random.normal(k_eps, images.shape)
   z = flow.add_noise(images, eps, t)
   y = jnp.full((b,), model.null_label, jnp.int32) if model.num_classes else None
   v_hat = jax.jit(lambda p, z, t, y: model.apply({"params": p}, z, t, y))(
-      state.ema_params, z, t, y)
-  var = uncertainty_head.uncertainty_fn(head)(z, t, v_hat, head_params)
+      run.params, z, t, y)
+  var = uncertainty_head.uncertainty_fn(run.head)(z, t, v_hat, run.head_params)
   err2 = np.asarray(jnp.mean(jnp.square(flow.velocity_target(images, eps) - v_hat), -1))
   t, var = np.asarray(t), np.asarray(var)
   rows = []
@@ -167,22 +170,21 @@ def _markdown(rows, budgets) -> str:
 
 def main(argv):
   del argv
-  t_start = time.time()
   out = epath.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   budgets = [int(b) for b in FLAGS.budgets]
-  setup, state = train.load_trained(FLAGS.workdir)
-  if setup.config.data.dataset != "digits":
-    raise ValueError(f"{FLAGS.workdir} holds a {setup.config.data.dataset!r} model; the "
+  run = common.load_run(FLAGS.workdir, head_workdir=FLAGS.head_workdir)
+  if run.config.data.dataset != "digits":
+    raise ValueError(f"{FLAGS.workdir} holds a {run.config.data.dataset!r} model; the "
                      "digit features score digits models only.")
-  head, head_params = head_train.load_head(FLAGS.head_workdir, setup, state)
-  h, w, c = setup.image_shape
+  params, head_params = run.params, run.head_params
+  h, w, c = run.image_shape
   key = jax.random.key(FLAGS.seed)
   extractor, held_out = feature_nets.DigitFeatures.train(jax.random.fold_in(key, 1),
                                                          FLAGS.classifier_steps)
   test = datasets.get_dataset("digits", "test")
   real = np.stack([test[i]["image"] for i in range(len(test))]).astype(np.float32)
-  gen = generate.Generator(setup.model, mesh=None, head=head)
+  gen = generate.Generator(run.model, mesh=None, head=run.head)
   n, bs = FLAGS.num_samples, FLAGS.batch_size
   rows = []
   # The synchronous schedule twice (another seed): the seed-to-seed spread of the metrics
@@ -197,13 +199,13 @@ def main(argv):
           b = min(bs, n - i)
           k = jax.random.fold_in(seed_key, i)
           if policy is None:
-            x = gen(state.ema_params, schedules.synchronous(budget, h, w), key=k,
+            x = gen(params, schedules.synchronous(budget, h, w), key=k,
                     shape=(b, h, w, c), eta=FLAGS.eta)
             samples.append(np.asarray(x))
             steps.append(np.full((b, h, w), budget))
             loop_steps, per_image = budget, per_image + [budget] * b
           else:
-            res = gen(state.ema_params, policy, key=k, shape=(b, h, w, c), eta=FLAGS.eta,
+            res = gen(params, policy, key=k, shape=(b, h, w, c), eta=FLAGS.eta,
                       budget=budget, head_params=head_params)
             samples.append(np.asarray(res.samples))
             steps.append(np.asarray(res.steps))
@@ -229,12 +231,12 @@ def main(argv):
 
   # Fig. 7 panels: uncertainty_accelerated at the panel budget, with its history.
   pb = FLAGS.panel_budget
-  res = gen(state.ema_params, SETTINGS[1][1], key=jax.random.fold_in(key, 3),
+  res = gen(params, SETTINGS[1][1], key=jax.random.fold_in(key, 3),
             shape=(64, h, w, c), eta=FLAGS.eta, budget=pb, head_params=head_params,
             return_history=True)
   path_steps, path_evolution, shown = _panels(out.parent, res, pb)
   image_io.save_grid(np.asarray(res.samples), str(out.parent / "accelerated_samples.png"), scale=4)
-  calibration = _calibration(setup, state, head, head_params, real, jax.random.fold_in(key, 4))
+  calibration = _calibration(run, real, jax.random.fold_in(key, 4))
 
   by = {(r["schedule"], r["budget"]): r for r in rows}
   comparison = []
@@ -251,7 +253,7 @@ def main(argv):
                                        "worse" if diff > spread else "within seed spread")})
   result = {
       "settings": {"model_workdir": FLAGS.workdir, "head_workdir": FLAGS.head_workdir,
-                   "model_step": int(jax.device_get(state.step)), "budgets": budgets,
+                   "model_step": run.step, "budgets": budgets,
                    "num_samples": n, "eta": FLAGS.eta, "labels": "null (unconditional)",
                    "real_images": f"digits test split ({len(real)})",
                    "features": "in-project digit classifier, penultimate 128-d (fd_digits is "
@@ -263,14 +265,13 @@ def main(argv):
                  "history_steps_shown": [k + 1 for k in shown],
                  "accelerated_mean_steps_per_pixel": float(np.asarray(res.steps).mean()),
                  "accelerated_network_evaluations": int(np.asarray(res.evaluations).max())},
-      "wall_seconds": time.time() - t_start,
+      "wall_seconds": common.elapsed(),
   }
-  out.write_text(json.dumps(result, indent=2))
+  common.write_json(out, result)
   out.with_suffix(".md").write_text(_markdown(rows, budgets))
   print(_markdown(rows, budgets))
   print(f"wrote {out} in {result['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

@@ -1,6 +1,7 @@
 """Cost of schedule policies and the uncertainty head, side by side with the tensor sampler.
 
-  python experiments/bench_adaptive.py --out results/adaptive/bench_adaptive.json
+  python -m experiments.benchmarks.bench_adaptive --out=results/adaptive/bench_adaptive.json \
+      --repeats=7
 
 Same UNet (a config's architecture; random parameters: the cost does not depend on
 training), same batch and the same number of steps: the wall time per step of the
@@ -10,28 +11,27 @@ uncertainty_accelerated without a head (the loop and the policy alone), and for 
 tau run as a policy (the loop alone). The runs are
 interleaved, repetition by repetition, and the median is reported (goal: a policy
 costs <= 1.15x the tensor sampler per step). The head's FLOPs against one UNet forward
-pass come from XLA's cost analysis of the compiled programs (goal: <= 5 %).
+pass come from XLA's cost analysis of the compiled programs (goal: <= 5 %). `--tiny`: the
+test config, batch 8, 6 steps, one repetition.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax import models
 from asyncpatch_jax.diffusion import guidance
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.models import uncertainty_head
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
@@ -40,8 +40,7 @@ flags.DEFINE_integer("image_size", 16, "Image height and width.")
 flags.DEFINE_integer("batch", 64, "Batch size.")
 flags.DEFINE_integer("steps", 32, "Sampler steps (the policies' budget).")
 flags.DEFINE_integer("repeats", 5, "Interleaved timed repetitions (median).")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+common.define_tiny(dict(config="test", steps=6, repeats=1, batch=8))
 
 
 def _flops(fn, *args) -> float:
@@ -50,7 +49,7 @@ def _flops(fn, *args) -> float:
 
 def main(argv):
   del argv
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{FLAGS.config}.py"))
+  config = common.load_config(FLAGS.config)
   model = models.build_unet(config.model)
   head = uncertainty_head.build_head(config.uncertainty)
   s, c, b, n = FLAGS.image_size, config.model.out_channels, FLAGS.batch, FLAGS.steps
@@ -108,11 +107,8 @@ def main(argv):
       "steps_taken": steps_taken,
   }
   print(json.dumps(result, indent=2))
-  out = epath.Path(FLAGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
+  common.write_json(FLAGS.out, result)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

@@ -1,28 +1,28 @@
 """Train-step throughput and model FLOPs utilisation (MFU), float32 and bfloat16.
 
-  python experiments/bench_train.py --out results/bench/bench_train.json
-  python experiments/bench_train.py --out gpu.json --configs=imagenet64_60m --dtypes=bfloat16 \
-      --batch=imagenet64_60m:256          # on a GPU/TPU
+  python -m experiments.benchmarks.bench_train --out=results/bench/bench_train.json
+  python -m experiments.benchmarks.bench_train --out=gpu.json --configs=imagenet64_60m \
+      --dtypes=bfloat16 --batch=imagenet64_60m:256          # on a GPU/TPU
 
 MFU = XLA cost-analysis FLOPs of one compiled train step / step time / peak FLOP/s.
 Peaks: a table of accelerators (dense bf16 / f32 spec-sheet numbers); on CPU the
 peak is *measured* as the best float32 matmul throughput, and named as such.
-The step is the real `train.train_step` (donated state, one jit) on one device.
+The step is the real `train.train_step` (donated state, one jit) on one device. `--tiny`:
+the test config in float32 at batch 8, one step.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax.training import train
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
@@ -31,8 +31,8 @@ flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 flags.DEFINE_list("batch", ["default:64", "imagenet64_60m:8"], "config:batch pairs.")
 flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 flags.DEFINE_float("peak_tflops", 0.0, "Override the device peak (TFLOP/s).")
+common.define_tiny(dict(configs=["test"], dtypes=["float32"], steps=1, batch=["test:8"]))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"test": (16, 16, 1), "default": (16, 16, 1), "imagenet64_60m": (64, 64, 3), "imagenet64_620m": (64, 64, 3)}
 # Dense peak TFLOP/s (bf16, f32) from the vendors' spec sheets.
 PEAKS = {"TPU v4": (275, 275), "TPU v5 lite": (197, 197), "TPU v5e": (197, 197),
@@ -66,7 +66,7 @@ def measured_matmul_peak() -> float:
 
 
 def bench(name: str, dtype: str, batch: int) -> dict:
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+  config = common.load_config(name)
   with config.unlocked():
     config.model.dtype = dtype
     config.train.batch_size = batch
@@ -103,11 +103,8 @@ def main(argv):
   for name in FLAGS.configs:
     for dtype in FLAGS.dtypes:
       results["results"][f"{name}/{dtype}"] = bench(name, dtype, int(batches.get(name, 8)))
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(FLAGS.out, results)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

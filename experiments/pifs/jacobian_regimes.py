@@ -1,8 +1,8 @@
 """PIFS paper, Section 7 protocol on a model: regimes of the DDIM chain's Jacobian.
 
-  python experiments/jacobian_regimes.py --out results/jacobian/regimes.json
-  python experiments/jacobian_regimes.py --workdir=/tmp/asyncpatch_default \\
-      --out results/jacobian/regimes_trained.json        # a trained model
+  python -m experiments.pifs.jacobian_regimes --out=results/jacobian/regimes_empirical.json
+  python -m experiments.pifs.jacobian_regimes --workdir=/tmp/asyncpatch_default \\
+      --out=results/jacobian/regimes_trained.json        # a trained model
 
 The model is an epsilon-predictor in the VP convention. With `--workdir` it is the
 rectified-flow model trained there (`load_velocity_fn`, converted by
@@ -29,8 +29,9 @@ Measured along `--num_seeds` generated trajectories at every DDIM step t:
     g = f_t(lambda_k) - S_k,t with S on forward-noised data x_t ~ q(x_t), against the
     trajectory estimate (1/T) sum_t log |kappa^diag_k,t|, the Gaussian Lambda(lambda_k),
     and the top of the chain's Lyapunov spectrum (`lyapunov_spectrum`).
-Writes the JSON and `regimes.png` beside it. Reduced defaults finish in a few
-minutes on a 2-core CPU.
+Writes the JSON and a PNG of the same name beside it. Reduced defaults finish in a few
+minutes on a 2-core CPU; `--tiny` (one seed, a 5-step chain, 3 iterations; `unet_random` at
+tiny widths) in seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -57,9 +58,10 @@ from asyncpatch_jax.analysis import lyapunov as ly  # noqa: E402
 from asyncpatch_jax.analysis import pifs  # noqa: E402
 from asyncpatch_jax.analysis import ddim_maps  # noqa: E402
 from asyncpatch_jax.analysis.patch_stats import patch_covariance_spectra  # noqa: E402
+from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output JSON path; regimes.png is written beside it.")
+flags.DEFINE_string("out", None, "Output JSON path; a PNG of the same name goes beside it.")
 flags.DEFINE_string("workdir", None, "Workdir of a trained model (see load_velocity_fn).")
 flags.DEFINE_enum("model", "empirical", ["empirical", "gaussian", "unet_random"],
                   "Stand-in model when --workdir is not given.")
@@ -75,6 +77,8 @@ flags.DEFINE_integer("block_iters", 30, "Power iterations per block (if not exac
 flags.DEFINE_integer("lyap_vectors", 8, "Top Lyapunov exponents of the chain.")
 flags.DEFINE_integer("lyap_iters", 20, "Subspace iterations for the Lyapunov spectrum.")
 flags.DEFINE_integer("seed", 0, "Root PRNG seed.")
+common.define_tiny(dict(num_seeds=1, stride=250, power_iters=3, block_iters=3, lyap_vectors=2,
+                        lyap_iters=2, q_samples=1))
 
 PAPER_TABLE4_STEPS = (980, 900, 800, 600, 400, 300, 200, 20)
 
@@ -85,20 +89,16 @@ PAPER_TABLE4_STEPS = (980, 900, 800, 600, 400, 300, 200, 20)
 def load_velocity_fn(workdir: str):
   """(velocity_fn, image_shape, description) of the model trained in `workdir`.
 
-  The only place that knows the training system: rebuilds the run's config from
-  `workdir/config.json`, its UNet (`train.Setup`), restores the latest orbax
-  checkpoint and returns the EMA parameters as
-  `Partial(models.NullLabelVelocity(model), ema_params)`: `velocity_fn(z [B, H, W, C],
-  t [B] or [B, H, W]) -> v_hat`, the unconditional (null-label) prediction.
+  The only place here that knows the training system (`common.load_run`: the newest
+  checkpoint, EMA parameters), as `Partial(models.NullLabelVelocity(model), ema_params)`:
+  `velocity_fn(z [B, H, W, C], t [B] or [B, H, W]) -> v_hat`, the unconditional
+  (null-label) prediction.
   """
-  from asyncpatch_jax.training import train  # pylint: disable=import-outside-toplevel
-  setup, state = train.load_trained(workdir)
-  config = setup.config
-  step = int(jax.device_get(state.step))
-  text = (f"trained UNet ({workdir}, step {step}, EMA, {config.data.dataset}, "
+  run = common.load_run(workdir)
+  text = (f"trained UNet ({workdir}, step {run.step}, EMA, {run.config.data.dataset}, "
           "null label)")
-  return (jax.tree_util.Partial(models.NullLabelVelocity(setup.model), state.ema_params),
-          setup.image_shape, text)
+  return (jax.tree_util.Partial(models.NullLabelVelocity(run.model), run.params),
+          run.image_shape, text)
 
 
 def _empirical_eps(images, x, abar):
@@ -137,6 +137,8 @@ def build_eps_fn(images, key):
   cfg = base_config.get_base_config().model
   with cfg.unlocked():
     cfg.out_channels = shape[-1]
+    if FLAGS.tiny:                                       # the same code, compiled in seconds
+      cfg.update(common.TINY_UNET)
   model = models.build_unet(cfg)
   params = models.init_params(model, key, shape)
   return (ddim_maps.velocity_to_eps(jax.tree_util.Partial(models.NullLabelVelocity(model), params),
@@ -326,10 +328,8 @@ def main(argv):
   }
   print(json.dumps({"table4": result["table4"], "summary": summary}, indent=1))
   if FLAGS.out:
+    common.write_json(FLAGS.out, result, time_key="wall_s", indent=1)
     out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
     plot(result, glob, kd, dc, slack, os.path.join(out_dir, os.path.splitext(
         os.path.basename(FLAGS.out))[0] + ".png"))
     print(f"wrote {FLAGS.out} [{time.time() - t_start:.0f}s]")
@@ -375,4 +375,4 @@ def plot(result, glob, kd, dc, slack, path):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -1,14 +1,15 @@
 """Latent AsyncPatch on the embedded textures (AsyncPatch Sec. 5.2): autoencoder quality, the leak
 test, and latent against pixel inpainting on the same masks.
 
-  python experiments/latent_textures.py --runs=/tmp/latent_textures --out=results/latent/latent_textures.json
+  python -m experiments.asyncpatch.latent_textures --runs=/tmp/latent_textures --pixel_steps=1500 \
+      --out=results/latent/latent_textures.json
 
 Trains (or resumes; finished runs are reused) three models in `--runs` (default: a `runs`
 folder next to `--out`):
   vqae/    the localized VQ autoencoder (configs/vqae_textures.py, --ae_steps);
   latent/  the AsyncPatch UNet on its 8x8x3 latents (configs/latent_textures.py);
   pixel/   an AsyncPatch UNet on the 32x32x3 pixels (configs/textures.py's UNet at width 32,
-           one block per level: PIXEL_MODEL; --pixel_steps).
+           one block per level: common.TEXTURES_PIXEL_UNET; --pixel_steps).
 Then, on `--num_images` held-out crops:
   * reconstruction: L1, PSNR, SSIM of decode(encode(x)) without a mask, and PSNR over the
     known pixels with a mask of each family; codebook perplexity and codes used;
@@ -22,34 +23,29 @@ Then, on `--num_images` held-out crops:
     latent model with the cell-only token mask (tokens whose halo is partly hidden kept
     too: more context, but their latents are not the unmasked ones).
 JSON + PNG grids (reconstructions, inpainting: rows masked input / latent / pixel / truth
-per family) next to `--out`.
+per family) next to `--out`. `--tiny`: tiny widths, one training step each, 2 images.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 
-from absl import app, flags
+from absl import flags
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax.modes import train_mode
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import masks as mask_lib
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import reconstruction
-from asyncpatch_jax.runs import loader
-from asyncpatch_jax.training import train
+from experiments import common
 
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("runs", "", "Folder of the three runs (vqae/, latent/, pixel/); '' = "
                     "<dir of --out>/runs.")
 flags.DEFINE_string("out", "results/latent/latent_textures.json", "Output JSON path.")
@@ -62,39 +58,21 @@ flags.DEFINE_list("families", ["thin", "medium", "square", "left_half"], "Mask f
 flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
 flags.DEFINE_float("eta", 0.25, "Sampler eta.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
-# configs/textures.py's UNet at width 32 with one block per level (3.6M -> 1.1M parameters):
-# what this CPU trains in the experiment's budget.
-PIXEL_MODEL = {"base_channels": 32, "num_res_blocks": (1, 1, 1)}
-flags.DEFINE_bool("tiny", False, "Tiny widths and batches (a smoke run for the tests).")
+common.define_tiny(dict(ae_steps=1, latent_steps=1, pixel_steps=1, pixel_batch=8,
+                        num_images=2, num_steps=2, families=["square"]))
 
+# --tiny: the configs' sections replaced (tiny widths and batches).
 TINY = {
     "vqae_textures": {"autoencoder": {"base_channels": 4, "mask_embed_dim": 8,
                                       "codebook_size": 16}, "train": {"batch_size": 8},
                       "eval": {"num_samples": 8}},
-    "latent_textures": {"model": {"base_channels": 8, "channel_mult": (1,),
-                                  "num_res_blocks": (1,), "attention_resolutions": (),
-                                  "head_dim": 8, "time_embed_dim": 16, "num_groups": 4},
-                        "train": {"batch_size": 8}},
-    "textures": {"model": {"base_channels": 8, "channel_mult": (1,), "num_res_blocks": (1,),
-                           "attention_resolutions": (), "head_dim": 8, "time_embed_dim": 16,
-                           "num_groups": 4}},
+    "latent_textures": {"model": common.TINY_UNET, "train": {"batch_size": 8}},
 }
 
+
 def _config(name: str, **sections):
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
-  with config.unlocked():
-    for section, values in sections.items():
-      config[section].update(values)
-    for section, values in (TINY.get(name, {}) if FLAGS.tiny else {}).items():
-      config[section].update(values)
-  return config
-
-
-def _train(config, workdir: str) -> float:
-  """Trains (resumes) a run; returns the wall time spent here."""
-  t = time.time()
-  train_mode.train_and_evaluate(config, workdir)
-  return time.time() - t
+  config = common.updated(common.load_config(name), sections)
+  return common.updated(config, TINY.get(name, {})) if FLAGS.tiny else config
 
 
 def _psnr(a, b) -> np.ndarray:
@@ -121,21 +99,18 @@ def _inpaint_scores(x, out, m) -> dict:
 
 def main(argv):
   del argv
-  t0 = time.time()
   wd = FLAGS.runs or os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)), "runs")
   ae_dir, latent_dir, pixel_dir = (os.path.join(wd, n) for n in ("vqae", "latent", "pixel"))
   off = {"progress_bar": True}
+  train = common.train_or_resume
   times = {
-      "autoencoder": _train(_config("vqae_textures", train={"num_steps": FLAGS.ae_steps, **off}),
-                            ae_dir),
-      "latent": _train(_config("latent_textures", latent={"autoencoder_workdir": ae_dir},
-                               train={"num_steps": FLAGS.latent_steps, **off},
-                               sample={"num_images": 0}), latent_dir),
-      "pixel": _train(_config("textures", model=PIXEL_MODEL,
-                              train={"num_steps": FLAGS.pixel_steps,
-                                     "batch_size": 8 if FLAGS.tiny else FLAGS.pixel_batch,
-                                     "checkpoint_every": 1000, **off},
-                              sample={"num_images": 0}), pixel_dir),
+      "autoencoder": train(_config("vqae_textures", train={"num_steps": FLAGS.ae_steps, **off}),
+                           ae_dir),
+      "latent": train(_config("latent_textures", latent={"autoencoder_workdir": ae_dir},
+                              train={"num_steps": FLAGS.latent_steps, **off},
+                              sample={"num_images": 0}), latent_dir),
+      "pixel": train(common.textures_pixel_config(FLAGS.pixel_steps, FLAGS.pixel_batch,
+                                                  FLAGS.tiny), pixel_dir),
   }
   n = FLAGS.num_images
   test = datasets.get_dataset("textures", "test")
@@ -143,11 +118,12 @@ def main(argv):
   h, w, _ = x.shape[1:]
 
   # Autoencoder quality and the leak test, per mask family.
-  ae, ae_params, ae_meta = loader.load_autoencoder(ae_dir)
-  rec = reconstruction.Reconstructor(ae, ae_params)
+  ae_run = common.load_run(ae_dir)
+  ae = ae_run.model
+  rec = reconstruction.Reconstructor(ae, ae_run.params)
   family_masks = {f: mask_lib.make_masks(f, n, h, w, seed=FLAGS.seed) for f in FLAGS.families}
-  autoencoder = {"halo": ae.halo, "factor": ae.factor, "step": ae_meta["step"],
-                 "latent_std": ae_meta["latent_stats"]["std"], "families": {}}
+  autoencoder = {"halo": ae.halo, "factor": ae.factor, "step": ae_run.step,
+                 "latent_std": ae_run.latent_stats["std"], "families": {}}
   for f, m in family_masks.items():
     autoencoder["families"][f] = rec.metrics(x, m)
   first = next(iter(autoencoder["families"].values()))
@@ -155,23 +131,22 @@ def main(argv):
                                             "codebook_size")})
 
   # Latent vs pixel inpainting on the same images and masks.
-  lsetup, lstate = train.load_trained(latent_dir)
-  psetup, pstate = train.load_trained(pixel_dir)
-  codec = lsetup.codec
-  lgen, pgen = generate.Generator(lsetup.model), generate.Generator(psetup.model)
+  latent_run, pixel_run = common.load_run(latent_dir), common.load_run(pixel_dir)
+  codec = latent_run.codec
+  lgen, pgen = generate.Generator(latent_run.model), generate.Generator(pixel_run.model)
   key = jax.random.key(FLAGS.seed)
   inpainting, rows = {}, []
   for k, (f, m) in enumerate(family_masks.items()):
     kf = jax.random.fold_in(key, k)
-    pix_out = np.asarray(pgen(pstate.ema_params, schedules.inpainting(m, FLAGS.num_steps),
+    pix_out = np.asarray(pgen(pixel_run.params, schedules.inpainting(m, FLAGS.num_steps),
                               key=kf, x=x, eta=FLAGS.eta))
     z_known, tokens = codec.known_latents(x, m)
     tau_pixels = schedules.inpainting(m, FLAGS.num_steps)
-    z = lgen(lstate.ema_params, codec.latent_schedule(tau_pixels, known_content=True), key=kf,
+    z = lgen(latent_run.params, codec.latent_schedule(tau_pixels, known_content=True), key=kf,
              x=z_known, eta=FLAGS.eta)
     lat_out = codec.finish(z, x, m)
     # The cell-only token mask also keeps tokens whose halo is partly hidden (not exact).
-    z_cell = lgen(lstate.ema_params, codec.latent_schedule(tau_pixels, True, halo=0), key=kf,
+    z_cell = lgen(latent_run.params, codec.latent_schedule(tau_pixels, True, halo=0), key=kf,
                   x=z_known, eta=FLAGS.eta)
     cell_out = codec.finish(z_cell, x, m)
     inpainting[f] = {"hidden_fraction": float(1 - m.mean()),
@@ -194,7 +169,7 @@ def main(argv):
                                      rec.reconstruct(x[:8], m0)]),
                      os.path.join(out_dir, "reconstructions.png"), ncols=8, scale=3)
   sync = schedules.synchronous(FLAGS.num_steps, *codec.latent_shape[:2])
-  samples = codec.finish(lgen(lstate.ema_params, sync, key=jax.random.fold_in(key, 99),
+  samples = codec.finish(lgen(latent_run.params, sync, key=jax.random.fold_in(key, 99),
                               shape=(16, *codec.latent_shape), eta=FLAGS.eta))
   image_io.save_grid(samples, os.path.join(out_dir, "latent_samples.png"), ncols=8, scale=3)
   result = {
@@ -204,13 +179,12 @@ def main(argv):
                    "num_images": n, "families": list(FLAGS.families),
                    "num_steps": FLAGS.num_steps, "eta": FLAGS.eta, "seed": FLAGS.seed,
                    "latent_shape": list(codec.latent_shape), "latent_scale": codec.scale,
-                   "train_seconds_this_run": times, "total_seconds": time.time() - t0,
+                   "train_seconds_this_run": times, "total_seconds": common.elapsed(),
                    "device": str(jax.devices()[0].device_kind)},
   }
-  with open(FLAGS.out, "w") as fh:
-    json.dump(result, fh, indent=2)
+  common.write_json(FLAGS.out, result, time_key=None)
   print(json.dumps(result["settings"], indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

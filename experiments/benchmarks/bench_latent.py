@@ -1,6 +1,6 @@
 """Latent AsyncPatch cost, measured side by side in one run (AsyncPatch Sec. 5.2).
 
-  python experiments/bench_latent.py --out=results/latent/bench_latent.json
+  python -m experiments.benchmarks.bench_latent --out=results/latent/bench_latent.json
 
 1. Autoencoder throughput (images/s): `encode` (the pre-quantisation latent) and `decode`
    (quantise + decoder) of the textures autoencoder (configs/vqae_textures.py, 32x32x3)
@@ -10,35 +10,35 @@
    UNet on the 32x32x3 pixels, and against configs/textures.py's pixel UNet: seconds per
    step and the ratio, at the same batch and image size. Parameter values do not change
    the cost, so every network has random weights (no training needed).
-Timings interleave the programs (round-robin repeats, median per program).
+Timings interleave the programs (round-robin repeats, median per program). `--tiny`: tiny
+widths, batch 2, one call.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runs import latent_codec as latent
 from asyncpatch_jax.models import vqae
 from asyncpatch_jax.training import train
+from experiments import common
 
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("out", "results/latent/bench_latent.json", "Output JSON path.")
 flags.DEFINE_integer("batch", 64, "Batch of the 32x32 programs.")
 flags.DEFINE_integer("repeats", 5, "Timed rounds (each runs every program `calls` times).")
 flags.DEFINE_integer("calls", 3, "Calls per program and round.")
 flags.DEFINE_bool("paper", False, "Also time Table 7's autoencoder at 256x256 (batch 4).")
-flags.DEFINE_bool("tiny", False, "Tiny widths (a smoke run for the tests).")
+common.define_tiny(dict(batch=2, repeats=1, calls=1), "Tiny widths (a smoke run for the tests).")
 
+# --tiny: the configs' sections replaced (a UNet of two levels: the latents are downsampled).
 TINY = {"autoencoder": {"base_channels": 4, "mask_embed_dim": 8, "codebook_size": 16},
         "model": {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": (1, 1),
                   "attention_resolutions": (), "head_dim": 8, "time_embed_dim": 16,
@@ -46,12 +46,9 @@ TINY = {"autoencoder": {"base_channels": 4, "mask_embed_dim": 8, "codebook_size"
 
 
 def _config(name):
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+  config = common.load_config(name)
   if FLAGS.tiny:
-    with config.unlocked():
-      for section, values in TINY.items():
-        if section in config:
-          config[section].update(values)
+    common.updated(config, {k: v for k, v in TINY.items() if k in config})
   return config
 
 
@@ -141,11 +138,9 @@ def main(argv):
       "settings": {"batch": b, "repeats": FLAGS.repeats, "calls": FLAGS.calls,
                    "autoencoder_halo": ae.halo},
   }
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as fh:
-    json.dump(result, fh, indent=2)
+  common.write_json(FLAGS.out, result)
   print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

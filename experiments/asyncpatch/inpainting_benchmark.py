@@ -1,9 +1,11 @@
 """AsyncPatch Tables 3-4 in miniature: inpainting methods x mask families x models, quality and cost.
 
-  python experiments/inpainting_benchmark.py --out results/evaluation/inpainting.json
+  python -m experiments.asyncpatch.inpainting_benchmark --repaint=50,5,5 \
+      --out=results/evaluation/inpainting.json
 
 For each model of --workdirs (name:workdir; default the `global` and `asyncpatch` runs of
-experiments/sampler_ablation.py) and each mask family, the held-out images are inpainted
+sampler_ablation.py; `--tiny`: the `asyncpatch` run of `sampler_ablation.py --tiny` with
+the same --out folder) and each mask family, the held-out images are inpainted
 with each of --methods:
   asyncpatch                 AsyncPatch Eq. 4 (known pixels at t = 0), --num_steps steps;
   asyncpatch_input_guidance  the same with input guidance of the known region (Eq. 8);
@@ -17,7 +19,7 @@ also `fid`, which the table then shows), LPIPS with --lpips_weights. Cost: netwo
 Writes the JSON, a Markdown table (.md) and a PNG grid beside it.
 
 On an accelerator (paper: ImageNet 64 / 256, 1k images, RePaint 250/10/10):
-  python experiments/inpainting_benchmark.py \
+  python -m experiments.asyncpatch.inpainting_benchmark \
       --workdirs=global:gs://<bucket>/ablation/global,asyncpatch:gs://<bucket>/ablation/asyncpatch \
       --inception_weights=weights/inception_fid.npz --lpips_weights=weights/lpips_alex.npz \
       --num_inpaint=1000 --repaint=250,10,10 --out=results/evaluation/inpainting_imagenet64.json
@@ -27,21 +29,19 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import masks
 from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.evaluation import inpainting_eval
 from asyncpatch_jax.evaluation import workdir_eval
-from asyncpatch_jax.training import train
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path (table and grid go next to it).")
@@ -61,6 +61,8 @@ flags.DEFINE_integer("classifier_steps", 600, "Training steps of the digit featu
 flags.DEFINE_string("inception_weights", "", "FID Inception weights (.npz): features = Inception.")
 flags.DEFINE_string("lpips_weights", "", "LPIPS weights (.npz/.safetensors): adds LPIPS.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
+common.define_tiny(dict(num_inpaint=20, repaint=["4", "2", "2"], num_stripes=2, num_steps=4,
+                        batch=16, classifier_steps=5, families=["square"]))
 
 
 def _markdown(result: dict, names: dict) -> str:
@@ -83,13 +85,15 @@ def _markdown(result: dict, names: dict) -> str:
 
 def main(argv):
   del argv
-  t0 = time.time()
+  if FLAGS.tiny and not FLAGS["workdirs"].present:
+    FLAGS.workdirs = ["asyncpatch:" + os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)),
+                                                   "tiny_workdirs", "asyncpatch")]
   key = jax.random.key(FLAGS.seed)
   repaint_params = tuple(int(v) for v in FLAGS.repaint)
   models = dict(item.split(":", 1) for item in FLAGS.workdirs)
   configs = {}
   for name, workdir in models.items():
-    configs[name] = base_config.load_config_json(os.path.join(workdir, "config.json"))
+    configs[name] = common.load_config(os.path.join(workdir, "config.json"))
     configs[name].evaluate.update(feature_steps=FLAGS.classifier_steps,
                                   inception_weights=FLAGS.inception_weights,
                                   lpips_weights=FLAGS.lpips_weights)
@@ -107,15 +111,15 @@ def main(argv):
             "models": {}}
   grid = []
   for name, workdir in models.items():
-    setup, state = train.load_trained(workdir, configs[name])
-    gen = generate.Generator(setup.model)
-    h, w, _ = setup.image_shape
-    data = setup.config.data
+    run = common.load_run(workdir, configs[name])
+    gen = generate.Generator(run.model)
+    h, w, _ = run.image_shape
+    data = run.config.data
     real = inpainting_eval.dataset_images(data.dataset, "test", FLAGS.num_inpaint,
                                           data_dir=data.data_dir, options=dict(data.options))
     result["models"][name] = {}
     for meth in tqdm(FLAGS.methods, desc=name):
-      fn, nfe = inpainting_eval.method(meth, gen, state.ema_params, num_steps=FLAGS.num_steps,
+      fn, nfe = inpainting_eval.method(meth, gen, run.params, num_steps=FLAGS.num_steps,
                                        eta=FLAGS.eta, input_guidance=FLAGS.input_guidance,
                                        num_stripes=FLAGS.num_stripes, repaint_params=repaint_params)
       per_fam = {}
@@ -130,10 +134,7 @@ def main(argv):
           grid.append(out[:8])
       result["models"][name][meth] = per_fam
       print(name, meth, json.dumps(per_fam))
-  result["seconds"] = time.time() - t0
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(FLAGS.out, result, time_key="seconds")
   table = (f"Inpainting of {FLAGS.num_inpaint} held-out images a family; {names['frechet']} and "
            f"PRDC on `{extractor.name}` features; RePaint {repaint_params}.\n\n"
            + _markdown(result, names))
@@ -146,5 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
-  app.run(main)
+  common.run(main, required=("out",))

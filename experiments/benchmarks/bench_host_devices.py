@@ -1,7 +1,8 @@
 """How many XLA:CPU host devices to give a CPU run: train step and 50-step sampling per setting.
 
-  python experiments/bench_host_devices.py --out results/bench/host_devices.json
-  python experiments/bench_host_devices.py --out /tmp/hd.json --cases=train_60m --variants=1,2
+  python -m experiments.benchmarks.bench_host_devices --out=results/bench/host_devices.json
+  python -m experiments.benchmarks.bench_host_devices --out=/tmp/hd.json --cases=train_60m \
+      --variants=1,2
 
 The measurements behind `training.sharding.cpu_host_device_count` (the library's CPU
 default). The process starts with as many host devices as the largest variant asks
@@ -12,6 +13,7 @@ for; a variant `<n>[:<xla option>=<value>[+...]]` runs the real sharded
 first (compile time reported separately); then the timed repetitions alternate
 between the variants (1, 2, 4, 1, 2, 4, ...), so that all of them see the same load
 on a shared machine. Medians and spreads per variant, and speed-ups over the first.
+`--tiny`: the test config (train_test, sample_test), variants 1 and 2, one repetition.
 """
 
 from __future__ import annotations
@@ -20,22 +22,24 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path.")
 flags.DEFINE_list("variants", ["1", "2", "4"],
                   "host devices[:xla_option=value+...] per variant, e.g. 2:xla_cpu_use_xnnpack=true")
 flags.DEFINE_list("cases", ["train_default", "sample_default"],
-                  "train_default, sample_default, train_60m.")
+                  "train_default, sample_default, train_60m (train_test, sample_test: --tiny).")
 flags.DEFINE_integer("reps", 5, "Timed repetitions per variant (alternating).")
 flags.DEFINE_integer("train_steps", 3, "Train steps per repetition (1 for train_60m).")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+common.define_tiny(dict(cases=["train_test", "sample_test"], variants=["1", "2"], reps=1,
+                        train_steps=1))
 CASES = {"train_default": ("default", 16, 1, 64), "sample_default": ("default", 16, 1, 64),
+         "train_test": ("test", 16, 1, 16), "sample_test": ("test", 16, 1, 16),  # --tiny's
          "train_60m": ("imagenet64_60m", 64, 3, 8)}
 
 
@@ -57,14 +61,12 @@ def bench_case(name: str, variants: list[str]) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from asyncpatch_jax.config import base_config  # pylint: disable=import-outside-toplevel
   from asyncpatch_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   from asyncpatch_jax.diffusion import guidance, samplers, schedules  # pylint: disable=import-outside-toplevel
-  from asyncpatch_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
-  from asyncpatch_jax.training import train  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.runtime import sharding, train  # pylint: disable=import-outside-toplevel
 
   cfg_name, size, c, batch = CASES[name]
-  config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{cfg_name}.py"))
+  config = common.load_config(cfg_name)
   with config.unlocked():
     config.model.dtype = "float32"
     config.train.batch_size = batch
@@ -150,10 +152,8 @@ def main(argv):
             "jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"], "reps": FLAGS.reps,
             "cases": {name: bench_case(name, FLAGS.variants) for name in FLAGS.cases}}
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=2)
+    common.write_json(FLAGS.out, result)
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  common.run(main)

@@ -1,6 +1,7 @@
 """Iterative Partial Refinement (papers/004) on this project's digits model.
 
-  python experiments/ipr_digits.py --workdir=/tmp/asyncpatch_default --out results/ipr/ipr_digits.json
+  python -m experiments.ipr.ipr_digits --workdir=/tmp/asyncpatch_default \
+      --out=results/ipr/ipr_digits.json
 
 x^(0) comes from sequential (autoregressive, raster 2x2 patches) inference, as in the
 paper; then R rounds of IPR re-noise floor(alpha N) of the N patches and regenerate
@@ -11,15 +12,15 @@ of the main job's eval.json: unconditional samples, share with max class probabi
 synchronous-schedule samples of the same model are the reference line.
 JSON: {"rounds": [...], "unconditional_confident_fraction": [...],
 "conditional_label_accuracy": [...], "synchronous": {...}, "settings": {...}} and a plot.
+`--tiny`: 8 samples, 2 rounds of 4 steps.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 
@@ -28,7 +29,7 @@ from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import ipr
 from asyncpatch_jax.diffusion import schedules
-from asyncpatch_jax.training import train
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a trained digits model.")
@@ -45,24 +46,25 @@ flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project 
 flags.DEFINE_float("eta", 0.25, "Sampler eta.")
 flags.DEFINE_float("guidance", 2.0, "CFG weight of the class-conditional runs.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
+common.define_tiny(dict(num_samples=8, num_rounds=2, num_steps=4, classifier_steps=5))
 
 
 def main(argv):
   del argv
   t0 = time.time()
-  setup, state = train.load_trained(FLAGS.workdir)
-  if setup.config.data.dataset != "digits":
-    raise ValueError(f"{FLAGS.workdir} holds a {setup.config.data.dataset!r} model; the digit "
+  run = common.load_run(FLAGS.workdir)
+  if run.config.data.dataset != "digits":
+    raise ValueError(f"{FLAGS.workdir} holds a {run.config.data.dataset!r} model; the digit "
                      "classifier scores digits models only.")
-  h, w, c = setup.image_shape
+  h, w, c = run.image_shape
   grid = tuple(int(g) for g in FLAGS.grid)
   regions = schedules.grid_regions(h, w, grid)
   n, rounds = FLAGS.num_samples, FLAGS.num_rounds
   key = jax.random.key(FLAGS.seed)
   cls_params, held_out = classifier.train_classifier(jax.random.fold_in(key, 0),
                                                      FLAGS.classifier_steps)
-  gen = generate.Generator(setup.model)
-  params = state.ema_params
+  gen = generate.Generator(run.model)
+  params = run.params
   labels = (np.arange(n) % 10).astype(np.int32)
   per_group = FLAGS.ar_steps_per_group or max(FLAGS.num_steps // (grid[0] * grid[1]), 1)
   tau_ar = schedules.autoregressive(h, w, grid, per_group)
@@ -96,17 +98,14 @@ def main(argv):
     print(name, "round 0 / R:", result[name][0], result[name][-1],
           "synchronous:", result["synchronous"][name], flush=True)
   result["settings"] = {
-      "workdir": FLAGS.workdir, "step": int(jax.device_get(state.step)), "num_samples": n,
+      "workdir": FLAGS.workdir, "step": run.step, "num_samples": n,
       "grid": list(grid), "alpha": FLAGS.alpha, "regions_per_round": int(
           ipr.num_resampled(FLAGS.alpha, grid[0] * grid[1], 0)),
       "num_steps": FLAGS.num_steps, "autoregressive_steps_per_group": per_group,
       "eta": FLAGS.eta, "guidance": FLAGS.guidance, "classifier_held_out_accuracy": held_out,
       "wall_s": time.time() - t0}
 
-  out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-  os.makedirs(out_dir, exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=1)
+  common.write_json(FLAGS.out, result, time_key=None, indent=1)
   stem = os.path.splitext(FLAGS.out)[0]
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -129,5 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  common.run(main, required=("workdir", "out"))

@@ -1,0 +1,1 @@
+"""IPR paper: refinement of the digits model and the constraint benchmarks (README.md here)."""

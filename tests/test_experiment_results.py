@@ -1,0 +1,389 @@
+"""The result tables of experiments/<group>/README.md state what the stored results hold.
+
+Each table is rendered here from its JSON in results/ (the rounding the README uses) and
+must appear in the group's README verbatim, so a number copied by hand, or rounded twice
+(from a .md table that itself rounds), fails this test. Reads JSON only: no runs.
+`python tests/test_experiment_results.py` prints the tables.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _result(path):
+  with open(os.path.join(ROOT, "results", path)) as f:
+    return json.load(f)
+
+
+def _table(head, rows):
+  """A Markdown table: the header cells, then the rows (lists of cells)."""
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _pm(v, se, digits=3):
+  return f"{v:.{digits}f} ± {se:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- asyncpatch
+
+FAMILIES = ("thin", "wide", "square", "extrema")
+
+
+def timestep_statistics():
+  r = _result("timesteps/timestep_statistics.json")["samplers"]
+  return _table(["sampler", "mean of per-image means", "std of per-image means",
+                 "mean spread (max t - min t)"],
+                [[k, f"{v['mean_of_means']:.3f}", f"{v['std_of_means']:.3f}",
+                  f"{v['mean_spread']:.3f}"] for k, v in r.items()])
+
+
+def sampler_ablation():
+  r = _result("evaluation/sampler_ablation.json")["models"]
+  rows = []
+  for sampler, m in r.items():
+    g = m["generation"]
+    rows.append([sampler, f"{g['fd_digits']:.1f}", f"{g['precision_digits']:.3f}",
+                 f"{g['recall_digits']:.3f}"]
+                + [f"{m['inpainting'][f]['psnr']:.1f} / {m['inpainting'][f]['fd_digits']:.1f}"
+                   for f in FAMILIES])
+  return _table(["sampler", "generation fd_digits", "precision", "recall",
+                 "thin PSNR / fd_digits", "wide", "square", "extrema"], rows)
+
+
+INPAINTING_METHODS = {"asyncpatch": "AsyncPatch Eq. 4",
+                      "asyncpatch_input_guidance": "+ input guidance (w = 1)",
+                      "progressive": "progressive, 4 stripes", "repaint": "RePaint 50/5/5"}
+
+
+def inpainting_benchmark():
+  r = _result("evaluation/inpainting.json")["models"]
+  rows = []
+  for model, methods in r.items():
+    for method, fams in methods.items():
+      rows.append([model, INPAINTING_METHODS[method], fams["thin"]["network_evals"]]
+                  + [f"{fams[f]['fd_digits']:.1f} / {fams[f]['psnr']:.1f}" for f in FAMILIES])
+  return _table(["model", "method", "network evals", "thin fd_digits / PSNR", "wide", "square",
+                 "extrema"], rows)
+
+
+def latent_textures():
+  r = _result("latent/latent_textures.json")["inpainting"]
+  rows = []
+  for fam, v in r.items():
+    cells = [f"{fam.replace('_', ' ')} ({v['hidden_fraction']:.2f})",
+             f"{v['known_token_fraction']:.2f} / {v['known_token_fraction_cell_only']:.2f}"]
+    for k in ("pixel", "latent", "latent_cell_only_token_mask"):
+      cells.append(f"{v[k]['psnr']:.1f} / {v[k]['psnr_hidden']:.1f}")
+    rows.append(cells)
+  return _table(["mask (hidden share)", "tokens known: exact / cell only", "pixel UNet",
+                 "latent, exact token mask", "latent, cell-only token mask"], rows)
+
+
+def latent_autoencoder():
+  r = _result("latent/latent_textures.json")["autoencoder"]
+  fams = r["families"]
+  return _table(["mask", "PSNR of the known pixels", "leak, cell and halo known",
+                 "leak, cell known, halo not"],
+                [[f.replace("_", " "), f"{v['psnr_masked_known']:.1f}",
+                  f"{v['leak_max_abs']:.1f}", f"{v['leak_boundary_max_abs']:.2f}"]
+                 for f, v in fams.items()])
+
+
+def texture_synthesis():
+  r = _result("texture_synthesis/texture_synthesis.json")
+  t_g = r["settings"]["guidance_t"]
+  rows = [(w, t_g) for w in r["weights"]]
+  rows += [(w, w["guidance_t"]) for w in r["guidance_t_ablation"] if w["guidance_t"] != t_g]
+  out = []
+  for w, t in rows:
+    out.append([f"{w['w']:g}", f"{t:g}", _pm(w["patch_swd"], w["patch_swd_se"]),
+                _pm(w["d_patch_swd"], w["d_patch_swd_se"]),
+                _pm(w["colour_w1"], w["colour_w1_se"]),
+                _pm(w["d_colour_w1"], w["d_colour_w1_se"]),
+                _pm(w["seam_l1"], w["seam_l1_se"]), _pm(w["d_seam_l1"], w["d_seam_l1_se"]),
+                _pm(w["seam_ratio"], w["seam_ratio_se"], 2),
+                _pm(w["seed_spread"], w["seed_spread_se"])])
+  return _table(["w", "t_g", "patch_swd", "Δ patch_swd", "colour_w1", "Δ colour_w1", "seam_l1",
+                 "Δ seam_l1", "seam_ratio", "seed_spread"], out)
+
+
+def adaptive_sampling():
+  r = _result("adaptive/adaptive_sampling.json")["rows"]
+  return _table(["schedule", "budget", "network evaluations", "mean steps / pixel", "fd_digits",
+                 "precision", "recall", "density", "coverage", "confident"],
+                [[x["schedule"], x["budget"], x["network_evaluations"],
+                  f"{x['mean_steps_per_pixel']:.1f}", f"{x['fd_digits']:.2f}",
+                  f"{x['precision_digits']:.3f}", f"{x['recall_digits']:.3f}",
+                  f"{x['density_digits']:.3f}", f"{x['coverage_digits']:.3f}",
+                  f"{x['confident_fraction']:.3f}"] for x in r])
+
+
+# ----------------------------------------------------------------------------- pifs
+
+PIFS_CHAINS = {"linear": "linear", "cosine_s0": "cosine s = 0",
+               "cosine_s0.008": "cosine s = 0.008",
+               "ddim50_cosine_s0": "DDIM-50 {0, 20, ..., 1000}, cosine s = 0"}
+
+
+def pifs_table1():
+  r = _result("pifs/pifs_tables.json")
+  rows = []
+  for key, name in PIFS_CHAINS.items():
+    v, p = r["table1"][key], r["paper"]["table1"][key]
+    rows.append([name, f"{v['mean']:.4f}", f"{v['cv']:.4f}",
+                 f"{v['finest']:.5f} ({v['finest_t']})", f"{p[0]:.3f} / {p[1]:.3f} / {p[2]:.5f}"])
+  return _table(["chain", "mean", "CV", "L* at finest step (t)", "paper"], rows)
+
+
+def jacobian_table4():
+  models = ("trained", "empirical", "gaussian", "unet_random")
+  results = {m: _result(f"jacobian/regimes_{m}.json") for m in models}
+  steps = list(results["trained"]["table4"])
+  return _table(["model"] + [f"t = {t}" for t in steps] + ["cumulative per seed"],
+                [[m] + [f"{r['table4'][t][0]:.3f}" for t in steps]
+                 + [" / ".join(f"{c:.3g}" for c in r["summary"]["cumulative_global_norm_per_seed"])]
+                 for m, r in results.items()])
+
+
+# ----------------------------------------------------------------------------- growing images
+
+
+def blume_capel():
+  r = _result("blume_capel/blume_capel.json")
+  many = r["plateau_bias_many_seeds"]
+  b, b2 = r["bias"], r["bias_two_boundary"]
+  return _table(["quantity", "paper", "this repo (24 seeds)", "4096-seed mean"], [
+      ["m* at the far block", "~ 0.36", f"{r['m_star'][-1]:.4f}", "-"],
+      ["bias (l2 norm of m(T) - m*), parallel / interleaved", "machine precision",
+       f"{b['parallel']:.1e} / {b['interleaved']:.1e}", "-"],
+      ["bias, progressive L->R / R->L", "~ 1.0 / ~ 1.4",
+       f"{b['progressive_lr']:.3f} / {b['progressive_rl']:.3f}",
+       f"{many['single/progressive_lr']['mean']:.3f} / "
+       f"{many['single/progressive_rl']['mean']:.3f}"],
+      ["same at T = 4.2e5 (one sweep)", "plateaus persist",
+       "identical" if r["bias_long"] == b else "differs", "-"],
+      ["two boundaries (+1/-1, abs(H) = 6, T_phase = 3500), L->R / R->L", "~ 0.84 both",
+       f"{b2['progressive_lr']:.3f} / {b2['progressive_rl']:.3f}",
+       f"{many['two_boundary/progressive_lr']['mean']:.3f} / "
+       f"{many['two_boundary/progressive_rl']['mean']:.3f}"]])
+
+
+def _schedule_table(table):
+  r = _result("schedule_study/schedule_study.json")
+  names = r["features"]["metric_names"]
+  fd, p, rc, d, c = (names[k] for k in ("frechet", "precision", "recall", "density", "coverage"))
+
+  def fmt(v, se, digits=2):
+    return "-" if v is None else _pm(v, se, digits)
+
+  rows = []
+  for kind, kind_rows in r["tables"][table].items():
+    for x in kind_rows:
+      lab = r["lab"].get(str(x["K"]))
+      bias = "-" if lab is None else (
+          f"{lab['progressive_lr' if kind == 'progressive' else 'interleaved']:.2g}")
+      rows.append([kind if x["K"] > 1 else "parallel", x["K"], x["steps_per_pixel"],
+                   x["network_evaluations"], fmt(x["psnr"], x["psnr_se"]),
+                   fmt(x.get("d_psnr"), x.get("d_psnr_se")), fmt(x["ssim"], x["ssim_se"], 3),
+                   fmt(x[fd], x[fd + "_se"], 3), fmt(x.get("d_" + fd), x.get(f"d_{fd}_se"), 3),
+                   fmt(x[p], x[p + "_se"]), fmt(x[rc], x[rc + "_se"]), fmt(x[d], x[d + "_se"]),
+                   fmt(x[c], x[c + "_se"]), bias])
+  return _table(["schedule", "K", "steps/pixel", "NFE", "PSNR", "ΔPSNR", "SSIM", fd, f"Δ{fd}",
+                 p, rc, d, c, "lab bias"], rows)
+
+
+def schedule_study_per_stripe():
+  return _schedule_table("per_stripe")
+
+
+def schedule_study_fixed_total():
+  return _schedule_table("fixed_total")
+
+
+# ----------------------------------------------------------------------------- ipr
+
+
+def ipr_digits():
+  r = _result("ipr/ipr_digits.json")
+  u = r["unconditional_confident_fraction"]
+  return _table(["", "confident fraction"], [
+      ["autoregressive x^(0)", f"{u[0]:.3f}"],
+      [f"IPR rounds 1-{len(u) - 1} (min / mean / max)",
+       f"{min(u[1:]):.3f} / {np.mean(u[1:]):.3f} / {max(u[1:]):.3f}"],
+      [f"IPR round {len(u) - 1}", f"{u[-1]:.3f}"],
+      ["synchronous schedule, same model",
+       f"{r['synchronous']['unconditional_confident_fraction']:.3f}"]])
+
+
+def _pct(v):
+  return f"{100 * v:.1f}"
+
+
+def ipr_sudoku():
+  r = _result("ipr/ipr_sudoku.json")
+  shown = (0, 1, 5, 10, 20, 30, 40, 50)
+  hard, se = r["hard"]["validity"], r["hard"]["stderr"]
+  rows = [["HARD"] + [_pct(hard[k]) + (f" ± {_pct(se[k])}" if k in (0, 50) else "")
+                      for k in shown]]
+  rows += [[f"K = {k}"] + [_pct(v["validity"][i]) for i in shown]
+           for k, v in r["corrupted"].items()]
+  return _table(["IPR round"] + [str(k) for k in shown], rows)
+
+
+def ipr_sudoku_ablations():
+  r = _result("ipr/ipr_sudoku.json")
+  shown = (0, 10, 20, 30, 40, 50)
+  return _table(["IPR round"] + [str(k) for k in shown],
+                [[name.replace("alpha_", "alpha = ").replace("_", " ")]
+                 + [_pct(v["validity"][i]) for i in shown]
+                 for name, v in r["ablations"].items()])
+
+
+def ipr_even_pixels():
+  r = _result("ipr/ipr_even_pixels.json")
+  shown = (0, 1, 5, 10, 20, 30, 50)
+  d = r["data"]
+  se = r["balance_accuracy_stderr"]
+  return _table(["IPR round"] + [str(k) for k in shown] + ["data"], [
+      ["balance accuracy % (benchmark code)"]
+      + [_pct(r["balance_accuracy"][k]) + (f" ± {_pct(se[k])}" if k == 0 else "")
+         for k in shown] + [f"{100 * d['balance_accuracy']:g}"],
+      ["mean pixel-count error"] + [f"{r['mean_count_error'][k]:.1f}" for k in shown]
+      + [f"{d['mean_count_error']:g}"],
+      ["saturation std"] + [f"{r['saturation_std'][k]:.3f}" for k in shown]
+      + [f"{d['saturation_std']:g}"],
+      ["value std"] + [f"{r['value_std'][k]:.3f}" for k in shown] + [f"{d['value_std']:g}"]])
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def bench_model():
+  r = _result("bench/bench_model.json")
+  sizes = {"default": "16x16x1", "imagenet64_60m": "64x64x3"}
+  return _table(["config", "params", "FLOPs per-pixel / per-image",
+                 "CPU time per-pixel / per-image", "sampler steps/s (batch 8)"],
+                [[f"{k} ({sizes[k]})", f"{v['params']:,}",
+                  f"{r['per_pixel_over_per_image_flops'][k]:.2f}",
+                  f"{r['per_pixel_over_per_image_time'][k]:.2f}",
+                  f"{v['sampler_steps_per_s']:.3g}"] for k, v in r["details"].items()])
+
+
+def bench_train():
+  r = _result("bench/bench_train.json")["results"]
+  return _table(["config / compute dtype", "batch", "s / step", "images / s", "GFLOP / step",
+                 "achieved TFLOP/s", "MFU (vs measured CPU peak)"],
+                [[k, v["batch"], f"{v['step_seconds']:.2f}", f"{v['images_per_s']:.1f}",
+                  f"{v['gflops_per_step']:.0f}", f"{v['achieved_tflops']:.3f}", f"{v['mfu']:.2f}"]
+                 for k, v in r.items()])
+
+
+def bench_peer():
+  r = _result("bench/bench_peer.json")["cases"]
+  what = {"train_default": "train step, default, batch 64",
+          "sample_default": "50-step sampling, default, batch 64",
+          "train_60m": "train step, 60M, 64x64, batch 8"}
+
+  def cell(d):
+    return f"{d['median_s']:.3g} s ({d['min_s']:.3g}-{d['max_s']:.3g})"
+  return _table(["case", "ours", "PyTorch eager, per-image t", "PyTorch eager, per-pixel t",
+                 "ours / PyTorch (per-image t)", "ours / PyTorch (per-pixel t)", "ours compile",
+                 "load"],
+                [[what[k], cell(v["ours"]), cell(v["torch_per_image"]),
+                  cell(v["torch_per_pixel"]), f"**{v['ours_over_torch']:.2f}x**",
+                  f"{v['ours_over_torch_per_pixel']:.2f}x", f"{v['ours_compile_s']:.0f} s",
+                  "-".join(f"{x:.1f}" for x in v["load_average_1min"])] for k, v in r.items()])
+
+
+def bench_peer_conv():
+  r = _result("bench/bench_peer_conv.json")["cases"]
+  level = {"default": "default, first level", "imagenet64_60m": "60M, first level"}
+  return _table(["one 3x3 conv, forward + both gradients, NHWC", "ours", "PyTorch",
+                 "ours / PyTorch", "TFLOP/s ours / PyTorch"],
+                [[f"{'x'.join(map(str, v['shape_nhwc']))} ({level[v['config']]})",
+                  f"{v['ours']['median_s']:.3g} s", f"{v['torch']['median_s']:.3g} s",
+                  f"**{v['ours_over_torch']:.2f}x**",
+                  f"{v['ours_tflops']:.3f} / {v['torch_tflops']:.3f}"] for v in r.values()])
+
+
+def host_devices():
+  one = _result("bench/host_devices.json")["cases"]
+  more = _result("bench/host_devices_2_4_8.json")["cases"]
+  big = _result("bench/host_devices_60m.json")["cases"]["train_60m"]
+  core = _result("bench/host_devices_1core.json")["cases"]
+
+  def row(name, case, unit_digits):
+    c = one[case]
+    base = f"1 ({c['variants']['1']['median_s']:.{unit_digits}f} s)"
+    return [name, base, f"{c['speedup_over_1']['2']:.2f}x", f"{c['speedup_over_1']['4']:.2f}x",
+            f"{more[case]['speedup_over_2']['8']:.2f}x of 2"]
+  return _table(["host devices on 2 cores", "1", "2", "4", "8"], [
+      row("train step, default, batch 64", "train_default", 3),
+      row("50-step sampling, default, batch 64", "sample_default", 2),
+      ["train step, 60M, batch 8", f"1 ({big['variants']['1']['median_s']:.1f} s)",
+       f"{big['speedup_over_1']['2']:.2f}x", f"{big['speedup_over_1']['4']:.2f}x", ""],
+      ["one core (taskset): train / sampling", "1",
+       f"{core['train_default']['speedup_over_1']['2']:.2f}x / "
+       f"{core['sample_default']['speedup_over_1']['2']:.2f}x", "", ""]])
+
+
+def bench_metrics():
+  r = _result("evaluation/bench_metrics.json")
+  f, fr, pr, inp = r["features"], r["frechet"], r["prdc"], r["inpainting"]
+  a50, a250, rp = inp["asyncpatch_50"], inp["asyncpatch_250"], inp["repaint"]
+  ratio = inp["repaint_over_asyncpatch"]
+  return _table(["quantity", "value"], [
+      [f"FID Inception-v3 features, 64x64 inputs resized to 299 (batch {f['feature_batch']})",
+       f"{f['inception_images_per_s']:.1f} images/s"],
+      [f"LPIPS-AlexNet / LPIPS-VGG, 64x64 pairs (batch {f['feature_batch']})",
+       f"{f['lpips_alex_pairs_per_s']:.0f} / {f['lpips_vgg_pairs_per_s']:.1f} pairs/s"],
+      ["digit features (the offline default), 16x16 (batch 256)",
+       f"{f['digit_features_images_per_s']:,.0f} images/s"],
+      [f"Frechet distance of two {fr['dim']}-d statistics, float64 (goal: under 2 s)",
+       f"{fr['frechet_seconds']:.2f} s ({fr['frechet_cpu_seconds']:.1f} CPU-s); pytorch-fid's "
+       f"`sqrtm` formula {fr['sqrtm_formula_seconds']:.1f} s, relative difference "
+       f"{abs(fr['frechet_value'] - fr['sqrtm_formula_value']) / fr['frechet_value']:.0e}"],
+      [f"streaming statistics of 10k x {fr['dim']} features (batches of 500)",
+       f"{fr['streaming_stats_10k_seconds']:.1f} s"],
+      [f"PRDC, {pr['n'] // 1000}k x {pr['n'] // 1000}k x {pr['dim']}, k = 5 "
+       f"({pr['block_rows']}-row blocks; the largest array {pr['largest_block_mb']:.0f} MB)",
+       f"{pr['prdc_seconds']:.0f} s"],
+      [f"inpainting, default digits UNet, batch {inp['batch']}: AsyncPatch 50 / 250 steps",
+       f"{a50['network_evals']} / {a250['network_evals']} network evaluations, "
+       f"{a50['seconds_per_image']:.3f} / {a250['seconds_per_image']:.2f} s per image"],
+      [f"inpainting: RePaint {' / '.join(map(str, rp['params']))}",
+       f"{rp['network_evals']} network evaluations ({ratio['network_evals']:.1f}x "
+       f"AsyncPatch-250), {rp['seconds_per_image']:.1f} s per image ({ratio['seconds']:.1f}x)"]])
+
+
+TABLES = {
+    "asyncpatch": [timestep_statistics, sampler_ablation, inpainting_benchmark, latent_textures,
+                   latent_autoencoder, texture_synthesis, adaptive_sampling],
+    "pifs": [pifs_table1, jacobian_table4],
+    "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
+    "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
+    "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, host_devices,
+                   bench_metrics],
+}
+
+
+@pytest.mark.parametrize("group,render", [(g, r) for g, rs in TABLES.items() for r in rs],
+                         ids=[f"{g}-{r.__name__}" for g, rs in TABLES.items() for r in rs])
+def test_readme_table_is_the_stored_result(group, render):
+  with open(os.path.join(ROOT, "experiments", group, "README.md")) as f:
+    text = f.read()
+  table = render()
+  assert table in text, f"experiments/{group}/README.md lacks (or differs from):\n{table}"
+
+
+if __name__ == "__main__":
+  for group, renders in TABLES.items():
+    for render in renders:
+      print(f"<!-- {group}: {render.__name__} -->\n{render()}\n")
