@@ -1,11 +1,15 @@
-"""Every command in README.md's `sh` blocks runs (shortened by documented smoke flags).
+"""Every command in the documentation's `sh` blocks runs (shortened by documented smoke flags).
 
-pip and pytest commands are what .ci/run executes; every other command is run here
-from the repository root with its outputs redirected to a temporary directory and
-the smoke flags below appended (later absl flags override earlier ones), so a README
-command that stops working fails this test. A README command that matches no rule
-fails it too. The experiments in fixtures/readme.py's RUN_ELSEWHERE are run, as the README
-writes them, by the test that checks their full tiny run (not twice).
+The documentation is README.md, docs/*.md, ROADMAP.md and the README.md of every folder
+under experiments/ and tools/ (fixtures/readme.py). pip and pytest commands are what
+.ci/run executes (the quick loop's `-m "not slow"` is collected here); every other command
+is run here from the repository root with its outputs redirected to a temporary directory
+and the smoke flags below appended (later absl flags override earlier ones), so a
+documented command that stops working fails this test. A command that matches no rule
+fails it too. The experiments in fixtures/readme.py's RUN_ELSEWHERE are run, as the
+documentation writes them, by the test that checks their full tiny run (not twice).
+Commands shown in other blocks (they need a GPU, a TPU pod, torch or real data) are
+checked against the files, flags and config keys they name.
 """
 
 import json
@@ -21,6 +25,8 @@ from asyncpatch_jax import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from fixtures.readme import RUN_ELSEWHERE
+from fixtures.readme import block_commands
+from fixtures.readme import code_blocks
 from fixtures.readme import readme_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +76,15 @@ SMOKE = {
 }
 
 
+def _script_key(path, table):
+  """The key of `table` naming the same script as `path` (matched on the file name)."""
+  return next((k for k in table if os.path.basename(k) == os.path.basename(path)), None)
+
+
+def _smoke(cmd):
+  return SMOKE[_script_key(cmd[1], SMOKE)]
+
+
 def _kind(cmd):
   if cmd[0] in ("pip", "pytest"):
     return "ci"
@@ -79,9 +94,9 @@ def _kind(cmd):
     if "--mode=evaluate" in cmd:
       return "evaluate"
     return "head" if "--config=configs/uncertainty_digits.py" in cmd else "train"
-  if cmd[0] == "python" and cmd[1] in RUN_ELSEWHERE:
+  if cmd[0] == "python" and len(cmd) > 1 and _script_key(cmd[1], RUN_ELSEWHERE):
     return "elsewhere"
-  if cmd[0] == "python" and cmd[1] in SMOKE:
+  if cmd[0] == "python" and len(cmd) > 1 and _script_key(cmd[1], SMOKE):
     return "workdir" if any(a.startswith("--workdir=") for a in cmd) else "experiment"
   return "unknown"
 
@@ -182,7 +197,7 @@ def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
       assert result["generation"]["num_samples"] == 16 and "fd_digits" in result["generation"]
       assert set(result["inpainting"]["families"]) == {"square"}
     elif kind == "workdir":
-      _run(cmd, tmp, workdir, SMOKE[cmd[1]])
+      _run(cmd, tmp, workdir, _smoke(cmd))
     else:
       continue
     ran += 1
@@ -194,15 +209,14 @@ EXPERIMENTS = [c for c in COMMANDS if _kind(c) == "experiment"]
 
 @pytest.mark.parametrize("cmd", EXPERIMENTS, ids=[" ".join(c[1:2]) for c in EXPERIMENTS])
 def test_experiment_command_runs(cmd, tmp_path):
-  _run(cmd, str(tmp_path), str(tmp_path / "workdir"), SMOKE[cmd[1]])
+  _run(cmd, str(tmp_path), str(tmp_path / "workdir"), _smoke(cmd))
   outs = [a for a in cmd if a.startswith("--out")]
   assert outs and os.listdir(tmp_path / "out")
 
 
 def test_readme_python_blocks_run_and_keep_what_they_promise():
-  """The library snippets, run as one script on one device (as a user's machine has)."""
-  text = open(os.path.join(ROOT, "README.md")).read()
-  code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+  """The library snippets (docs/api.md), run as one script on one device (as a user's machine has)."""
+  code = "\n".join(body for _, body in code_blocks("python"))
   assert "refiner.refine" in code
   check = """
 import numpy as np
