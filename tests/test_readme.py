@@ -217,7 +217,7 @@ def test_experiment_command_runs(cmd, tmp_path):
 def test_readme_python_blocks_run_and_keep_what_they_promise():
   """The library snippets (docs/api.md), run as one script on one device (as a user's machine has)."""
   code = "\n".join(body for _, body in code_blocks("python"))
-  assert "refiner.refine" in code
+  assert "refiner.refine" in code and "block_norms" in code and "spin.make_schedule" in code
   check = """
 import numpy as np
 out, x0, x = np.asarray(out), np.asarray(x0), np.asarray(x)
@@ -231,6 +231,15 @@ assert thin.shape == (4, 16, 16) and set(np.unique(thin)) <= {0.0, 1.0}
 assert ts[:3].tolist() == [249, 248, 247] and ts[-1] == -1 and repaint.num_model_steps(ts) == 2410
 painted = np.asarray(painted)
 assert (painted[square == 1] == 1).all() and not (painted[square == 0] == 1).all()
+# Jacobian tools: block norms of the Gaussian DDIM step are f_t(lambda_k), zero across patches.
+norms = np.asarray(norms)
+np.testing.assert_allclose(np.diag(norms), f, rtol=1e-5)
+assert np.abs(norms - np.diag(np.diag(norms))).max() < 1e-6 and (f > 1).any() and (f < 1).any()
+# Spin model: progressive L->R leaves a bias, parallel and interleaved reach m* (float32).
+bias = {k: np.asarray(v) for k, v in bias.items()}
+assert bias["progressive_lr"].min() > 0.5, bias
+assert bias["parallel"].max() < 1e-4 and bias["interleaved"].max() < 1e-4, bias
+assert abs(float(m_star[-1]) - 0.36) < 0.01                # the far block, Growing Images Fig. 2
 print("ok")
 """
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
