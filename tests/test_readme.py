@@ -246,3 +246,126 @@ print("ok")
   res = subprocess.run([sys.executable, "-c", code + check], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+# The shell blocks that are shown but not run: they need a GPU, a TPU pod, torch,
+# TensorFlow or real data, or run for many minutes.
+SHOWN_LANGUAGES = ("text", "", "bash", "shell", "console")
+# absl's own flags, accepted by every script.
+ABSL_FLAGS = {"help", "helpfull", "helpshort", "verbosity", "v", "logtostderr", "alsologtostderr",
+              "flagfile", "log_dir", "stderrthreshold", "only_check_args"}
+SHOWN = [(path, cmd) for path, body in code_blocks(*SHOWN_LANGUAGES)
+         for cmd in block_commands(body)]
+
+
+def _defined_flags(script):
+  text = open(os.path.join(ROOT, script)).read()
+  names = set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", text))
+  return names | {"no" + n for n in names} | ABSL_FLAGS
+
+
+def _has_key(config, key):
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node.keys():
+      return False
+    node = node[part]
+  return True
+
+
+def _extras():
+  text = open(os.path.join(ROOT, "setup.py")).read()
+  block = text[text.index("EXTRAS_REQUIRE = {"):]
+  return set(re.findall(r"^    \"(\w+)\": \[", block, flags=re.M))
+
+
+def _markers():
+  text = open(os.path.join(ROOT, "pytest.ini")).read()
+  return set(re.findall(r"^    (\w+):", text, flags=re.M))
+
+
+def _shown_problems(cmd):
+  """What is wrong with a shown command: a missing file, an unknown flag, key or extra."""
+  while cmd and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", cmd[0]) or cmd[0] == "taskset"):
+    cmd = cmd[3:] if cmd[0] == "taskset" else cmd[1:]
+  cmd = [a for a in cmd if a != "&"]
+  if not cmd:
+    return []
+  if cmd[0] in ("python", "python3") and cmd[1:3] == ["-m", "asyncpatch_jax.main"]:
+    flags = [a[2:].split("=", 1) for a in cmd[3:] if a.startswith("--")]
+    config_path = dict(f for f in flags if len(f) == 2).get("config")
+    problems = []
+    if config_path and not os.path.isfile(os.path.join(ROOT, config_path)):
+      return [f"no config file {config_path}"]
+    config = (base_config.load_config_file(os.path.join(ROOT, config_path)) if config_path
+              else base_config.get_base_config())
+    main_flags = _defined_flags("asyncpatch_jax/main.py") | {"config"}
+    for name, *_ in flags:
+      if name.startswith("config."):
+        if not _has_key(config, name[len("config."):]):
+          problems.append(f"--{name}: no such config key")
+      elif name not in main_flags:
+        problems.append(f"--{name}: not a flag of asyncpatch_jax.main")
+    return problems
+  if cmd[0] in ("python", "python3") and cmd[1].endswith(".py"):
+    if not os.path.isfile(os.path.join(ROOT, cmd[1])):
+      return [f"no script {cmd[1]}"]
+    defined = _defined_flags(cmd[1])
+    return [f"--{name}: not a flag of {cmd[1]}" for name in
+            (a[2:].split("=", 1)[0] for a in cmd[2:] if a.startswith("--")) if name not in defined]
+  if cmd[:2] == ["pip", "install"]:
+    extras = [e for a in cmd[2:] if a.startswith(".[")
+              for e in a[2:].rstrip("]").split(",")]
+    return [f"no extra [{e}] in setup.py" for e in extras if e not in _extras()]
+  if cmd[0] == "pytest":
+    expr = cmd[cmd.index("-m") + 1] if "-m" in cmd else ""
+    words = set(re.findall(r"\w+", expr)) - {"not", "and", "or"}
+    return [f"marker {w} is not declared in pytest.ini" for w in words - _markers()]
+  if cmd[0].endswith(".sh") or cmd[0].startswith(("launch/", "tools/", "./")):
+    path = os.path.join(ROOT, cmd[0])
+    if not os.path.isfile(path):
+      return [f"no script {cmd[0]}"]
+    res = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+    return [] if res.returncode == 0 else [f"{cmd[0]}: {res.stderr.strip()}"]
+  return []   # other tools (tfds, gcloud, ...) and lines that are not commands
+
+
+def test_shown_commands_name_real_files_flags_and_keys():
+  """Commands the tests cannot run still name existing scripts, flags, config keys, extras."""
+  assert SHOWN, "no shown commands found"
+  problems = [(path, " ".join(cmd), p) for path, cmd in SHOWN for p in _shown_problems(cmd)]
+  assert not problems, problems
+
+
+def test_shown_command_checks_catch_mistakes():
+  """The check above fails on a wrong script, flag, config key, extra or marker."""
+  wrong = [["python", "experiments/no_such_script.py"],
+           ["python", "experiments/bench_train.py", "--no_such_flag=1"],
+           ["python", "-m", "asyncpatch_jax.main", "--config=configs/default.py",
+            "--config.train.no_such_key=1"],
+           ["python", "-m", "asyncpatch_jax.main", "--no_such_flag"],
+           ["pip", "install", "-e", ".[no_such_extra]"],
+           ["pytest", "-m", "not no_such_marker"],
+           ["launch/no_such_launcher.sh"]]
+  assert all(_shown_problems(c) for c in wrong), [c for c in wrong if not _shown_problems(c)]
+  assert not _shown_problems(["python", "experiments/bench_train.py", "--out=x.json"])
+
+
+PYTEST_COMMANDS = [c for c in COMMANDS if c[0] == "pytest"]
+
+
+@pytest.mark.parametrize("cmd", PYTEST_COMMANDS, ids=[" ".join(c) for c in PYTEST_COMMANDS])
+def test_documented_pytest_commands_collect(cmd):
+  """The documented test commands, collected on two files (the whole run is .ci/run's)."""
+  args = list(cmd[1:])
+  if "-n" in args:
+    args[args.index("-n") + 1] = "0"
+  res = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q",
+                        "tests/test_help.py", "tests/test_run_lock.py"], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+  summary = res.stdout.strip().splitlines()[-1]
+  assert "collected" in summary and not summary.startswith("0"), summary
+  if "-m" in args:
+    assert "deselected" in summary, summary     # the quick loop leaves the slow tests out
