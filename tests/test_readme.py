@@ -369,3 +369,29 @@ def test_documented_pytest_commands_collect(cmd):
   assert "collected" in summary and not summary.startswith("0"), summary
   if "-m" in args:
     assert "deselected" in summary, summary     # the quick loop leaves the slow tests out
+
+
+def _anchors(path):
+  """GitHub's anchors of a Markdown file's headings."""
+  text = re.sub(r"^```.*?^```", "", open(path).read(), flags=re.S | re.M)
+  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+          for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+def test_relative_links_resolve():
+  """Every relative link of the documentation names an existing file (and heading)."""
+  from fixtures.readme import doc_files
+  broken = []
+  for rel in doc_files():
+    text = re.sub(r"^```.*?^```", "", open(os.path.join(ROOT, rel)).read(), flags=re.S | re.M)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"[a-z]+:", target):
+        continue
+      path, _, anchor = target.partition("#")
+      full = os.path.normpath(os.path.join(ROOT, os.path.dirname(rel), path)) if path else \
+          os.path.join(ROOT, rel)
+      if not os.path.exists(full):
+        broken.append((rel, target, "no such file"))
+      elif anchor and full.endswith(".md") and anchor not in _anchors(full):
+        broken.append((rel, target, "no such heading"))
+  assert not broken, broken
