@@ -1,15 +1,15 @@
 """Every command in the documentation's `sh` blocks runs (shortened by documented smoke flags).
 
-The documentation is README.md, docs/*.md, ROADMAP.md and the README.md of every folder
-under experiments/ and tools/ (fixtures/readme.py). pip and pytest commands are what
-.ci/run executes (the quick loop's `-m "not slow"` is collected here); every other command
-is run here from the repository root with its outputs redirected to a temporary directory
-and the smoke flags below appended (later absl flags override earlier ones), so a
-documented command that stops working fails this test. A command that matches no rule
-fails it too. The experiments in fixtures/readme.py's RUN_ELSEWHERE are run, as the
-documentation writes them, by the test that checks their full tiny run (not twice).
-Commands shown in other blocks (they need a GPU, a TPU pod, torch or real data) are
-checked against the files, flags and config keys they name.
+The documentation is README.md, docs/*.md, ROADMAP.md and the READMEs of experiments/ and
+tools/ (fixtures/readme.py); its `python` blocks (docs/api.md) run as one script. pip and
+pytest commands are what .ci/run executes; every other command is run here from the
+repository root with its outputs redirected to a temporary directory and smoke flags
+appended (later absl flags override earlier ones): the main job's overrides below, and
+`--tiny` for an experiment (with the few values its documented command sets that --tiny
+cannot shrink), so a documented command that stops working fails this test. A command that
+matches no rule, or names a script that does not exist, fails it too. The experiments in
+fixtures/readme.py's RUN_ELSEWHERE are run, as documented, by the test that checks their
+full tiny run (not twice).
 """
 
 import json
@@ -25,9 +25,9 @@ from asyncpatch_jax import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from fixtures.readme import RUN_ELSEWHERE
-from fixtures.readme import block_commands
 from fixtures.readme import code_blocks
 from fixtures.readme import readme_commands
+from fixtures.readme import script_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_WORKDIR = "/tmp/asyncpatch_default"
@@ -50,39 +50,20 @@ EVALUATE_SMOKE = ["--config.sample.num_steps=4", "--config.evaluate.num_samples=
 README_HEAD_WORKDIR = "/tmp/asyncpatch_head"
 HEAD_SMOKE = ["--config.train.num_steps=2", "--config.train.batch_size=16",
               "--config.uncertainty.channels=8"]
-SMOKE = {
-    "experiments/adaptive_sampling.py": ["--num_samples=8", "--batch_size=8", "--budgets=4,6",
-                                         "--classifier_steps=5", "--panel_budget=6"],
-    "experiments/bench_adaptive.py": ["--config=test", "--steps=6", "--repeats=1", "--batch=8"],
-    "experiments/bench_metrics.py": ["--prdc_n=200", "--dim=32", "--repaint=8,2,2",
-                                     "--feature_batch=1", "--repeats=1", "--feature_nets=digits",
-                                     "--config=configs/test.py", "--compare_steps=8"],
-    "experiments/timestep_statistics.py": ["--num_images=1024"],
-    "experiments/latent_textures.py": ["--runs=", "--tiny", "--ae_steps=1", "--latent_steps=1",
-                                       "--pixel_steps=1", "--num_images=2", "--num_steps=2",
-                                       "--families=square"],
-    "experiments/bench_latent.py": ["--tiny", "--batch=2", "--repeats=1", "--calls=1"],
-    "experiments/pifs_tables.py": [],
-    "experiments/blume_capel.py": ["--num_seeds=2", "--phase_diagram=false",
-                                   "--num_seeds_check=8"],
-    "experiments/bench_model.py": ["--configs=test", "--repeats=1"],
-    "experiments/bench_train.py": ["--configs=test", "--dtypes=float32", "--steps=1",
-                                   "--batch=test:8"],
-    "experiments/ipr_digits.py": ["--num_samples=8", "--num_rounds=2", "--num_steps=4",
-                                  "--classifier_steps=5"],
-    "experiments/jacobian_regimes.py": ["--num_seeds=1", "--stride=250", "--power_iters=3",
-                                        "--block_iters=3", "--lyap_vectors=2",
-                                        "--lyap_iters=2", "--q_samples=1"],
+# Every experiment runs with --tiny (experiments/common.py: its values are defaults, so a
+# flag the documented command sets wins); these are the flags a documented command sets
+# that the smoke run must override (later flags win), by script.
+TINY_OVERRIDES = {
+    # --runs='': the runs go next to --out (the temporary directory), not /tmp.
+    "experiments/asyncpatch/latent_textures.py": ["--runs=", "--pixel_steps=1"],
+    "experiments/ipr/ipr_digits.py": ["--num_rounds=2", "--num_steps=4"],
+    "experiments/benchmarks/bench_adaptive.py": ["--repeats=1"],
+    "experiments/benchmarks/bench_host_devices.py": ["--variants=1,2"],
 }
 
 
-def _script_key(path, table):
-  """The key of `table` naming the same script as `path` (matched on the file name)."""
-  return next((k for k in table if os.path.basename(k) == os.path.basename(path)), None)
-
-
-def _smoke(cmd):
-  return SMOKE[_script_key(cmd[1], SMOKE)]
+def _tiny(cmd):
+  return ["--tiny", *TINY_OVERRIDES.get(script_of(cmd), [])]
 
 
 def _kind(cmd):
@@ -94,9 +75,12 @@ def _kind(cmd):
     if "--mode=evaluate" in cmd:
       return "evaluate"
     return "head" if "--config=configs/uncertainty_digits.py" in cmd else "train"
-  if cmd[0] == "python" and len(cmd) > 1 and _script_key(cmd[1], RUN_ELSEWHERE):
+  script = script_of(cmd)
+  if script is None or not os.path.isfile(os.path.join(ROOT, script)):
+    return "unknown"
+  if script in RUN_ELSEWHERE:
     return "elsewhere"
-  if cmd[0] == "python" and len(cmd) > 1 and _script_key(cmd[1], SMOKE):
+  if script.startswith("experiments/"):
     return "workdir" if any(a.startswith("--workdir=") for a in cmd) else "experiment"
   return "unknown"
 
@@ -197,7 +181,7 @@ def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
       assert result["generation"]["num_samples"] == 16 and "fd_digits" in result["generation"]
       assert set(result["inpainting"]["families"]) == {"square"}
     elif kind == "workdir":
-      _run(cmd, tmp, workdir, _smoke(cmd))
+      _run(cmd, tmp, workdir, _tiny(cmd))
     else:
       continue
     ran += 1
@@ -207,9 +191,10 @@ def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
 EXPERIMENTS = [c for c in COMMANDS if _kind(c) == "experiment"]
 
 
-@pytest.mark.parametrize("cmd", EXPERIMENTS, ids=[" ".join(c[1:2]) for c in EXPERIMENTS])
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", EXPERIMENTS, ids=[" ".join(c[1:4]) for c in EXPERIMENTS])
 def test_experiment_command_runs(cmd, tmp_path):
-  _run(cmd, str(tmp_path), str(tmp_path / "workdir"), _smoke(cmd))
+  _run(cmd, str(tmp_path), str(tmp_path / "workdir"), _tiny(cmd))
   outs = [a for a in cmd if a.startswith("--out")]
   assert outs and os.listdir(tmp_path / "out")
 
@@ -247,151 +232,3 @@ print("ok")
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
-
-# The shell blocks that are shown but not run: they need a GPU, a TPU pod, torch,
-# TensorFlow or real data, or run for many minutes.
-SHOWN_LANGUAGES = ("text", "", "bash", "shell", "console")
-# absl's own flags, accepted by every script.
-ABSL_FLAGS = {"help", "helpfull", "helpshort", "verbosity", "v", "logtostderr", "alsologtostderr",
-              "flagfile", "log_dir", "stderrthreshold", "only_check_args"}
-SHOWN = [(path, cmd) for path, body in code_blocks(*SHOWN_LANGUAGES)
-         for cmd in block_commands(body)]
-
-
-def _defined_flags(script):
-  text = open(os.path.join(ROOT, script)).read()
-  names = set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", text))
-  return names | {"no" + n for n in names} | ABSL_FLAGS
-
-
-def _has_key(config, key):
-  node = config
-  for part in key.split("."):
-    if not hasattr(node, "keys") or part not in node.keys():
-      return False
-    node = node[part]
-  return True
-
-
-def _extras():
-  text = open(os.path.join(ROOT, "setup.py")).read()
-  block = text[text.index("EXTRAS_REQUIRE = {"):]
-  return set(re.findall(r"^    \"(\w+)\": \[", block, flags=re.M))
-
-
-def _markers():
-  text = open(os.path.join(ROOT, "pytest.ini")).read()
-  return set(re.findall(r"^    (\w+):", text, flags=re.M))
-
-
-def _shown_problems(cmd):
-  """What is wrong with a shown command: a missing file, an unknown flag, key or extra."""
-  while cmd and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", cmd[0]) or cmd[0] == "taskset"):
-    cmd = cmd[3:] if cmd[0] == "taskset" else cmd[1:]
-  cmd = [a for a in cmd if a != "&"]
-  if not cmd:
-    return []
-  if cmd[0] in ("python", "python3") and cmd[1:3] == ["-m", "asyncpatch_jax.main"]:
-    flags = [a[2:].split("=", 1) for a in cmd[3:] if a.startswith("--")]
-    config_path = dict(f for f in flags if len(f) == 2).get("config")
-    problems = []
-    if config_path and not os.path.isfile(os.path.join(ROOT, config_path)):
-      return [f"no config file {config_path}"]
-    config = (base_config.load_config_file(os.path.join(ROOT, config_path)) if config_path
-              else base_config.get_base_config())
-    main_flags = _defined_flags("asyncpatch_jax/main.py") | {"config"}
-    for name, *_ in flags:
-      if name.startswith("config."):
-        if not _has_key(config, name[len("config."):]):
-          problems.append(f"--{name}: no such config key")
-      elif name not in main_flags:
-        problems.append(f"--{name}: not a flag of asyncpatch_jax.main")
-    return problems
-  if cmd[0] in ("python", "python3") and cmd[1].endswith(".py"):
-    if not os.path.isfile(os.path.join(ROOT, cmd[1])):
-      return [f"no script {cmd[1]}"]
-    defined = _defined_flags(cmd[1])
-    return [f"--{name}: not a flag of {cmd[1]}" for name in
-            (a[2:].split("=", 1)[0] for a in cmd[2:] if a.startswith("--")) if name not in defined]
-  if cmd[:2] == ["pip", "install"]:
-    extras = [e for a in cmd[2:] if a.startswith(".[")
-              for e in a[2:].rstrip("]").split(",")]
-    return [f"no extra [{e}] in setup.py" for e in extras if e not in _extras()]
-  if cmd[0] == "pytest":
-    expr = cmd[cmd.index("-m") + 1] if "-m" in cmd else ""
-    words = set(re.findall(r"\w+", expr)) - {"not", "and", "or"}
-    return [f"marker {w} is not declared in pytest.ini" for w in words - _markers()]
-  if cmd[0].endswith(".sh") or cmd[0].startswith(("launch/", "tools/", "./")):
-    path = os.path.join(ROOT, cmd[0])
-    if not os.path.isfile(path):
-      return [f"no script {cmd[0]}"]
-    res = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
-    return [] if res.returncode == 0 else [f"{cmd[0]}: {res.stderr.strip()}"]
-  return []   # other tools (tfds, gcloud, ...) and lines that are not commands
-
-
-def test_shown_commands_name_real_files_flags_and_keys():
-  """Commands the tests cannot run still name existing scripts, flags, config keys, extras."""
-  assert SHOWN, "no shown commands found"
-  problems = [(path, " ".join(cmd), p) for path, cmd in SHOWN for p in _shown_problems(cmd)]
-  assert not problems, problems
-
-
-def test_shown_command_checks_catch_mistakes():
-  """The check above fails on a wrong script, flag, config key, extra or marker."""
-  wrong = [["python", "experiments/no_such_script.py"],
-           ["python", "experiments/bench_train.py", "--no_such_flag=1"],
-           ["python", "-m", "asyncpatch_jax.main", "--config=configs/default.py",
-            "--config.train.no_such_key=1"],
-           ["python", "-m", "asyncpatch_jax.main", "--no_such_flag"],
-           ["pip", "install", "-e", ".[no_such_extra]"],
-           ["pytest", "-m", "not no_such_marker"],
-           ["launch/no_such_launcher.sh"]]
-  assert all(_shown_problems(c) for c in wrong), [c for c in wrong if not _shown_problems(c)]
-  assert not _shown_problems(["python", "experiments/bench_train.py", "--out=x.json"])
-
-
-PYTEST_COMMANDS = [c for c in COMMANDS if c[0] == "pytest"]
-
-
-@pytest.mark.parametrize("cmd", PYTEST_COMMANDS, ids=[" ".join(c) for c in PYTEST_COMMANDS])
-def test_documented_pytest_commands_collect(cmd):
-  """The documented test commands, collected on two files (the whole run is .ci/run's)."""
-  args = list(cmd[1:])
-  if "-n" in args:
-    args[args.index("-n") + 1] = "0"
-  res = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q",
-                        "tests/test_help.py", "tests/test_run_lock.py"], cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                       timeout=300)
-  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-  summary = res.stdout.strip().splitlines()[-1]
-  assert "collected" in summary and not summary.startswith("0"), summary
-  if "-m" in args:
-    assert "deselected" in summary, summary     # the quick loop leaves the slow tests out
-
-
-def _anchors(path):
-  """GitHub's anchors of a Markdown file's headings."""
-  text = re.sub(r"^```.*?^```", "", open(path).read(), flags=re.S | re.M)
-  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-          for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
-
-
-def test_relative_links_resolve():
-  """Every relative link of the documentation names an existing file (and heading)."""
-  from fixtures.readme import doc_files
-  broken = []
-  for rel in doc_files():
-    text = re.sub(r"^```.*?^```", "", open(os.path.join(ROOT, rel)).read(), flags=re.S | re.M)
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
-      if re.match(r"[a-z]+:", target):
-        continue
-      path, _, anchor = target.partition("#")
-      full = os.path.normpath(os.path.join(ROOT, os.path.dirname(rel), path)) if path else \
-          os.path.join(ROOT, rel)
-      if not os.path.exists(full):
-        broken.append((rel, target, "no such file"))
-      elif anchor and full.endswith(".md") and anchor not in _anchors(full):
-        broken.append((rel, target, "no such heading"))
-  assert not broken, broken
