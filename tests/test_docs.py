@@ -197,3 +197,25 @@ def test_relative_links_resolve():
       elif anchor and full.endswith(".md") and anchor not in _anchors(full):
         broken.append((rel, target, "no such heading"))
   assert not broken, broken
+
+
+# Citations of files that are not in the repository: the design notes and the papers' texts
+# live beside it, not in it (docs/conventions.md holds the conventions; papers are cited by
+# name and equation, e.g. "AsyncPatch Eq. 4").
+OUTSIDE = re.compile(r"shared/|\bSPEC\b|SPEC\.md|papers/")
+
+
+def test_no_file_cites_the_design_notes_or_paper_files():
+  cited = []
+  for folder in ("asyncpatch_jax", "configs", "experiments", "tools", "launch", "tests"):
+    for dirpath, _, names in os.walk(os.path.join(ROOT, folder)):
+      for name in names:
+        path = os.path.join(dirpath, name)
+        if not name.endswith((".py", ".sh", ".md")) or path == os.path.abspath(__file__):
+          continue
+        for i, line in enumerate(open(path, errors="replace"), 1):
+          if OUTSIDE.search(line):
+            cited.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
+  for rel in doc_files():
+    cited += [f"{rel}: {m}" for m in OUTSIDE.findall(open(os.path.join(ROOT, rel)).read())]
+  assert not cited, "\n".join(cited)
