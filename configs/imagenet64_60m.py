@@ -1,6 +1,6 @@
 """The paper's ~60M backbone on ImageNet 64x64 (AsyncPatch Table 6, App. E ablations).
 
-Needs imagenet_resized/64x64 prepared in a TFDS data_dir (README: "Real datasets"):
+Needs imagenet_resized/64x64 prepared in a TFDS data_dir (docs/scaling.md, "Real datasets"):
   python -m asyncpatch_jax.main --config=configs/imagenet64_60m.py --workdir=gs://bucket/run \
       --config.data.data_dir=/path/to/tfds
 Paper: 1e6 steps at batch 512, Adam, grad clipping, EMA 0.999, DDIM 250 steps, eta 0.25.

@@ -342,7 +342,7 @@ def test_sharded_adaptive_sampling_equals_single_device():
 
 
 def test_ipr_regenerates_its_regions_in_srm_order():
-  # IPR (papers/004 Alg. 1) with the sequential backbone's order: each round regenerates
+  # IPR (Alg. 1) with the sequential backbone's order: each round regenerates
   # floor(alpha (N - |C|)) = 2 of the 3 free 2x2 regions, one after the other in the order
   # of the (given) uncertainty, and leaves the rest bit-identical.
   refiner = ipr.Refiner(_toy_velocity, uncertainty_fn=_toy_uncertainty)

@@ -1,4 +1,4 @@
-"""The IPR benchmarks (papers/004 Sec. 4.2-4.5): Sudoku rule and data, cell reading, Even
+"""The IPR benchmarks (IPR Sec. 4.2-4.5): Sudoku rule and data, cell reading, Even
 Pixels metrics, IPR's input checks, and the experiment's tiny run.
 
 References: a brute-force Sudoku check over Python sets; the known count of 4x4 Sudokus

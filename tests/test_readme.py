@@ -1,14 +1,15 @@
 """Every command in the documentation's `sh` blocks runs (shortened by documented smoke flags).
 
-The documentation is README.md and the READMEs of experiments/ and tools/
-(fixtures/readme.py). pip and pytest commands are what .ci/run executes; every other
-command is run here from the repository root with its outputs redirected to a temporary
-directory and smoke flags appended (later absl flags override earlier ones): the main job's
-overrides below, and `--tiny` for an experiment (with the few values its documented command
-sets that --tiny cannot shrink), so a documented command that stops working fails this test.
-A command that matches no rule, or names a script that does not exist, fails it too. The
-experiments in fixtures/readme.py's RUN_ELSEWHERE are run, as documented, by the test that
-checks their full tiny run (not twice).
+The documentation is README.md, docs/*.md, ROADMAP.md and the READMEs of experiments/ and
+tools/ (fixtures/readme.py); its `python` blocks (docs/api.md) run as one script. pip and
+pytest commands are what .ci/run executes; every other command is run here from the
+repository root with its outputs redirected to a temporary directory and smoke flags
+appended (later absl flags override earlier ones): the main job's overrides below, and
+`--tiny` for an experiment (with the few values its documented command sets that --tiny
+cannot shrink), so a documented command that stops working fails this test. A command that
+matches no rule, or names a script that does not exist, fails it too. The experiments in
+fixtures/readme.py's RUN_ELSEWHERE are run, as documented, by the test that checks their
+full tiny run (not twice).
 """
 
 import json
@@ -24,6 +25,7 @@ from asyncpatch_jax.config import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from fixtures.readme import RUN_ELSEWHERE
+from fixtures.readme import code_blocks
 from fixtures.readme import readme_commands
 from fixtures.readme import script_of
 
@@ -198,10 +200,9 @@ def test_experiment_command_runs(cmd, tmp_path):
 
 
 def test_readme_python_blocks_run_and_keep_what_they_promise():
-  """The library snippets, run as one script on one device (as a user's machine has)."""
-  text = open(os.path.join(ROOT, "README.md")).read()
-  code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
-  assert "refiner.refine" in code
+  """The library snippets (docs/api.md), run as one script on one device (as a user's machine has)."""
+  code = "\n".join(body for _, body in code_blocks("python"))
+  assert "refiner.refine" in code and "block_norms" in code and "spin.make_schedule" in code
   check = """
 import numpy as np
 out, x0, x = np.asarray(out), np.asarray(x0), np.asarray(x)
@@ -215,9 +216,19 @@ assert thin.shape == (4, 16, 16) and set(np.unique(thin)) <= {0.0, 1.0}
 assert ts[:3].tolist() == [249, 248, 247] and ts[-1] == -1 and repaint.num_model_steps(ts) == 2410
 painted = np.asarray(painted)
 assert (painted[square == 1] == 1).all() and not (painted[square == 0] == 1).all()
+# Jacobian tools: block norms of the Gaussian DDIM step are f_t(lambda_k), zero across patches.
+norms = np.asarray(norms)
+np.testing.assert_allclose(np.diag(norms), f, rtol=1e-5)
+assert np.abs(norms - np.diag(np.diag(norms))).max() < 1e-6 and (f > 1).any() and (f < 1).any()
+# Spin model: progressive L->R leaves a bias, parallel and interleaved reach m* (float32).
+bias = {k: np.asarray(v) for k, v in bias.items()}
+assert bias["progressive_lr"].min() > 0.5, bias
+assert bias["parallel"].max() < 1e-4 and bias["interleaved"].max() < 1e-4, bias
+assert abs(float(m_star[-1]) - 0.36) < 0.01                # the far block, Growing Images Fig. 2
 print("ok")
 """
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
   res = subprocess.run([sys.executable, "-c", code + check], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+

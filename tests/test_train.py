@@ -361,7 +361,7 @@ def _gaussian_data():
 
 
 def _sid2_weight(t, bias):
-  """shared/SPEC.md section 2: t (1 - t) / (t^2 + exp(-b) (1 - t)^2)."""
+  """docs/conventions.md, "Loss weighting": t (1 - t) / (t^2 + exp(-b) (1 - t)^2)."""
   return t * (1 - t) / (t * t + np.exp(-bias) * (1 - t) ** 2)
 
 

@@ -166,7 +166,7 @@ def _table6_count(base, mult, res_blocks, middle, *, embed, attention_at, num_cl
                   image=64, channels=3, updown="conv"):
   """Parameters of an ADM UNet (Dhariwal & Nichol) with AsyncPatch Table 6's sizes, by component.
 
-  Written from the architecture description (papers/001 App. E, Table 6; ADM Sec. 3),
+  Written from the architecture description (AsyncPatch App. E, Table 6; ADM Sec. 3),
   level by level in closed form:
     input conv 3x3 (C -> c_0); level l has c_l = base * mult_l channels and
     res_blocks[l] residual blocks going down (the first maps c_{l-1} -> c_l, c_{-1} = base),
@@ -232,7 +232,7 @@ def test_paper_backbones_parameter_counts_from_table6():
   Where we differ from ADM's own ImageNet-64 choices (E = 4 x base, attention at 32, 16
   and 8, BigGAN residual up/down samplers):
     - time embedding width E = 2 x base (the per-pixel FiLM projections cost P x E x 2C
-      FLOPs per block; README "Per-pixel conditioning cost");
+      FLOPs per block; experiments/benchmarks/README.md, "Per-pixel conditioning cost");
     - attention at 16x16 and 8x8 only;
     - 3x3-conv up/down samplers.
   ADM's choices would give 77.6M and 694M, 29 % and 12 % above Table 6; ours give
@@ -257,7 +257,7 @@ def test_paper_backbones_parameter_counts_from_table6():
                             attention_at=(32, 16, 8), num_classes=1000,
                             updown="resblock").values())
     assert abs(adm / paper[name] - 1) > abs(total / paper[name] - 1)
-  assert totals == {"60m": 65_412_355, "620m": 622_184_707}   # stated in README.md
+  assert totals == {"60m": 65_412_355, "620m": 622_184_707}   # the counts the documentation states
 
 
 def _np_group_norm(x, p, groups, eps=1e-5):
