@@ -9,7 +9,7 @@ Why the rewrite: transposing a convolution gives a convolution whose kernel is
 labelled output-feature-major (`HWOI`). Outside loops XLA:CPU re-lays such a kernel
 out and runs the fast convolution; inside a while loop it does not, and the
 convolution falls back to a naive kernel, 5-20x slower (measured in
-`experiments/bench_jacobian.py`). `canonical_convs(fn)` evaluates `fn`'s jaxpr with
+`experiments/benchmarks/bench_jacobian.py`). `canonical_convs(fn)` evaluates `fn`'s jaxpr with
 every `conv_general_dilated` rebound on an explicitly transposed, `HWIO`-ordered
 kernel (the same numbers, a canonical layout), recursing into nested jaxprs
 (`pjit`, calls, `scan`, `while`, `cond`). Only public `jax.extend.core` types are

@@ -92,7 +92,7 @@ class TextureFeatures:
 IN_PROJECT = {"digits": DigitFeatures, "textures": TextureFeatures}
 _INCEPTION_HINT = (" Score it with FID Inception-v3 features from a weights file "
                    "(--config.evaluate.inception_weights=<file.npz>, made by "
-                   "experiments/convert_weights.py).")
+                   "tools/convert_weights.py).")
 
 
 def in_project_problem(dataset: str, options: dict | None = None) -> str | None:

@@ -7,7 +7,7 @@ exclude the padding (`count_include_pad=False`) and the last E block max-pools. 
 input is resized to 299 x 299 bilinearly without antialiasing (`F.interpolate(...,
 mode='bilinear', align_corners=False)`), in [-1, 1]; the features are the global
 average of Mixed_7c. Submodule names are pytorch-fid's state-dict names, so a file
-converted by `experiments/convert_weights.py --inception=<pt_inception-*.pth>` loads
+converted by `tools/convert_weights.py --inception=<pt_inception-*.pth>` loads
 as is (BatchNorm eps 1e-3, no conv biases).
 """
 

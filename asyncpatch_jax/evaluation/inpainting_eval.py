@@ -1,7 +1,7 @@
 """The measurements behind the benchmark tables: samples, inpainting methods with their cost, quality.
 
-Used by experiments/sampler_ablation.py (AsyncPatch Table 1) and
-experiments/inpainting_benchmark.py (Tables 3-4). Quality is PSNR/SSIM against the
+Used by experiments/asyncpatch/sampler_ablation.py (AsyncPatch Table 1) and
+experiments/asyncpatch/inpainting_benchmark.py (Tables 3-4). Quality is PSNR/SSIM against the
 original images, the Frechet distance and PRDC on a feature extractor (named for it,
 e.g. `fd_digits`), and LPIPS when weights are given (images smaller than 64 x 64 are
 bilinearly upsampled to 64 first: AlexNet's strides need the room). Cost is network

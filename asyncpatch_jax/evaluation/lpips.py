@@ -6,7 +6,7 @@ relu2_2, relu3_3, relu4_3, relu5_3) are unit-normalised over channels
 (x / (||x|| + 1e-10)); the squared differences go through the learned non-negative
 1x1 weights `lin0..lin4` (no bias), are averaged over space and summed over layers.
 Submodule names spell the package's state-dict names (`net.slice1.0.weight`,
-`lin0.model.1.weight`), so a file converted by `experiments/convert_weights.py --lpips_lin=...
+`lin0.model.1.weight`), so a file converted by `tools/convert_weights.py --lpips_lin=...
 --lpips_trunk=...` loads as is.
 """
 

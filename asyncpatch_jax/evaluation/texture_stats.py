@@ -1,6 +1,6 @@
 """Texture statistics of a completion: patch-distribution distances and the seam across the boundary.
 
-Used by experiments/texture_synthesis.py (AsyncPatch Sec. 5.4, App. J: give the top half
+Used by experiments/asyncpatch/texture_synthesis.py (AsyncPatch Sec. 5.4, App. J: give the top half
 of a texture, generate the bottom half with input guidance).
 
 Why these statistics. A texture is a stationary distribution of local neighbourhoods

@@ -1,7 +1,7 @@
 """Pretrained weights from a user's file (npz or safetensors), checked against a flax module.
 
 Files hold tensors under the reference implementation's PyTorch state-dict names and
-layouts (convolutions [O, I, kH, kW]); `experiments/convert_weights.py` writes them
+layouts (convolutions [O, I, kH, kW]); `tools/convert_weights.py` writes them
 from the official checkpoints. A flax module whose submodule names spell those names
 (a `__` in a flax name stands for a `.`) is filled by `load_variables`: every expected
 tensor must be present with its exact shape, else an InputError names the first
@@ -27,7 +27,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise checks.InputError(f"weights file {path!r} does not exist (nothing is downloaded; convert "
-                            "the official checkpoint with experiments/convert_weights.py).")
+                            "the official checkpoint with tools/convert_weights.py).")
   if path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}

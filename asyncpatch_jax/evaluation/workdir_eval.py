@@ -105,7 +105,7 @@ def check_settings(config, image_shape, latent: bool = False) -> None:
   if problem and not ec.inception_weights:
     raise checks.InputError(f"{problem}; give FID Inception-v3 weights: "
                             "--config.evaluate.inception_weights=<file.npz> "
-                            "(experiments/convert_weights.py).")
+                            "(tools/convert_weights.py).")
 
 
 def load_weight_files(config):

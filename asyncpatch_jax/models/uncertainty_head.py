@@ -20,7 +20,7 @@ loss and `uncertainty_fn` reports 0 for them (as SRM masks its sigma where t = 0
 The head sees what the frozen UNet exposes without changing it: z, the time map (its
 sinusoidal features, as the UNet embeds it) and the frozen prediction v_hat (with the
 x0 prediction z - t v_hat); a few 3x3 convolutions (receptive field 2 L + 1 pixels for L
-layers). It adds ~4 % to a forward pass of the default UNet (experiments/bench_adaptive.py).
+layers). It adds ~4 % to a forward pass of the default UNet (experiments/benchmarks/bench_adaptive.py).
 """
 
 from __future__ import annotations

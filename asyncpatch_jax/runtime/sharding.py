@@ -53,7 +53,7 @@ def cpu_host_device_count(cores: int, batch_sizes: Sequence[int] = ()) -> int:
   Two host devices per core (one on a single core), at most MAX_AUTO_HOST_DEVICES,
   lowered to the largest count that divides every batch size, so that every device
   holds an equal share of each batch. Measured on the 2-core development machine with
-  experiments/bench_host_devices.py (results/bench/host_devices.json, quiet machine,
+  experiments/benchmarks/bench_host_devices.py (results/bench/host_devices.json, quiet machine,
   speed-up over one device): default-config train step 1.35x with 2 devices and 1.34x
   with 4 (8: 0.95x of 2); 50-step sampling 1.47x with 2, 1.77x with 4 (8: 1.2x of 2,
   measured while the load rose); the 60M train step at 64x64 0.97-0.98x with 2 or 4 (its

@@ -1,4 +1,4 @@
-"""IPR on its constraint benchmarks (papers/004 Sec. 4.2-4.5): 4x4 Digit Sudoku and Even Pixels.
+"""IPR on its constraint benchmarks (IPR Sec. 4.2-4.5): 4x4 Digit Sudoku and Even Pixels.
 
   python -m experiments.ipr.ipr_benchmarks --out=results/ipr   # trains (or resumes), evaluates
   python -m experiments.ipr.ipr_benchmarks --tiny --out=/tmp/ipr_tiny   # smoke run, workdirs in it

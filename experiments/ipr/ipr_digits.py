@@ -1,4 +1,4 @@
-"""Iterative Partial Refinement (papers/004) on this project's digits model.
+"""Iterative Partial Refinement (IPR, Kang, Yoon, Ahn) on this project's digits model.
 
   python -m experiments.ipr.ipr_digits --workdir=/tmp/asyncpatch_default \
       --out=results/ipr/ipr_digits.json
