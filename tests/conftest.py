@@ -25,9 +25,29 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from fixtures import cli  # pylint: disable=wrong-import-position
+from fixtures import configs  # pylint: disable=wrong-import-position
 from fixtures import gcs_emulator  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def main_cli():
+  """The command line (tests/fixtures/cli.py): `main_cli.run(*args)`, `main_cli.start(*args)`."""
+  return cli
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+  """A workdir of configs/test.py trained to its end (24 steps) once per test process, with
+  no grids and no end-of-training evaluation: for tests that sample, evaluate or read it.
+  Tests must not write into it (copy it first)."""
+  from asyncpatch_jax.modes import train_mode  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("tiny_workdir")
+  train_mode.train_and_evaluate(
+      configs.with_overrides({"sample.num_images": 0, "eval.num_samples": 0}), str(path))
+  return path
 
 
 @pytest.fixture(scope="module")

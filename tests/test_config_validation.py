@@ -11,7 +11,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import ml_collections
 import pytest
@@ -21,6 +20,7 @@ from asyncpatch_jax.config import rules
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.config.rules import (Bool, Choice, ClassLabel, Int, Ints, Names, Number,
                                         Numbers, Options, Text)
+from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKERS = (base_config.get_base_config, base_config.get_autoencoder_base_config)
@@ -232,9 +232,7 @@ def test_a_saved_config_json_with_a_wrong_type_is_refused(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "asyncpatch_jax.main", *args], cwd=ROOT,
-                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                        timeout=120)
+  return cli.run(*args, timeout=120)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from asyncpatch_jax.config import base_config
 from asyncpatch_jax.config import describe
 from asyncpatch_jax import main
 from asyncpatch_jax.modes import sample_mode
+from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = (base_config.get_base_config, base_config.get_autoencoder_base_config)
@@ -41,9 +42,7 @@ def _not_shown(text: str, config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "asyncpatch_jax.main", *args], cwd=ROOT,
-                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                        timeout=120)
+  return cli.run(*args, timeout=120)
 
 
 @pytest.mark.slow

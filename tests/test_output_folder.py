@@ -10,16 +10,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from asyncpatch_jax.modes import train_mode
-from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import storage
 from fixtures import gcs_emulator
+from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
@@ -92,22 +90,13 @@ def test_on_gs_the_manifest_is_written_last_and_lists_the_call(gcs):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("trained")
-  config = base_config.load_config_file(TEST_CONFIG)
-  with config.unlocked():
-    config.sample.num_images = 0
-    config.eval.num_samples = 0
-  train_mode.train_and_evaluate(config, str(path))
-  return path
+def workdir(tiny_workdir):
+  return tiny_workdir
 
 
 def sample(workdir, out, n, **kw):
-  return subprocess.Popen(
-      [sys.executable, "-m", "asyncpatch_jax.main", "--mode=sample", f"--workdir={workdir}",
-       f"--config.sample.num_images={n}", "--config.sample.batch_size=4",
-       f"--config.sample.out_dir={out}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+  return cli.start("--mode=sample", f"--workdir={workdir}", f"--config.sample.num_images={n}",
+                   "--config.sample.batch_size=4", f"--config.sample.out_dir={out}", **kw)
 
 
 def one_call(out) -> int:

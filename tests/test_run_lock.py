@@ -27,6 +27,7 @@ from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.runs import run_lock
 from fixtures import configs
 from fixtures import gcs_emulator
+from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
@@ -34,10 +35,8 @@ SMALL = ["--config.sample.num_images=4", "--config.eval.num_samples=8",
          "--config.eval.classifier_steps=5"]
 
 
-def cli(args, env=None, **kw):
-  return subprocess.Popen([sys.executable, "-m", "asyncpatch_jax.main", *args], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def start(args, env=None, **kw):
+  return cli.start(*args, env=env, **kw)
 
 
 def write_lock(path, **owner):
@@ -151,13 +150,13 @@ def test_a_gs_lock_without_google_cloud_storage_says_what_to_install(monkeypatch
 @pytest.mark.slow
 def test_two_trainings_started_together_one_runs_one_stops_naming_the_owner(tmp_path):
   workdir = tmp_path / "run"
-  first = cli([f"--config={TEST_CONFIG}", f"--workdir={workdir}", *SMALL])
+  first = start([f"--config={TEST_CONFIG}", f"--workdir={workdir}", *SMALL])
   # Started together: the second as soon as the first has taken the lock.
   deadline = time.time() + 120
   while not (workdir / "run.lock").exists():
     assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
     time.sleep(0.01)
-  second = cli([f"--config={TEST_CONFIG}", f"--workdir={workdir}", "--config.seed=7",
+  second = start([f"--config={TEST_CONFIG}", f"--workdir={workdir}", "--config.seed=7",
                 "--config.train.num_steps=48", *SMALL])
   _, err2 = second.communicate(timeout=300)
   still_running = first.poll() is None
@@ -224,7 +223,7 @@ def test_train_sample_and_evaluate_with_the_same_tilde_symlink_dotdot_flag(tmp_p
   os.symlink(real / "sub", home / "link")
   flag = "--workdir=~/link/../w"             # bash leaves ~ after = as it is
   env = {"HOME": str(home)}
-  proc = cli([f"--config={TEST_CONFIG}", flag, *SMALL], env)
+  proc = start([f"--config={TEST_CONFIG}", flag, *SMALL], env)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-2000:]
   assert (real / "w" / "eval.json").exists() and not (home / "w").exists()
@@ -234,7 +233,7 @@ def test_train_sample_and_evaluate_with_the_same_tilde_symlink_dotdot_flag(tmp_p
              ["--config.evaluate.num_samples=16", "--config.evaluate.batch_size=16",
               "--config.evaluate.num_inpaint=8", "--config.evaluate.feature_steps=5",
               "--config.evaluate.mask_families=('square',)"])
-    proc = cli([f"--mode={mode}", flag, *extra], env)   # no --config: the workdir's own
+    proc = start([f"--mode={mode}", flag, *extra], env)   # no --config: the workdir's own
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, (mode, err[-2000:])
     assert written.exists(), mode

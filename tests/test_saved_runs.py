@@ -10,8 +10,6 @@ same files with bitwise the same arrays, PNGs and scores.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.runs import loader
 from asyncpatch_jax.runtime import checks
 from fixtures import make_saved_runs
+from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED = os.path.join(ROOT, "tests", "fixtures", "saved_runs")
@@ -56,8 +55,7 @@ def test_a_saved_run_samples_and_evaluates_as_it_did(name, tmp_path):
   runs = _copy(tmp_path)
   out = str(tmp_path / "out")
   args = dict(make_saved_runs.output_commands(runs, out))[name]
-  res = subprocess.run([sys.executable, "-m", "asyncpatch_jax.main", *args], cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+  res = cli.run(*args)
   assert res.returncode == 0, res.stderr[-3000:]
   want = os.path.join(SAVED, "expected", name)
   got = os.path.join(out, name)

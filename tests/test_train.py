@@ -24,6 +24,7 @@ from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import train
 from asyncpatch_jax.data import tfds_source
+from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
@@ -51,8 +52,7 @@ def cli_env():
 
 
 def run_cli(args, env, **kw):
-  return subprocess.run([sys.executable, "-m", "asyncpatch_jax.main", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, **kw)
+  return cli.run(*args, env=env, **kw)
 
 
 def load_state(workdir, config):
