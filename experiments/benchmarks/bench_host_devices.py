@@ -63,7 +63,8 @@ def bench_case(name: str, variants: list[str]) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from asyncpatch_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   from asyncpatch_jax.diffusion import guidance, samplers, schedules  # pylint: disable=import-outside-toplevel
-  from asyncpatch_jax.runtime import sharding, train  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+  from asyncpatch_jax.training import train  # pylint: disable=import-outside-toplevel
 
   cfg_name, size, c, batch = CASES[name]
   config = common.load_config(cfg_name)

@@ -57,7 +57,8 @@ import numpy as np
 
 from asyncpatch_jax.data import input_pipeline
 from asyncpatch_jax.diffusion import guidance, samplers, schedules
-from asyncpatch_jax.runtime import sharding, train
+from asyncpatch_jax.runtime import sharding
+from asyncpatch_jax.training import train
 from experiments import common
 
 FLAGS = flags.FLAGS
