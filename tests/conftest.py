@@ -32,6 +32,20 @@ from fixtures import gcs_emulator  # pylint: disable=wrong-import-position
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Fixtures that train a model (or a feature network) before their tests run: every test
+# that takes one is `slow` (pytest -m "not slow" is the quick loop; CI runs everything).
+TRAINING_FIXTURES = {"ae_run", "latent_run", "trained", "models", "reference",
+                     "trained_workdir", "tiny_workdir", "workdir", "uninterrupted_run",
+                     "two_processes", "one_process", "cell_classifier", "gaussian_setup"}
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def main_cli():
   """The command line (tests/fixtures/cli.py): `main_cli.run(*args)`, `main_cli.start(*args)`."""

@@ -101,6 +101,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_gs_workdir_killed_resumed_and_sampled_without_data(gcs, reference, tmp_path):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -192,6 +193,7 @@ def test_gs_workdir_killed_resumed_and_sampled_without_data(gcs, reference, tmp_
       dirnames[:] = [d for d in dirnames if d not in (".git", ".ci-venv")]
 
 
+@pytest.mark.slow
 def test_bad_gs_paths_stop_with_one_line_before_compiling(gcs, tmp_path):
   (tmp_path / "without.py").write_text(WITHOUT)
   env = dict(gcs.env, JAX_LOG_COMPILES="1")
@@ -244,6 +246,7 @@ def test_metric_writer_keeps_the_steps_up_to_the_resumed_checkpoint(tmp_path):
     assert lines == [r for r in old if r["step"] in kept] + [{"step": 99, "loss": 0.5}], start
 
 
+@pytest.mark.slow
 def test_evaluate_mode_reads_a_gs_workdir_and_writes_its_json_there(gcs, reference, tmp_path):
   """The local reference run, uploaded object by object over the emulator's JSON API (not
   through the library), then `--mode=evaluate` on its gs:// URL: evaluate.json and

@@ -151,6 +151,7 @@ def loss_curve(n_devices):
   return np.array(losses), state
 
 
+@pytest.mark.slow
 def test_eight_host_devices_follow_the_one_device_loss_curve():
   """Same curve to rtol 1e-5 (measured: 1.2e-7 over 8 steps), not bitwise.
 

@@ -83,6 +83,7 @@ def _start(seed=1):
   return x0.astype(np.float32), np.ones(D), 0.25 ** 2 * np.eye(D)
 
 
+@pytest.mark.slow
 def test_rounds_are_exact_random_scan_gibbs_updates():
   x0, m0, s0 = _start()
   rounds = 3
@@ -95,6 +96,7 @@ def test_rounds_are_exact_random_scan_gibbs_updates():
   _assert_moments(x, m_ref, c_ref, np.ones(D, bool))
 
 
+@pytest.mark.slow
 def test_condition_set_is_never_resampled_and_each_round_redraws_floor_alpha_regions():
   x0, m0, s0 = _start(seed=3)
   condition = np.array([True, False, False, False])          # C = {region 0}

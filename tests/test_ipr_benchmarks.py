@@ -150,6 +150,7 @@ def cell_classifier():
   return digit_classifier.train_classifier(jax.random.key(0), num_steps=300)
 
 
+@pytest.mark.slow
 def test_cell_classifier_reads_rendered_grids(cell_classifier):
   params, held_out = cell_classifier
   for n in (4, 9):

@@ -51,6 +51,7 @@ def ae_run(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_autoencoder_reconstructs_far_better_than_the_mean_image(ae_run):
   workdir, summary = ae_run
   assert summary["step"] == STEPS and os.path.isfile(os.path.join(workdir, "eval.json"))
@@ -66,6 +67,7 @@ def test_autoencoder_reconstructs_far_better_than_the_mean_image(ae_run):
   assert meta["latent_stats"]["std"] > 0 and meta["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_autoencoder_resume_is_bitwise(ae_run, tmp_path):
   workdir, summary = ae_run
   resumed = str(tmp_path / "resumed")
@@ -107,6 +109,7 @@ def latent_run(ae_run, tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_latent_training_encodes_each_batch_inside_the_step(ae_run, latent_run):
   """The latent step's loss equals the pixel step's on latents encoded outside (same keys)."""
   ae_workdir, _ = ae_run

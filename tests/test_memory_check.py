@@ -47,6 +47,7 @@ def _gib(line: str, after: str) -> float:
   return float(m.group(1)) / (1 if m.group(2) == "GiB" else 1024)
 
 
+@pytest.mark.slow
 def test_over_limit_run_stops_in_one_line_before_writing_anything(tmp_path):
   """The issue's command (base_channels=4096): estimate printed, one `error:` line, no workdir.
 
@@ -176,6 +177,7 @@ def _step_memory(config, devices) -> memory.StepMemory:
     return memory.StepMemory.of(train.compile_train_step(setup, mesh, jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_limit_stops_the_run_and_skip_memory_check_overrides_it(tmp_path, monkeypatch):
   """With the limit lowered below the step's needs (in-process), the run stops with one
   line before the workdir exists; `train.skip_memory_check=True` trains through.
@@ -204,6 +206,7 @@ def test_limit_stops_the_run_and_skip_memory_check_overrides_it(tmp_path, monkey
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
+@pytest.mark.slow
 def test_suggested_batch_size_fits_when_compiled(tmp_path, monkeypatch):
   """A limit of 60 % of what 64 examples need: the suggested train.batch_size, compiled,
   fits it, and one more example does not (one device)."""

@@ -158,6 +158,7 @@ def two_processes(tmp_path_factory):
   return _train(tmp_path_factory, "two_processes", 2, 2)
 
 
+@pytest.mark.slow
 def test_two_processes_train_grid_and_evaluate_like_one(two_processes, one_process):
   one, two = one_process.workdir, two_processes.workdir
   # eval.json: the same scores (fractions of 32 samples and of the classifier's test set).
@@ -189,6 +190,7 @@ def test_two_processes_train_grid_and_evaluate_like_one(two_processes, one_proce
     assert by_0.get(name, 0) == 1, (name, by_0.get(name))
 
 
+@pytest.mark.slow
 def test_two_processes_on_gs_killed_and_resumed_end_bitwise(gcs, two_processes, one_process,
                                                            tmp_path):
   """SIGKILL on both processes after the first checkpoint, restart: bitwise the
@@ -253,6 +255,7 @@ def _flat(d, prefix=""):
   return out
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_on_two_processes_write_what_one_process_writes(two_processes,
                                                                              tmp_path):
   workdir = two_processes.workdir

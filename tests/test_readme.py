@@ -155,6 +155,7 @@ def test_readme_main_job_numbers_are_the_stored_runs_eval_json():
       os.path.join(ROOT, "configs", "default.py")).train.num_steps
 
 
+@pytest.mark.slow
 def test_main_job_sample_mode_and_trained_model_analysis(tmp_path):
   """The main job (shortened), then every command that uses its workdir."""
   tmp, workdir = str(tmp_path), str(tmp_path / "workdir")

@@ -133,6 +133,7 @@ WHAT = {"truncated": "bytes, {} when saved (truncated)", "deleted": "is missing"
         "deleted_meta": "is missing"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(WHAT))
 def test_damaged_newest_checkpoint_falls_back_and_resumes_bitwise(kind, reference, tmp_path,
                                                                    caplog):
@@ -193,6 +194,7 @@ def small_disk(path, size):
       subprocess.run(["umount", path], check=True)
 
 
+@pytest.mark.slow
 def test_full_disk_stops_training_with_one_line_and_keeps_the_earlier_step(reference, tmp_path):
   ref_dir, _, _ = reference
   one_step = sum(os.path.getsize(f) for f in
@@ -241,6 +243,7 @@ def _wait_for_step(workdir, proc, step, timeout=240):
   raise AssertionError("timed out waiting for the run")
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_exits_130_and_resumes_bitwise(reference, tmp_path):
   _, ref_state, ref_records = reference
   workdir = str(tmp_path / "w")
@@ -327,6 +330,7 @@ def read_only_copy(src, path):
       subprocess.run(["umount", path], check=True)
 
 
+@pytest.mark.slow
 def test_bad_input_table_one_line_each_exit_1_nothing_changed(reference, tmp_path):
   """Issue 11's table, on the real command line: each row ends in one `error:` line."""
   ref_dir, _, _ = reference
@@ -516,6 +520,7 @@ def _prdc_numpy(real, fake, k):
           "density": inside.sum(0).mean() / k, "coverage": inside.any(1).mean()}
 
 
+@pytest.mark.slow
 def test_evaluate_mode_on_a_trained_workdir_matches_an_independent_recomputation(reference,
                                                                                  tmp_path):
   """The command line (8 devices: sampler, features and PRDC on a mesh) against the

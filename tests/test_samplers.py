@@ -68,6 +68,7 @@ def test_inpainting_generates_the_exact_conditional_gaussian():
   np.testing.assert_allclose(c, cond_cov, atol=0.05)
 
 
+@pytest.mark.slow
 def test_autoregressive_schedule_reaches_the_gaussian():
   # 3 column groups; Euler error of the deterministic step is ~0.1 at 40 steps a group.
   tau = schedules.autoregressive(H, W, (1, 3), steps_per_group=120)

@@ -41,6 +41,7 @@ def _frechet_sqrtm(a, b):
   return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean))
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_is_far_above_chance_and_features_are_the_penultimate_layer(trained):
   extractor, accuracy, x_test, y_test, num_classes = trained
   assert num_classes == 7 and extractor.image_shape == (32, 32, 3)
@@ -93,6 +94,7 @@ def test_training_is_deterministic_per_key():
              for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
 
 
+@pytest.mark.slow
 def test_in_project_networks_and_their_refusals(trained):
   extractor = trained[0]
   assert set(feature_nets.IN_PROJECT) == {"digits", "textures"}

@@ -100,6 +100,7 @@ def test_training_writes_metrics_config_and_checkpoints(trained_workdir):
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [1, 4])
 def test_sharded_training_matches_one_device(fsdp, trained_workdir, monkeypatch, tmp_path):
   """8 CPU devices (data x fsdp) give the one-device loss and parameters."""
@@ -142,6 +143,7 @@ def uninterrupted_run(tmp_path_factory, cli_env):
   return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_interrupted_run_resumes_bitwise(sig, uninterrupted_run, tmp_path, cli_env):
   overrides = RESUME
@@ -171,6 +173,7 @@ def test_interrupted_run_resumes_bitwise(sig, uninterrupted_run, tmp_path, cli_e
   assert_trees_equal(a.opt_state, b.opt_state)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   cfg = make_config(optim__learning_rate=1e6, optim__warmup_steps=0, optim__grad_clip=1e9,
                     train__num_steps=20, train__checkpoint_every=1, train__log_every=10)
@@ -183,6 +186,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_refused(trained_workdir):
   workdir, _ = trained_workdir
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
@@ -192,6 +196,7 @@ def test_incompatible_checkpoint_is_refused(trained_workdir):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_sample_mode_inpainting_keeps_the_known_pixels(trained_workdir, tmp_path, cli_env):
   workdir, _ = trained_workdir
   rng = np.random.default_rng(0)
@@ -326,6 +331,7 @@ def test_bad_sample_settings_are_one_line_errors(overrides, message):
     sample_mode._schedule_and_input(config.sample, (16, 16, 1))  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_collage_regulariser_enters_the_training_loss():
   """config.loss.mu_reg adds the PIFS collage penalty (Thm. 15) to the loss."""
   import functools
@@ -401,6 +407,7 @@ def gaussian_setup():
   return setup, step, lambda: init(key)
 
 
+@pytest.mark.slow
 def test_training_on_gaussian_data_approaches_the_analytic_loss_floor(gaussian_setup):
   """Loss of the freshly built UNet (zero output) = the zero model's expected loss; after
   200 steps the loss has closed >= 85 % of the gap to the floor E|v - E[v|z]|^2 and is
@@ -437,6 +444,7 @@ def test_training_on_gaussian_data_approaches_the_analytic_loss_floor(gaussian_s
   assert end > floor - 5 * end_se, (end, floor)
 
 
+@pytest.mark.slow
 def test_ema_update_follows_its_formula(gaussian_setup):
   """One train step: ema' = d ema + (1 - d) params' with d = min(decay, (1 + k) / (10 + k))
   at step k (training/train_state.py), computed here in NumPy; d != 1/2 so that

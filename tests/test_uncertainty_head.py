@@ -71,6 +71,7 @@ def _time_maps(key, b, h, w):
                    jax.random.uniform(k2, (b, h, w)))
 
 
+@pytest.mark.slow
 def test_head_recovers_the_exact_gaussian_error_variance():
   model = gaussian.GaussianVelocity(MEAN, COV)
   head = uncertainty_head.UncertaintyHead(channels=16, num_layers=3)
