@@ -19,7 +19,6 @@ Every script runs from the repository root as a module, so that this file import
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -68,16 +67,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     path = os.path.join("configs", f"{path}.py")
   if not os.path.isabs(path) and not path.startswith("gs://"):
     path = os.path.join(ROOT, path)
-  if not variant:
-    return base_config.load_config_file(path)
-  if not os.path.isfile(path):
-    raise checks.InputError(f"config file {path!r} does not exist; the configs are in configs/ "
-                            "at the repository root (e.g. configs/sudoku4.py:cpu).")
-  module_spec = importlib.util.spec_from_file_location(
-      "asyncpatch_config_" + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return base_config.load_config_file(path, variant)
 
 
 def textures_pixel_config(steps: int, batch: int, tiny: bool = False) -> ml_collections.ConfigDict:

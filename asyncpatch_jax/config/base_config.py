@@ -312,8 +312,9 @@ def load_config_json(path) -> ml_collections.ConfigDict:
   return finalize(config)
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file such as `configs/default.py`, or a saved config.json."""
+def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file such as `configs/default.py` (with `variant`:
+  `get_config(variant)`, as `--config=configs/sudoku4.py:cpu` does), or a saved config.json."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
 
@@ -326,7 +327,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
       "asyncpatch_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
