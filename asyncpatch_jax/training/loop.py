@@ -226,7 +226,7 @@ class Trainer(abc.ABC):
 
 
 def compile_step(trainer: Trainer, mesh, root_key: jax.Array, frozen) -> jax.stages.Compiled:
-  """`trainer.step` jitted over `mesh` (state donated), compiled on shapes, memory checked.
+  """`trainer.step_fn` jitted over `mesh` (state donated), compiled on shapes, memory checked.
 
   Nothing is allocated: the state, the global batch of `train.batch_size` and the frozen
   inputs are `jax.ShapeDtypeStruct`s with their shardings; memory.compile_train_step
