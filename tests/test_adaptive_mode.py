@@ -13,7 +13,7 @@ from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import image_io
-from asyncpatch_jax.training import train
+from asyncpatch_jax.runs import loader
 
 
 def _config(**sample_and_uncertainty):
@@ -105,7 +105,7 @@ def test_sample_from_workdir_refuses_bad_settings_before_loading_anything(
   def must_not_load(*args, **kwargs):
     raise AssertionError("the model was loaded before the settings were checked")
 
-  monkeypatch.setattr(train, "load_trained", must_not_load)
+  monkeypatch.setattr(loader, "load_run", must_not_load)
   workdir = tmp_path / "run"
   with pytest.raises(checks.InputError, match=message) as err:
     sample_mode._sample_with_head(_config(**settings), str(workdir))

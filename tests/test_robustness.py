@@ -32,6 +32,7 @@ from asyncpatch_jax.modes import sample_mode
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.runs import compat
+from asyncpatch_jax.runs import loader
 from asyncpatch_jax.runs import step_selection
 from asyncpatch_jax.training import train
 from asyncpatch_jax.training import train_state
@@ -616,7 +617,7 @@ def test_evaluate_mode_bad_input_stops_before_restoring_and_changes_nothing(refe
   def restored(*args, **kwargs):
     raise AssertionError("the checkpoint was restored before the bad setting was refused")
 
-  monkeypatch.setattr(train, "load_trained", restored)
+  monkeypatch.setattr(loader, "load_run", restored)
   config = lambda **kw: make_config({f"evaluate.{k}": v for k, v in kw.items()})
   rows = [
       (config(mask_families=("thin", "thinn")),
