@@ -188,8 +188,8 @@ def models(tmp_path_factory):
 
 def _head_state(head_dir, model_workdir):
   setup = head_train.HeadSetup(_head_config(model_workdir))
-  ckpt = head_train.HeadCheckpointer(head_dir, setup.config, setup.image_shape, setup.identity,
-                                     every=1, keep=None)
+  ckpt = checkpointing.Checkpointer(head_dir, setup.config, setup.checkpoint_shape, every=1,
+                                    keep=None, model=setup.checkpoint_model(), read_only=True)
   try:
     return ckpt.restore(setup.abstract_state)
   finally:

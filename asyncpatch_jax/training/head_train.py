@@ -30,21 +30,10 @@ from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.diffusion import timesteps
 from asyncpatch_jax.models import uncertainty_head
-from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.runs import loader
 from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.training import loop
 from asyncpatch_jax.training import train_state
-
-
-class HeadCheckpointer(checkpointing.Checkpointer):
-  """The model's Checkpointer, with meta['model'] = the head and the frozen model's identity
-  (loader.head_meta_model), so that resuming refuses another head or another model."""
-
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, image_shape,
-               identity: dict, **kwargs):
-    super().__init__(workdir, config, image_shape,
-                     model=loader.head_meta_model(config.uncertainty, identity), **kwargs)
 
 
 def head_update(state: train_state.TrainState, x: jax.Array, y, frozen, key: jax.Array, *,
