@@ -176,11 +176,12 @@ def test_unknown_method_is_a_one_line_input_error():
 # ------------------------------------------------------------------- sample (fake generator)
 
 
-class _RecordingGenerator:
-  """Records its calls; image i of the run (in call order) is the constant i."""
+class _RecordingGenerator(generate.Generator):
+  """A pixel model's Generator whose sampler records its calls; image i of the run (in call
+  order) is the constant i."""
 
   def __init__(self, num_classes):
-    self.model = type("M", (), {"num_classes": num_classes})()
+    super().__init__(type("M", (), {"num_classes": num_classes})(), mesh=None)
     self.calls = []
     self.made = 0
 

@@ -19,6 +19,7 @@ from asyncpatch_jax.config import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import masks
 from asyncpatch_jax.evaluation import workdir_eval
+from asyncpatch_jax.generation import generate
 from asyncpatch_jax.runtime import sharding
 
 W_FEATURES = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
@@ -41,11 +42,12 @@ class _Model:
   num_classes = 10
 
 
-class _Generator:
-  model = _Model()
+class _Generator(generate.Generator):
+  """A pixel model's Generator whose sampler is a stand-in that records its calls."""
 
   def __init__(self, mesh):
-    self.mesh, self.calls = mesh, []
+    super().__init__(_Model(), mesh=mesh)
+    self.calls = []
 
   def __call__(self, params, tau, *, key, x=None, shape=None, labels=None, guidance_weight=0.0,
                eta=0.0, **unused):

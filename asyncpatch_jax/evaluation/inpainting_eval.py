@@ -45,22 +45,23 @@ def sample(generator, params, num: int, image_shape, *, num_steps: int, eta: flo
            multiple_of: int = 1) -> np.ndarray:
   """`num` synchronous samples [N, H, W, C]; labels cycle over the classes of a conditional model.
 
-  The batch is min(batch, num) rounded up to a multiple of `multiple_of` (the device
-  count of the generator's mesh, so that every batch is split over it); batch i (images
-  i .. i + batch) draws from fold_in(key, i); a ragged last batch is padded to the batch
-  (so one compilation serves all) and the padding dropped. bar: an optional progress
-  bar, advanced once per batch.
+  image_shape: the pixels' [H, W, C] (a latent model's generator samples tokens and
+  decodes them). The batch is min(batch, num) rounded up to a multiple of `multiple_of`
+  (the device count of the generator's mesh, so that every batch is split over it); batch
+  i (images i .. i + batch) draws from fold_in(key, i); a ragged last batch is padded to
+  the batch (so one compilation serves all) and the padding dropped. bar: an optional
+  progress bar, advanced once per batch.
   """
-  h, w, c = image_shape
-  tau = schedules.synchronous(num_steps, h, w)
+  h, w, _ = image_shape
+  task = generator.task(schedules.synchronous(num_steps, h, w), image_shape=image_shape)
   batch = -(-min(batch, num) // multiple_of) * multiple_of
   num_classes = generator.model.num_classes
   out = []
   for i in range(0, num, batch):
     labels = (np.arange(i, i + batch) % num_classes).astype(np.int32) if num_classes else None
-    images = generator(params, tau, key=jax.random.fold_in(key, i), shape=(batch, h, w, c),
-                       labels=labels, guidance_weight=guidance_weight, eta=eta)
-    out.append(np.asarray(images)[:num - i])
+    images = generator.generate(params, task, key=jax.random.fold_in(key, i), num=batch,
+                                labels=labels, guidance_weight=guidance_weight, eta=eta)
+    out.append(images[:num - i])
     if bar is not None:
       bar.update(1)
   return np.concatenate(out)
@@ -72,8 +73,7 @@ LATENT_METHODS = ("asyncpatch", "asyncpatch_input_guidance", "progressive")
 
 def method(name: str, generator, params, *, num_steps: int, eta: float,
            input_guidance: float = 1.0, num_stripes: int = 4,
-           repaint_params: tuple[int, int, int] = (250, 10, 10),
-           codec=None) -> tuple[Callable, int]:
+           repaint_params: tuple[int, int, int] = (250, 10, 10)) -> tuple[Callable, int]:
   """(fn(x [B, H, W, C], masks [B, H, W], key) -> inpainted, network evaluations per image).
 
   asyncpatch: the Eq. 4 schedule, `num_steps` steps; asyncpatch_input_guidance: the same
@@ -82,26 +82,19 @@ def method(name: str, generator, params, *, num_steps: int, eta: float,
   each (Growing Images Sec. 2); repaint: RePaint's resampling (diffusion/repaint.py) with
   `repaint_params` = (num_steps, jump_length, jump_n_sample), eta = 1 (its DDPM step).
   Conditional models get their null label (unconditional inpainting).
-  codec: a latent diffusion model's training/latent_codec.LatentCodec (`generator` then
-  makes tokens): the pixel schedule becomes the token schedule (a token is known only if
-  its cell and halo are), the known tokens are the masked images' encodings, and the
-  decoded output gets the known pixels back exactly (LATENT_METHODS only).
+  A latent diffusion model's generator (one with a codec; LATENT_METHODS only) runs the
+  pixel schedule on tokens (a token is known only if its cell and halo are), its known
+  tokens the masked images' encodings; the decoded output gets the known pixels back.
   """
   checks.check_choice(name, METHODS, "inpainting method")
-  if codec is not None:
+  if generator.codec is not None:
     checks.check_choice(name, LATENT_METHODS, "inpainting method of a latent model")
   extra = dict(input_guidance=input_guidance) if name == "asyncpatch_input_guidance" else {}
 
   def scheduled(schedule):
-    """fn(x, m, k) running the pixel schedule(m), on tokens with a codec."""
-    if codec is None:
-      return lambda x, m, k: generator(params, schedule(m), key=k, x=x, eta=eta, **extra)
-
-    def run(x, m, k):
-      z_known, _ = codec.known_latents(x, m)
-      tau = codec.latent_schedule(schedule(m), known_content=True)
-      return codec.finish(generator(params, tau, key=k, x=z_known, eta=eta, **extra), x, m)
-    return run
+    """fn(x, m, k) running the pixel schedule(m) (on tokens for a latent model)."""
+    return lambda x, m, k: generator.generate(params, generator.task(schedule(m), x, m),
+                                              key=k, eta=eta, **extra)
 
   if name in ("asyncpatch", "asyncpatch_input_guidance"):
     return (scheduled(lambda m: schedules.inpainting(m, num_steps)),

@@ -171,7 +171,7 @@ def _extract_all(extractors, images, batch, mesh) -> dict[str, np.ndarray]:
 
 def evaluate(generator, params, config, *, image_shape, key: jax.Array, extractors,
              lpips_fn=None, mesh: jax.sharding.Mesh | None = None, bar=None,
-             mask_seed: int | None = None, codec=None):
+             mask_seed: int | None = None):
   """Generation and inpainting scores of a model; (result dict, example images).
 
   generator: a generate.Generator of the model (the caller's; built with `mesh`),
@@ -180,10 +180,9 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   model's [H, W, C]. key: the root key (module docstring). extractors: from
   `feature_extractors`. lpips_fn: from `load_weight_files`, or None. mesh: the sampler
   batches, feature extraction and PRDC are split over its devices. bar: a progress bar.
-  mask_seed: the masks' seed (data/masks.py; default config.seed). codec: a latent
-  diffusion model's training/latent_codec.LatentCodec (image_shape is then the decoded
-  [H, W, C]): samples are drawn as tokens and decoded, inpainting runs on tokens
-  (inpainting_eval.method) and every score is taken on the decoded pixels.
+  mask_seed: the masks' seed (data/masks.py; default config.seed). A latent diffusion
+  model's generator (one with a codec) samples and inpaints on tokens; every score is
+  taken on the decoded pixels, image_shape [H, W, C].
   Returns ({'generation': {...}, 'inpainting': {...}}, {family: (masked inputs,
   outputs)} of the first NUM_EXAMPLES images).
   """
@@ -195,13 +194,9 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   # One line per phase, also with the progress bars off (train.progress_bar=false).
   logging.info("evaluate: generating %d samples (%d steps) ...", ec.num_samples, sc.num_steps)
   samples = inpainting_eval.sample(
-      generator, params, int(ec.num_samples), image_shape if codec is None else
-      codec.latent_shape, num_steps=sc.num_steps, eta=sc.eta, key=jax.random.fold_in(key, 2),
-      batch=_batch(ec.batch_size, ec.num_samples, shards), guidance_weight=float(ec.guidance),
-      bar=bar, multiple_of=shards)
-  if codec is not None:
-    samples = np.concatenate([codec.finish(samples[i:i + int(ec.batch_size)])
-                              for i in range(0, len(samples), int(ec.batch_size))])
+      generator, params, int(ec.num_samples), image_shape, num_steps=sc.num_steps, eta=sc.eta,
+      key=jax.random.fold_in(key, 2), batch=_batch(ec.batch_size, ec.num_samples, shards),
+      guidance_weight=float(ec.guidance), bar=bar, multiple_of=shards)
   sample_seconds = time.perf_counter() - t0
   num_ref = int(ec.num_reference) or int(ec.num_samples)
   reference = inpainting_eval.dataset_images(data.dataset, ec.reference_split, num_ref,
@@ -226,7 +221,7 @@ def evaluate(generator, params, config, *, image_shape, key: jax.Array, extracto
   fn, nfe = inpainting_eval.method(
       ec.inpaint_method, generator, params, num_steps=sc.num_steps, eta=sc.eta,
       input_guidance=float(ec.input_guidance), num_stripes=sc.num_stripes,
-      repaint_params=tuple(int(v) for v in ec.repaint), codec=codec)
+      repaint_params=tuple(int(v) for v in ec.repaint))
   real_features = _extract_all(extractors, originals, batch, mesh)
   h, w, _ = image_shape
   mask_seed = int(config.seed if mask_seed is None else mask_seed)

@@ -8,6 +8,8 @@ Iterative Partial Refinement (ipr.py) with the same model and guidance.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,19 +26,130 @@ from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.runtime import sharding
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A pixel task in the model's space (`Generator.task`): tokens for a latent model.
+
+  tau: the model's schedule [N+1, (B,) h, w]; shape: the model's image [h, w, D];
+  x: the known content in the model's space [(B,) h, w, D] or None; known: what the
+  model knows [(B,) h, w] (1 = known) or None; pixels, mask: the known pixels [(B,) H, W,
+  C] and their mask [(B,) H, W], pasted back exactly by `Generator.decode`.
+  """
+  tau: np.ndarray
+  shape: tuple[int, int, int]
+  x: np.ndarray | None = None
+  known: np.ndarray | None = None
+  pixels: np.ndarray | None = None
+  mask: np.ndarray | None = None
+
+
+class _Pixels:
+  """A pixel model's space: the pixels themselves (the identity of runs/latent_codec.LatentCodec)."""
+
+  def model_shape(self, image_shape) -> tuple[int, int, int]:
+    return tuple(int(s) for s in image_shape)
+
+  def to_model(self, tau, x, mask):
+    return tau, x, mask
+
+  def finish(self, z, x=None, mask=None) -> np.ndarray:
+    del x, mask                     # the sampler keeps the known pixels (time 0) itself
+    return np.asarray(z)
+
+  def ipr_regions(self, grid, mask, shape) -> tuple[np.ndarray, np.ndarray]:
+    """The `grid` regions and the condition set (the regions the mask fully knows); the
+    mask must be a union of regions."""
+    regions = schedules.grid_regions(shape[0], shape[1], tuple(grid))
+    n_regions = int(regions.max()) + 1
+    if mask is None:
+      return regions, np.zeros((n_regions,), bool)
+    known = np.array([mask[regions == k].min() for k in range(n_regions)]) == 1
+    partly = np.array([mask[regions == k].max() for k in range(n_regions)]) == 1
+    if (partly & ~known).any():
+      raise checks.InputError(
+          f"sample.task='ipr': the mask must be a union of the {tuple(grid)} grid regions "
+          f"(regions {np.flatnonzero(partly & ~known).tolist()} are only partly known); align "
+          "the mask or change --config.sample.grid.")
+    return regions, known
+
+
 class Generator:
-  """generator(params, tau, key=..., shape=... | x=..., labels=..., guidance=...) -> images."""
+  """generator(params, tau, key=..., shape=... | x=..., labels=..., guidance=...) -> images.
 
-  def __init__(self, model, *, mesh="auto", head=None):
-    """mesh: 'auto' (all devices, `training.sharding.sampling_mesh`), a Mesh, or None.
+  The call runs in the model's space (a latent model's tokens). The pixel pipeline --
+  `task` (a pixel schedule and known image to the model's space), `generate` (sample and
+  decode) and `decode` -- is the same for pixel and latent models: with a codec
+  (runs/latent_codec.LatentCodec) it encodes and decodes, without it the model's images
+  are the pixels.
+  """
 
+  def __init__(self, model, *, codec=None, mesh="auto", head=None):
+    """codec: a latent model's LatentCodec, or None (a pixel model).
+
+    mesh: 'auto' (all devices, `runtime.sharding.sampling_mesh`), a Mesh, or None.
     head: an uncertainty head (models/uncertainty_head.py) whose prediction schedule
     policies see (pass its parameters as head_params); None: uncertainty 0.
     """
     self.model = model
+    self.codec = codec
+    self._space = _Pixels() if codec is None else codec
     self.mesh = sharding.sampling_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
     self.head = head
     self._samplers: dict[tuple[bool, bool], ipr.Refiner] = {}
+
+  # ---------------------------------------------------------------- the pixel pipeline
+  def model_shape(self, image_shape) -> tuple[int, int, int]:
+    """The model's image [h, w, D] for pixel images [H, W, C]."""
+    return self._space.model_shape(image_shape)
+
+  def task(self, tau, x=None, mask=None, *, image_shape=None) -> Task:
+    """A pixel task in the model's space.
+
+    tau: a pixel schedule [N+1, (B,) H, W]; x: known pixels [(B,) H, W, C] with mask
+    [(B,) H, W] (1 = known), or None; image_shape: [H, W, C] (default x's). A latent
+    model's token schedule gives each token the largest time of the pixels it depends on
+    and its known tokens encode the masked image (runs/latent_codec.py).
+    """
+    if image_shape is None:
+      if x is None:
+        raise checks.InputError("Generator.task needs image_shape when no image x is given.")
+      image_shape = np.shape(x)[-3:]
+    if x is not None and mask is not None:
+      mask = np.broadcast_to(np.asarray(mask, np.float32), np.shape(x)[:-1])
+    tau_m, x_m, known = self._space.to_model(tau, x, mask)
+    return Task(tau=np.asarray(tau_m), shape=self.model_shape(image_shape), x=x_m,
+                known=known, pixels=x, mask=mask)
+
+  def decode(self, out, task: Task | None = None) -> np.ndarray:
+    """Pixels [B, H, W, C] of the model's images `out` (the task's known pixels pasted back)."""
+    if task is None or task.pixels is None:
+      return self._space.finish(out)
+    return self._space.finish(out, task.pixels, task.mask)
+
+  def ipr_regions(self, grid, known, shape) -> tuple[np.ndarray, np.ndarray]:
+    """IPR regions of a (rows, cols) grid over the model's image [h, w, ...] and the
+    condition set: the regions `known` [h, w] (a task's `known`, or None) fully knows."""
+    return self._space.ipr_regions(tuple(grid), known, shape)
+
+  def generate(self, params, task: Task, *, key, num: int | None = None,
+               **kwargs) -> np.ndarray:
+    """Runs `task` on `num` images (default: x's batch) and decodes; pixels [B, H, W, C].
+
+    kwargs: as for the call (labels, guidance_weight, eta, input_guidance, ...).
+    """
+    return self.decode(self(params, task.tau, key=key, **self.inputs(task, num), **kwargs),
+                       task)
+
+  def inputs(self, task: Task, num: int | None = None) -> dict:
+    """The call's x= (the known content, broadcast to `num` images) or shape=."""
+    if task.x is None:
+      if num is None:
+        raise checks.InputError("a task without known content needs the number of images.")
+      return {"shape": (num, *task.shape)}
+    x = np.asarray(task.x)
+    if x.ndim == 3:
+      x = np.broadcast_to(x, (num, *x.shape))
+    return {"x": x}
 
   def _sampler(self, cfg: bool, input_guided: bool) -> ipr.Refiner:
     if (cfg, input_guided) not in self._samplers:
@@ -129,9 +242,14 @@ def left_half_mask(height: int, width: int) -> np.ndarray:
 
 
 def write_grids(generator: Generator, params, sample_config, references: np.ndarray,
-                key: jax.Array, out_dir, num_classes: int = 0,
-                progress: bool = False) -> dict[str, str]:
-  """Sample, inpainting and schedule grids of a model, as PNGs in `out_dir`.
+                key: jax.Array, out_dir, progress: bool = False) -> dict[str, str]:
+  """Sample, inpainting and schedule grids of a pixel or latent model, as PNGs in `out_dir`.
+
+  samples.png (synchronous schedule); samples_conditional.png (a class-conditional model,
+  one column per class, CFG weight sample.guidance); inpainting.png (rows: the masked
+  inputs, the right half inpainted, the same in 4 progressive stripes, the originals);
+  autoregressive.png (a 2x2 grid of patches in raster order). A latent model (the
+  generator's codec) runs the same pixel schedules on tokens.
 
   references: [N, H, W, C] real images used as inpainting inputs.
   out_dir: a local folder or a gs:// URL; every process samples (the sampler may be
@@ -139,6 +257,7 @@ def write_grids(generator: Generator, params, sample_config, references: np.ndar
   progress: show a progress bar over the sampling calls.
   Returns {name: path}.
   """
+  num_classes = generator.model.num_classes
   with progress_lib.bar(5 if num_classes else 4, "grids", enabled=progress,
                         unit="grid") as bar:
     return _write_grids(generator, params, sample_config, references, key, out_dir,
@@ -160,61 +279,26 @@ def _write_grids(generator, params, sample_config, references, key, out_dir, num
     image_io.write_grid(images, path, ncols=ncols)
     paths[name] = str(path)
 
+  def run(tau, key, x=None, mask=None, **kwargs):
+    task = generator.task(tau, x, mask, image_shape=(h, w, c))
+    return generator.generate(params, task, key=key, num=n, eta=eta, **kwargs)
+
   sync = schedules.synchronous(steps, h, w)
-  save("samples", generator(params, sync, key=keys[0], shape=(n, h, w, c), eta=eta))
+  save("samples", run(sync, keys[0]))
   if num_classes:
-    labels = np.arange(n) % num_classes
-    save("samples_conditional", generator(params, sync, key=keys[1], shape=(n, h, w, c),
-                                          labels=labels, guidance_weight=sample_config.guidance,
-                                          eta=eta), ncols=num_classes)
+    save("samples_conditional", run(sync, keys[1], labels=np.arange(n) % num_classes,
+                                    guidance_weight=sample_config.guidance), ncols=num_classes)
   # Inpainting of the right half and progressive stripes, on real images.
   k = min(n, len(references), 16)
   x = references[:k]
   mask = left_half_mask(h, w)
-  inpainted = generator(params, schedules.inpainting(mask, steps), key=keys[2], x=x, eta=eta)
-  progressive = generator(params, schedules.progressive(mask, 4, max(steps // 4, 1)),
-                          key=keys[3], x=x, eta=eta)
+  inpainted = run(schedules.inpainting(mask, steps), keys[2], x, mask)
+  progressive = run(schedules.progressive(mask, 4, max(steps // 4, 1)), keys[3], x, mask)
   masked = np.where(mask[None, :, :, None] > 0, x, -1.0)
   bar.update(1)
-  save("inpainting", np.concatenate([masked, np.asarray(inpainted), np.asarray(progressive), x]),
-       ncols=k)
-  grid = (2, 2) if h % 2 == 0 and w % 2 == 0 else (1, 1)
-  auto = generator(params, schedules.autoregressive(h, w, grid, max(steps // 4, 1)),
-                   key=keys[4], shape=(n, h, w, c), eta=eta)
-  save("autoregressive", auto)
-  return paths
-
-
-def write_latent_grids(generator, params, codec, sample_config, references: np.ndarray,
-                key: jax.Array, out_dir) -> dict[str, str]:
-  """The pixel model's grids (`write_grids`) for a latent model (runs/latent_codec.py): samples, inpainting
-  of the right half (masked input, latent inpainting with known pixels pasted, originals)
-  and autoregressive generation over a 2x2 grid of token patches; PNGs in `out_dir`."""
-  n = sample_config.num_images
-  h, w, c = codec.pixel_shape
-  lh, lw, lc = codec.latent_shape
-  steps, eta = sample_config.num_steps, sample_config.eta
-  keys = jax.random.split(key, 3)
-  paths = {}
-
-  def save(name, images, ncols=None):
-    path = out_dir / f"{name}.png"
-    image_io.write_grid(images, path, ncols=ncols)
-    paths[name] = str(path)
-
-  sync = schedules.synchronous(steps, lh, lw)
-  save("samples", codec.finish(generator(params, sync, key=keys[0], shape=(n, lh, lw, lc),
-                                         eta=eta)))
-  k = min(n, len(references), 16)
-  x = references[:k]
-  mask = np.broadcast_to(left_half_mask(h, w), (k, h, w))
-  z_known, _ = codec.known_latents(x, mask)
-  tau = codec.latent_schedule(schedules.inpainting(mask[0], steps), known_content=True)
-  z = generator(params, tau, key=keys[1], x=z_known, eta=eta)
-  masked = np.where(mask[..., None] > 0, x, -1.0)
-  save("inpainting", np.concatenate([masked, codec.finish(z, x, mask), x]), ncols=k)
+  save("inpainting", np.concatenate([masked, inpainted, progressive, x]), ncols=k)
+  lh, lw, _ = generator.model_shape((h, w, c))    # the patches cover whole tokens
   grid = (2, 2) if lh % 2 == 0 and lw % 2 == 0 else (1, 1)
-  auto = generator(params, schedules.autoregressive(lh, lw, grid, max(steps // 4, 1)),
-                   key=keys[2], shape=(n, lh, lw, lc), eta=eta)
-  save("autoregressive", codec.finish(auto))
+  save("autoregressive", run(schedules.autoregressive(h, w, grid, max(steps // 4, 1)),
+                             keys[4]))
   return paths

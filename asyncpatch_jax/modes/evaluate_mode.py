@@ -63,7 +63,7 @@ def evaluate_workdir(config, workdir) -> dict:
   inception_features, lpips_fn = workdir_eval.load_weight_files(config)
   setup = loader.load_run(workdir, config, run=setup)
   mesh = sharding.sampling_mesh()                      # None on one device
-  generator = generate.Generator(setup.model, mesh=mesh)
+  generator = generate.Generator(setup.model, codec=codec, mesh=mesh)
   key = jax.random.key(config.seed)
   shards = 1 if mesh is None else mesh.size
   with progress_lib.bar(workdir_eval.num_updates(config, shards), "evaluate",
@@ -72,7 +72,7 @@ def evaluate_workdir(config, workdir) -> dict:
                                                        inception_features, bar)
     scores, examples = workdir_eval.evaluate(
         generator, setup.params, config, image_shape=setup.pixel_shape, key=key,
-        extractors=extractors, lpips_fn=lpips_fn, mesh=mesh, bar=bar, codec=codec)
+        extractors=extractors, lpips_fn=lpips_fn, mesh=mesh, bar=bar)
   result = {"workdir": str(workdir), "step": setup.step,
             "dataset": config.data.dataset, "image_shape": list(setup.pixel_shape),
             "devices": jax.device_count(), "mesh": None if mesh is None else dict(mesh.shape),

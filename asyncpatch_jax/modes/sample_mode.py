@@ -156,22 +156,10 @@ def _schedule_and_input(sc, shape):
   return schedules.interleaved(mask, sc.num_stripes, sc.num_rounds, per_visit), x, mask
 
 
-def _ipr_regions(sc, shape, mask):
-  """IPR regions (the `grid` patches) and the condition set: the regions the mask fully knows."""
+def _check_ipr(sc) -> None:
   if not 0.0 < sc.ipr_alpha <= 1.0 or sc.ipr_rounds < 1:
     raise checks.InputError(f"sample.ipr_alpha={sc.ipr_alpha}, sample.ipr_rounds={sc.ipr_rounds}; "
-                     "expected alpha in (0, 1] and a positive number of rounds.")
-  regions = schedules.grid_regions(shape[0], shape[1], tuple(sc.grid))
-  n_regions = int(regions.max()) + 1
-  if mask is None:
-    return regions, np.zeros((n_regions,), bool)
-  known = np.array([mask[regions == k].min() for k in range(n_regions)]) == 1
-  partly = np.array([mask[regions == k].max() for k in range(n_regions)]) == 1
-  if (partly & ~known).any():
-    raise checks.InputError(f"sample.task='ipr': the mask must be a union of the {tuple(sc.grid)} grid "
-                     f"regions (regions {np.flatnonzero(partly & ~known).tolist()} are only "
-                     "partly known); align the mask or change --config.sample.grid.")
-  return regions, known
+                            "expected alpha in (0, 1] and a positive number of rounds.")
 
 
 def sample_from_workdir(config, workdir: str) -> dict:
@@ -186,27 +174,24 @@ def sample_from_workdir(config, workdir: str) -> dict:
     return _sample_with_head(config, workdir)
   workdir = storage.check_bucket(workdir, "workdir")
   setup = loader.open_run(workdir, config)
-  shape = setup.image_shape
-  codec = setup.codec            # a latent workdir: the pixel task runs on tokens (runs/latent_codec.py)
+  # A latent workdir's codec runs the pixel task on tokens (generate.Generator.task).
+  gen = generate.Generator(setup.model, codec=setup.codec)
   # Bad inputs fail here, before restoring or compiling anything.
   n = checks.check_positive_int(sc.num_images, "sample.num_images")
   bs = checks.check_positive_int(sc.batch_size, "sample.batch_size")
   tau, x, mask = _schedule_and_input(sc, setup.pixel_shape)
-  if codec is not None:
-    x_pixels, pixel_mask = x, mask
-    tau, x, mask = codec.token_task(tau, x, mask)
+  task = gen.task(tau, x, mask, image_shape=setup.pixel_shape)
   spec = label_spec(sc)
   labels = _labels(spec, n, setup.model.num_classes)
   if sc.task == "ipr":
-    regions, condition = (_ipr_regions(sc, shape, mask) if codec is None
-                          else codec.ipr_regions(tuple(sc.grid), mask))
+    _check_ipr(sc)
+    regions, condition = gen.ipr_regions(sc.grid, task.known, task.shape)
   # The call's outputs replace the folder's as one unit (storage.replaced_folder), in a
   # temporary folder beside it: its parent must be writable.
   out_dir = storage.path(sc.out_dir or workdir / "samples" / sc.task, "sample.out_dir")
   storage.check_replaceable(out_dir, "sample.out_dir")
   setup = loader.load_run(workdir, config, run=setup)
   key = jax.random.key(config.seed)
-  gen = generate.Generator(setup.model)
   guidance = sc.guidance if labels is not None else 0.0
   b = min(n, bs)                     # every call has this batch (the last one padded)
   starts = list(range(0, n, b))
@@ -218,9 +203,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
     for start in starts:
       k = jax.random.fold_in(key, start)
       ys = None if labels is None else np.resize(labels[start:start + b], (b,))
-      xs = None if x is None else np.broadcast_to(x, (b, *shape))
-      out = gen(setup.params, tau, key=k, x=xs, shape=None if x is not None else (b, *shape),
-                labels=ys, guidance_weight=guidance, eta=sc.eta,
+      out = gen(setup.params, task.tau, key=k, **gen.inputs(task, b), labels=ys,
+                guidance_weight=guidance, eta=sc.eta,
                 input_guidance=sc.input_guidance if x is not None else 0.0,
                 input_guidance_t=sc.input_guidance_t)
       bar.update(1)
@@ -236,46 +220,50 @@ def sample_from_workdir(config, workdir: str) -> dict:
       if start == 0 and rounds:
         history[rounds] = out[:min(n, 8)]
       outs.append(out[:n - start])
-  out = np.concatenate(outs)
-  if codec is not None:          # decode the tokens; the known pixels are pasted back exactly
-    out = codec.finish(out, x_pixels, pixel_mask)
-    history = {r: codec.finish(v, x_pixels, pixel_mask) for r, v in history.items()}
-    shape, mask = setup.pixel_shape, pixel_mask
-  extra = {}
+  out = gen.decode(np.concatenate(outs), task)     # a latent model's tokens decoded
+  extra, grids = {}, {}
   if sc.task == "ipr":
     # Rows: the first 8 samples at rounds 0 (sequential inference), ~R/4, ~R/2, R.
-    rows = np.stack([history[r] for r in shown])
-    rounds_path = str(out_dir / "rounds.png")
+    rows = np.stack([gen.decode(history[r], task) for r in shown])
+    grids["rounds.png"] = (rows.reshape(-1, *rows.shape[2:]), rows.shape[1])
     extra = {"ipr_rounds": sc.ipr_rounds, "ipr_alpha": sc.ipr_alpha, "regions_grid": list(sc.grid),
              "condition_regions": np.flatnonzero(condition).tolist(), "rounds_shown": shown,
-             "rounds_grid": rounds_path}
+             "rounds_grid": str(out_dir / "rounds.png")}
   grid_path = str(out_dir / "samples.png")
   npz_path = str(out_dir / "samples.npz")
   settings = {"task": sc.task, "step": setup.step, "num_images": n,
-              "batch_size": b, "steps": int(tau.shape[0] - 1), "eta": sc.eta,
+              "batch_size": b, "steps": int(task.tau.shape[0] - 1), "eta": sc.eta,
               "guidance": guidance, "input_guidance": sc.input_guidance,
               "label": spec if str(sc.label) == spec else f"{spec} (sample.label={sc.label})",
               "image": sc.image, "mask": sc.mask, "grid": grid_path, "npz": npz_path,
               "out_dir": str(out_dir), **extra}
-  if multihost.is_writer():
-    scale = image_io.display_scale(shape[0])
-    with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
-      if sc.task == "ipr":
-        image_io.save_grid(rows.reshape(-1, *shape), folder.file("rounds.png"),
-                           ncols=rows.shape[1], scale=scale)
-      image_io.save_grid(out, folder.file("samples.png"), scale=scale)
-      for i in range(min(n, 16)):
-        image_io.save_png(image_io.to_uint8(out[i]), folder.file(f"sample_{i:03d}.png"))
-      if mask is not None:
-        image_io.save_png((mask[..., None] * 255).astype(np.uint8), folder.file("mask.png"))
-      arrays = {"samples_uint8": image_io.to_uint8(out), "samples": out.astype(np.float32)}
-      if labels is not None:
-        arrays["labels"] = np.asarray(labels, np.int32)
+  arrays = {"samples_uint8": image_io.to_uint8(out), "samples": out.astype(np.float32)}
+  if labels is not None:
+    arrays["labels"] = np.asarray(labels, np.int32)
+  _write_outputs(out_dir, out, settings, grids=grids, mask=mask, arrays=arrays)
+  return settings
+
+
+def _write_outputs(out_dir, out, settings, *, grids=None, mask=None, arrays=None) -> None:
+  """Process 0 replaces `out_dir` with the call's files as one unit: the extra grids
+  ({name: (images [N, H, W, C], columns or None)}), samples.png, the first 16 samples, mask.png, samples.npz
+  (`arrays`) and settings.json (last)."""
+  if not multihost.is_writer():
+    return
+  scale = image_io.display_scale(out.shape[1])
+  with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
+    for name, (images, ncols) in (grids or {}).items():
+      image_io.save_grid(images, folder.file(name), ncols=ncols, scale=scale)
+    image_io.save_grid(out, folder.file("samples.png"), scale=scale)
+    for i in range(min(len(out), 16)):
+      image_io.save_png(image_io.to_uint8(out[i]), folder.file(f"sample_{i:03d}.png"))
+    if mask is not None:
+      image_io.save_png((mask[..., None] * 255).astype(np.uint8), folder.file("mask.png"))
+    if arrays is not None:
       buf = io.BytesIO()
       np.savez_compressed(buf, **arrays)
       storage.write_bytes_atomic(folder.file("samples.npz"), buf.getvalue())
-      storage.write_text_atomic(folder.file("settings.json"), json.dumps(settings, indent=2))
-  return settings
+    storage.write_text_atomic(folder.file("settings.json"), json.dumps(settings, indent=2))
 
 
 # ---- tasks with an uncertainty head (AsyncPatch Sec. 5.5, SRM) -------------------------
@@ -324,6 +312,8 @@ def _sample_with_head(config, workdir: str) -> dict:
                             "--config.uncertainty.head_workdir=<its workdir>.")
   budget = checks.check_positive_int(u.budget or sc.num_steps, "uncertainty.budget")
   policy = policy_from_config(config)
+  if sc.task == "ipr":
+    _check_ipr(sc)
   setup = loader.load_run(workdir, config)
   shape = setup.image_shape
   h, w, _ = shape
@@ -334,10 +324,11 @@ def _sample_with_head(config, workdir: str) -> dict:
                               "condition on an image, or neither.")
     x = image_io.load_image(sc.image, shape)
     mask = image_io.load_mask(sc.mask, (h, w))
-  if sc.task == "ipr":
-    regions, condition = _ipr_regions(sc, shape, mask)
   trained_head = loader.load_head(u.head_workdir, setup)
   head, head_params = trained_head.module, trained_head.params
+  gen = generate.Generator(setup.model, head=head)
+  if sc.task == "ipr":
+    regions, condition = gen.ipr_regions(sc.grid, mask, shape)
   n = sc.num_images
   labels = _labels(str(sc.label), n, setup.model.num_classes,
                                known_image=x is not None)
@@ -345,7 +336,6 @@ def _sample_with_head(config, workdir: str) -> dict:
                          "sample.out_dir")
   storage.check_replaceable(out_dir, "sample.out_dir")
   key = jax.random.key(config.seed)
-  gen = generate.Generator(setup.model, head=head)
   guide = dict(labels=labels, guidance_weight=sc.guidance if labels is not None else 0.0,
                eta=sc.eta)
   xs = None if x is None else np.broadcast_to(x, (n, *shape))
@@ -382,15 +372,8 @@ def _sample_with_head(config, workdir: str) -> dict:
       "network_evaluations_mean": float(evaluations.mean()),
       "network_evaluations_max": int(evaluations.max()),
       "grid": grid_path, "steps_grid": steps_path, "out_dir": str(out_dir), **extra}
-  if multihost.is_writer():
-    scale = image_io.display_scale(h)
-    with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
-      if sc.task == "ipr":
-        image_io.save_grid(rows.reshape(-1, *shape), folder.file("rounds.png"),
-                           ncols=rows.shape[1], scale=scale)
-      image_io.save_grid(out, folder.file("samples.png"), scale=scale)
-      image_io.save_grid(_steps_image(steps, budget), folder.file("steps.png"), scale=scale)
-      for i in range(min(n, 16)):
-        image_io.save_png(image_io.to_uint8(out[i]), folder.file(f"sample_{i:03d}.png"))
-      storage.write_text_atomic(folder.file("settings.json"), json.dumps(settings, indent=2))
+  grids = {"steps.png": (_steps_image(steps, budget), None)}
+  if sc.task == "ipr":
+    grids["rounds.png"] = (rows.reshape(-1, *shape), rows.shape[1])
+  _write_outputs(out_dir, out, settings, grids=grids)
   return settings

@@ -104,20 +104,32 @@ class LatentCodec:
       out = np.where(m, np.broadcast_to(np.asarray(x, np.float32), out.shape), out)
     return out
 
-  def token_task(self, tau, x=None, mask=None):
-    """A pixel task (schedule tau [N+1, H, W], known image x [H, W, C] and mask [H, W], or
-    None) on tokens: (token schedule, known latents [h, w, D] or None, token mask or None)."""
+  def model_shape(self, image_shape) -> tuple[int, int, int]:
+    """The token grid [h, w, D] of pixel images [H, W, C] (this codec's pixel_shape)."""
+    if tuple(int(v) for v in image_shape) != self.pixel_shape:
+      raise ValueError(f"images of shape {tuple(image_shape)} given to a codec of "
+                       f"{self.pixel_shape} images.")
+    return self.latent_shape
+
+  def to_model(self, tau, x=None, mask=None):
+    """A pixel task (schedule tau [N+1, (B,) H, W], known images x [(B,) H, W, C] and masks
+    [(B,) H, W], or None) on tokens: (token schedule, known latents [(B,) h, w, D] or None,
+    token masks [(B,) h, w] or None)."""
     tau_tokens = self.latent_schedule(tau, known_content=x is not None)
     if x is None:
       return tau_tokens, None, None
-    z, tokens = self.known_latents(np.asarray(x)[None], np.asarray(mask)[None])
-    return tau_tokens, z[0], tokens[0]
+    single = np.ndim(x) == 3
+    x = np.asarray(x)[None] if single else np.asarray(x)
+    mask = np.broadcast_to(np.asarray(mask, np.float32), x.shape[:3])
+    z, tokens = self.known_latents(x, mask)
+    return (tau_tokens, z[0], tokens[0]) if single else (tau_tokens, z, tokens)
 
-  def ipr_regions(self, grid, token_mask) -> tuple[np.ndarray, np.ndarray]:
+  def ipr_regions(self, grid, token_mask, shape=None) -> tuple[np.ndarray, np.ndarray]:
     """IPR regions over the token grid and the condition set: the regions whose tokens are all
     known. Unlike pixels, a region the token mask knows only in part is refined (its known
-    pixels come back when decoded: `finish`)."""
-    regions = schedules.grid_regions(self.latent_shape[0], self.latent_shape[1], grid)
+    pixels come back when decoded: `finish`). shape: the token grid (default latent_shape)."""
+    h, w = (shape or self.latent_shape)[:2]
+    regions = schedules.grid_regions(h, w, tuple(grid))
     n = int(regions.max()) + 1
     if token_mask is None:
       return regions, np.zeros((n,), bool)

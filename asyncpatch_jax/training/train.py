@@ -113,7 +113,8 @@ class Setup(loop.Trainer):
 
   @functools.cached_property
   def generator(self) -> generate.Generator:
-    return generate.Generator(self.model, mesh=None if self.devices is not None else "auto")
+    return generate.Generator(self.model, codec=self.codec,
+                              mesh=None if self.devices is not None else "auto")
 
   def after_step(self, done, state, workdir):
     cfg = self.config
@@ -239,10 +240,10 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
                               **dict(cfg.data.options))
   refs = np.stack([test[i]["image"] for i in range(min(16, len(test)))])
   key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 1)
-  if setup.codec is not None:
-    paths = generate.write_latent_grids(generator, state.ema_params, setup.codec, cfg.sample,
-                                        refs, key, workdir / "samples" / name)
-    return paths if jax.process_index() == 0 else {}
+  paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
+                               workdir / "samples" / name,
+                               progress=bool(cfg.train.progress_bar))
+  return paths if jax.process_index() == 0 else {}
   paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
                                workdir / "samples" / name,
                                num_classes=setup.model.num_classes,
