@@ -18,5 +18,5 @@ def get_config():
   # so that the unconditional (null-label) model, scored by eval.json, trains enough.
   config.train.update(batch_size=64, num_steps=1000, label_dropout=0.2, ema_decay=0.995,
                       log_every=100, checkpoint_every=250)
-  config.eval.num_samples = 256
+  config.evaluate.classifier_samples = 256
   return base_config.finalize(config)

@@ -19,7 +19,7 @@ def get_config(variant: str = ""):
                       time_embed_dim=96, num_classes=0, num_groups=16)
   config.train.update(batch_size=64, num_steps=20_000, checkpoint_every=2000)
   config.sample.guidance = 0.0
-  config.eval.num_samples = 0
+  config.evaluate.at_end = ()
   if variant == "cpu":
     config.model.update(base_channels=16, num_res_blocks=(1, 1, 1), head_dim=16,
                         time_embed_dim=32, num_groups=8)

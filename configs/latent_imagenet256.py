@@ -21,5 +21,5 @@ def get_config():
   config.train.update(batch_size=512, num_steps=400_000, fsdp=8, log_every=1000,
                       checkpoint_every=10_000, keep_checkpoints=3, sample_every=50_000)
   config.sample.update(num_steps=250, eta=0.25, guidance=0.0, num_images=64, batch_size=64)
-  config.eval.num_samples = 0
+  config.evaluate.at_end = ()
   return base_config.finalize(config)

@@ -20,5 +20,5 @@ def get_config():
   config.train.update(batch_size=64, num_steps=4000, ema_decay=0.999, log_every=100,
                       checkpoint_every=1000)
   config.sample.update(guidance=0.0, input_guidance=0.0, num_images=64, batch_size=64)
-  config.eval.num_samples = 0
+  config.evaluate.at_end = ()
   return base_config.finalize(config)

@@ -15,5 +15,5 @@ def get_config():
   config.timesteps.patch_sizes = (8, 24, 72)
   config.train.update(batch_size=32, num_steps=50_000, checkpoint_every=2000)
   config.sample.guidance = 0.0
-  config.eval.num_samples = 0
+  config.evaluate.at_end = ()
   return base_config.finalize(config)

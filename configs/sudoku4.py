@@ -26,7 +26,7 @@ def get_config(variant: str = ""):
   config.timesteps.update(sampler="patchwise", patch_sizes=(8,))
   config.train.update(batch_size=64, num_steps=50_000, checkpoint_every=2000)
   config.sample.update(guidance=0.0, grid=(4, 4))
-  config.eval.num_samples = 0
+  config.evaluate.at_end = ()
   if variant == "cpu":
     # 0.38M parameters; 0.65-1.5 s a step at batch 16 on the shared 2-core machine (load 10-16),
     # so 1200 steps fit the 25-minute budget of experiments/ipr/ipr_benchmarks.py.

@@ -18,5 +18,5 @@ def get_config():
                       keep_checkpoints=2, progress_bar=False)
   config.optim.warmup_steps = 2
   config.sample.update(num_steps=4, num_images=16, batch_size=16)
-  config.eval.update(num_samples=32, classifier_steps=50)
+  config.evaluate.update(classifier_samples=32, classifier_steps=50)
   return base_config.finalize(config)

@@ -14,5 +14,5 @@ def get_config():
                       time_embed_dim=96, num_classes=0, num_groups=16)
   config.train.update(batch_size=64, num_steps=20_000, checkpoint_every=2000)
   config.sample.update(guidance=0.0, input_guidance=2.0)
-  config.eval.num_samples = 0
+  config.evaluate.at_end = ()
   return base_config.finalize(config)

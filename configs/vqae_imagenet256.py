@@ -21,5 +21,5 @@ def get_config():
   config.optim.update(learning_rate=4.5e-6 * 64, warmup_steps=0, decay="constant",
                       grad_clip=1e9)
   config.train.update(batch_size=64, num_steps=400_000, log_every=1000, checkpoint_every=10_000)
-  config.eval.num_samples = 1000
+  config.evaluate.reconstruct_images = 1000
   return base_config.finalize(config)

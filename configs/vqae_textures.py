@@ -17,5 +17,5 @@ def get_config():
                             head_dim=32, dead_after=50)
   config.optim.update(learning_rate=1e-3, warmup_steps=100, decay="cosine", grad_clip=1.0)
   config.train.update(batch_size=16, num_steps=2000, log_every=100, checkpoint_every=500)
-  config.eval.num_samples = 256
+  config.evaluate.reconstruct_images = 256
   return base_config.finalize(config)

@@ -60,7 +60,7 @@ def tiny_workdir(tmp_path_factory):
   from asyncpatch_jax.modes import train_mode  # pylint: disable=g-import-not-at-top
   path = tmp_path_factory.mktemp("tiny_workdir")
   train_mode.train_and_evaluate(
-      configs.with_overrides({"sample.num_images": 0, "eval.num_samples": 0}), str(path))
+      configs.with_overrides({"sample.num_images": 0, "evaluate.classifier_samples": 0}), str(path))
   return path
 
 

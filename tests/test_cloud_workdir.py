@@ -35,7 +35,7 @@ BUCKET, READ_ONLY = gcs_emulator.BUCKET, gcs_emulator.READ_ONLY
 # Host-side settings of configs/test.py (the train step is the one tests/test_train.py
 # compiles), small final grids and evaluation, and a sample task.
 RUN = {"train.log_every": 1, "train.checkpoint_every": 4, "sample.num_images": 4,
-       "eval.num_samples": 8, "eval.classifier_steps": 5}
+       "evaluate.classifier_samples": 8, "evaluate.classifier_steps": 5}
 SAMPLE = {"sample.task": "generate", "sample.num_images": 4}
 NOT_PERF = ("steps_per_s", "images_per_s")   # wall-clock rates differ between runs
 

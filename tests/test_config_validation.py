@@ -194,7 +194,8 @@ def test_the_name_lists_match_the_modules_that_define_them():
   from asyncpatch_jax.data import training_masks  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.diffusion import timesteps  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.evaluation import inpainting_eval  # pylint: disable=g-import-not-at-top
-  from asyncpatch_jax.evaluation import workdir_eval  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.evaluation.evaluators import common as evaluators  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.evaluation.evaluators import generation  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.models import vqae  # pylint: disable=g-import-not-at-top
   b = rules
   assert b.TIMESTEP_SAMPLERS == timesteps.SAMPLER_NAMES
@@ -205,7 +206,8 @@ def test_the_name_lists_match_the_modules_that_define_them():
   assert b.MASK_FAMILIES == masks.FAMILIES
   assert b.TRAINING_MASK_FAMILIES == training_masks.OWN_FAMILIES + masks.FAMILIES
   assert b.INPAINT_METHODS == inpainting_eval.METHODS
-  assert b.REFERENCE_SPLITS == workdir_eval.REFERENCE_SPLITS
+  assert b.REFERENCE_SPLITS == generation.REFERENCE_SPLITS
+  assert b.EVALUATORS == tuple(evaluators.EVALUATORS)
   assert b.BETA_CONVENTIONS == vqae.BETA_CONVENTIONS
 
 

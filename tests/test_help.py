@@ -16,6 +16,7 @@ import pytest
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.config import describe
 from asyncpatch_jax import main
+from asyncpatch_jax.modes import cli as cli_lib
 from asyncpatch_jax.modes import sample_mode
 from fixtures import cli
 
@@ -85,7 +86,7 @@ def test_every_key_has_a_meaning_from_base_config_comments(make):
 
 
 def test_help_lists_the_tasks_of_sample_mode():
-  assert main._sample_tasks() == sample_mode.TASKS  # pylint: disable=protected-access
+  assert cli_lib._sample_tasks() == sample_mode.TASKS  # pylint: disable=protected-access
   assert all(meaning.strip() for meaning in sample_mode.TASKS.values())
 
 
@@ -120,3 +121,15 @@ def test_comments_are_paired_with_their_keys(tmp_path, monkeypatch):
   assert comments == {"seed": (2, "the seed"),
                       "a.x": (6, "two lines of value, and two of comment"),
                       "a.y": (11, "y changed")}
+
+
+def test_an_override_of_a_moved_key_says_where_it_went():
+  """config.eval joined config.evaluate: the old flags name the new keys in one line."""
+  error = KeyError("'eval'")
+  for old, new in (("eval.num_samples", "evaluate.classifier_samples"),
+                   ("eval.classifier_steps", "evaluate.classifier_steps")):
+    text = cli_lib.flag_error(error, ["main", f"--config.{old}=3"])
+    assert text.startswith(f"--config.{old}: this key moved: use --config.{new}"), text
+    assert "\n" not in text
+  other = cli_lib.flag_error(KeyError("'evall'"), ["main", "--config.evall.x=3"])
+  assert "the config has no key 'evall'" in other

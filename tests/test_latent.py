@@ -40,7 +40,7 @@ def ae_config(**autoencoder):
     config.optim.update(learning_rate=3e-3, warmup_steps=20)
     config.train.update(batch_size=8, num_steps=STEPS, log_every=50, checkpoint_every=STEPS // 2,
                         keep_checkpoints=2, progress_bar=False)
-    config.eval.num_samples = 32
+    config.evaluate.reconstruct_images = 32
   return config
 
 

@@ -27,7 +27,7 @@ from asyncpatch_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
-FAST = dict(eval__num_samples=0, sample__num_images=0)   # no final sampling
+FAST = dict(evaluate__classifier_samples=0, sample__num_images=0)   # no final sampling
 GIB = 2 ** 30
 
 
@@ -143,7 +143,7 @@ def test_estimate_matches_the_measured_growth_in_peak_rss(tmp_path):
   """
   overrides = {"train.batch_size": 1536, "model.base_channels": 8, "train.num_steps": 2,
                "train.log_every": 1, "train.checkpoint_every": 2, "sample.num_images": 0,
-               "eval.num_samples": 0}
+               "evaluate.classifier_samples": 0}
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                  os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, PYTHONPATH=ROOT,

@@ -37,8 +37,8 @@ README_WORKDIR = "/tmp/asyncpatch_default"
 MODEL_SMOKE = ["--config.model.channel_mult=(1,)", "--config.model.num_res_blocks=(1,)",
                "--config.model.attention_resolutions=()"]
 TRAIN_SMOKE = MODEL_SMOKE + ["--config.train.num_steps=3", "--config.train.batch_size=16",
-               "--config.train.checkpoint_every=3", "--config.eval.num_samples=8",
-               "--config.eval.classifier_steps=40", "--config.sample.num_images=4",
+               "--config.train.checkpoint_every=3", "--config.evaluate.classifier_samples=8",
+               "--config.evaluate.classifier_steps=40", "--config.sample.num_images=4",
                "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
 SAMPLE_SMOKE = MODEL_SMOKE + ["--config.sample.num_steps=4", "--config.sample.num_images=4",
                 "--config.sample.batch_size=4"]
@@ -127,7 +127,7 @@ def _check_smoke_eval(result):
   far above chance (0.1; it reaches ~0.88 at 40 steps, 0.97 at the main job's 600).
   """
   flags = dict(a[len("--config."):].split("=", 1) for a in TRAIN_SMOKE)
-  n = int(flags["eval.num_samples"])
+  n = int(flags["evaluate.classifier_samples"])
   assert (result["step"], result["dataset"], result["num_samples"], result["sampler_steps"]) == (
       int(flags["train.num_steps"]), "digits", n, int(flags["sample.num_steps"]))
   defaults = base_config.get_base_config().sample

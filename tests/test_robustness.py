@@ -40,7 +40,7 @@ from asyncpatch_jax.training import train_state
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
 # Host-side settings only (tests/test_train.py's command-line runs compile the same step).
-RUN = {"train.log_every": 1, "train.checkpoint_every": 4, "eval.num_samples": 0,
+RUN = {"train.log_every": 1, "train.checkpoint_every": 4, "evaluate.classifier_samples": 0,
        "sample.num_images": 0}
 ENV = dict(os.environ, PYTHONPATH=ROOT)     # 8 host devices, the shared compilation cache
 

@@ -31,8 +31,8 @@ from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
-SMALL = ["--config.sample.num_images=4", "--config.eval.num_samples=8",
-         "--config.eval.classifier_steps=5"]
+SMALL = ["--config.sample.num_images=4", "--config.evaluate.classifier_samples=8",
+         "--config.evaluate.classifier_steps=5"]
 
 
 def start(args, env=None, **kw):
@@ -175,7 +175,7 @@ def test_two_trainings_started_together_one_runs_one_stops_naming_the_owner(tmp_
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  train_mode.train_and_evaluate(configs.with_overrides({"sample.num_images": 0, "eval.num_samples": 0}),
+  train_mode.train_and_evaluate(configs.with_overrides({"sample.num_images": 0, "evaluate.classifier_samples": 0}),
                            str(workdir))
   return workdir
 

@@ -98,3 +98,47 @@ def test_the_trainer_key_picks_the_trainer_and_a_forgotten_head_trainer_is_one_l
   config.trainer = "head"
   assert train_mode.trainer_of(config) == "head"
   assert train_mode.trainer_of(base_config.get_autoencoder_base_config()) == "autoencoder"
+
+
+@pytest.mark.parametrize("name, moved", [
+    ("pixel", {"classifier_samples": 0, "classifier_steps": 50}),
+    ("autoencoder", {"reconstruct_images": 8}),
+    ("head", {"classifier_samples": 512, "classifier_steps": 600})])
+def test_a_saved_config_with_the_old_eval_section_has_it_moved_into_evaluate(name, moved):
+  saved = json.load(open(os.path.join(SAVED, name, "config.json")))
+  assert "eval" in saved
+  config = base_config.load_config_json(os.path.join(SAVED, name, "config.json"))
+  assert "eval" not in config
+  assert {k: config.evaluate[k] for k in moved} == moved
+  for key, value in saved.get("evaluate", {}).items():     # the other settings kept
+    assert config.evaluate[key] == (tuple(value) if isinstance(value, list) else value), key
+
+
+@pytest.mark.slow
+def test_the_end_of_training_and_mode_evaluate_run_the_same_evaluator(tmp_path):
+  """The digit classifier through --mode=evaluate and through the trainer's end of run, on
+  the same saved run and settings: the same scores, bitwise."""
+  from asyncpatch_jax.training import train  # pylint: disable=g-import-not-at-top
+  runs = _copy(tmp_path)
+  workdir = os.path.join(runs, "pixel")
+  settings = {"evaluate.at_end": ("digit_classifier",),
+              "evaluate.evaluators": ("digit_classifier",),
+              "evaluate.classifier_samples": 6, "evaluate.classifier_steps": 5,
+              "sample.batch_size": 4, "sample.num_steps": 3, "train.progress_bar": False}
+  out = str(tmp_path / "evaluate.json")
+  res = cli.run("--mode=evaluate", f"--workdir={workdir}", f"--config.evaluate.out={out}",
+                *(f"--config.{k}={v}" for k, v in settings.items()))
+  assert res.returncode == 0, res.stderr[-3000:]
+  from_mode = json.load(open(out))
+  config = loader.read_config(workdir)
+  config.unlock()
+  for key, value in settings.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  setup, state = train.load_trained(workdir, config)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  end_of_run = train._evaluate(setup.generator, state, config, setup, epath.Path(workdir))  # pylint: disable=protected-access
+  keys = ("unconditional_confident_fraction", "conditional_label_accuracy",
+          "classifier_held_out_accuracy", "num_samples", "sampler_steps")
+  assert {k: from_mode[k] for k in keys} == {k: end_of_run[k] for k in keys}
+  assert from_mode["num_samples"] == 6 and not os.path.exists(tmp_path / "evaluate.png")

@@ -28,7 +28,7 @@ from fixtures import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(ROOT, "configs", "test.py")
-FAST = dict(eval__num_samples=0, sample__num_images=0)   # no final sampling
+FAST = dict(evaluate__classifier_samples=0, sample__num_images=0)   # no final sampling
 
 
 def make_config(path=TEST_CONFIG, **overrides):

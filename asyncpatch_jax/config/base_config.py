@@ -144,20 +144,23 @@ def get_base_config() -> ml_collections.ConfigDict:
       debug=False,           # check the policy's invariants at every step
   )
 
-  config.eval = dict(
-      num_samples=512,       # samples scored at the end of training (0 = skip)
-      classifier_steps=600,  # steps of the in-project digit classifier
-  )
-
-  # --mode=evaluate (modes/evaluate_mode.py, evaluation/workdir_eval.py): a trained workdir's
-  # generation and inpainting quality, written to <workdir>/evaluate.json. The sampler
-  # settings (num_steps, eta, num_stripes) are config.sample's.
+  # Evaluation (evaluation/evaluators/): training runs the evaluators of `at_end` when it
+  # finishes (<workdir>/eval.json); --mode=evaluate (modes/evaluate_mode.py) runs those of
+  # `evaluators` on a trained workdir (<workdir>/evaluate.json). The sampler settings
+  # (num_steps, eta, num_stripes, batch_size) are config.sample's.
   config.evaluate = dict(
+      at_end=("digit_classifier",),              # evaluators run at the end of training
+      evaluators=("generation", "inpainting"),   # evaluators of --mode=evaluate
+      # digit_classifier: a digits model's samples scored by the in-project classifier.
+      classifier_samples=512,  # samples scored (0 = none)
+      classifier_steps=600,  # steps of the in-project digit classifier
+      # generation: Frechet distance and PRDC of synchronous samples.
       num_samples=1000,      # generated samples (labels cycle over the classes); >= 2, > k
       batch_size=250,        # images per sampler / feature-network call
       guidance=0.0,          # CFG weight of the generated samples
       reference_split="train",  # real images the samples are compared with (train | test)
       num_reference=0,       # real images; 0 = num_samples (at most the split's size)
+      # inpainting: PSNR/SSIM, Frechet distance, PRDC and LPIPS per mask family.
       mask_families=("thin", "wide", "square", "extrema"),  # data/masks.py families
       num_inpaint=256,       # held-out (test split) images inpainted per family; 0 = none
       inpaint_method="asyncpatch",  # asyncpatch | asyncpatch_input_guidance | progressive | repaint
@@ -179,14 +182,14 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def get_autoencoder_base_config() -> ml_collections.ConfigDict:
-  """Defaults of an autoencoder run (configs/vqae_*.py): seed, data, optim, train, eval and
+  """Defaults of an autoencoder run (configs/vqae_*.py): seed, data, optim, train, evaluate and
   `autoencoder` (AsyncPatch App. F, Table 7; latent diffusion's f = 4 VQ model).
 
   A config with an `autoencoder` section trains the autoencoder (training/autoencoder_train.py).
   """
   base = get_base_config()
   config = ml_collections.ConfigDict()
-  for section in ("seed", "data", "optim", "train", "eval"):
+  for section in ("seed", "data", "optim", "train"):
     config[section] = base[section]
   config.trainer = "autoencoder"        # the localized VQ autoencoder (App. F)
   config.optim.update(b1=0.5, b2=0.9)   # Adam betas of latent diffusion's autoencoder
@@ -221,7 +224,9 @@ def get_autoencoder_base_config() -> ml_collections.ConfigDict:
       mask_fraction=0.5,               # share of examples that get a random mask
       mask_families=("box", "stroke"),  # data/training_masks.py families
   )
-  config.eval = dict(num_samples=256)  # test images for the reconstruction metrics
+  # The end of training: reconstruction metrics (evaluation/reconstruction.py) and the latent
+  # statistics, in eval.json and latent_stats.json.
+  config.evaluate = dict(reconstruct_images=256)  # test images reconstructed (0 = none)
   return config
 
 
@@ -276,6 +281,30 @@ def infer_trainer(config) -> str:
   return "head" if uncertainty.get("model_workdir") else "diffusion"
 
 
+# Keys that moved ({old: new}): an override of the old key says where it went.
+MOVED_KEYS = {"eval.num_samples": "evaluate.classifier_samples (an autoencoder's: "
+                                  "evaluate.reconstruct_images)",
+              "eval.classifier_steps": "evaluate.classifier_steps"}
+
+
+def migrate_eval_section(saved: dict) -> dict:
+  """A saved config (dict) with the old `eval` section, its keys moved into `evaluate`:
+  an autoencoder's eval.num_samples becomes evaluate.reconstruct_images; a diffusion
+  run's eval.num_samples and eval.classifier_steps become evaluate.classifier_samples and
+  evaluate.classifier_steps."""
+  saved = dict(saved)
+  old = saved.pop("eval")
+  evaluate = dict(saved.get("evaluate") or {})
+  if "autoencoder" in saved:
+    moved = {"num_samples": "reconstruct_images"}
+  else:
+    moved = {"num_samples": "classifier_samples", "classifier_steps": "classifier_steps"}
+  for key, value in old.items():
+    evaluate[moved.get(key, key)] = value
+  saved["evaluate"] = evaluate
+  return saved
+
+
 def load_config_json(path) -> ml_collections.ConfigDict:
   """A run's saved `config.json` (local or gs://) as a locked config with this version's keys.
 
@@ -304,6 +333,8 @@ def load_config_json(path) -> ml_collections.ConfigDict:
   config = make()
   if "trainer" not in saved:        # written before config.trainer existed
     saved = {**saved, "trainer": infer_trainer(saved)}
+  if isinstance(saved.get("eval"), dict):   # written before config.eval joined config.evaluate
+    saved = migrate_eval_section(saved)
   ignored = _merge_saved(config, saved, str(path))
   if ignored:
     from absl import logging  # pylint: disable=g-import-not-at-top

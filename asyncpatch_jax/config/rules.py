@@ -231,7 +231,8 @@ MASK_FAMILIES = ("thin", "medium", "thick", "wide", "square", "extrema",
 TRAINING_MASK_FAMILIES = ("box", "stroke") + MASK_FAMILIES       # data/training_masks.py
 INPAINT_METHODS = ("asyncpatch", "asyncpatch_input_guidance", "progressive",
                    "repaint")                                    # inpainting_eval.METHODS
-REFERENCE_SPLITS = ("train", "test")                             # workdir_eval's
+REFERENCE_SPLITS = ("train", "test")                       # evaluators/generation.py's
+EVALUATORS = ("digit_classifier", "generation", "inpainting")   # evaluators/common.EVALUATORS
 BETA_CONVENTIONS = ("codebook", "commitment")                    # vqae.BETA_CONVENTIONS
 
 _POSITIVE, _COUNT, _FRACTION = Int(1), Int(0), Number(0, 1)
@@ -326,8 +327,11 @@ RULES: dict[str, Rule] = {
     "uncertainty.grid": Ints(lengths=(0, 2)),
     "uncertainty.ipr_order": Choice(IPR_ORDERS),
     "uncertainty.debug": Bool(),
-    "eval.num_samples": _COUNT,
-    "eval.classifier_steps": _POSITIVE,
+    "evaluate.at_end": Names(EVALUATORS),
+    "evaluate.evaluators": Names(EVALUATORS),
+    "evaluate.classifier_samples": _COUNT,
+    "evaluate.classifier_steps": _POSITIVE,
+    "evaluate.reconstruct_images": _COUNT,
     "evaluate.num_samples": Int(2),
     "evaluate.batch_size": _POSITIVE,
     "evaluate.guidance": _WEIGHT,

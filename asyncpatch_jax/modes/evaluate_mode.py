@@ -5,10 +5,11 @@
 Needs only the workdir (a local folder or a gs:// URL; the command line's default
 config is the workdir's own config.json). Loads the latest checkpoint's EMA parameters
 (runs/loader.py, as --mode=sample), then scores generation and inpainting
-quality (evaluation/workdir_eval.py: Frechet distance and PRDC on the dataset's
-in-project feature network, `fd_digits` / `fd_textures`; FID with Inception-v3 weights;
+quality with the evaluators of `config.evaluate.evaluators` (evaluation/evaluators/;
+by default `generation`: Frechet distance and PRDC on the dataset's in-project feature
+network, `fd_digits` / `fd_textures`, FID with Inception-v3 weights; and `inpainting`:
 PSNR/SSIM and LPIPS per mask family on the held-out split; a latent diffusion workdir on
-its decoded pixels, workdir_eval.evaluate's `codec`). With several devices the
+its decoded pixels). With several devices the
 sampler batches, feature extraction and PRDC are split over a mesh of all of them
 (training/sharding.sampling_mesh). Every setting is checked, and the weight files read,
 before the checkpoint is restored or anything compiles.
@@ -26,7 +27,8 @@ from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.runtime import storage
-from asyncpatch_jax.evaluation import workdir_eval
+from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
+from asyncpatch_jax.evaluation.evaluators import common as evaluators
 from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.runs import loader
@@ -34,7 +36,7 @@ from asyncpatch_jax.runs import loader
 
 def _summary(result: dict, path: str) -> dict:
   """The headline numbers: generation metrics, and PSNR / SSIM / Frechet distances per family."""
-  gen = result["generation"]
+  gen = result.get("generation", {})
   keep = lambda d: {k: v for k, v in d.items() if k.startswith(("fd_", "fid", "precision_",
                                                                 "recall_", "psnr", "ssim",
                                                                 "lpips"))}
@@ -56,50 +58,52 @@ def evaluate_workdir(config, workdir) -> dict:
   loader.saved_image_shape(workdir)                    # InputError: no checkpoint
   setup = loader.open_run(workdir, config)
   codec = setup.codec              # a latent workdir: tokens, scored decoded (pixel_shape)
-  workdir_eval.check_settings(config, setup.pixel_shape, latent=codec is not None)
+  chosen = evaluators.from_config(config, config.evaluate.evaluators, setup.pixel_shape,
+                                  latent=codec is not None)
   out_path = (storage.check_bucket(config.evaluate.out, "evaluate.out") if config.evaluate.out
               else workdir / "evaluate.json")
   storage.check_writable(out_path.parent, "evaluate.out's folder")
-  inception_features, lpips_fn = workdir_eval.load_weight_files(config)
+  inception_features, lpips_fn = evaluators_base.load_weight_files(config)
   setup = loader.load_run(workdir, config, run=setup)
   mesh = sharding.sampling_mesh()                      # None on one device
   generator = generate.Generator(setup.model, codec=codec, mesh=mesh)
-  key = jax.random.key(config.seed)
   shards = 1 if mesh is None else mesh.size
-  with progress_lib.bar(workdir_eval.num_updates(config, shards), "evaluate",
+  with progress_lib.bar(evaluators.num_updates(chosen, config, shards), "evaluate",
                         enabled=bool(config.train.progress_bar), unit="call") as bar:
-    extractors, nets = workdir_eval.feature_extractors(config, jax.random.fold_in(key, 1),
-                                                       inception_features, bar)
-    scores, examples = workdir_eval.evaluate(
-        generator, setup.params, config, image_shape=setup.pixel_shape, key=key,
-        extractors=extractors, lpips_fn=lpips_fn, mesh=mesh, bar=bar)
+    ctx = evaluators_base.Context(generator, setup.params, config,
+                                  image_shape=setup.pixel_shape,
+                                  key=jax.random.key(config.seed), mesh=mesh, bar=bar,
+                                  inception_features=inception_features, lpips_fn=lpips_fn)
+    scores, examples = evaluators.run(chosen, ctx)
   result = {"workdir": str(workdir), "step": setup.step,
             "dataset": config.data.dataset, "image_shape": list(setup.pixel_shape),
             "devices": jax.device_count(), "mesh": None if mesh is None else dict(mesh.shape),
-            "feature_nets": nets, **scores, "seconds": time.perf_counter() - t0}
+            **scores, "seconds": time.perf_counter() - t0}
   if codec is not None:
     result["latent"] = {"autoencoder_workdir": str(config.latent.autoencoder_workdir),
                         "latent_shape": list(codec.latent_shape), "scale": float(codec.scale)}
   if lpips_fn is not None:
     result["lpips"] = {"network": f"LPIPS-{lpips_fn.net}",
                        "weights": str(config.evaluate.lpips_weights)}
+  # The grid's rows: samples, then per mask family the masked inputs and their inpaintings.
+  rows = [examples["samples"]] if "samples" in examples else []
+  rows += [x for f in config.evaluate.mask_families if f in examples for x in examples[f]]
   grid_path = out_path.parent / (out_path.stem + ".png")
-  result["grid"] = str(grid_path)
+  if rows:
+    result["grid"] = str(grid_path)
   if jax.process_index() == 0:
-    # Rows: samples, then per mask family the masked inputs and their inpaintings.
-    rows = [examples["samples"]] + [x for f in config.evaluate.mask_families if f in examples
-                                    for x in examples[f]]
     # The grid and the JSON that names it are replaced together (the JSON last).
     with storage.replaced_files(out_path.parent, "evaluate.out's folder") as folder:
-      image_io.save_grid(_stack(rows), folder.file(grid_path.name),
-                         ncols=workdir_eval.NUM_EXAMPLES,
-                         scale=image_io.display_scale(setup.pixel_shape[0]))
+      if rows:
+        image_io.save_grid(_stack(rows), folder.file(grid_path.name),
+                           ncols=evaluators_base.NUM_EXAMPLES,
+                           scale=image_io.display_scale(setup.pixel_shape[0]))
       storage.write_text_atomic(folder.file(out_path.name), json.dumps(result, indent=2))
   return _summary(result, str(out_path))
 
 
 def _stack(rows):
   """Rows of up to NUM_EXAMPLES images, each padded with blank (-1) images to a full row."""
-  n = workdir_eval.NUM_EXAMPLES
+  n = evaluators_base.NUM_EXAMPLES
   return np.concatenate([np.concatenate([r, np.full((n - len(r), *r.shape[1:]), -1.0, r.dtype)])
                          for r in rows])

@@ -19,7 +19,7 @@ from asyncpatch_jax.runtime import checks
 # remaining steps compute (logging, checkpointing, sampling and evaluation, the mesh
 # layout, where the data lives). Anything else (optim.*, train.num_steps,
 # train.batch_size, seed, data, timesteps, loss, ...) changes the run's trajectory.
-FREE_TO_CHANGE = ("sample.", "eval.", "evaluate.", "train.log_every", "train.checkpoint_every",
+FREE_TO_CHANGE = ("sample.", "evaluate.", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.sample_every", "train.progress_bar",
                   "train.fsdp", "train.allow_schedule_change", "train.lock_timeout",
                   "train.skip_memory_check",

@@ -24,6 +24,8 @@ from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.data import datasets
+from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
+from asyncpatch_jax.evaluation.evaluators import common as evaluators
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.runtime import storage
@@ -73,6 +75,10 @@ class Setup(loop.Trainer):
       self.codec = loader.load_codec(latent_cfg.autoencoder_workdir, self.pixel_shape,
                                      latent_cfg.scale, cfg.model)
       self.image_shape = self.codec.latent_shape
+    # The end-of-training evaluators (config.evaluate.at_end), their settings checked now.
+    self.evaluators = evaluators.from_config(cfg, cfg.evaluate.at_end, self.pixel_shape,
+                                             latent=self.codec is not None,
+                                             setting="evaluate.at_end")
     self.model = models.build_unet(cfg.model)
     loader.check_model(self.model, cfg, self.image_shape,
                        self.source.num_classes if self.source is not None else None)
@@ -252,15 +258,17 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
 
 
 def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
+  """The evaluators of config.evaluate.at_end on the EMA parameters, into eval.json."""
   result: dict[str, Any] = {"step": int(jax.device_get(state.step)),
                             "dataset": cfg.data.dataset}
-  if cfg.data.dataset == "digits" and cfg.eval.num_samples > 0 and setup.codec is None:
-    from asyncpatch_jax.evaluation import end_of_training  # pylint: disable=g-import-not-at-top
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 2 ** 30 + 2)
-    with progress_lib.bar(end_of_training.num_updates(cfg.sample, cfg.eval), "evaluation",
-                          enabled=bool(cfg.train.progress_bar)) as bar:
-      result.update(end_of_training.evaluate_digits(generator, state.ema_params, cfg.sample,
-                                                    cfg.eval, setup.image_shape, key, bar))
+  shards = 1 if generator.mesh is None else generator.mesh.size
+  total = evaluators.num_updates(setup.evaluators, cfg, shards)
+  with progress_lib.bar(total, "evaluation",
+                        enabled=bool(cfg.train.progress_bar) and total > 0) as bar:
+    ctx = evaluators_base.Context(generator, state.ema_params, cfg,
+                                  image_shape=setup.pixel_shape, key=jax.random.key(cfg.seed),
+                                  mesh=generator.mesh, bar=bar)
+    result.update(evaluators.run(setup.evaluators, ctx)[0])
   if jax.process_index() == 0:
     storage.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
   return result

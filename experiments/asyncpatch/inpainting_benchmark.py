@@ -40,7 +40,7 @@ from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import masks
 from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.evaluation import inpainting_eval
-from asyncpatch_jax.evaluation import workdir_eval
+from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -98,9 +98,9 @@ def main(argv):
                                   inception_weights=FLAGS.inception_weights,
                                   lpips_weights=FLAGS.lpips_weights)
   first = next(iter(configs.values()))
-  inception_features, lpips_fn = workdir_eval.load_weight_files(first)
-  extractors, nets = workdir_eval.feature_extractors(first, jax.random.fold_in(key, 1),
-                                                     inception_features)
+  inception_features, lpips_fn = evaluators_base.load_weight_files(first)
+  extractors, nets = evaluators_base.feature_extractors(first, jax.random.fold_in(key, 1),
+                                                        inception_features)
   extractor = extractors[-1]                        # Inception when given, else in-project
   names = feature_nets.metric_names(extractor.name)
   result = {"settings": {k: FLAGS[k].value for k in (

@@ -65,7 +65,7 @@ common.define_tiny(dict(ae_steps=1, latent_steps=1, pixel_steps=1, pixel_batch=8
 TINY = {
     "vqae_textures": {"autoencoder": {"base_channels": 4, "mask_embed_dim": 8,
                                       "codebook_size": 16}, "train": {"batch_size": 8},
-                      "eval": {"num_samples": 8}},
+                      "evaluate": {"reconstruct_images": 8}},
     "latent_textures": {"model": common.TINY_UNET, "train": {"batch_size": 8}},
 }
 

@@ -6,7 +6,8 @@ For each of --samplers (global, perlin, patchwise, asyncpatch) the config (defau
 main job's, configs/default.py, --train_steps overriding its step count) is trained in
 <workdir_root>/<sampler> (resuming if a checkpoint is there; `--tiny`: the tiny config in
 <dir of --out>/tiny_workdirs), then its EMA weights are
-scored by `evaluation/workdir_eval.evaluate` (what `--mode=evaluate` runs on one workdir):
+scored by the `generation` and `inpainting` evaluators (evaluation/evaluators/, what
+`--mode=evaluate` runs on one workdir):
   - generation: --num_samples class-conditional samples (labels cycling, synchronous
     schedule) against the held-out digits, Frechet distance and PRDC on the in-project
     digit features (`fd_digits`, never FID; also `fid` with --inception_weights);
@@ -36,7 +37,8 @@ from tqdm import tqdm
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.evaluation import feature_nets
-from asyncpatch_jax.evaluation import workdir_eval
+from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
+from asyncpatch_jax.evaluation.evaluators import common as evaluators
 from asyncpatch_jax.runs import loader
 from experiments import common
 
@@ -68,7 +70,7 @@ def _train(sampler: str) -> str:
   config.timesteps.sampler = sampler
   if FLAGS.train_steps:
     config.train.num_steps = FLAGS.train_steps
-  config.eval.num_samples = 0                       # scored here instead
+  config.evaluate.at_end = ()                       # scored here instead
   workdir = os.path.join(FLAGS.workdir_root, sampler)
   common.train_or_resume(config, workdir)
   return workdir
@@ -84,8 +86,8 @@ def _eval_config(workdir: str):
       num_inpaint=FLAGS.num_inpaint, inpaint_method="asyncpatch",
       feature_steps=FLAGS.classifier_steps, inception_weights=FLAGS.inception_weights,
       lpips_weights=FLAGS.lpips_weights)
-  workdir_eval.check_settings(config, loader.saved_image_shape(workdir))
-  return config
+  return config, evaluators.from_config(config, ("generation", "inpainting"),
+                                        loader.saved_image_shape(workdir))
 
 
 def _markdown(result: dict, names: dict) -> str:
@@ -111,11 +113,12 @@ def main(argv):
                                       "tiny_workdirs")
   key = jax.random.key(FLAGS.seed)
   workdirs = {s: _train(s) for s in FLAGS.samplers}
-  configs = {s: _eval_config(workdirs[s]) for s in FLAGS.samplers}
+  chosen = {s: _eval_config(workdirs[s]) for s in FLAGS.samplers}
+  configs = {s: c for s, (c, _) in chosen.items()}
   first = configs[FLAGS.samplers[0]]
-  inception_features, lpips_fn = workdir_eval.load_weight_files(first)
-  extractors, nets = workdir_eval.feature_extractors(first, jax.random.fold_in(key, 1),
-                                                     inception_features)
+  inception_features, lpips_fn = evaluators_base.load_weight_files(first)
+  extractors, nets = evaluators_base.feature_extractors(first, jax.random.fold_in(key, 1),
+                                                        inception_features)
   extractor = extractors[-1]                        # the table's: Inception when given
   names = feature_nets.metric_names(extractor.name)
   metric_keys = {n for ex in extractors for n in feature_nets.metric_names(ex.name).values()}
@@ -128,9 +131,10 @@ def main(argv):
   for s in tqdm(FLAGS.samplers, desc="evaluating"):
     run = common.load_run(workdirs[s], configs[s])
     gen = generate.Generator(run.model)
-    scores, examples = workdir_eval.evaluate(
-        gen, run.params, configs[s], image_shape=run.image_shape, key=key,
-        extractors=extractors, lpips_fn=lpips_fn, mesh=gen.mesh, mask_seed=FLAGS.seed)
+    ctx = evaluators_base.Context(gen, run.params, configs[s], image_shape=run.image_shape,
+                                  key=key, mesh=gen.mesh, lpips_fn=lpips_fn,
+                                  mask_seed=FLAGS.seed, feature_nets=(extractors, nets))
+    scores, examples = evaluators.run(chosen[s][1], ctx)
     inpainting = scores["inpainting"]
     model_result = {"workdir": workdirs[s], "train_steps": run.step,
                     "generation": {k: v for k, v in scores["generation"].items()

@@ -1,4 +1,5 @@
-"""evaluation/workdir_eval.py (what --mode=evaluate scores) with a fake generator on a mesh.
+"""evaluation/evaluators/ (what --mode=evaluate and the end of training score) with a fake
+generator on a mesh.
 
 The fake generator is a pure function of its inputs (uniform noise from the key for
 generation; the known pixels kept and the holes negated for inpainting), and the feature
@@ -18,7 +19,8 @@ import scipy.linalg
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import masks
-from asyncpatch_jax.evaluation import workdir_eval
+from asyncpatch_jax.evaluation.evaluators import base
+from asyncpatch_jax.evaluation.evaluators import common as evaluators
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.runtime import sharding
 
@@ -100,9 +102,12 @@ def test_evaluate_with_a_fake_generator_against_float64_references(devices):
     def update(self, k):
       Bar.n += k
 
-  result, examples = workdir_eval.evaluate(gen, None, config, image_shape=(16, 16, 1), key=key,
-                                           extractors=[lin], mesh=mesh, bar=Bar())
-  assert Bar.n == workdir_eval.num_updates(config, devices) - 1    # (no in-project net here)
+  chosen = evaluators.from_config(config, ("generation", "inpainting"), (16, 16, 1))
+  ctx = base.Context(gen, None, config, image_shape=(16, 16, 1), key=key, mesh=mesh, bar=Bar(),
+                     feature_nets=([lin], {"lin": "a fixed linear map"}))
+  result, examples = evaluators.run(chosen, ctx)
+  assert Bar.n == evaluators.num_updates(chosen, config, devices) - 1  # (no in-project net here)
+  assert result["feature_nets"] == {"lin": "a fixed linear map"}
   # Batches: 50 samples in 3 of 20 -> 3 of 17, rounded up to the devices; 19 images in one.
   gen_batch = -(-17 // devices) * devices
   inp_batch = -(-19 // devices) * devices
@@ -154,4 +159,4 @@ def test_batch_is_the_smallest_device_multiple_with_the_fewest_batches():
       for batch_size in range(1, 30):
         fewest = -(-n // min(batch_size, n))
         want = min(b for b in range(devices, n + 2 * devices, devices) if -(-n // b) <= fewest)
-        assert workdir_eval._batch(batch_size, n, devices) == want, (devices, n, batch_size)  # pylint: disable=protected-access
+        assert base.batch_size(batch_size, n, devices) == want, (devices, n, batch_size)

@@ -1,0 +1,1 @@
+"""The evaluators: one interface (base.py), one module per evaluator, chosen by the config."""
