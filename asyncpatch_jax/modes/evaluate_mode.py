@@ -29,6 +29,7 @@ from asyncpatch_jax.data import image_io
 from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
 from asyncpatch_jax.evaluation.evaluators import common as evaluators
+from asyncpatch_jax.runtime import multihost
 from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.runtime import sharding
 from asyncpatch_jax.runs import loader
@@ -91,13 +92,12 @@ def evaluate_workdir(config, workdir) -> dict:
   grid_path = out_path.parent / (out_path.stem + ".png")
   if rows:
     result["grid"] = str(grid_path)
-  if jax.process_index() == 0:
+  if multihost.is_writer():
     # The grid and the JSON that names it are replaced together (the JSON last).
     with storage.replaced_files(out_path.parent, "evaluate.out's folder") as folder:
       if rows:
-        image_io.save_grid(_stack(rows), folder.file(grid_path.name),
-                           ncols=evaluators_base.NUM_EXAMPLES,
-                           scale=image_io.display_scale(setup.pixel_shape[0]))
+        image_io.write_grid(_stack(rows), folder.file(grid_path.name),
+                            ncols=evaluators_base.NUM_EXAMPLES)
       storage.write_text_atomic(folder.file(out_path.name), json.dumps(result, indent=2))
   return _summary(result, str(out_path))
 

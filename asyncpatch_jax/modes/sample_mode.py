@@ -246,15 +246,14 @@ def sample_from_workdir(config, workdir: str) -> dict:
 
 def _write_outputs(out_dir, out, settings, *, grids=None, mask=None, arrays=None) -> None:
   """Process 0 replaces `out_dir` with the call's files as one unit: the extra grids
-  ({name: (images [N, H, W, C], columns or None)}), samples.png, the first 16 samples, mask.png, samples.npz
-  (`arrays`) and settings.json (last)."""
+  ({name: (images [N, H, W, C], columns or None)}), samples.png, the first 16 samples,
+  mask.png, samples.npz (`arrays`) and settings.json (last)."""
   if not multihost.is_writer():
     return
-  scale = image_io.display_scale(out.shape[1])
   with storage.replaced_folder(out_dir, "sample.out_dir") as folder:
     for name, (images, ncols) in (grids or {}).items():
-      image_io.save_grid(images, folder.file(name), ncols=ncols, scale=scale)
-    image_io.save_grid(out, folder.file("samples.png"), scale=scale)
+      image_io.write_grid(images, folder.file(name), ncols=ncols)
+    image_io.write_grid(out, folder.file("samples.png"))
     for i in range(min(len(out), 16)):
       image_io.save_png(image_io.to_uint8(out[i]), folder.file(f"sample_{i:03d}.png"))
     if mask is not None:

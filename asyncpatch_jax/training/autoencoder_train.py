@@ -325,7 +325,7 @@ def _evaluate(setup: AutoencoderSetup, params, workdir: str) -> dict[str, Any]:
   """Reconstruction metrics on the test split, a reconstruction grid, the latent statistics."""
   from asyncpatch_jax.evaluation import reconstruction  # pylint: disable=g-import-not-at-top
   cfg = setup.config
-  n = cfg.evaluate.num_samples
+  n = cfg.evaluate.reconstruct_images
   result: dict[str, Any] = {"step": int(cfg.train.num_steps), "dataset": cfg.data.dataset,
                             "halo": setup.ae.halo}
   h, w, _ = setup.image_shape

@@ -22,6 +22,7 @@ import optax
 
 from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.runtime import checks
+from asyncpatch_jax.runtime import multihost
 from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
@@ -249,12 +250,7 @@ def _write_grids(generator, state, cfg, setup, workdir, name) -> dict[str, str]:
   paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
                                workdir / "samples" / name,
                                progress=bool(cfg.train.progress_bar))
-  return paths if jax.process_index() == 0 else {}
-  paths = generate.write_grids(generator, state.ema_params, cfg.sample, refs, key,
-                               workdir / "samples" / name,
-                               num_classes=setup.model.num_classes,
-                               progress=bool(cfg.train.progress_bar))
-  return paths if jax.process_index() == 0 else {}
+  return paths if multihost.is_writer() else {}
 
 
 def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
@@ -269,6 +265,6 @@ def _evaluate(generator, state, cfg, setup, workdir) -> dict[str, Any]:
                                   image_shape=setup.pixel_shape, key=jax.random.key(cfg.seed),
                                   mesh=generator.mesh, bar=bar)
     result.update(evaluators.run(setup.evaluators, ctx)[0])
-  if jax.process_index() == 0:
+  if multihost.is_writer():
     storage.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
   return result
