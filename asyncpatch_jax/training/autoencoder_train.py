@@ -282,12 +282,10 @@ def train_step(state: AutoencoderState, batch: dict[str, jax.Array], *, setup: A
     age = jnp.where(dead, 0, age)
 
   grad_norm = optax.tree.norm(grads)
-  bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
   new_state = AutoencoderState(
       step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
       disc_opt_state=disc_opt_state, code_age=age,
-      nonfinite_step=jnp.where((state.nonfinite_step < 0) & bad, state.step,
-                               state.nonfinite_step))
+      nonfinite_step=train_state.first_nonfinite(state, loss, grad_norm))
   metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
              "update_norm": optax.tree.norm(updates),
              "learning_rate": setup.lr_schedule(state.step),

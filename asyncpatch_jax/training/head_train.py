@@ -57,26 +57,15 @@ def head_update(state: train_state.TrainState, x: jax.Array, y, frozen, key: jax
     return uncertainty_head.gaussian_nll(logvar, v, v_hat, t), logvar
 
   (loss, logvar), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = train_state.ema_update(state.ema_params, params,
-                               train_state.ema_decay_at(state.step, ema_decay))
-  grad_norm = optax.tree.norm(grads)
-  bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-  new_state = train_state.TrainState(
-      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-      nonfinite_step=jnp.where((state.nonfinite_step < 0) & bad, state.step,
-                               state.nonfinite_step))
+  new_state, metrics = train_state.apply_gradients(state, grads, tx, ema_decay, loss)
   err2 = jnp.mean(jnp.square(v - v_hat), axis=-1)
   weight = (t > 0).astype(jnp.float32)
   n = jnp.maximum(jnp.sum(weight), 1.0)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-             "update_norm": optax.tree.norm(updates),
-             # The frozen model's velocity MSE (constant in the head's parameters) and the
-             # calibration E[err^2 / sigma^2] (1 for a calibrated head), over t > 0.
-             "velocity_mse": jnp.sum(weight * err2) / n,
-             "calibration": jnp.sum(weight * err2 * jnp.exp(-logvar)) / n,
-             "mean_logvar": jnp.sum(weight * logvar) / n}
+  # The frozen model's velocity MSE (constant in the head's parameters) and the
+  # calibration E[err^2 / sigma^2] (1 for a calibrated head), over t > 0.
+  metrics.update(velocity_mse=jnp.sum(weight * err2) / n,
+                 calibration=jnp.sum(weight * err2 * jnp.exp(-logvar)) / n,
+                 mean_logvar=jnp.sum(weight * logvar) / n)
   if lr_schedule is not None:
     metrics["learning_rate"] = lr_schedule(state.step)
   return new_state, metrics

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from asyncpatch_jax.runs import checkpointing
 from asyncpatch_jax.runtime import checks
@@ -176,21 +175,9 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], froze
     return loss, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = train_state.ema_update(state.ema_params, params,
-                               train_state.ema_decay_at(state.step, cfg.train.ema_decay))
-  grad_norm = optax.tree.norm(grads)
-  bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-  # The first non-finite step is recorded; the host loop checks it before every save and
-  # at every log, and stops there, so no checkpoint ever holds a state past it.
-  new_state = train_state.TrainState(
-      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-      nonfinite_step=jnp.where((state.nonfinite_step < 0) & bad, state.step,
-                               state.nonfinite_step))
-  metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-             "update_norm": optax.tree.norm(updates),
-             "learning_rate": setup.lr_schedule(state.step), **aux}
+  new_state, metrics = train_state.apply_gradients(state, grads, setup.tx,
+                                                   cfg.train.ema_decay, loss)
+  metrics.update(learning_rate=setup.lr_schedule(state.step), **aux)
   return new_state, metrics
 
 

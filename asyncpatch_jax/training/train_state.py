@@ -97,3 +97,26 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 def ema_update(ema, params, decay: jax.Array):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def first_nonfinite(state, loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
+  """The state's `nonfinite_step` after this step: the first step whose loss or gradient
+  norm was not finite (-1 while none was). The host loop checks it before every save and
+  at every log and stops there, so no checkpoint ever holds a state past it."""
+  bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  return jnp.where((state.nonfinite_step < 0) & bad, state.step, state.nonfinite_step)
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
+                    ema_decay: float, loss: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step with the EMA (`ema_decay_at`) and the non-finite record:
+  (the next state, {loss, grad_norm, param_norm, update_norm})."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
+  grad_norm = optax.tree.norm(grads)
+  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state,
+                         nonfinite_step=first_nonfinite(state, loss, grad_norm))
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+                     "update_norm": optax.tree.norm(updates)}
