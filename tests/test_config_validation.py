@@ -197,6 +197,7 @@ def test_the_name_lists_match_the_modules_that_define_them():
   from asyncpatch_jax.evaluation.evaluators import common as evaluators  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.evaluation.evaluators import generation  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.models import vqae  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.training import autoencoder_losses as ae_losses  # pylint: disable=g-import-not-at-top
   b = rules
   assert b.TIMESTEP_SAMPLERS == timesteps.SAMPLER_NAMES
   assert b.SAMPLE_TASKS == tuple(sample_mode.TASKS)
@@ -208,7 +209,7 @@ def test_the_name_lists_match_the_modules_that_define_them():
   assert b.INPAINT_METHODS == inpainting_eval.METHODS
   assert b.REFERENCE_SPLITS == generation.REFERENCE_SPLITS
   assert b.EVALUATORS == tuple(evaluators.EVALUATORS)
-  assert b.BETA_CONVENTIONS == vqae.BETA_CONVENTIONS
+  assert b.BETA_CONVENTIONS == ae_losses.BETA_CONVENTIONS
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)

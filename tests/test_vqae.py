@@ -12,6 +12,7 @@ import pytest
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.models import vqae
+from asyncpatch_jax.training import autoencoder_losses as ae_losses
 from asyncpatch_jax.training import autoencoder_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +150,7 @@ def test_straight_through_quantisation_and_vq_loss_match_numpy():
   for beta_on, (w_commit, w_book) in (("codebook", (1.0, 0.25)), ("commitment", (0.25, 1.0))):
     def loss(hh, cb):
       _, zq_, _ = vq.apply({"params": {"codebook": cb}}, hh)
-      return vqae.vq_loss(hh, zq_, 0.25, beta_on)
+      return ae_losses.vq_loss(hh, zq_, 0.25, beta_on)
 
     (value, terms), (gh, gcb) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         h, jnp.asarray(codebook))
@@ -166,7 +167,7 @@ def test_straight_through_quantisation_and_vq_loss_match_numpy():
 
 def test_codebook_usage_matches_numpy():
   idx = np.array([[0, 0, 3], [3, 3, 7]])
-  usage = jax.jit(vqae.codebook_usage, static_argnums=1)
+  usage = jax.jit(ae_losses.codebook_usage, static_argnums=1)
   counts, ppl = usage(jnp.asarray(idx), 8)
   np.testing.assert_array_equal(np.asarray(counts), np.bincount(idx.ravel(), minlength=8))
   p = np.array([2, 3, 1]) / 6
@@ -198,7 +199,7 @@ def test_adaptive_weight_equals_the_ratio_of_two_full_gradients():
 
   def parts(params):
     x_rec, _, _, _ = ae.apply({"params": params}, batch["image"], batch["mask"])
-    nll = autoencoder_train.masked_l1(batch["image"], x_rec, batch["mask"])
+    nll = ae_losses.masked_l1(batch["image"], x_rec, batch["mask"])
     g = -jnp.mean(disc.apply({"params": state.disc_params}, x_rec))
     return nll, g
 

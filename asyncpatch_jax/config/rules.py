@@ -233,7 +233,7 @@ INPAINT_METHODS = ("asyncpatch", "asyncpatch_input_guidance", "progressive",
                    "repaint")                                    # inpainting_eval.METHODS
 REFERENCE_SPLITS = ("train", "test")                       # evaluators/generation.py's
 EVALUATORS = ("digit_classifier", "generation", "inpainting")   # evaluators/common.EVALUATORS
-BETA_CONVENTIONS = ("codebook", "commitment")                    # vqae.BETA_CONVENTIONS
+BETA_CONVENTIONS = ("codebook", "commitment")                    # autoencoder_losses.BETA_CONVENTIONS
 
 _POSITIVE, _COUNT, _FRACTION = Int(1), Int(0), Number(0, 1)
 _WEIGHT = Number(0)                       # a loss or guidance weight: >= 0

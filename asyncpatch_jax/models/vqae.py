@@ -45,7 +45,6 @@ from asyncpatch_jax.models import blocks
 from asyncpatch_jax.models import embeddings
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BETA_CONVENTIONS = ("codebook", "commitment")
 
 
 def encoder_halo(channel_mult, num_res_blocks: int, encoder_kernels) -> int:
@@ -358,40 +357,6 @@ def init_variables(ae: VQAutoencoder, key: jax.Array, image_shape, batch: int = 
   """`ae.init` on zero inputs of `image_shape` [H, W, C] (use under jax.eval_shape for shapes)."""
   x = jnp.zeros((batch, *image_shape), jnp.float32)
   return ae.init(key, x, jnp.ones((batch, *image_shape[:2]), jnp.float32))
-
-
-# ----------------------------------------------------------------------------- losses, usage
-
-def vq_loss(h: jax.Array, z_q: jax.Array, beta: float = 0.25,
-            beta_on: str = "codebook") -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The VQ terms (van den Oord et al. 2017, Eq. 3) as means over elements.
-
-  commitment = mean ||h - sg(z_q)||^2 (trains the encoder), codebook = mean
-  ||sg(h) - z_q||^2 (trains the codebook). beta_on='codebook' (default) is
-  taming-transformers' legacy form used by latent diffusion's VQ models:
-  loss = commitment + beta * codebook; beta_on='commitment' is the paper's
-  loss = codebook + beta * commitment.
-  """
-  checks.check_choice(beta_on, BETA_CONVENTIONS, "autoencoder.beta_on")
-  commitment = jnp.mean((h - jax.lax.stop_gradient(z_q)) ** 2)
-  codebook = jnp.mean((jax.lax.stop_gradient(h) - z_q) ** 2)
-  if beta_on == "codebook":
-    loss = commitment + beta * codebook
-  else:
-    loss = codebook + beta * commitment
-  return loss, {"commitment_loss": commitment, "codebook_loss": codebook}
-
-
-def codebook_usage(indices: jax.Array, codebook_size: int) -> tuple[jax.Array, jax.Array]:
-  """(counts [K] int32, perplexity) of a batch of code indices.
-
-  perplexity = exp(-sum_k p_k log p_k), p = counts / N: K when all codes are used
-  equally, 1 when one code takes everything.
-  """
-  counts = jnp.bincount(indices.reshape(-1), length=codebook_size).astype(jnp.int32)
-  p = counts / jnp.maximum(counts.sum(), 1)
-  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  return counts, jnp.exp(entropy)
 
 
 # ----------------------------------------------------------------------------- tokens

@@ -10,7 +10,7 @@ stop naming the step on a non-finite loss.
 Loss (taming-transformers' VQLPIPSWithDiscriminator, as latent diffusion's VQ models;
 AsyncPatch App. F trains the encoder on masked images, Sec. 5.2):
   nll   = l1_weight * mean over known pixels |x - x_rec| (+ lpips_weight * LPIPS)
-  vq    = vqae.vq_loss (beta = 0.25 on the codebook term: taming's legacy form)
+  vq    = ae_losses.vq_loss (beta = 0.25 on the codebook term: taming's legacy form)
   g     = -mean D(x_rec)                                   (PatchGAN hinge generator loss)
   w     = disc_weight * clip(||d nll / dW|| / (||d g / dW|| + 1e-4), 0, 1e4), no gradient,
           W = the decoder's last layer (`conv_out` kernel)
@@ -48,6 +48,7 @@ from asyncpatch_jax.models import patchgan
 from asyncpatch_jax.models import vqae
 from asyncpatch_jax.runs import loader
 from asyncpatch_jax.training import loop
+from asyncpatch_jax.training import autoencoder_losses as ae_losses
 from asyncpatch_jax.training import train_state
 
 @flax.struct.dataclass
@@ -80,7 +81,7 @@ class AutoencoderSetup(loop.Trainer):
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
       checks.check_positive_int(cfg.train[key], f"train.{key}")
     checks.check_positive_int(ac.dead_after, "autoencoder.dead_after")
-    checks.check_choice(ac.beta_on, vqae.BETA_CONVENTIONS, "autoencoder.beta_on")
+    checks.check_choice(ac.beta_on, ae_losses.BETA_CONVENTIONS, "autoencoder.beta_on")
     for key in ("beta", "codebook_weight", "l1_weight", "lpips_weight", "disc_weight"):
       if not ac[key] >= 0:
         raise checks.InputError(f"autoencoder.{key}={ac[key]}; expected a value >= 0.")
@@ -174,32 +175,6 @@ def _lpips_fn(ac):
   return lpips.load(ac.lpips_weights)
 
 
-# ----------------------------------------------------------------------------- losses
-
-def masked_l1(x: jax.Array, x_rec: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean |x - x_rec| over the known pixels (mask [B, H, W] = 1) and channels."""
-  w = mask[..., None].astype(jnp.float32)
-  return jnp.sum(w * jnp.abs(x - x_rec)) / (jnp.maximum(jnp.sum(w), 1.0) * x.shape[-1])
-
-
-def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
-  """0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))) (taming's hinge_d_loss)."""
-  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
-
-
-def adaptive_weight(nll_fn, g_fn, last_layer: jax.Array, *, scale: float = 1.0,
-                    max_weight: float = 1e4, eps: float = 1e-4) -> jax.Array:
-  """Latent diffusion's adaptive GAN weight (taming `calculate_adaptive_weight`).
-
-  scale * clip(||grad nll(W)|| / (||grad g(W)|| + eps), 0, max_weight) at the last layer
-  W, with no gradient through it. nll_fn, g_fn: W -> scalar.
-  """
-  g_nll = jax.grad(nll_fn)(last_layer)
-  g_g = jax.grad(g_fn)(last_layer)
-  w = jnp.linalg.norm(g_nll) / (jnp.linalg.norm(g_g) + eps)
-  return jax.lax.stop_gradient(scale * jnp.clip(w, 0.0, max_weight))
-
-
 def losses(params, disc_params, batch: dict[str, jax.Array], *, setup: AutoencoderSetup,
            disc_on: jax.Array) -> tuple[jax.Array, tuple[dict, jax.Array, jax.Array, jax.Array]]:
   """(loss, (scalars, x_rec, h, indices)) of the autoencoder on a batch (module docstring)."""
@@ -216,7 +191,7 @@ def losses(params, disc_params, batch: dict[str, jax.Array], *, setup: Autoencod
                     method=ae.to_pixels)
 
   def nll_of(x_rec):
-    rec = masked_l1(x, x_rec, m)
+    rec = ae_losses.masked_l1(x, x_rec, m)
     nll = ac.l1_weight * rec
     if setup.lpips is not None:
       # Hidden pixels are taken from the target, so only the known ones are compared.
@@ -230,13 +205,13 @@ def losses(params, disc_params, batch: dict[str, jax.Array], *, setup: Autoencod
   kernel = params["conv_out"]["kernel"]
   x_rec = pixels(kernel, feats)
   nll, rec = nll_of(x_rec)
-  vq, vq_terms = vqae.vq_loss(h, z_q, ac.beta, ac.beta_on)
+  vq, vq_terms = ae_losses.vq_loss(h, z_q, ac.beta, ac.beta_on)
   loss = nll + ac.codebook_weight * vq
   scalars = {"rec_l1": rec, "nll": nll, "vq_loss": vq, **vq_terms}
   if setup.disc is not None:
     g = g_of(x_rec)
     f_sg = jax.lax.stop_gradient(feats)
-    w = adaptive_weight(lambda k: nll_of(pixels(k, f_sg))[0], lambda k: g_of(pixels(k, f_sg)),
+    w = ae_losses.adaptive_weight(lambda k: nll_of(pixels(k, f_sg))[0], lambda k: g_of(pixels(k, f_sg)),
                         kernel, scale=ac.disc_weight)
     loss = loss + w * disc_on * g
     scalars.update(g_loss=g, adaptive_weight=w)
@@ -261,7 +236,7 @@ def train_step(state: AutoencoderState, batch: dict[str, jax.Array], *, setup: A
     def d_loss_fn(dp):
       real_logits = setup.disc.apply({"params": dp}, batch["image"])
       fake_logits = setup.disc.apply({"params": dp}, fake)
-      return disc_on * hinge_d_loss(real_logits, fake_logits), (jnp.mean(real_logits),
+      return disc_on * ae_losses.hinge_d_loss(real_logits, fake_logits), (jnp.mean(real_logits),
                                                                 jnp.mean(fake_logits))
 
     (d_loss, (lr_, lf_)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
@@ -270,7 +245,7 @@ def train_step(state: AutoencoderState, batch: dict[str, jax.Array], *, setup: A
     scalars.update(d_loss=d_loss, logits_real=lr_, logits_fake=lf_)
 
   # Codebook usage; dead codes are restarted to random latents of this batch.
-  counts, perplexity = vqae.codebook_usage(indices, setup.ae.codebook_size)
+  counts, perplexity = ae_losses.codebook_usage(indices, setup.ae.codebook_size)
   age = jnp.where(counts > 0, 0, state.code_age + 1)
   dead = age >= ac.dead_after
   if ac.restart_dead_codes:
