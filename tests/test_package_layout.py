@@ -29,6 +29,7 @@ PARTS = ("diffusion", "models", "data", "analysis", "spin")
 ALLOWED = {
     "runtime": set(),
     **{part: {"runtime"} for part in PARTS},
+    "models": {"runtime", "diffusion"},   # a patch model's token times (diffusion/tokens.py)
     "config": {"runtime", "data"},
     "runs": {"runtime", "config", *PARTS},
     "generation": {"runtime", "runs", *PARTS},

@@ -3,7 +3,10 @@
 `Generator` wraps the compiled per-pixel sampler (samplers.py) around a UNet with
 classifier-free and/or input guidance (guidance.py); it keeps one compiled sampler
 per guidance mode, each reused for every schedule of a shape. `Generator.refine` runs
-Iterative Partial Refinement (ipr.py) with the same model and guidance.
+Iterative Partial Refinement (ipr.py) with the same model and guidance. With the codec of
+a latent model (runs/latent_codec.py) the same pixel tasks run on tokens: `task` maps a
+pixel schedule and known image to the model's space, `generate` samples and decodes, and
+`write_grids` draws the training grids of pixel and latent models alike.
 """
 
 from __future__ import annotations

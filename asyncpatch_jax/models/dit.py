@@ -1,0 +1,192 @@
+"""DiT (Peebles & Xie 2023) whose tokens each carry their own time (AsyncPatch Sec. 3).
+
+The image is cut into p x p patches (tokens), embedded, given a fixed 2-D sin-cos position
+embedding (MAE's), and run through transformer blocks with adaptive LayerNorm. In DiT
+the modulation (shift, scale, gate) is a function of the image's time and label, [B, D];
+here every token's modulation comes from that token's own time (diffusion/tokens.py:
+the patch mean of the time map), so shift, scale and gate are [B, N, D]. With a
+per-image time every token gets the same modulation and the model is exactly DiT.
+
+Two modulation designs (`modulation`):
+  adaln_zero    DiT's: each block has its own MLP SiLU -> Dense(6D) of the conditioning
+                c = t_emb + y_emb (zero-initialised, so every block starts as the identity);
+                per token it costs 6 D^2 multiply-adds per block.
+  adaln_single  PixArt-alpha's: one shared SiLU -> Dense(6D) of c for all blocks, plus a
+                learned per-block table [6, D] added to it (and [2, D] for the final layer,
+                which takes c itself); 6 D^2 per token in all.
+
+Inputs and outputs follow the UNet (models/unet.py): x [B, H, W, C], t [B] or [B, H, W]
+in [0, 1] (embedded as ADM/DiT do, sinusoidal features of 1000 t), labels y [B] (the
+null label `num_classes` is CFG's unconditional branch) -> [B, H, W, out_channels].
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asyncpatch_jax.diffusion import tokens
+from asyncpatch_jax.models import embeddings
+from asyncpatch_jax.runtime import checks
+
+MODULATIONS = ("adaln_zero", "adaln_single")
+# DiT's configurations (the paper's Table 1): name -> (depth, hidden size, heads).
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+
+
+def pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos position embedding [grid_h * grid_w, dim] (raster order).
+
+  The first dim / 2 channels encode the column, the rest the row, each as
+  [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (dim / 4)).
+  """
+  if dim % 4:
+    raise checks.InputError(f"the DiT width {dim} must be a multiple of 4 (the 2-D sin-cos "
+                            "position embedding).")
+
+  def one_d(d, pos):
+    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64),
+                           np.arange(grid_w, dtype=np.float64), indexing="ij")
+  return np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)
+
+
+def modulate(x, shift, scale):
+  return x * (1.0 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+  """DiT's: sinusoidal features (256) -> Dense(D) -> SiLU -> Dense(D), per token."""
+  hidden_size: int
+  freq_dim: int = 256
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    h = embeddings.sinusoidal_features(t, self.freq_dim).astype(self.dtype)
+    init = nn.initializers.normal(0.02)
+    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="dense_0")(h)
+    return nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype,
+                    name="dense_1")(nn.silu(h))
+
+
+class DiTBlock(nn.Module):
+  """x + gate_msa * attn(modulate(LN(x))) then x + gate_mlp * mlp(modulate(LN(x))).
+
+  mod: the block's six modulations [B, N, 6, D] (shift, scale, gate of attention, then
+  of the MLP), per token.
+  """
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mod):
+    d, heads = self.hidden_size, self.num_heads
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        mod[:, :, k] for k in range(6))
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
+                                     dtype=self.dtype, name=name)
+    dense = lambda n, name: nn.Dense(n, kernel_init=_xavier, bias_init=_zeros,
+                                     dtype=self.dtype, name=name)
+    h = modulate(norm("norm1")(x), shift_msa, scale_msa)
+    qkv = dense(3 * d, "qkv")(h)
+    q, k, v = einops.rearrange(qkv, "b n (three h e) -> three b n h e", three=3, h=heads)
+    att = jax.nn.dot_product_attention(q, k, v)            # fused kernels on GPU / TPU
+    att = dense(d, "proj")(einops.rearrange(att, "b n h e -> b n (h e)"))
+    x = x + gate_msa * att
+    h = modulate(norm("norm2")(x), shift_mlp, scale_mlp)
+    h = dense(d, "fc2")(nn.gelu(dense(int(d * self.mlp_ratio), "fc1")(h), approximate=True))
+    return x + gate_mlp * h
+
+
+class DiT(nn.Module):
+  """DiT with per-token adaLN; `__call__(x [B, H, W, C], t [B] | [B, H, W], y [B] | None)`."""
+  patch_size: int = 2
+  hidden_size: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  out_channels: int = 1
+  num_classes: int = 0
+  modulation: str = "adaln_zero"
+  freq_dim: int = 256
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def null_label(self) -> int:
+    """The label of CFG's unconditional branch (an extra row of the label table)."""
+    return self.num_classes
+
+  def check_inputs(self, height: int, width: int) -> None:
+    """InputError for an image the patches do not tile or a width the heads do not split."""
+    tokens.check_patch_size(height, width, self.patch_size)
+    checks.check_choice(self.modulation, MODULATIONS, "model.modulation")
+    if self.hidden_size % self.num_heads:
+      raise checks.InputError(f"model.num_heads={self.num_heads} does not divide the DiT width "
+                              f"{self.hidden_size}; pick a head count that divides it.")
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train: bool = False):
+    del train                                              # no dropout
+    b, height, width, c = x.shape
+    self.check_inputs(height, width)
+    p, d = self.patch_size, self.hidden_size
+    gh, gw = height // p, width // p
+    # Patch embedding (a p x p, stride p convolution) and the fixed position embedding.
+    h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+                name="x_embedder")(x.astype(self.dtype))
+    h = einops.rearrange(h, "b h w d -> b (h w) d")
+    h = h + jnp.asarray(pos_embed_2d(d, gh, gw), self.dtype)[None]
+    # Conditioning per token: the token's own time, plus the image's label.
+    cond = TimestepEmbedder(d, self.freq_dim, self.dtype, name="t_embedder")(
+        tokens.token_times(t, p))                        # [B, N or 1, D]
+    if self.num_classes:
+      if y is None:
+        y = jnp.full((b,), self.null_label, jnp.int32)
+      table = nn.Embed(self.num_classes + 1, d, embedding_init=nn.initializers.normal(0.02),
+                       name="y_embedder")
+      cond = cond + table(y)[:, None].astype(self.dtype)
+    cond = jnp.broadcast_to(cond, (b, gh * gw, d))
+    silu_c = nn.silu(cond)
+    if self.modulation == "adaln_single":
+      shared = nn.Dense(6 * d, kernel_init=nn.initializers.normal(0.02), bias_init=_zeros,
+                        dtype=self.dtype, name="t_block")(silu_c).reshape(b, gh * gw, 6, d)
+    for i in range(self.depth):
+      if self.modulation == "adaln_zero":
+        mod = nn.Dense(6 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,
+                       name=f"adaln_{i}")(silu_c).reshape(b, gh * gw, 6, d)
+      else:
+        table = self.param(f"scale_shift_table_{i}",
+                           nn.initializers.normal(1.0 / math.sqrt(d)), (6, d))
+        mod = shared + table.astype(self.dtype)
+      self.sow("intermediates", "modulation", mod)
+      h = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, mod)
+    # The final layer: modulated LayerNorm, then a linear map to the patch's pixels.
+    if self.modulation == "adaln_zero":
+      final = nn.Dense(2 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,
+                       name="final_adaln")(silu_c).reshape(b, gh * gw, 2, d)
+    else:
+      table = self.param("final_scale_shift_table",
+                         nn.initializers.normal(1.0 / math.sqrt(d)), (2, d))
+      final = cond[:, :, None] + table.astype(self.dtype)
+    h = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype,
+                     name="norm_final")(h)
+    h = modulate(h, final[:, :, 0], final[:, :, 1])
+    h = nn.Dense(p * p * self.out_channels, kernel_init=_zeros, bias_init=_zeros,
+                 dtype=self.dtype, name="final_linear")(h)
+    out = einops.rearrange(h, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, p=p, q=p)
+    return out.astype(jnp.float32)
