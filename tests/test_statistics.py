@@ -1,0 +1,82 @@
+"""evaluation/statistics.py against closed forms and NumPy."""
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from asyncpatch_jax.evaluation import statistics
+from asyncpatch_jax.runtime import checks
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_t_interval_on_gaussian_data():
+  """n = 400 draws of N(3, 2^2): the BCa bootstrap interval's ends are within 5% of the
+  half-width of the closed-form t interval (Monte Carlo error of 20,000 resamples ~1%)."""
+  x = np.random.default_rng(0).normal(3.0, 2.0, 400)
+  got = statistics.interval(x, resamples=20000)
+  half = scipy_stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+  assert got.estimate == pytest.approx(x.mean(), abs=1e-12)
+  assert abs(got.low - (x.mean() - half)) < 0.05 * half, (got, half)
+  assert abs(got.high - (x.mean() + half)) < 0.05 * half, (got, half)
+  assert (got.level, got.n, got.method) == (0.95, 400, "BCa")
+
+
+def test_paired_interval_is_narrower_than_unpaired_on_correlated_data():
+  """a = z + e, b = z + 0.1 + e': the shared per-image z (sd 3) cancels in the paired
+  difference, whose interval then holds the true -0.1 and excludes 0."""
+  rng = np.random.default_rng(1)
+  z = rng.normal(0, 3, 300)
+  a, b = z + rng.normal(0, 0.2, 300), z + 0.1 + rng.normal(0, 0.2, 300)
+  p = statistics.paired(a, b)
+  u = statistics.unpaired(a, b)
+  assert p.high - p.low < 0.2 * (u.high - u.low)
+  assert p.low < -0.1 < p.high and p.high < 0
+  assert u.low < 0 < u.high                         # unpaired: lost in the images' spread
+  assert statistics.verdict(p) == "worse" and statistics.verdict(u) == "within noise"
+  assert statistics.verdict(p, higher_is_better=False) == "better"
+  # The paired interval is the interval of the per-image differences.
+  d = statistics.interval(a - b)
+  assert (p.low, p.high) == (d.low, d.high)
+
+
+def test_seed_aggregation_matches_numpy():
+  v = [0.81, 0.79, 0.86, 0.83]
+  got = statistics.across_seeds(v)
+  assert got["mean"] == pytest.approx(np.mean(v), abs=1e-15)
+  assert got["std"] == pytest.approx(np.std(v, ddof=1), abs=1e-15)
+  assert got["sem"] == pytest.approx(np.std(v, ddof=1) / 2.0, abs=1e-15)
+  assert got["n"] == 4 and got["values"] == v
+
+
+def test_set_level_interval_recomputes_the_metric_on_resampled_images():
+  """A set-level metric (here the variance of 1-d features, whose sampling sd is known:
+  sigma^2 sqrt(2 / (n - 1)) for Gaussian data) gets an interval about +-1.96 of it."""
+  x = np.random.default_rng(2).normal(0, 1.5, 500)
+  seen = []
+
+  def var(idx):
+    seen.append(len(idx))
+    return float(np.var(x[idx], ddof=1))
+
+  got = statistics.set_interval(var, len(x), resamples=2000)
+  assert got.estimate == pytest.approx(np.var(x, ddof=1))
+  half = 1.96 * 1.5 ** 2 * np.sqrt(2 / (len(x) - 1))
+  assert abs((got.high - got.low) / 2 - half) < 0.15 * half, (got, half)
+  assert set(seen) == {500} and len(seen) > 2000          # one call per resample (+ the estimate)
+  # Paired set-level: a metric minus itself shifted by a constant is exactly the constant.
+  diff = statistics.paired_set(var, lambda idx: var(idx) - 0.25, len(x), resamples=200)
+  assert diff.low == pytest.approx(0.25) and diff.high == pytest.approx(0.25)
+
+
+def test_verdict_rule_and_bad_input():
+  make = lambda lo, hi: statistics.Interval((lo + hi) / 2, lo, hi, 0.95, 10, "BCa")
+  assert statistics.verdict(make(0.1, 0.4)) == "better"
+  assert statistics.verdict(make(-0.4, -0.1)) == "worse"
+  assert statistics.verdict(make(-0.1, 0.4)) == "within noise"
+  assert statistics.verdict(make(0.1, 0.4), higher_is_better=False) == "worse"
+  assert statistics.interval([2.0, 2.0, 2.0]).as_dict()["low"] == 2.0   # no spread
+  with pytest.raises(checks.InputError, match="same images"):
+    statistics.paired([1.0, 2.0, 3.0], [1.0, 2.0])
+  with pytest.raises(checks.InputError, match="at least 2 finite"):
+    statistics.interval([1.0, np.nan, 2.0])
+  with pytest.raises(checks.InputError, match="2 or more runs"):
+    statistics.across_seeds([0.5])
