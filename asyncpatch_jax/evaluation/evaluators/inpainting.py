@@ -38,6 +38,7 @@ class Inpainting(base.Evaluator):
                               f"more than evaluate.k={k} images per mask family.")
     checks.check_positive_int(ec.batch_size, "evaluate.batch_size")
     if not n:
+      self.uses_feature_nets = False          # scores nothing: no feature network needed
       return
     if not tuple(ec.mask_families):
       raise checks.InputError("evaluate.mask_families is empty; name at least one of "
