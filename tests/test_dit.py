@@ -226,16 +226,6 @@ def test_bad_shapes_stop_in_one_line(kwargs, shape, match):
                                       jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
 
 
-def _forward_flops(model, image, channels, per_token):
-  x = jnp.zeros((1, image, image, channels))
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,)),
-                                             jnp.zeros((1,), jnp.int32)))
-  t = jax.ShapeDtypeStruct((1, image, image) if per_token else (1,), jnp.float32)
-  lowered = jax.jit(model.apply).lower(params, jax.ShapeDtypeStruct(x.shape, x.dtype), t,
-                                       jax.ShapeDtypeStruct((1,), jnp.int32))
-  return float(lowered.cost_analysis()["flops"])
-
-
 @pytest.mark.parametrize("size, paper_gmacs", [("B", 23.01), ("XL", 118.64)])
 def test_flops_match_the_paper_and_per_token_time_adds_its_closed_form(size, paper_gmacs):
   """Per-image DiT-B/2 and XL/2 at 256 x 256 (32 x 32 x 4 latents): XLA's FLOPs are twice
@@ -245,8 +235,8 @@ def test_flops_match_the_paper_and_per_token_time_adds_its_closed_form(size, pap
   for modulation in dit.MODULATIONS:
     model = dit.DiT(patch_size=2, hidden_size=d, depth=depth, num_heads=heads, out_channels=8,
                     num_classes=1000, modulation=modulation)
-    image = _forward_flops(model, 32, 4, per_token=False)
-    token = _forward_flops(model, 32, 4, per_token=True)
+    image = dit.forward_flops(model, (32, 32, 4), per_token=False)
+    token = dit.forward_flops(model, (32, 32, 4), per_token=True)
     if modulation == "adaln_zero":
       assert image / 2e9 == pytest.approx(paper_gmacs, rel=0.01)
     extra = dit.per_token_extra_flops(model, 256)

@@ -157,3 +157,16 @@ def test_more_stripes_than_the_masked_width_is_refused():
   tau = schedules.progressive(mask, 17, 2, allow_empty=True)
   assert tau.shape[0] == 35
   assert len(np.unique(schedules.stripe_groups(mask, 17, allow_empty=True)[0, 16:])) == 16
+
+
+def test_known_regions_by_hand():
+  """A 4 x 6 image in a (2, 3) grid of 2 x 2 regions; known: region 0 whole, one pixel of
+  region 4, nothing else."""
+  regions = schedules.grid_regions(4, 6, (2, 3))
+  mask = np.zeros((4, 6))
+  mask[:2, :2] = 1
+  mask[3, 3] = 1
+  full, partly = schedules.known_regions(regions, mask)
+  assert full.tolist() == [True, False, False, False, False, False]
+  assert partly.tolist() == [True, False, False, False, True, False]
+  assert not schedules.known_regions(regions, None)[1].any()

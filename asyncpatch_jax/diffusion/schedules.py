@@ -156,6 +156,18 @@ def grid_regions(height: int, width: int, grid: Sequence[int]) -> np.ndarray:
   return (r[:, None] * cols + c[None, :]).astype(np.int32)
 
 
+def known_regions(regions: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray]:
+  """(fully known [N], partly known [N]) of each region of `regions` [H, W] under `mask`
+  [H, W] (1 = known; None: nothing known)."""
+  n = int(np.asarray(regions).max()) + 1
+  if mask is None:
+    return np.zeros((n,), bool), np.zeros((n,), bool)
+  mask = np.asarray(mask)
+  full = np.array([mask[regions == k].min() for k in range(n)]) == 1
+  partly = np.array([mask[regions == k].max() for k in range(n)]) == 1
+  return full, partly
+
+
 def check_regions(regions, image_hw: Sequence[int]) -> tuple[np.ndarray, int]:
   """A region map [H, W] of ints whose values are exactly 0..N-1; returns it and N."""
   arr = np.asarray(regions)

@@ -63,11 +63,7 @@ class _Pixels:
     """The `grid` regions and the condition set (the regions the mask fully knows); the
     mask must be a union of regions."""
     regions = schedules.grid_regions(shape[0], shape[1], tuple(grid))
-    n_regions = int(regions.max()) + 1
-    if mask is None:
-      return regions, np.zeros((n_regions,), bool)
-    known = np.array([mask[regions == k].min() for k in range(n_regions)]) == 1
-    partly = np.array([mask[regions == k].max() for k in range(n_regions)]) == 1
+    known, partly = schedules.known_regions(regions, mask)
     if (partly & ~known).any():
       raise checks.InputError(
           f"sample.task='ipr': the mask must be a union of the {tuple(grid)} grid regions "

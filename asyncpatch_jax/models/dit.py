@@ -62,6 +62,17 @@ def pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   return np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)
 
 
+def forward_flops(model: "DiT", image_shape, per_token: bool) -> float:
+  """XLA's cost-analysis FLOPs of one forward pass (batch 1) on images [H, W, C], with a
+  per-token time map or a per-image time; lowered on abstract parameters (nothing is
+  allocated or compiled)."""
+  shape = (1, *tuple(image_shape))
+  x, y = jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+  t = jax.ShapeDtypeStruct(shape[:3] if per_token else (1,), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+  return float(jax.jit(model.apply).lower(params, x, t, y).cost_analysis()["flops"])
+
+
 def per_token_extra_flops(model: "DiT", tokens: int) -> float:
   """FLOPs (2 per multiply-add) that a per-token time adds to the per-image model's forward
   pass of one image of `tokens` tokens: the other N - 1 tokens' time embedder (256 D + D^2

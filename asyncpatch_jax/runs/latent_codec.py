@@ -130,11 +130,7 @@ class LatentCodec:
     pixels come back when decoded: `finish`). shape: the token grid (default latent_shape)."""
     h, w = (shape or self.latent_shape)[:2]
     regions = schedules.grid_regions(h, w, tuple(grid))
-    n = int(regions.max()) + 1
-    if token_mask is None:
-      return regions, np.zeros((n,), bool)
-    known = np.array([np.asarray(token_mask)[regions == k].min() for k in range(n)]) == 1
-    return regions, known
+    return regions, schedules.known_regions(regions, token_mask)[0]
 
   def known_latents(self, x, mask) -> tuple[np.ndarray, np.ndarray]:
     """(scaled latents of the masked images [B, h, w, D], token masks [B, h, w])."""

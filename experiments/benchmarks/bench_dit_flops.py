@@ -15,8 +15,6 @@ blocks). `--tiny`: DiT-S/2 on 16 x 16 x 4.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from absl import flags
 
 from asyncpatch_jax.models import dit
@@ -32,30 +30,20 @@ flags.DEFINE_integer("classes", 1000, "Class labels.")
 common.define_tiny(dict(sizes=["S"], image=16))
 
 
-def forward_flops(model: dit.DiT, image: int, channels: int, per_token: bool) -> float:
-  """XLA's cost-analysis FLOPs of one forward pass (batch 1), on abstract parameters."""
-  x = jnp.zeros((1, image, image, channels))
-  t0, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t0, y))
-  t = jax.ShapeDtypeStruct((1, image, image) if per_token else (1,), jnp.float32)
-  lowered = jax.jit(model.apply).lower(params, jax.ShapeDtypeStruct(x.shape, x.dtype), t,
-                                       jax.ShapeDtypeStruct((1,), jnp.int32))
-  return float(lowered.cost_analysis()["flops"])
-
-
 def main(argv):
   del argv
   result = {"image": [FLAGS.image, FLAGS.image, FLAGS.channels], "patch": FLAGS.patch,
             "classes": FLAGS.classes, "batch": 1, "models": {}}
   tokens = (FLAGS.image // FLAGS.patch) ** 2
+  shape = (FLAGS.image, FLAGS.image, FLAGS.channels)
   for size in FLAGS.sizes:
     depth, d, heads = dit.SIZES[size]
     for modulation in dit.MODULATIONS:
       model = dit.DiT(patch_size=FLAGS.patch, hidden_size=d, depth=depth, num_heads=heads,
                       out_channels=2 * FLAGS.channels, num_classes=FLAGS.classes,
                       modulation=modulation)
-      image = forward_flops(model, FLAGS.image, FLAGS.channels, per_token=False)
-      token = forward_flops(model, FLAGS.image, FLAGS.channels, per_token=True)
+      image = dit.forward_flops(model, shape, per_token=False)
+      token = dit.forward_flops(model, shape, per_token=True)
       predicted = dit.per_token_extra_flops(model, tokens)
       name = f"DiT-{size}/{FLAGS.patch} {modulation}"
       result["models"][name] = {
