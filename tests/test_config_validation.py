@@ -196,6 +196,7 @@ def test_the_name_lists_match_the_modules_that_define_them():
   from asyncpatch_jax.evaluation import inpainting_eval  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.evaluation.evaluators import common as evaluators  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.evaluation.evaluators import generation  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.models import dit  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.models import vqae  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.training import autoencoder_losses as ae_losses  # pylint: disable=g-import-not-at-top
   b = rules
@@ -210,6 +211,9 @@ def test_the_name_lists_match_the_modules_that_define_them():
   assert b.REFERENCE_SPLITS == generation.REFERENCE_SPLITS
   assert b.EVALUATORS == tuple(evaluators.EVALUATORS)
   assert b.BETA_CONVENTIONS == ae_losses.BETA_CONVENTIONS
+  assert b.MODEL_NAMES == tuple(models.MODELS)
+  assert b.REMAT == models.REMAT
+  assert b.MODULATIONS == dit.MODULATIONS
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)

@@ -244,7 +244,7 @@ def test_paper_latent_configs_build_through_eval_shape(name, ae_name):
   assert latent_shape == (64, 64, 3) and config.model.out_channels == ae.latent_channels
 
   def count(model_config):
-    unet = models.build_unet(model_config)
+    unet = models.build_model(model_config)
     shapes = jax.eval_shape(lambda k: unet.init(k, *models.example_inputs(unet, latent_shape)),
                             jax.random.key(0))
     return sum(x.size for x in jax.tree.leaves(shapes))

@@ -29,6 +29,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   )
 
   config.model = dict(
+      name="unet",           # the network: unet (models/unet.py) | dit (models/dit.py)
       out_channels=1,        # image channels C (must match the data)
       base_channels=32,      # channels at the first level
       channel_mult=(1, 2, 2),  # per-level multipliers of base_channels (L levels)
@@ -42,6 +43,16 @@ def get_base_config() -> ml_collections.ConfigDict:
       norm="group",          # group | rms
       num_groups=32,         # GroupNorm groups (gcd with the channel count)
       dtype="float32",       # compute dtype: float32 | bfloat16 (params stay float32)
+      remat="none",          # recompute activations in the backward pass: none | block
+                             # (each residual / transformer block) | full (the whole net)
+      # dit only (a UNet ignores them; DiT sizes: configs/dit.py):
+      patch_size=2,          # dit: token side p (divides the image or latent sides)
+      hidden_size=384,       # dit: token width D
+      depth=12,              # dit: transformer blocks
+      num_heads=6,           # dit: attention heads (divide hidden_size)
+      mlp_ratio=4.0,         # dit: MLP width / D
+      modulation="adaln_zero",  # dit: adaln_zero (DiT, an MLP per block) | adaln_single
+                                # (PixArt-alpha, one shared MLP + per-block tables)
   )
 
   config.timesteps = dict(

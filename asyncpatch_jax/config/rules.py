@@ -226,6 +226,9 @@ SAMPLE_TASKS = ("generate", "inpaint", "outpaint", "autoregressive", "progressiv
 ADAPTIVE_POLICIES = ("uncertainty_accelerated", "look_ahead", "dual_loop")  # sample_mode's
 IPR_ORDERS = ("raster", "uncertainty")                           # sample_mode.IPR_ORDERS
 DTYPES = ("float32", "bfloat16")                                 # models._DTYPES, vqae._DTYPES
+MODEL_NAMES = ("unet", "dit")                                    # models.MODELS
+REMAT = ("none", "block", "full")                                # models.REMAT
+MODULATIONS = ("adaln_zero", "adaln_single")                     # dit.MODULATIONS
 MASK_FAMILIES = ("thin", "medium", "thick", "wide", "square", "extrema",
                  "left_half")                                    # data/masks.FAMILIES
 TRAINING_MASK_FAMILIES = ("box", "stroke") + MASK_FAMILIES       # data/training_masks.py
@@ -244,6 +247,7 @@ RULES: dict[str, Rule] = {
     "data.dataset": Choice(datasets.DATASETS),
     "data.data_dir": Text("a TFDS folder or gs:// URL, or '' for an embedded dataset"),
     "data.options": Options(),
+    "model.name": Choice(MODEL_NAMES),
     "model.out_channels": _POSITIVE,
     "model.base_channels": _POSITIVE,
     "model.channel_mult": Ints(min_length=1),
@@ -257,6 +261,13 @@ RULES: dict[str, Rule] = {
     "model.norm": Choice(("group", "rms")),
     "model.num_groups": _POSITIVE,
     "model.dtype": Choice(DTYPES),
+    "model.remat": Choice(REMAT),
+    "model.patch_size": _POSITIVE,
+    "model.hidden_size": _POSITIVE,
+    "model.depth": _POSITIVE,
+    "model.num_heads": _POSITIVE,
+    "model.mlp_ratio": Number(0, None, low_open=True),
+    "model.modulation": Choice(MODULATIONS),
     "timesteps.sampler": Choice(TIMESTEP_SAMPLERS),
     "timesteps.t_min": Number(0, 1, high_open=True),
     "timesteps.t_max": Number(0, 1, low_open=True),

@@ -51,7 +51,7 @@ class ResBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
     norm = lambda name: Norm(self.norm, self.num_groups, self.dtype, name=name)
     h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_0")(
         nn.silu(norm("norm_0")(x)))
@@ -104,3 +104,29 @@ class Upsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype)(x)
+
+
+# ---- Rematerialisation (config.model.remat), shared by the UNet and the DiT ----------------
+# As big_vision and maxtext: 'block' wraps every residual / attention / transformer block in
+# nn.remat (its activations are recomputed in the backward pass; the block inputs are kept),
+# 'full' wraps the whole forward pass (only the network's inputs are kept). nn.remat keeps
+# the parameter tree, so one checkpoint serves every setting and the values are unchanged.
+REMAT = ("none", "block", "full")
+
+
+def remat_block(block_cls, remat: str, train_argnum: int | None = None):
+  """`block_cls`, or its nn.remat under remat='block' (train_argnum: the position of a
+  static Python bool argument, counting the module as 0)."""
+  if remat != "block":
+    return block_cls
+  return nn.remat(block_cls, static_argnums=() if train_argnum is None else (train_argnum,))
+
+
+def remat_call(module, *args):
+  """`module.forward(*args)` (the last argument a static train flag), recomputed in the
+  backward pass as a whole under remat='full'."""
+  checks.check_choice(module.remat, REMAT, "model.remat")
+  if module.remat != "full":
+    return module.forward(*args)
+  fn = lambda m, *a: m.forward(*a)
+  return nn.remat(fn, static_argnums=(len(args),))(module, *args)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asyncpatch_jax.diffusion import tokens
+from asyncpatch_jax.models import blocks
 from asyncpatch_jax.models import embeddings
 from asyncpatch_jax.runtime import checks
 
@@ -152,6 +153,7 @@ class DiT(nn.Module):
   modulation: str = "adaln_zero"
   freq_dim: int = 256
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"                                      # blocks.REMAT
 
   @property
   def null_label(self) -> int:
@@ -166,11 +168,16 @@ class DiT(nn.Module):
       raise checks.InputError(f"model.num_heads={self.num_heads} does not divide the DiT width "
                               f"{self.hidden_size}; pick a head count that divides it.")
 
-  @nn.compact
   def __call__(self, x, t, y=None, train: bool = False):
+    self.check_inputs(x.shape[1], x.shape[2])
+    return blocks.remat_call(self, x, t, y, train)
+
+  @nn.compact
+  def forward(self, x, t, y, train: bool):
+    """The network (`__call__` checks the shapes and applies `remat`)."""
     del train                                              # no dropout
     b, height, width, c = x.shape
-    self.check_inputs(height, width)
+    block = blocks.remat_block(DiTBlock, self.remat)
     p, d = self.patch_size, self.hidden_size
     gh, gw = height // p, width // p
     # Patch embedding (a p x p, stride p convolution) and the fixed position embedding.
@@ -203,7 +210,7 @@ class DiT(nn.Module):
                            nn.initializers.normal(1.0 / math.sqrt(d)), (6, d))
         mod = shared + table.astype(self.dtype)
       self.sow("intermediates", "modulation", mod)
-      h = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, mod)
+      h = block(d, self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, mod)
     # The final layer: modulated LayerNorm, then a linear map to the patch's pixels.
     if self.modulation == "adaln_zero":
       final = nn.Dense(2 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,

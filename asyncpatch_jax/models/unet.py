@@ -40,6 +40,9 @@ class UNet(nn.Module):
     norm: 'group' or 'rms'.
     num_groups: GroupNorm groups (gcd with the channel count).
     dtype: compute dtype (params are always float32).
+    remat: 'none', 'block' (each residual and attention block recomputes its activations
+      in the backward pass) or 'full' (the whole network: only its inputs are kept).
+      Memory only: the parameters and every value are the same.
   """
   out_channels: int = 3
   base_channels: int = 128
@@ -54,6 +57,7 @@ class UNet(nn.Module):
   norm: str = "group"
   num_groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
 
   @property
   def downsampling(self) -> int:
@@ -91,11 +95,17 @@ class UNet(nn.Module):
     elif y is not None:
       raise checks.InputError("y was given to an unconditional UNet (num_classes=0).")
 
-  @nn.compact
   def __call__(self, z: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
                train: bool = False) -> jax.Array:
     self.check_inputs(z, t, y)
+    return blocks.remat_call(self, z, t, y, train)
+
+  @nn.compact
+  def forward(self, z, t, y, train: bool) -> jax.Array:
+    """The network (`__call__` checks the inputs and applies `remat`)."""
     dtype = self.dtype
+    res_block = blocks.remat_block(blocks.ResBlock, self.remat, train_argnum=3)
+    attention = blocks.remat_block(blocks.Attention, self.remat)
     time_embed = embeddings.TimeEmbedding(self.base_channels, self.time_embed_dim, dtype,
                                           name="time_embed")
     class_emb = None
@@ -120,10 +130,10 @@ class UNet(nn.Module):
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks[level]):
-        h = blocks.ResBlock(self.base_channels * mult, **res_kw, name=f"down_{level}_res_{i}")(
-            h, embs[level], train=train)
+        h = res_block(self.base_channels * mult, **res_kw, name=f"down_{level}_res_{i}")(
+            h, embs[level], train)
         if h.shape[1] in self.attention_resolutions:
-          h = blocks.Attention(**attn_kw, name=f"down_{level}_attn_{i}")(h)
+          h = attention(**attn_kw, name=f"down_{level}_attn_{i}")(h)
         skips.append(h)
       if level != num_levels - 1:
         h = blocks.Downsample(dtype, name=f"down_{level}_downsample")(h)
@@ -131,19 +141,19 @@ class UNet(nn.Module):
 
     emb = embs[-1]
     ch = h.shape[-1]
-    h = blocks.ResBlock(ch, **res_kw, name="mid_res_0")(h, emb, train=train)
+    h = res_block(ch, **res_kw, name="mid_res_0")(h, emb, train)
     for i in range(self.num_middle_blocks):
-      h = blocks.Attention(**attn_kw, name=f"mid_attn_{i}")(h)
-      h = blocks.ResBlock(ch, **res_kw, name=f"mid_res_{i + 1}")(h, emb, train=train)
+      h = attention(**attn_kw, name=f"mid_attn_{i}")(h)
+      h = res_block(ch, **res_kw, name=f"mid_res_{i + 1}")(h, emb, train)
 
     for level in reversed(range(num_levels)):
       mult = self.channel_mult[level]
       for i in range(self.num_res_blocks[level] + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = blocks.ResBlock(self.base_channels * mult, **res_kw, name=f"up_{level}_res_{i}")(
-            h, embs[level], train=train)
+        h = res_block(self.base_channels * mult, **res_kw, name=f"up_{level}_res_{i}")(
+            h, embs[level], train)
         if h.shape[1] in self.attention_resolutions:
-          h = blocks.Attention(**attn_kw, name=f"up_{level}_attn_{i}")(h)
+          h = attention(**attn_kw, name=f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = blocks.Upsample(dtype, name=f"up_{level}_upsample")(h)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from absl import logging
 
+from asyncpatch_jax.config import base_config
 from asyncpatch_jax.runtime import checks
 
 # Settings a resumed training run may change freely: they do not change what the
@@ -22,7 +23,7 @@ from asyncpatch_jax.runtime import checks
 FREE_TO_CHANGE = ("sample.", "evaluate.", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.sample_every", "train.progress_bar",
                   "train.fsdp", "train.allow_schedule_change", "train.lock_timeout",
-                  "train.skip_memory_check",
+                  "train.skip_memory_check", "model.remat",
                   "data.data_dir",
                   "uncertainty.head_workdir", "uncertainty.model_workdir",
                   "uncertainty.policy", "uncertainty.budget", "uncertainty.speedup",
@@ -48,6 +49,34 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
 
 
+# Model settings that change memory, not the function: a run may load or resume under another.
+MEMORY_ONLY = ("remat",)
+# Where a model's settings sit in a checkpoint's meta['model']: at the top (a diffusion
+# model) or under 'frozen.model.' (the model an uncertainty head was trained on).
+_MODEL_PREFIXES = ("", "frozen.model.")
+
+
+def model_differences(saved: dict, current: dict) -> list[str]:
+  """`config_differences` of two checkpoints' meta['model'], with the rule for keys added
+  since a run was saved: a model key the saved side lacks whose current value is its
+  default in base_config (the value every run had before the key existed: a run saved
+  before `model.name` is a UNet) is not a difference. Memory-only settings (MEMORY_ONLY)
+  never are."""
+  defaults = _flatten(base_config.get_base_config().model.to_dict())
+  a, b = _flatten(saved), _flatten(current)
+  keep = []
+  for diff in config_differences(saved, current):
+    key = diff.split(":")[0]
+    for prefix in _MODEL_PREFIXES:
+      name = key[len(prefix):] if key.startswith(prefix) else None
+      if name in MEMORY_ONLY or (name in defaults and key not in a
+                                 and b.get(key) == defaults[name]):
+        break
+    else:
+      keep.append(diff)
+  return keep
+
+
 def trajectory_differences(saved: dict, current: dict) -> list[str]:
   """The config differences that change what training computes (all but FREE_TO_CHANGE).
 
@@ -69,7 +98,7 @@ def check(workdir, step: int, saved: dict, meta: dict, *, training: bool,
   train.allow_schedule_change accepts (the run then records its config as
   `changed_config_name`), else False.
   """
-  diffs = config_differences(saved["model"], meta["model"])
+  diffs = model_differences(saved["model"], meta["model"])
   if saved["image_shape"] != meta["image_shape"]:
     diffs.append(f"image_shape: {saved['image_shape']} -> {meta['image_shape']}")
   if diffs:

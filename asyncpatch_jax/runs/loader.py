@@ -129,7 +129,7 @@ def open_run(workdir, config: ml_collections.ConfigDict | None = None) -> Traine
     # Latent AsyncPatch (Sec. 5.2): the UNet diffuses a frozen autoencoder's latents.
     codec = load_codec(latent.autoencoder_workdir, pixel_shape, latent.scale, config.model)
     image_shape = codec.latent_shape
-  model = models.build_unet(config.model)
+  model = models.build_model(config.model)
   check_model(model, config, image_shape)
   return TrainedRun(workdir=path, config=config, model=model, params=None, step=-1,
                     image_shape=tuple(image_shape), pixel_shape=tuple(pixel_shape), codec=codec)
@@ -210,7 +210,14 @@ def load_head(head_workdir, run: TrainedRun) -> Head:
       raise checks.InputError(f"workdir {str(head_workdir)!r} has no head checkpoint; train it "
                               "first.")
     saved = ckpt.saved_meta(step)["model"]
-    diffs = compat.config_differences(saved["frozen"], ckpt.meta["model"]["frozen"])
+    was, now = (m["frozen"]["model"].get("name", "unet") for m in (saved, ckpt.meta["model"]))
+    if was != now:
+      raise checks.InputError(
+          f"the uncertainty head in {str(head_workdir)!r} was trained on a {was}; this model "
+          f"is a {now}. Train a head for this model (configs/uncertainty_digits.py with "
+          "--config.uncertainty.model_workdir=<this workdir>).")
+    diffs = compat.model_differences({"frozen": saved["frozen"]},
+                                     {"frozen": ckpt.meta["model"]["frozen"]})
     if diffs:
       raise checks.InputError(
           f"the uncertainty head in {str(head_workdir)!r} (step {step}) was trained on another "

@@ -79,7 +79,7 @@ class Setup(loop.Trainer):
     self.evaluators = evaluators.from_config(cfg, cfg.evaluate.at_end, self.pixel_shape,
                                              latent=self.codec is not None,
                                              setting="evaluate.at_end")
-    self.model = models.build_unet(cfg.model)
+    self.model = models.build_model(cfg.model)
     loader.check_model(self.model, cfg, self.image_shape,
                        self.source.num_classes if self.source is not None else None)
     ts = cfg.timesteps

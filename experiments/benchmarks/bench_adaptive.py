@@ -50,7 +50,7 @@ def _flops(fn, *args) -> float:
 def main(argv):
   del argv
   config = common.load_config(FLAGS.config)
-  model = models.build_unet(config.model)
+  model = models.build_model(config.model)
   head = uncertainty_head.build_head(config.uncertainty)
   s, c, b, n = FLAGS.image_size, config.model.out_channels, FLAGS.batch, FLAGS.steps
   shape = (b, s, s, c)

@@ -130,7 +130,7 @@ def _project_velocity_model(shape, key):
     cfg.out_channels = shape[-1]
     if FLAGS.tiny:                                       # the same code, compiled in seconds
       cfg.update(common.TINY_UNET)
-  model = models.build_unet(cfg)
+  model = models.build_model(cfg)
   params = models.init_params(model, key, shape)
   nparams = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
   name = "UNet(configs/default.py" + (", tiny widths)" if FLAGS.tiny else ")")

@@ -151,7 +151,7 @@ def bench_prdc() -> dict:
 
 def bench_inpainting() -> dict:
   config = common.load_config(FLAGS.config)
-  model = models.build_unet(config.model)
+  model = models.build_model(config.model)
   h, w, c = datasets.get_dataset(config.data.dataset, "test").image_shape
   b = FLAGS.inpaint_batch
   params = models.init_params(model, jax.random.key(0), (h, w, c))

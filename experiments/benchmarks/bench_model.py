@@ -48,7 +48,7 @@ def _median_time(fn, *args):
 
 def bench(name: str) -> dict:
   config = common.load_config(name)
-  model = models.build_unet(config.model)
+  model = models.build_model(config.model)
   hw, c, b = SIZES[name], config.model.out_channels, FLAGS.batch
   params = models.init_params(model, jax.random.key(0), (hw, hw, c))
   z = jax.random.normal(jax.random.key(1), (b, hw, hw, c))

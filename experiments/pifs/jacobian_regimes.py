@@ -139,7 +139,7 @@ def build_eps_fn(images, key):
     cfg.out_channels = shape[-1]
     if FLAGS.tiny:                                       # the same code, compiled in seconds
       cfg.update(common.TINY_UNET)
-  model = models.build_unet(cfg)
+  model = models.build_model(cfg)
   params = models.init_params(model, key, shape)
   return (ddim_maps.velocity_to_eps(jax.tree_util.Partial(models.NullLabelVelocity(model), params),
                              per_image_time=True),
