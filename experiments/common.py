@@ -126,6 +126,7 @@ def load_run(workdir, config: ml_collections.ConfigDict | None = None, *,
   refused, listing the differing keys). head_workdir: also load the uncertainty head
   trained there on this model (refused if it was trained on another one).
   """
+  from asyncpatch_jax import models  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.diffusion import timesteps  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.runs import checkpointing  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.runs import loader  # pylint: disable=g-import-not-at-top
@@ -142,7 +143,7 @@ def load_run(workdir, config: ml_collections.ConfigDict | None = None, *,
                     params=run.params, step=run.step, image_shape=tuple(run.image_shape),
                     pixel_shape=tuple(run.pixel_shape), codec=run.codec,
                     noise_level_sampler=timesteps.NoiseLevelSampler.from_config(
-                        run.config.timesteps),
+                        run.config.timesteps, token_size=models.patch_size(run.model)),
                     head=None if run.head is None else run.head.module,
                     head_params=None if run.head is None else run.head.params)
 

@@ -80,12 +80,13 @@ def _np_dit(params, x, t, y, cfg, modulation="adaln_zero"):
   cond = _t_embed(P["t_embedder"], tok_t) + P["y_embedder"]["embedding"][np.asarray(y)][:, None]
   if modulation == "adaln_single":
     shared = _dense(P["t_block"], _silu(cond)).reshape(b, n, 6, d)
+  layer = lambda tree, i: jax.tree.map(lambda a: a[i], tree)   # block i of the stack
   for i in range(cfg["depth"]):
     if modulation == "adaln_zero":
-      mod = _dense(P[f"adaln_{i}"], _silu(cond)).reshape(b, n, 6, d)
+      mod = _dense(layer(P["blocks"]["adaln"], i), _silu(cond)).reshape(b, n, 6, d)
     else:
-      mod = shared + P[f"scale_shift_table_{i}"]
-    blk = P[f"block_{i}"]
+      mod = shared + P["blocks"]["scale_shift_table"][i]
+    blk = layer(P["blocks"]["block"], i)
     s1, c1, g1, s2, c2, g2 = (mod[:, :, k] for k in range(6))
     a = _ln(h) * (1 + c1) + s1
     qkv = _dense(blk["qkv"], a).reshape(b, n, 3, heads, d // heads)
@@ -136,6 +137,12 @@ def test_per_image_time_is_the_constant_map():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+def _modulations(inter) -> np.ndarray:
+  """Every block's sown modulation, [depth, B, N or 1, 6, D] (the blocks are a scan)."""
+  (mods,) = inter["intermediates"]["blocks"]["modulation"]
+  return np.asarray(mods)
+
+
 @pytest.mark.parametrize("modulation", dit.MODULATIONS)
 def test_changing_one_tokens_time_changes_that_tokens_modulation_alone(modulation):
   """Token 7 (row 1, column 1 of the 4 x 6 grid) gets another time: its modulation changes
@@ -150,7 +157,7 @@ def test_changing_one_tokens_time_changes_that_tokens_modulation_alone(modulatio
   runs = [model.apply({"params": params}, x, t, np.array([2]), mutable=["intermediates"])
           for t in (t0, t1)]
   (out0, inter0), (out1, inter1) = runs
-  for m0, m1 in zip(inter0["intermediates"]["modulation"], inter1["intermediates"]["modulation"]):
+  for m0, m1 in zip(_modulations(inter0), _modulations(inter1)):
     changed = np.any(np.asarray(m0) != np.asarray(m1), axis=(2, 3))[0]     # [N]
     assert changed.tolist() == [i == 7 for i in range(24)]
   delta = np.abs(np.asarray(out1) - np.asarray(out0))[0].sum(-1)
@@ -166,7 +173,7 @@ def test_adaln_single_modulations_equal_numpy():
   t = tokens.align(rng.uniform(size=(2, 8, 12)), 2).astype(np.float32)
   _, inter = model.apply({"params": params}, x, t, np.array([4, 0]), mutable=["intermediates"])
   _, last_mod = _np_dit(params, x, t, np.array([4, 0]), SMALL, "adaln_single")
-  np.testing.assert_allclose(np.asarray(inter["intermediates"]["modulation"][-1]), last_mod,
+  np.testing.assert_allclose(_modulations(inter)[-1], last_mod,
                              rtol=1e-5, atol=1e-5)
 
 

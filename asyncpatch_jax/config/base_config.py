@@ -43,8 +43,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       norm="group",          # group | rms
       num_groups=32,         # GroupNorm groups (gcd with the channel count)
       dtype="float32",       # compute dtype: float32 | bfloat16 (params stay float32)
-      remat="none",          # recompute activations in the backward pass: none | block
-                             # (each residual / transformer block) | full (the whole net)
+      remat="none",          # recompute block activations in the backward pass (memory
+                             # only): none | block (keep matmul outputs) | full (keep
+                             # only each block's input); models/blocks.py
       # dit only (a UNet ignores them; DiT sizes: configs/dit.py):
       patch_size=2,          # dit: token side p (divides the image or latent sides)
       hidden_size=384,       # dit: token width D

@@ -14,6 +14,14 @@ Five samplers, all jittable and keyed (`sampler(key, batch, height, width)`):
 The first four draw their uniforms on [t_min, t_max] (so `perlin`'s background is
 t_min or t_max). With `antithetic=True`, asyncpatch pairs patches as tbar +/- u, so
 each image's mean is exactly tbar while each patch stays U(tbar - delta, tbar + delta).
+
+Token-aligned maps (`token_size` p > 1, for a DiT with p x p tokens: diffusion/tokens.py).
+The sampler draws its map on the token grid (H/p, W/p), with every size in pixels divided
+by p -- patch sizes (which must then be multiples of p; the default sizes are those of
+`default_patch_sizes` that are), Perlin cells (c // p, at least 1) -- and repeats each
+value over its token, so every token has one time and the statistics the sampler controls
+(per-image mean, per-patch spread, patch-size mix) are those of the pixel sampler at the
+token's resolution.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from asyncpatch_jax.diffusion import tokens
 from asyncpatch_jax.runtime import checks
 
 SAMPLER_NAMES = ("global", "independent", "patchwise", "perlin", "asyncpatch")
@@ -96,6 +105,7 @@ class NoiseLevelSampler:
     perlin_octaves: number of octaves of the Perlin mask.
     perlin_threshold: (lo, hi); the mask is noise > thr with thr ~ U(lo, hi) per image.
     antithetic: asyncpatch only; exact per-image mean tbar (see module docstring).
+    token_size: p > 1 draws maps constant on every p x p token (module docstring).
   """
   name: str = "asyncpatch"
   t_min: float = 0.0
@@ -105,14 +115,16 @@ class NoiseLevelSampler:
   perlin_octaves: int = 3
   perlin_threshold: tuple[float, float] = (-0.2, 0.2)
   antithetic: bool = False
+  token_size: int = 1
 
   @classmethod
-  def from_config(cls, ts) -> "NoiseLevelSampler":
-    """The sampler that `config.timesteps` describes (sampler, t range, patches, Perlin)."""
+  def from_config(cls, ts, token_size: int = 1) -> "NoiseLevelSampler":
+    """The sampler that `config.timesteps` describes (sampler, t range, patches, Perlin),
+    for a model with tokens of `token_size` pixels a side (models.patch_size)."""
     return cls(name=ts.sampler, t_min=ts.t_min, t_max=ts.t_max,
                patch_sizes=tuple(ts.patch_sizes) or None, perlin_cells=tuple(ts.perlin_cells),
                perlin_octaves=ts.perlin_octaves, perlin_threshold=tuple(ts.perlin_threshold),
-               antithetic=ts.antithetic)
+               antithetic=ts.antithetic, token_size=token_size)
 
   def __post_init__(self):
     checks.check_choice(self.name, SAMPLER_NAMES, "timestep sampler")
@@ -132,15 +144,33 @@ class NoiseLevelSampler:
       raise checks.InputError(f"perlin_threshold={self.perlin_threshold}; expected lo <= hi.")
 
   def patch_sizes_for(self, height: int, width: int) -> tuple[int, ...]:
-    sizes = self.patch_sizes or default_patch_sizes(height, width)
-    for p in sizes:
-      if height % p or width % p:
-        raise checks.InputError(f"patch size {p} in patch_sizes={sizes} does not divide the "
+    """The patch sizes (pixels) drawn for images H x W; InputError for one that does not
+    divide the image or is not a multiple of the token size."""
+    p = self.token_size
+    tokens.check_patch_size(height, width, p, "the image (the model's token size)")
+    sizes = self.patch_sizes
+    if sizes is None:
+      sizes = tuple(s for s in default_patch_sizes(height, width) if s % p == 0) or (p,)
+    for s in sizes:
+      if height % s or width % s:
+        raise checks.InputError(f"patch size {s} in patch_sizes={sizes} does not divide the "
                          f"image {height}x{width}; use sizes that divide both sides.")
+      if s % p:
+        raise checks.InputError(
+            f"patch size {s} in timesteps.patch_sizes={sizes} is not a multiple of the "
+            f"model's token size {p}; a DiT needs one time per token: use multiples of {p}.")
     return sizes
 
   def __call__(self, key: jax.Array, batch: int, height: int, width: int) -> jax.Array:
     """Draws time maps `[batch, height, width]` in [t_min, t_max]."""
+    if self.token_size > 1:
+      p = self.token_size
+      sizes = (self.patch_sizes_for(height, width)
+               if self.name in ("patchwise", "asyncpatch") else None)
+      on_tokens = dataclasses.replace(
+          self, token_size=1, patch_sizes=None if sizes is None else tuple(s // p for s in sizes),
+          perlin_cells=tuple(max(1, c // p) for c in self.perlin_cells))
+      return _patch_map(on_tokens(key, batch, height // p, width // p), p)
     if self.name in ("patchwise", "asyncpatch"):
       sizes = self.patch_sizes_for(height, width)
     shape = (batch, height, width)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import models
+from asyncpatch_jax.diffusion import tokens
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import progress as progress_lib
 from asyncpatch_jax.diffusion import guidance
@@ -56,8 +58,9 @@ class _Pixels:
     return tau, x, mask
 
   def finish(self, z, x=None, mask=None) -> np.ndarray:
-    del x, mask                     # the sampler keeps the known pixels (time 0) itself
-    return np.asarray(z)
+    """The samples z with the known pixels of x (mask 1) pasted back. The sampler keeps
+    pixels at time 0 exactly; a DiT's partly known token was regenerated whole."""
+    return paste_known(z, x, mask)
 
   def ipr_regions(self, grid, mask, shape) -> tuple[np.ndarray, np.ndarray]:
     """The `grid` regions and the condition set (the regions the mask fully knows); the
@@ -72,6 +75,23 @@ class _Pixels:
     return regions, known
 
 
+def paste_known(z, x=None, mask=None) -> np.ndarray:
+  """z [B, H, W, C] with the pixels of x [(B,) H, W, C] where mask [(B,) H, W] is 1."""
+  z = np.asarray(z)
+  if x is None or mask is None:
+    return z
+  m = np.broadcast_to(np.asarray(mask, np.float32)[..., None] > 0, z.shape)
+  return np.where(m, np.broadcast_to(np.asarray(x, z.dtype), z.shape), z)
+
+
+def token_known(known, patch_size: int):
+  """A known map [..., h, w] (1 = known) on tokens: a token is known only when all of its
+  pixels are (diffusion/tokens.py's rule)."""
+  if known is None or patch_size == 1:
+    return known
+  return 1.0 - tokens.align(1.0 - np.asarray(known, np.float32), patch_size)
+
+
 class Generator:
   """generator(params, tau, key=..., shape=... | x=..., labels=..., guidance=...) -> images.
 
@@ -80,6 +100,12 @@ class Generator:
   decode) and `decode` -- is the same for pixel and latent models: with a codec
   (runs/latent_codec.LatentCodec) it encodes and decodes, without it the model's images
   are the pixels.
+
+  A DiT with p x p tokens (models/dit.py) needs one time per token (diffusion/tokens.py):
+  `task` makes the schedule constant on each token (its largest time, so a token is known
+  only when all of its pixels are) and `decode` pastes the known pixels back, so they stay
+  bit-identical; a policy's regions become the tokens (or must be unions of them); a
+  schedule given to the call directly whose time varies inside a token is refused.
   """
 
   def __init__(self, model, *, codec=None, mesh="auto", head=None):
@@ -90,6 +116,7 @@ class Generator:
     policies see (pass its parameters as head_params); None: uncertainty 0.
     """
     self.model = model
+    self.patch_size = models.patch_size(model)
     self.codec = codec
     self._space = _Pixels() if codec is None else codec
     self.mesh = sharding.sampling_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
@@ -116,6 +143,9 @@ class Generator:
     if x is not None and mask is not None:
       mask = np.broadcast_to(np.asarray(mask, np.float32), np.shape(x)[:-1])
     tau_m, x_m, known = self._space.to_model(tau, x, mask)
+    if self.patch_size > 1:                      # one time per DiT token
+      tau_m = tokens.align(tau_m, self.patch_size)
+      known = token_known(known, self.patch_size)
     return Task(tau=np.asarray(tau_m), shape=self.model_shape(image_shape), x=x_m,
                 known=known, pixels=x, mask=mask)
 
@@ -182,6 +212,10 @@ class Generator:
     b = (x.shape if x is not None else shape)[0]
     cond, cfg = self._class_cond(params, labels, guidance_weight, b)
     is_policy = isinstance(tau, policies.Policy)
+    pasted = None
+    if self.patch_size > 1:
+      hw = tuple((x.shape if x is not None else shape)[1:3])
+      tau, policy_kwargs, pasted = self._on_tokens(tau, hw, x, policy_kwargs)
     if is_policy and head_params is not None:
       if self.head is None:
         raise checks.InputError("head_params given to a Generator built without a head.")
@@ -197,8 +231,36 @@ class Generator:
                   guide_noise=jax.random.normal(jax.random.fold_in(key, 2 ** 31 - 1), img_shape),
                   input_guidance=jnp.float32(input_guidance),
                   input_guidance_t=jnp.float32(input_guidance_t))
-    return self._sampler(cfg, input_guidance > 0)(tau, key=key, x=x, shape=shape, eta=eta,
-                                                   **policy_kwargs, **cond)
+    out = self._sampler(cfg, input_guidance > 0)(tau, key=key, x=x, shape=shape, eta=eta,
+                                                  **policy_kwargs, **cond)
+    if pasted is not None:          # a policy's partly known tokens: the known pixels back
+      out = out._replace(samples=paste_known(out.samples, x, pasted))
+    return out
+
+  def _on_tokens(self, tau, hw, x, policy_kwargs):
+    """A DiT's schedule or policy on its p x p tokens: (tau, policy_kwargs, known pixels to
+    paste back or None). InputError for a schedule whose time varies inside a token."""
+    p = self.patch_size
+    tokens.check_patch_size(hw[0], hw[1], p, f"the image (the DiT's patch size {p})")
+    if not isinstance(tau, policies.Policy):
+      if not tokens.is_token_aligned(tau, p):
+        raise checks.InputError(
+            f"the schedule's time varies inside the DiT's {p}x{p} tokens, which have one time "
+            "each; build the task with Generator.task (which gives each token its largest "
+            "time) or tokens.align(tau, p).")
+      return tau, policy_kwargs, None
+    regions = tau.region_map(hw)
+    if tau.regions is None:                      # every token its own region
+      regions = schedules.grid_regions(hw[0], hw[1], (hw[0] // p, hw[1] // p))
+    elif not tokens.is_token_aligned(regions, p):
+      raise checks.InputError(
+          f"policy {tau.name!r}: its regions cut through the DiT's {p}x{p} tokens; use a grid "
+          f"whose cells are multiples of {p} pixels.")
+    policy = dataclasses.replace(tau, regions=regions)
+    known = policy_kwargs.get("known")
+    if known is None:
+      return policy, policy_kwargs, None
+    return policy, {**policy_kwargs, "known": token_known(known, p)}, known
 
   def _class_cond(self, params, labels, guidance_weight: float, batch: int) -> tuple[dict, bool]:
     """The velocity function's arguments for labels and CFG; and whether CFG is on."""
@@ -226,6 +288,11 @@ class Generator:
     IPR paper's SRM order) and this Generator's head (head_params).
     """
     cond, cfg = self._class_cond(params, labels, guidance_weight, np.shape(x)[0])
+    if self.patch_size > 1 and not tokens.is_token_aligned(
+        schedules.check_regions(regions, np.shape(x)[1:3])[0], self.patch_size):
+      raise checks.InputError(
+          f"IPR regions cut through the DiT's {self.patch_size}x{self.patch_size} tokens; use "
+          f"a grid whose cells are multiples of {self.patch_size} pixels.")
     ucond = None if head_params is None else {"head_params": head_params}
     return self._sampler(cfg, False).refine(
         x, key=key, regions=regions, num_rounds=num_rounds, alpha=alpha, num_steps=num_steps,

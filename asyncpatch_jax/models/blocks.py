@@ -107,26 +107,26 @@ class Upsample(nn.Module):
 
 
 # ---- Rematerialisation (config.model.remat), shared by the UNet and the DiT ----------------
-# As big_vision and maxtext: 'block' wraps every residual / attention / transformer block in
-# nn.remat (its activations are recomputed in the backward pass; the block inputs are kept),
-# 'full' wraps the whole forward pass (only the network's inputs are kept). nn.remat keeps
-# the parameter tree, so one checkpoint serves every setting and the values are unchanged.
+# maxtext's remat policies, applied to every residual / attention / transformer block with
+# nn.remat (the block's input is always kept):
+#   none   every activation is kept for the backward pass;
+#   block  a block keeps its matmul and convolution outputs with parameters
+#          (dots_with_no_batch_dims_saveable, maxtext's 'minimal') and recomputes the rest
+#          (norms, activations, attention probabilities);
+#   full   a block keeps nothing and is recomputed whole (nothing_saveable, maxtext's 'full').
+# nn.remat keeps the parameter tree, so one checkpoint serves every setting, and the values
+# are the same. (XLA:CPU's schedule hoists recomputations of unrolled blocks: the savings
+# show where the blocks are a scan, as the DiT's are.)
 REMAT = ("none", "block", "full")
+_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+             "full": jax.checkpoint_policies.nothing_saveable}
 
 
 def remat_block(block_cls, remat: str, train_argnum: int | None = None):
-  """`block_cls`, or its nn.remat under remat='block' (train_argnum: the position of a
-  static Python bool argument, counting the module as 0)."""
-  if remat != "block":
+  """`block_cls`, or its nn.remat under remat 'block' or 'full' (train_argnum: the position
+  of a static Python bool argument, counting the module as 0)."""
+  checks.check_choice(remat, REMAT, "model.remat")
+  if remat == "none":
     return block_cls
-  return nn.remat(block_cls, static_argnums=() if train_argnum is None else (train_argnum,))
-
-
-def remat_call(module, *args):
-  """`module.forward(*args)` (the last argument a static train flag), recomputed in the
-  backward pass as a whole under remat='full'."""
-  checks.check_choice(module.remat, REMAT, "model.remat")
-  if module.remat != "full":
-    return module.forward(*args)
-  fn = lambda m, *a: m.forward(*a)
-  return nn.remat(fn, static_argnums=(len(args),))(module, *args)
+  return nn.remat(block_cls, policy=_POLICIES[remat],
+                  static_argnums=() if train_argnum is None else (train_argnum,))

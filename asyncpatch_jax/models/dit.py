@@ -70,6 +70,7 @@ def forward_flops(model: "DiT", image_shape, per_token: bool) -> float:
   shape = (1, *tuple(image_shape))
   x, y = jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
   t = jax.ShapeDtypeStruct(shape[:3] if per_token else (1,), jnp.float32)
+  model = model.clone(unroll_blocks=True)       # cost analysis counts a loop body once
   params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
   return float(jax.jit(model.apply).lower(params, x, t, y).cost_analysis()["flops"])
 
@@ -141,8 +142,42 @@ class DiTBlock(nn.Module):
     return x + gate_mlp * h
 
 
+class ModulatedBlock(nn.Module):
+  """One DiT block with its modulation, as a scan step: `(h, c) -> (h', None)`.
+
+  c: adaln_zero: silu(conditioning) [B, N or 1, D], mapped by this block's own
+  zero-initialised Dense(6D); adaln_single: the shared modulation [B, N or 1, 6, D], to
+  which this block adds its learned table [6, D]. The modulation is sown as
+  ('intermediates', 'modulation').
+  """
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float
+  modulation: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, c):
+    d, b = self.hidden_size, h.shape[0]
+    if self.modulation == "adaln_zero":
+      mod = nn.Dense(6 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,
+                     name="adaln")(c).reshape(b, -1, 6, d)
+    else:
+      table = self.param("scale_shift_table", nn.initializers.normal(1.0 / math.sqrt(d)),
+                         (6, d))
+      mod = c + table.astype(self.dtype)
+    self.sow("intermediates", "modulation", mod)
+    h = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dtype, name="block")(h, mod)
+    return h, None
+
+
 class DiT(nn.Module):
-  """DiT with per-token adaLN; `__call__(x [B, H, W, C], t [B] | [B, H, W], y [B] | None)`."""
+  """DiT with per-token adaLN; `__call__(x [B, H, W, C], t [B] | [B, H, W], y [B] | None)`.
+
+  The blocks' parameters are stacked (leading axis: the block) under 'blocks'. unroll_blocks
+  unrolls their scan (same parameters, same values): XLA's cost analysis counts a loop's
+  body once, so FLOP counts (`forward_flops`) unroll it.
+  """
   patch_size: int = 2
   hidden_size: int = 384
   depth: int = 12
@@ -154,6 +189,7 @@ class DiT(nn.Module):
   freq_dim: int = 256
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"                                      # blocks.REMAT
+  unroll_blocks: bool = False
 
   @property
   def null_label(self) -> int:
@@ -170,14 +206,13 @@ class DiT(nn.Module):
 
   def __call__(self, x, t, y=None, train: bool = False):
     self.check_inputs(x.shape[1], x.shape[2])
-    return blocks.remat_call(self, x, t, y, train)
+    return self.forward(x, t, y, train)
 
   @nn.compact
   def forward(self, x, t, y, train: bool):
-    """The network (`__call__` checks the shapes and applies `remat`)."""
+    """The network (`__call__` checks the shapes first)."""
     del train                                              # no dropout
     b, height, width, c = x.shape
-    block = blocks.remat_block(DiTBlock, self.remat)
     p, d = self.patch_size, self.hidden_size
     gh, gw = height // p, width // p
     # Patch embedding (a p x p, stride p convolution) and the fixed position embedding.
@@ -201,16 +236,15 @@ class DiT(nn.Module):
     if self.modulation == "adaln_single":
       shared = nn.Dense(6 * d, kernel_init=nn.initializers.normal(0.02), bias_init=_zeros,
                         dtype=self.dtype, name="t_block")(silu_c).reshape(b, -1, 6, d)
-    for i in range(self.depth):
-      if self.modulation == "adaln_zero":
-        mod = nn.Dense(6 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,
-                       name=f"adaln_{i}")(silu_c).reshape(b, -1, 6, d)
-      else:
-        table = self.param(f"scale_shift_table_{i}",
-                           nn.initializers.normal(1.0 / math.sqrt(d)), (6, d))
-        mod = shared + table.astype(self.dtype)
-      self.sow("intermediates", "modulation", mod)
-      h = block(d, self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, mod)
+    # The blocks as one scan over stacked parameters (maxtext's scan_layers, big_vision's
+    # scan): one block is compiled, and remat (blocks.REMAT) recomputes each block's
+    # activations in the backward pass.
+    block = blocks.remat_block(ModulatedBlock, self.remat)
+    stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth,
+                    unroll=self.depth if self.unroll_blocks else 1)
+    h, _ = stack(d, self.num_heads, self.mlp_ratio, self.modulation, self.dtype,
+                 name="blocks")(h, silu_c if self.modulation == "adaln_zero" else shared)
     # The final layer: modulated LayerNorm, then a linear map to the patch's pixels.
     if self.modulation == "adaln_zero":
       final = nn.Dense(2 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,

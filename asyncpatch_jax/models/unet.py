@@ -40,9 +40,9 @@ class UNet(nn.Module):
     norm: 'group' or 'rms'.
     num_groups: GroupNorm groups (gcd with the channel count).
     dtype: compute dtype (params are always float32).
-    remat: 'none', 'block' (each residual and attention block recomputes its activations
-      in the backward pass) or 'full' (the whole network: only its inputs are kept).
-      Memory only: the parameters and every value are the same.
+    remat: 'none', 'block' or 'full': how much of each residual and attention block is
+      recomputed in the backward pass (blocks.REMAT). Memory only: the parameters and
+      every value are the same.
   """
   out_channels: int = 3
   base_channels: int = 128
@@ -98,11 +98,11 @@ class UNet(nn.Module):
   def __call__(self, z: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
                train: bool = False) -> jax.Array:
     self.check_inputs(z, t, y)
-    return blocks.remat_call(self, z, t, y, train)
+    return self.forward(z, t, y, train)
 
   @nn.compact
   def forward(self, z, t, y, train: bool) -> jax.Array:
-    """The network (`__call__` checks the inputs and applies `remat`)."""
+    """The network (`__call__` checks the inputs first)."""
     dtype = self.dtype
     res_block = blocks.remat_block(blocks.ResBlock, self.remat, train_argnum=3)
     attention = blocks.remat_block(blocks.Attention, self.remat)

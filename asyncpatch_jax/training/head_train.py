@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from asyncpatch_jax import models
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.diffusion import flow
@@ -103,7 +104,8 @@ class HeadSetup(loop.Trainer):
     self.identity = loader.frozen_identity(model_config.model, self.image_shape, self.frozen_params,
                                            run.step)
     self.label_dropout = model_config.train.label_dropout
-    self.noise_level_sampler = timesteps.NoiseLevelSampler.from_config(model_config.timesteps)
+    self.noise_level_sampler = timesteps.NoiseLevelSampler.from_config(
+        model_config.timesteps, token_size=models.patch_size(self.model))
     self.tx, self.lr_schedule = train_state.make_optimizer(
         cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
     self.abstract_state = jax.eval_shape(self.init_state, jax.random.key(0))

@@ -83,10 +83,11 @@ class Setup(loop.Trainer):
     loader.check_model(self.model, cfg, self.image_shape,
                        self.source.num_classes if self.source is not None else None)
     ts = cfg.timesteps
-    self.noise_level_sampler = timesteps.NoiseLevelSampler.from_config(ts)
+    # A DiT trains on token-aligned time maps (one time per token: diffusion/tokens.py).
+    self.noise_level_sampler = timesteps.NoiseLevelSampler.from_config(
+        ts, token_size=models.patch_size(self.model))
     h, w, _ = self.image_shape
-    if ts.sampler in ("patchwise", "asyncpatch"):
-      self.noise_level_sampler.patch_sizes_for(h, w)
+    self.noise_level_sampler.patch_sizes_for(h, w)
     self.tx, self.lr_schedule = train_state.make_optimizer(
         cfg.optim, cfg.train.num_steps, flatten=cfg.train.fsdp == 1)
     n_dev = jax.device_count() if devices is None else len(devices)
