@@ -109,6 +109,16 @@ class Setup(loop.Trainer):
   def class_conditional(self) -> bool:
     return bool(self.model.num_classes)
 
+  def example(self) -> dict[str, np.ndarray]:
+    if self.source is not None:
+      return super().example()
+    # Built without a dataset (image_shape given): an example of the shapes and dtypes the
+    # sources give (float32 pixels [H, W, C], an int32 label), for compiling the step.
+    example = {"image": np.zeros(self.pixel_shape, np.float32)}
+    if self.class_conditional:
+      example["label"] = np.int32(0)
+    return example
+
   def frozen(self, mesh):
     # A latent model's step encodes each batch with the frozen autoencoder (Sec. 5.2).
     return () if self.codec is None else ((self.codec.variables, sharding.replicated(mesh)),)
