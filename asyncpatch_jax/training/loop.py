@@ -178,6 +178,7 @@ class Trainer(abc.ABC):
   abstract_state: Any
   checkpoint_shape: tuple[int, ...]
   what = "train step"          # the step's name in the compile and memory messages
+  remat: str | None = None     # the model.remat of the network the step trains, if any
 
   @abc.abstractmethod
   def init_state(self, key: jax.Array):
@@ -261,7 +262,8 @@ def compile_step(trainer: Trainer, mesh, root_key: jax.Array, frozen) -> jax.sta
   """
   step_fn, abstract_args = jit_step(trainer, mesh, root_key, frozen)
   return memory.compile_train_step(step_fn, abstract_args, config=trainer.config, mesh=mesh,
-                                   params=trainer.abstract_state.params, what=trainer.what)
+                                   params=trainer.abstract_state.params, what=trainer.what,
+                                   remat=trainer.remat)
 
 
 def train(make_trainer: Callable[[], Trainer], config: ml_collections.ConfigDict, workdir, *,

@@ -80,6 +80,7 @@ class Setup(loop.Trainer):
                                              latent=self.codec is not None,
                                              setting="evaluate.at_end")
     self.model = models.build_model(cfg.model)
+    self.remat = self.model.remat
     loader.check_model(self.model, cfg, self.image_shape,
                        self.source.num_classes if self.source is not None else None)
     ts = cfg.timesteps
