@@ -206,7 +206,7 @@ def abstract_batch(example: dict[str, Any], batch_size: int,
 
 # --- the check --------------------------------------------------------------------------
 
-def _bytes_per_device(abstract_tree) -> int:
+def bytes_per_device(abstract_tree) -> int:
   """Bytes one device holds of a tree of `jax.ShapeDtypeStruct`s with shardings."""
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(abstract_tree))
@@ -262,7 +262,7 @@ def _suggestions(memory: StepMemory, limit: MemoryLimit, *, config: ml_collectio
   # side where measured (configs/test.py at base_channels=4096, 4 CPU devices: 44.6 GiB
   # per device at fsdp=1; fsdp=4 estimated 22.9 GiB, compiled 19.5 GiB, since gathered
   # parameters and gradients keep most of the temporaries).
-  now = _bytes_per_device(abstract_state)
+  now = bytes_per_device(abstract_state)
   larger = [k for k in range(fsdp + 1, num_devices + 1) if num_devices % k == 0]
   for k in larger:
     shrink = 1 - _fsdp_share(params, k) / _fsdp_share(params, fsdp)
