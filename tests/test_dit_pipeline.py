@@ -234,3 +234,36 @@ def test_dit_shapes_are_checked_before_compiling():
   with pytest.raises(checks.InputError, match=r"patch size 3 does not divide the image \(16 x 16\)"):
     jax.eval_shape(bad_patch.init, jax.random.key(0), jnp.zeros((1, *SHAPE)),
                    jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+
+
+# ---------------------------------------------------------------- Jacobians by token
+
+def test_block_jacobians_by_token_of_a_dit_ddim_step(dit):
+  """PIFS's block norms with the DiT's tokens as the partition (patch_size = p): the power
+  iteration and the exact method equal the float64 spectral norms of the blocks of the
+  dense Jacobian (jax.jacfwd) of one DDIM step, taken token by token."""
+  from jax.tree_util import Partial  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.analysis import ddim_maps  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.analysis import jacobian_norms  # pylint: disable=g-import-not-at-top
+  model, params, _, _ = dit
+  eps_fn = ddim_maps.velocity_to_eps(Partial(models.NullLabelVelocity(model), params))
+  step = ddim_maps.ddim_step(eps_fn, 0.3, 0.5)
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(8, 8, 1)), jnp.float32)
+  dense = np.asarray(jax.jacfwd(step)(x), np.float64).reshape(64, 64)
+  token = np.arange(64).reshape(8, 8)
+  token = (token // 8 // P) * (8 // P) + (token % 8) // P         # pixel -> token id
+  want = np.array([[np.linalg.norm(dense[np.ix_(token.ravel() == k, token.ravel() == j)], 2)
+                    for j in range(16)] for k in range(16)])
+  exact = np.asarray(jacobian_norms.block_norms(step, x, patch_size=models.patch_size(model),
+                                                method="exact"))
+  power = np.asarray(jacobian_norms.block_norms(step, x, patch_size=P, key=jax.random.key(9),
+                                                method="power", num_iters=200, tol=1e-7))
+  np.testing.assert_allclose(exact, want, rtol=1e-4, atol=1e-6)
+  # Power iteration converges on the blocks that carry the map (the diagonal ones and those
+  # within a tenth of the largest); it never overshoots the top singular value.
+  big = want > 0.1 * want.max()
+  assert big.sum() >= 16
+  np.testing.assert_allclose(power[big], want[big], rtol=2e-3)
+  assert (power <= want * (1 + 1e-4) + 1e-7).all()
+  # Attention couples every token: the off-diagonal blocks are not zero.
+  assert (want[~np.eye(16, dtype=bool)] > 1e-6).all()
