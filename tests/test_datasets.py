@@ -241,7 +241,8 @@ def test_polygons_follow_ipr_appendix_c3_and_read_exactly(options, num):
     d = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) - r[:, None] - r[None]
     assert (d[~np.eye(len(r), dtype=bool)] >= 2).all()
     # Colour: every pixel is white blended with one colour, HSL(hue, S = 1, L = 0.25), by
-    # its coverage a = 1 - min(R, G, B); the coverage sums to the polygons' area.
+    # its coverage a = 1 - min(R, G, B) = 2 (1 - max(R, G, B)), the reader's ink; the
+    # coverage sums to the polygons' area.
     rgb = (image.astype(np.float64) + 1) / 2
     a = 1 - rgb.min(axis=-1)
     full = rgb[a > 1 - 1e-6]
@@ -249,6 +250,7 @@ def test_polygons_follow_ipr_appendix_c3_and_read_exactly(options, num):
     assert abs(lightness - 0.25) < 1e-6 and abs(saturation - 1) < 1e-6
     np.testing.assert_allclose(full, np.broadcast_to(full[0], full.shape), atol=1e-6)
     np.testing.assert_allclose(rgb, 1 - a[..., None] * (1 - full[0]), atol=1e-6)
+    np.testing.assert_allclose(polygon_count.ink(image[None])[0], a, atol=1e-6)
     area = v / 2 * np.sin(2 * np.pi / v) * (r ** 2).sum()
     assert abs(a.sum() / area - 1) < 0.01
     hues.append(hue)
@@ -304,7 +306,7 @@ def test_polygons_are_deterministic_per_seed_split_and_index():
     (lambda: datasets.get_dataset("polygons", min_polygons=5, max_polygons=3), "min_polygons"),
     (lambda: datasets.get_dataset("polygons", min_vertices=2), "min_vertices"),
     (lambda: datasets.get_dataset("polygons", radius=(0.1, 0.6)), "radius"),
-    (lambda: datasets.get_dataset("polygons", lightness=0.8), "lightness"),
+    (lambda: datasets.get_dataset("polygons", lightness=0.8), "Unknown option(s) ['lightness']"),
     (lambda: datasets.get_dataset("polygons", "val"), "Unknown split 'val'"),
 ])
 def test_bad_input_raises_clear_errors(call, message):

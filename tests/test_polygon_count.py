@@ -152,15 +152,17 @@ def test_threshold_half_covered_pixels_and_any_hue():
   for bridge, expected in ((0.5, 2), (0.49, 2), (0.51, 1), (1.0, 1)):
     ink_map[6, 10] = bridge                              # the only pixel between the squares
     assert pc.count_polygons(_image(ink_map)[None]).tolist() == [expected], bridge
-  # Ink is 1 - min(R, G, B): any saturated hue at L = 1/4, and black, fill a pixel fully;
-  # mid-grey is exactly 1/2 (background); a light colour (every channel > 1/2) is no ink.
+  # Ink is 2 (1 - max(R, G, B)): any hue at S = 1, L = 1/4 (the data's colours, largest
+  # channel 1/2), black and grey up to 1/2 fill a pixel fully; a colour whose largest channel
+  # is 3/4 is exactly 1/2 (background), and bright ones (yellow, magenta, pastel) are no ink.
   ink_map[6, 10] = 0.0
   for hue in np.linspace(0, 1, 13):
     colour = np.array(colorsys.hls_to_rgb(hue, 0.25, 1.0))
     np.testing.assert_allclose(pc.ink(_image(ink_map, colour)[None])[0], ink_map, atol=1e-12)
     assert pc.count_polygons(_image(ink_map, colour)[None]).tolist() == [2]
-  for colour, expected in ((np.zeros(3), 2), (np.full(3, 0.5), 0), (np.full(3, 0.499), 2),
-                           (np.array([0.6, 0.9, 0.7]), 0)):
+  for colour, expected in ((np.zeros(3), 2), (np.full(3, 0.5), 2), (np.full(3, 0.75), 0),
+                           (np.array([0.2, 0.74, 0.1]), 2), (np.array([1.0, 1.0, 0.0]), 0),
+                           (np.array([1.0, 0.0, 1.0]), 0), (np.array([0.6, 0.9, 0.7]), 0)):
     image = np.where(ink_map[..., None] > 0, colour, WHITE) * 2 - 1
     assert pc.count_polygons(image[None]).tolist() == [expected], colour
   # Generated images leave [-1, 1]; they are clipped first.

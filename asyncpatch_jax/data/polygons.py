@@ -23,11 +23,11 @@ polygons of radius 0.11..0.15 (3.5..4.8 pixels).
 
 Rendering (ours, so that the data is read exactly): a pixel takes the colour in proportion
 to the share of its area the polygons cover (a box filter over an 8x8 grid of sub-pixel
-centres; SRM draws at 512x512 and resizes bicubically). The colour has a channel at 0, so
-1 - min(R, G, B) of a pixel in [0, 1] is that share; two polygons are more than sqrt(2)
-pixels apart (the distance of 8-adjacent pixel centres), so no two share a connected
-component of the pixels more than half covered, and the reader counts every data image
-exactly (tested).
+centres; SRM draws at 512x512 and resizes bicubically). The colour's channels lie between
+0 and 2 L = 1/2, so both 2 (1 - max(R, G, B)) and 1 - min(R, G, B) of a pixel in [0, 1] are
+that share. Two polygons are more than sqrt(2) pixels apart (the distance of 8-adjacent
+pixel centres), so no two share a connected component of the pixels more than half
+covered, and the reader counts every data image exactly (tested).
 
 Example `i` of a split is a pure function of `(seed, split, i)`, generated on demand.
 """
@@ -42,7 +42,7 @@ from asyncpatch_jax.runtime import checks
 
 SPLITS = ("train", "test")
 DEFAULT_NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
-DEFAULT_LIGHTNESS = 0.25    # SRM counting_polygons_blank: HSL lightness and saturation
+LIGHTNESS = 0.25            # SRM counting_polygons_blank: HSL lightness and saturation
 SATURATION = 1.0
 GAP = 2.0                   # pixels between two polygons (> sqrt(2); see the module docstring)
 MARGIN = 1.0                # pixels between a polygon's circle and the image border
@@ -100,7 +100,7 @@ class PolygonsSource:
   def __init__(self, split: str = "train", image_size: int = 128,
                num_examples: int | None = None, seed: int = 0, min_polygons: int = 1,
                max_polygons: int = 9, min_vertices: int = 3, max_vertices: int = 7,
-               radius=(0.05, 0.1), lightness: float = DEFAULT_LIGHTNESS):
+               radius=(0.05, 0.1)):
     if split not in SPLITS:
       raise checks.InputError(f"Unknown split {split!r} for polygons; expected one of {SPLITS}.")
     if not isinstance(image_size, (int, np.integer)) or image_size < 16:
@@ -129,9 +129,6 @@ class PolygonsSource:
           f"polygons: {max_polygons} polygons of radius up to {r_max} x {image_size} do not "
           f"fit {image_size}x{image_size} images by random placement; raise image_size or "
           "lower max_polygons or radius.")
-    if not 0.0 < lightness <= 0.5:
-      # HSL with S = 1 and L <= 1/2 has a channel at 0, so ink = 1 - min(R, G, B) = coverage.
-      raise checks.InputError(f"polygons: lightness must lie in (0, 0.5], got {lightness}.")
     self.split = split
     self.image_size = int(image_size)
     self.image_shape = (self.image_size, self.image_size, 3)
@@ -140,7 +137,6 @@ class PolygonsSource:
     self.min_polygons, self.max_polygons = int(min_polygons), int(max_polygons)
     self.min_vertices, self.max_vertices = int(min_vertices), int(max_vertices)
     self.radius = (r_min, r_max)
-    self.lightness = float(lightness)
     self.num_classes = self.max_polygons + 1
 
   def __len__(self) -> int:
@@ -175,8 +171,8 @@ class PolygonsSource:
             "circles": np.array(circles).reshape(n, 3), "angles": angles}
 
   def colour(self, hue: float) -> np.ndarray:
-    """RGB [3] in [0, 1] of HSL(hue, SATURATION, lightness): one channel is 0."""
-    return np.asarray(colorsys.hls_to_rgb(hue, self.lightness, SATURATION))
+    """RGB [3] in [0, 1] of HSL(hue, S = 1, L = 1/4): channels between 0 and 1/2."""
+    return np.asarray(colorsys.hls_to_rgb(hue, LIGHTNESS, SATURATION))
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     p = self.example_params(int(index))
@@ -195,5 +191,4 @@ class PolygonsSource:
     return (f"PolygonsSource(split={self.split!r}, image_size={self.image_size}, "
             f"num_examples={self.num_examples}, seed={self.seed}, "
             f"polygons={self.min_polygons}..{self.max_polygons}, "
-            f"vertices={self.min_vertices}..{self.max_vertices}, radius={self.radius}, "
-            f"lightness={self.lightness})")
+            f"vertices={self.min_vertices}..{self.max_vertices}, radius={self.radius})")

@@ -4,10 +4,12 @@ IPR Sec. 4.3 / App. C.3.3 read generated images with the benchmark's fine-tuned 
 (polygon count, vertex count, uniformity). Offline there is no such classifier; on the
 plain background of `data/polygons.py` the polygons are read exactly instead:
 
-  ink        1 - min(R, G, B) of a pixel in [0, 1] (images clipped to [-1, 1] first). On
-             the data it is the share of the pixel a polygon covers: the background is
-             white and the fill colour (HSL, S = 1, L <= 1/2) has a channel at 0. It does
-             not depend on the hue; a light colour (every channel above 1/2) is no ink.
+  ink        2 (1 - max(R, G, B)) of a pixel in [0, 1], clipped to [0, 1] (images clipped
+             to [-1, 1] first): the pixel's darkness against the data's fill colour, whose
+             largest channel is 1/2 (HSL, S = 1, L = 1/4). On the data it is the share of the
+             pixel a polygon covers, whatever the hue. Bright colours (a channel at 3/4 or
+             more: the saturated speckle of an unfinished sample, yellow, white) are no ink;
+             black and mid-grey are full ink.
   shape      a pixel belongs to a shape iff its ink is above `threshold` = 1/2 (more than half
              of it covered; for a convex polygon this puts the pixel's centre inside it);
              shapes are the 8-connected components of such pixels (pixels that meet only at
@@ -46,12 +48,13 @@ EIGHT = np.ones((3, 3), bool)
 
 
 def ink(images: np.ndarray) -> np.ndarray:
-  """[B, H, W, 3] RGB in [-1, 1] -> [B, H, W] ink 1 - min(R, G, B) in [0, 1]."""
+  """[B, H, W, 3] RGB in [-1, 1] -> [B, H, W] ink 2 (1 - max(R, G, B)) in [0, 1]."""
   images = np.asarray(images, np.float64)
   checks.check_image(images, "polygon images")
   if images.shape[-1] != 3:
     raise checks.InputError(f"polygon images must be RGB [B, H, W, 3], got shape {images.shape}.")
-  return 1.0 - (np.clip(images, -1.0, 1.0).min(axis=-1) + 1.0) / 2.0
+  value = (np.clip(images, -1.0, 1.0).max(axis=-1) + 1.0) / 2.0      # HSV V in [0, 1]
+  return np.clip(2.0 * (1.0 - value), 0.0, 1.0)
 
 
 def shapes(ink_map: np.ndarray, threshold: float = THRESHOLD,
