@@ -306,6 +306,7 @@ def test_polygons_are_deterministic_per_seed_split_and_index():
     (lambda: datasets.get_dataset("polygons", min_polygons=5, max_polygons=3), "min_polygons"),
     (lambda: datasets.get_dataset("polygons", min_vertices=2), "min_vertices"),
     (lambda: datasets.get_dataset("polygons", radius=(0.1, 0.6)), "radius"),
+    (lambda: datasets.get_dataset("polygons", radius=(0.1,)), "radius must be (min, max)"),
     (lambda: datasets.get_dataset("polygons", lightness=0.8), "Unknown option(s) ['lightness']"),
     (lambda: datasets.get_dataset("polygons", "val"), "Unknown split 'val'"),
 ])

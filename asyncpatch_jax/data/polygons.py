@@ -113,6 +113,9 @@ class PolygonsSource:
     if not 3 <= min_vertices <= max_vertices:
       raise checks.InputError(f"polygons: need 3 <= min_vertices <= max_vertices, got "
                               f"{min_vertices}, {max_vertices}.")
+    if len(radius) != 2:
+      raise checks.InputError(f"polygons: radius must be (min, max) fractions of image_size, "
+                              f"got {radius!r}.")
     r_min, r_max = (float(r) for r in radius)
     if not 0.0 < r_min <= r_max < 0.5:
       raise checks.InputError(f"polygons: radius (fractions of image_size) must satisfy "
