@@ -387,3 +387,20 @@ if __name__ == "__main__":
   for group, renders in TABLES.items():
     for render in renders:
       print(f"<!-- {group}: {render.__name__} -->\n{render()}\n")
+
+
+def test_every_stored_json_is_linked_from_the_documentation():
+  """Each results/**/*.json is the target of a Markdown link in README.md, ROADMAP.md, docs/
+  or an experiment group's README (a path in a command does not count)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  docs = ["README.md", "ROADMAP.md", *glob.glob("docs/*.md", root_dir=ROOT),
+          *glob.glob("experiments/*/README.md", root_dir=ROOT)]
+  linked = set()
+  for doc in docs:
+    with open(os.path.join(ROOT, doc)) as f:
+      for target in re.findall(r"\]\(([^)#\s]+)", f.read()):
+        linked.add(os.path.normpath(os.path.join(os.path.dirname(doc), target)))
+  stored = sorted(os.path.relpath(p, ROOT) for p in
+                  glob.glob(os.path.join(ROOT, "results", "**", "*.json"), recursive=True))
+  assert stored and not [p for p in stored if p not in linked]
