@@ -1,0 +1,112 @@
+"""models/dit.py against the PyTorch reference DiT (experiments/benchmarks/torch_dit.py, the port
+of facebookresearch/DiT's models.py), and the DiT benchmarks' accelerator script on CPU.
+
+Without torch: fixtures/dit_torch_reference.npz holds the torch reference's output on a tiny
+DiT with fixed random weights (every parameter nonzero), written by
+`python -m experiments.benchmarks.make_dit_reference --out=tests/fixtures/dit_torch_reference.npz`;
+our flax DiT with the same weights must reproduce it to float32 rounding. With torch
+installed (`pip install -e '.[bench]'`), the same comparison runs live on another size,
+forward and gradients.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asyncpatch_jax.models import dit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "dit_torch_reference.npz")
+# float32: the two stacks sum in different orders (measured: ~3e-6 of the output's scale).
+RTOL = 1e-4
+
+
+def _fixture():
+  with np.load(FIXTURE) as f:
+    arrays = {k: f[k] for k in f.files}
+  params = {}
+  for key, value in arrays.items():
+    if key.startswith("param/"):
+      *parents, leaf = key.split("/")[1:]
+      node = params
+      for name in parents:
+        node = node.setdefault(name, {})
+      node[leaf] = jnp.asarray(value)
+  return arrays, params, json.loads(str(arrays["meta"]))
+
+
+def _ours(arrays, params, config):
+  model = dit.DiT(**config)
+  return np.asarray(model.apply({"params": params}, arrays["x"], arrays["t"], arrays["y"]))
+
+
+def test_flax_dit_reproduces_the_torch_reference():
+  arrays, params, meta = _fixture()
+  ref = arrays["output"]
+  assert ref.shape == (4, *meta["image"][:2], meta["config"]["out_channels"])
+  assert list(arrays["t"]) == [0.0, 0.25, 0.7, 1.0]
+  assert arrays["y"][-1] == meta["config"]["num_classes"]            # the null label
+  # No parameter is zero (adaLN-Zero would start its modulations and final layer there).
+  assert all(np.abs(v).min() > 0 for k, v in arrays.items() if k.startswith("param/"))
+  ours = _ours(arrays, params, meta["config"])
+  scale = float(np.abs(ref).max())
+  assert scale > 1.0
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=RTOL * scale)
+
+
+def test_a_swapped_shift_and_scale_breaks_the_agreement(monkeypatch):
+  """The fixture notices a wrong modulation (the error is far above the tolerance)."""
+  arrays, params, meta = _fixture()
+  monkeypatch.setattr(dit, "modulate", lambda x, shift, scale: x * (1.0 + shift) + scale)
+  err = np.abs(_ours(arrays, params, meta["config"]) - arrays["output"]).max()
+  assert err > 100 * RTOL * np.abs(arrays["output"]).max()
+
+
+def test_live_torch_port_agrees_forward_and_gradients():
+  torch = pytest.importorskip("torch")
+  from experiments.benchmarks import torch_dit  # pylint: disable=import-outside-toplevel
+  config = dict(patch_size=4, hidden_size=48, depth=3, num_heads=3, out_channels=2,
+                num_classes=7)
+  model = dit.DiT(**config)
+  b, size, c = 3, 16, 2
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((b, size, size, c)).astype(np.float32)
+  t = np.array([0.05, 0.5, 0.95], np.float32)
+  y = np.array([1, 6, 7], np.int32)
+  params = model.init(jax.random.key(0), x, t, y)["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys)])
+  tmodel = torch_dit.from_flax_model(model, size, c)
+  torch_dit.load_flax_params(tmodel, params)
+  tmodel.eval()
+  assert torch_dit.num_trainable(tmodel) == sum(p.size for p in jax.tree.leaves(params))
+
+  target = rng.standard_normal((b, size, size, config["out_channels"])).astype(np.float32)
+  loss = lambda p: jnp.mean((model.apply({"params": p}, x, t, y) - target) ** 2)
+  ours_out = np.asarray(model.apply({"params": params}, x, t, y))
+  ours_grad = jax.grad(loss)(params)
+  out = tmodel(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(1000 * t),
+               torch.from_numpy(y).long())
+  ((out - torch.from_numpy(target).permute(0, 3, 1, 2)) ** 2).mean().backward()
+  th_out = out.permute(0, 2, 3, 1).detach().numpy()
+  np.testing.assert_allclose(ours_out, th_out, rtol=0, atol=RTOL * np.abs(th_out).max())
+  # Gradients: the attention qkv kernel of the last block, the patch embedding, the labels.
+  pairs = [(ours_grad["block_2"]["qkv"]["kernel"].T, tmodel.blocks[2].attn.qkv.weight.grad),
+           (ours_grad["x_embedder"]["kernel"].transpose(3, 2, 0, 1),
+            tmodel.x_embedder.proj.weight.grad),
+           (ours_grad["final_adaln"]["kernel"].T,
+            tmodel.final_layer.adaLN_modulation[1].weight.grad),
+           (ours_grad["y_embedder"]["embedding"], tmodel.y_embedder.embedding_table.weight.grad)]
+  for g_ours, g_torch in pairs:
+    g_torch = g_torch.numpy()
+    np.testing.assert_allclose(np.asarray(g_ours), g_torch, rtol=0,
+                               atol=RTOL * np.abs(g_torch).max())
