@@ -110,3 +110,59 @@ def test_live_torch_port_agrees_forward_and_gradients():
     g_torch = g_torch.numpy()
     np.testing.assert_allclose(np.asarray(g_ours), g_torch, rtol=0,
                                atol=RTOL * np.abs(g_torch).max())
+
+
+# ----------------------------------------------------------------------------- gpu_dit.py
+
+NUMBERS = {
+    "dit_train": ["batch", "params", "step_seconds", "images_per_s", "gflops_per_step",
+                  "achieved_tflops", "peak_tflops", "mfu", "compile_s"],
+    "dit_sampling": ["batch", "steps", "seconds", "images_per_s", "compile_s"],
+    "unet_train": ["batch", "step_seconds", "images_per_s", "gflops_per_step",
+                   "achieved_tflops", "peak_tflops", "mfu"],
+    "agreement": ["batch", "output_scale", "max_abs_diff_float32_highest",
+                  "max_abs_diff_float32_default", "max_abs_diff_bfloat16"],
+    "torch_peer": ["train_step_seconds", "train_mfu", "ours_over_torch_train",
+                   "ours_train_step_seconds_alternating", "sampling_seconds",
+                   "sampling_images_per_s", "ours_over_torch_sampling",
+                   "ours_sampling_seconds_alternating", "max_abs_diff_flax_vs_torch_float32",
+                   "output_scale"],
+}
+
+
+def _finite(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.mark.slow
+def test_gpu_script_tiny_writes_every_field(tmp_path):
+  """The accelerator script's --tiny run on CPU (about a minute on the shared 2 cores)."""
+  out = tmp_path / "gpu_dit.json"
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, "-m", "experiments.benchmarks.gpu_dit", "--tiny",
+                        f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+  assert res.returncode == 0, res.stderr[-4000:]
+  r = json.loads(out.read_text())
+  assert r["tiny"] is True and r["dtype"] == "bfloat16" and r["platform"] == "cpu"
+  assert r["command"].startswith("python -m experiments.benchmarks.gpu_dit ")
+  assert r["dit_train"]["model"] == "DiT-T/2" and r["unet_train"]["config"] == "test"
+  for section, keys in NUMBERS.items():
+    if section == "torch_peer" and not r["torch_peer"]["available"]:
+      assert all(r[section][k] is None for k in keys), r[section]
+      assert "torch" in r[section]["reason"]
+      continue
+    bad = {k: r[section].get(k) for k in keys if not _finite(r[section].get(k))}
+    assert not bad, (section, bad)
+  for section in ("dit_train", "unet_train"):
+    assert 0 < r[section]["mfu"] < 1, r[section]
+  assert r["dit_train"]["peak_source"] == "measured float32 matmul peak"
+  # On CPU the "default device" is the CPU: the same program, the same numbers.
+  assert r["agreement"]["max_abs_diff_float32_highest"] == 0.0
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    assert r["torch_peer"]["available"] and r["torch_peer"]["device"] == "cpu"
+    peer = r["torch_peer"]
+    assert peer["max_abs_diff_flax_vs_torch_float32"] < RTOL * peer["output_scale"]
+  except ImportError:
+    assert not r["torch_peer"]["available"]
