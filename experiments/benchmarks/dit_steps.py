@@ -4,7 +4,7 @@ Ours is models/dit.py in flax (each program one jit); the peer is the PyTorch re
 (torch_dit.py, eager, NCHW). No flags here, so both scripts import it; torch is imported
 only inside the torch functions. Both stacks do the same work:
 
-* train step: rectified flow (z = (1 - t) x + t eps, velocity target eps - x, SPEC's
+* train step: rectified flow (z = (1 - t) x + t eps, velocity target eps - x, the library's
   conventions) with one uniform time per image, plain MSE; CFG label dropout p = 0.1 (the
   reference's LabelEmbedder in train mode; ours the same rule with jax.random); AdamW with
   DiT's settings (lr 1e-4, no weight decay, betas (0.9, 0.999), eps 1e-8) on every trainable
