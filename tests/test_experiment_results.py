@@ -313,6 +313,32 @@ def bench_peer_conv():
                   f"{v['ours_tflops']:.3f} / {v['torch_tflops']:.3f}"] for v in r.values()])
 
 
+def _dit_peer(path):
+  r = _result(path)["cases"]
+
+  def what(v):
+    if "steps" in v:
+      return f"{v['model']} {v['steps']}-step Euler sampling, batch {v['batch']}"
+    return f"{v['model']} train step, batch {v['batch']}"
+
+  def cell(d):
+    return f"{d['median_s']:.3g} s ({d['min_s']:.3g}-{d['max_s']:.3g})"
+  return _table(["case", "ours", "PyTorch eager", "ours / PyTorch", "max abs diff (output scale)",
+                 "ours compile", "load"],
+                [[what(v), cell(v["ours"]), cell(v["torch"]), f"**{v['ours_over_torch']:.2f}x**",
+                  f"{v['max_abs_diff_flax_vs_torch']:.0e} ({v['output_scale']:.2f})",
+                  f"{v['ours_compile_s']:.0f} s",
+                  "-".join(f"{x:.1f}" for x in v["load_average_1min"])] for v in r.values()])
+
+
+def dit_peer():
+  return _dit_peer("dit/dit_peer.json")
+
+
+def dit_peer_1core():
+  return _dit_peer("dit/dit_peer_1core.json")
+
+
 def host_devices():
   one = _result("bench/host_devices.json")["cases"]
   more = _result("bench/host_devices_2_4_8.json")["cases"]
@@ -369,8 +395,8 @@ TABLES = {
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
     "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
-    "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, host_devices,
-                   bench_metrics],
+    "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, dit_peer,
+                   dit_peer_1core, host_devices, bench_metrics],
 }
 
 
