@@ -117,7 +117,8 @@ def test_live_torch_port_agrees_forward_and_gradients():
   th_out = out.permute(0, 2, 3, 1).detach().numpy()
   np.testing.assert_allclose(ours_out, th_out, rtol=0, atol=RTOL * np.abs(th_out).max())
   # Gradients: the attention qkv kernel of the last block, the patch embedding, the labels.
-  pairs = [(ours_grad["block_1"]["qkv"]["kernel"].T, tmodel.blocks[1].attn.qkv.weight.grad),
+  pairs = [(ours_grad["blocks"]["block"]["qkv"]["kernel"][1].T,
+            tmodel.blocks[1].attn.qkv.weight.grad),
            (ours_grad["x_embedder"]["kernel"].transpose(3, 2, 0, 1),
             tmodel.x_embedder.proj.weight.grad),
            (ours_grad["final_adaln"]["kernel"].T,

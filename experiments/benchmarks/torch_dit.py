@@ -323,9 +323,11 @@ def load_flax_params(torch_model: DiT, params) -> None:
     pairs.extend([(linear.weight, t(p["kernel"], (1, 0))), (linear.bias, t(p["bias"]))])
   dense(m.t_embedder.mlp[0], params["t_embedder"]["dense_0"])
   dense(m.t_embedder.mlp[2], params["t_embedder"]["dense_1"])
+  stack = params["blocks"]                      # our blocks are a scan: leading axis = block
+  layer = lambda tree, i: {k: layer(v, i) if isinstance(v, dict) else v[i] for k, v in tree.items()}
   for i, block in enumerate(m.blocks):
-    ours = params[f"block_{i}"]
-    dense(block.adaLN_modulation[1], params[f"adaln_{i}"])
+    ours = layer(stack["block"], i)
+    dense(block.adaLN_modulation[1], layer(stack["adaln"], i))
     dense(block.attn.qkv, ours["qkv"])
     dense(block.attn.proj, ours["proj"])
     dense(block.mlp.fc1, ours["fc1"])
