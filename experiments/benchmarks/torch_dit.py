@@ -1,5 +1,9 @@
 """DiT ported to PyTorch from the reference `models.py`, for the DiT peer benchmark only.
 
+Attribution: the reference is facebookresearch/DiT (Peebles & Xie, 2023), released under
+CC BY-NC 4.0; this port follows its code and is used only to benchmark and to test
+against it (a non-commercial research use), never by the library.
+
 Never imported by the library (only by experiments/benchmarks/ and tests/). The port keeps
 the reference's (facebookresearch/DiT `models.py`) classes, their attribute names and
 their forward passes: `TimestepEmbedder`, `LabelEmbedder`, `DiTBlock`, `FinalLayer`,
