@@ -389,6 +389,18 @@ def bench_metrics():
        f"AsyncPatch-250), {rp['seconds_per_image']:.1f} s per image ({ratio['seconds']:.1f}x)"]])
 
 
+def dit_vs_unet():
+  r = _result("dit/dit_vs_unet_digits.json")
+  rows = []
+  for name, m in r["table"].items():
+    u, d, diff = m["unet"], m["dit"], m["dit_minus_unet"]
+    rows.append([name, f"{u['mean']:.4g} ± {u['sem']:.2g}", f"{d['mean']:.4g} ± {d['sem']:.2g}",
+                 f"{diff['estimate']:+.3g} [{diff['low']:+.3g}, {diff['high']:+.3g}]",
+                 m["verdict_for_dit"]])
+  return _table(["metric", "UNet, mean ± s.e. over seeds", "DiT, mean ± s.e.",
+                 "DiT - UNet, 95% Welch interval", "verdict for the DiT"], rows)
+
+
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, inpainting_benchmark, latent_textures,
                    latent_autoencoder, texture_synthesis, adaptive_sampling],

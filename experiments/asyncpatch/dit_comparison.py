@@ -143,13 +143,13 @@ def _compare(per_run: dict, path: tuple, higher_is_better: bool) -> dict:
 
 
 def _markdown(table: dict) -> str:
-  rows = ["| metric | UNet (mean +- s.e.) | DiT (mean +- s.e.) | DiT - UNet, 95% Welch interval"
-          " | verdict for the DiT |", "|---|---|---|---|---|"]
+  rows = ["| metric | UNet, mean ± s.e. over seeds | DiT, mean ± s.e. | DiT - UNet, 95% Welch "
+          "interval | verdict for the DiT |", "|---|---|---|---|---|"]
   for name, r in table.items():
     u, d, diff = r["unet"], r["dit"], r["dit_minus_unet"]
-    rows.append(f"| {name} | {u['mean']:.4g} +- {u['sem']:.2g} | {d['mean']:.4g} +- "
-                f"{d['sem']:.2g} | {diff['estimate']:+.4g} [{diff['low']:+.4g}, "
-                f"{diff['high']:+.4g}] | {r['verdict_for_dit']} |")
+    rows.append(f"| {name} | {u['mean']:.4g} ± {u['sem']:.2g} | {d['mean']:.4g} ± "
+                f"{d['sem']:.2g} | {diff['estimate']:+.3g} [{diff['low']:+.3g}, "
+                f"{diff['high']:+.3g}] | {r['verdict_for_dit']} |")
   return "\n".join(rows) + "\n"
 
 
