@@ -403,7 +403,7 @@ def dit_vs_unet():
 
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, inpainting_benchmark, latent_textures,
-                   latent_autoencoder, texture_synthesis, adaptive_sampling],
+                   latent_autoencoder, texture_synthesis, adaptive_sampling, dit_vs_unet],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
     "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
