@@ -19,6 +19,7 @@ import pytest
 
 from asyncpatch_jax.modes import train_mode
 from asyncpatch_jax.config import base_config
+from asyncpatch_jax.config import rules
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import storage
 from asyncpatch_jax.training import memory
@@ -83,7 +84,8 @@ def test_over_limit_run_stops_in_one_line_before_writing_anything(tmp_path):
   assert f"more than the {memory.format_bytes(ram)} of" in error
   assert "train.batch_size" in error and "train.fsdp" in error
   assert "skip_memory_check=True" in error
-  assert "remat" not in error           # the config has no such key (yet)
+  # configs/test.py keeps model.remat=none: the hint names a real setting, not estimated.
+  assert "May fit: --config.model.remat=full (or block" in error
   assert not workdir.exists()           # no folder, no probe file, no run.lock, no config.json
   print(f"stopped after {elapsed:.1f} s: {errors[0][:160]}...")
   assert elapsed < 60, elapsed
@@ -255,3 +257,23 @@ def test_a_workdir_that_cannot_be_written_stops_before_compiling(tmp_path, monke
     train_mode.train_and_evaluate(make_config(), str(blocker / "run"), devices=jax.devices()[:1])
   storage.precheck_writable(str(tmp_path / "new" / "run"))
   assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+@pytest.mark.parametrize("remat,hint", [
+    ("none", "May fit: --config.model.remat=full (or block: keeps the matmul outputs), which"),
+    ("block", "May fit: --config.model.remat=full, which"),
+    ("full", None)])
+def test_remat_hint_names_a_valid_setting_that_keeps_less(remat, hint, monkeypatch):
+  """The message suggests model.remat=full (a value config.rules accepts) unless it is set."""
+  devices = jax.devices()[:1]
+  config = make_config(train__batch_size=1, model__remat=remat)
+  setup = train.Setup(config, devices)
+  _limit(monkeypatch, 1)
+  with pytest.raises(checks.InputError) as e:
+    train.compile_train_step(setup, sharding.make_mesh(1, devices), jax.random.key(0))
+  if hint is None:
+    assert "remat" not in str(e.value)
+    return
+  assert hint in str(e.value)
+  suggested = re.search(r"--config\.model\.remat=(\w+)", str(e.value)).group(1)
+  rules.validate(make_config(model__remat=suggested))

@@ -178,6 +178,7 @@ class Trainer(abc.ABC):
   abstract_state: Any
   checkpoint_shape: tuple[int, ...]
   what = "train step"          # the step's name in the compile and memory messages
+  remat: str | None = None     # the model.remat of the network the step trains, if any
 
   @abc.abstractmethod
   def init_state(self, key: jax.Array):
@@ -225,13 +226,14 @@ class Trainer(abc.ABC):
     return summary
 
 
-def compile_step(trainer: Trainer, mesh, root_key: jax.Array, frozen) -> jax.stages.Compiled:
-  """`trainer.step_fn` jitted over `mesh` (state donated), compiled on shapes, memory checked.
+def jit_step(trainer: Trainer, mesh, root_key: jax.Array, frozen
+             ) -> tuple[Callable, Callable[[int], tuple]]:
+  """(`trainer.step_fn` jitted over `mesh` with its state donated, its abstract arguments).
 
-  Nothing is allocated: the state, the global batch of `train.batch_size` and the frozen
-  inputs are `jax.ShapeDtypeStruct`s with their shardings; memory.compile_train_step
-  raises InputError when the step does not fit the devices. Call the result as
-  `step(state, batch, *frozen)`.
+  The second is `batch_size -> (state, global batch, *frozen)` as `jax.ShapeDtypeStruct`s
+  with their shardings: `jitted.lower(*abstract_args(n)).compile()` compiles the step
+  training runs at a global batch of n without allocating anything (`compile_step`;
+  experiments/benchmarks/bench_memory.py at several batch sizes).
   """
   state_shardings = sharding.state_shardings(trainer.abstract_state, mesh)
   example = trainer.example()
@@ -247,8 +249,21 @@ def compile_step(trainer: Trainer, mesh, root_key: jax.Array, frozen) -> jax.sta
             memory.abstract_batch(example, batch_size, sharding.batch_sharding(mesh)),
             *(memory.with_shardings(v, s) for v, s in frozen))
 
+  return step_fn, abstract_args
+
+
+def compile_step(trainer: Trainer, mesh, root_key: jax.Array, frozen) -> jax.stages.Compiled:
+  """`trainer.step_fn` jitted over `mesh` (state donated), compiled on shapes, memory checked.
+
+  Nothing is allocated: the state, the global batch of `train.batch_size` and the frozen
+  inputs are `jax.ShapeDtypeStruct`s with their shardings (`jit_step`);
+  memory.compile_train_step raises InputError when the step does not fit the devices.
+  Call the result as `step(state, batch, *frozen)`.
+  """
+  step_fn, abstract_args = jit_step(trainer, mesh, root_key, frozen)
   return memory.compile_train_step(step_fn, abstract_args, config=trainer.config, mesh=mesh,
-                                   params=trainer.abstract_state.params, what=trainer.what)
+                                   params=trainer.abstract_state.params, what=trainer.what,
+                                   remat=trainer.remat)
 
 
 def train(make_trainer: Callable[[], Trainer], config: ml_collections.ConfigDict, workdir, *,

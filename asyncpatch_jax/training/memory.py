@@ -6,9 +6,10 @@ real shardings), before anything is allocated on a device or written to the work
 it logs the parameter count, that it is compiling, and XLA's estimate of the step's
 peak memory per device (`StepMemory`, from `Compiled.memory_analysis()`); a step that
 cannot fit the devices' memory (`memory_limit`) stops with one InputError that names
-settings that would (a smaller `train.batch_size`, more `train.fsdp`, `model.remat`
-where the config has it). `train.skip_memory_check=True` runs it anyway. The compiled
-step is the one training then calls (the step compiles once).
+settings that would (a smaller `train.batch_size`, more `train.fsdp`) or may
+(`model.remat=full` where the step trains a model with less remat).
+`train.skip_memory_check=True` runs it anyway. The compiled step is the one training then
+calls (the step compiles once).
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def abstract_batch(example: dict[str, Any], batch_size: int,
 
 # --- the check --------------------------------------------------------------------------
 
-def _bytes_per_device(abstract_tree) -> int:
+def bytes_per_device(abstract_tree) -> int:
   """Bytes one device holds of a tree of `jax.ShapeDtypeStruct`s with shardings."""
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(abstract_tree))
@@ -261,7 +262,7 @@ def _suggestions(memory: StepMemory, limit: MemoryLimit, *, config: ml_collectio
   # side where measured (configs/test.py at base_channels=4096, 4 CPU devices: 44.6 GiB
   # per device at fsdp=1; fsdp=4 estimated 22.9 GiB, compiled 19.5 GiB, since gathered
   # parameters and gradients keep most of the temporaries).
-  now = _bytes_per_device(abstract_state)
+  now = bytes_per_device(abstract_state)
   larger = [k for k in range(fsdp + 1, num_devices + 1) if num_devices % k == 0]
   for k in larger:
     shrink = 1 - _fsdp_share(params, k) / _fsdp_share(params, fsdp)
@@ -273,15 +274,28 @@ def _suggestions(memory: StepMemory, limit: MemoryLimit, *, config: ml_collectio
   else:
     if larger:
       not_fits.append(f"train.fsdp={larger[-1]} (about {format_bytes(estimate)} per device)")
-  model = cfg.get("model")
-  if model is not None and "remat" in model and not model.remat:
-    fits.append("--config.model.remat=True (recomputes activations in the backward pass)")
   return fits, not_fits
+
+
+def _remat_hint(remat: str | None) -> str | None:
+  """A `model.remat` that keeps fewer activations than `remat` (None: already full, or the
+  step has no remat setting).
+
+  Not estimated (it would take another compile): remat trades recomputation for the
+  activations the backward pass keeps, and XLA:CPU's schedule saves them only where the
+  blocks are a scan (the DiT's), not the UNet's unrolled blocks (models/blocks.py).
+  """
+  if remat is None or remat == "full":
+    return None
+  more = " (or block: keeps the matmul outputs)" if remat == "none" else ""
+  return (f"--config.model.remat=full{more}, which recomputes each block's activations in "
+          "the backward pass (not estimated)")
 
 
 def compile_train_step(jitted, abstract_args: Callable[[int], tuple], *,
                        config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                       params, what: str = "train step") -> jax.stages.Compiled:
+                       params, what: str = "train step",
+                       remat: str | None = None) -> jax.stages.Compiled:
   """Compiles `jitted` on abstract inputs and checks its memory; returns the compiled step.
 
   Args:
@@ -292,6 +306,8 @@ def compile_train_step(jitted, abstract_args: Callable[[int], tuple], *,
     mesh: the training mesh (its devices of this process share or own the memory).
     params: the (abstract) parameters, for the parameter count.
     what: the step's name in messages.
+    remat: the `model.remat` of the network this step trains (None: the step has none);
+      a message that does not fit suggests a remat that keeps less.
   Returns:
     The compiled step: call it as the jitted function (same arguments and shardings).
   Raises:
@@ -336,6 +352,7 @@ def compile_train_step(jitted, abstract_args: Callable[[int], tuple], *,
   fits, not_fits = _suggestions(memory, limit, config=cfg, num_devices=len(devices),
                                 abstract_state=args[0], params=params,
                                 compile_at=compile_at)
+  remat_hint = _remat_hint(remat)
   raise checks.InputError(
       f"the {what} ({num_params:,} parameters, train.batch_size={cfg.train.batch_size}, "
       f"train.fsdp={cfg.train.fsdp}) needs about {need} (arguments "
@@ -343,5 +360,6 @@ def compile_train_step(jitted, abstract_args: Callable[[int], tuple], *,
       f"more than the {format_bytes(limit.bytes)} of {limit.what}; nothing was allocated or "
       f"written. {'Would fit: ' + '; '.join(fits) + '. ' if fits else ''}"
       f"{'Would not fit: ' + '; '.join(not_fits) + '. ' if not_fits else ''}"
+      f"{'May fit: ' + remat_hint + '. ' if remat_hint else ''}"
       f"{'Or' if fits else 'Use'} a smaller model, or --config.train.skip_memory_check=True "
       "to run it anyway.")

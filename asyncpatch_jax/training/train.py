@@ -80,6 +80,7 @@ class Setup(loop.Trainer):
                                              latent=self.codec is not None,
                                              setting="evaluate.at_end")
     self.model = models.build_model(cfg.model)
+    self.remat = self.model.remat
     loader.check_model(self.model, cfg, self.image_shape,
                        self.source.num_classes if self.source is not None else None)
     ts = cfg.timesteps
@@ -108,6 +109,16 @@ class Setup(loop.Trainer):
   @property
   def class_conditional(self) -> bool:
     return bool(self.model.num_classes)
+
+  def example(self) -> dict[str, np.ndarray]:
+    if self.source is not None:
+      return super().example()
+    # Built without a dataset (image_shape given): an example of the shapes and dtypes the
+    # sources give (float32 pixels [H, W, C], an int32 label), for compiling the step.
+    example = {"image": np.zeros(self.pixel_shape, np.float32)}
+    if self.class_conditional:
+      example["label"] = np.int32(0)
+    return example
 
   def frozen(self, mesh):
     # A latent model's step encodes each batch with the frozen autoencoder (Sec. 5.2).
