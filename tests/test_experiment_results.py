@@ -389,6 +389,19 @@ def bench_metrics():
        f"AsyncPatch-250), {rp['seconds_per_image']:.1f} s per image ({ratio['seconds']:.1f}x)"]])
 
 
+def dit_memory():
+  r = _result("dit/memory.json")
+  rows = []
+  for name, m in r["models"].items():
+    for fsdp, fm in m["fsdp"].items():
+      for remat, rm in fm["remat"].items():
+        fit, fits = rm["fit"], rm["largest_per_device_batch"]
+        rows.append([name, fsdp, remat, f"{fit['a_bytes'] / 2**30:.2f} + "
+                     f"{fit['b_bytes_per_example'] / 2**30:.3f} b", fits["16GiB"], fits["32GiB"]])
+  return _table(["model (bf16, 32x32x4)", "fsdp", "remat", "peak GiB per device, b = per-device "
+                 "batch", "largest b in 16 GiB", "in 32 GiB"], rows)
+
+
 def dit_vs_unet():
   r = _result("dit/dit_vs_unet_digits.json")
   rows = []
@@ -408,7 +421,7 @@ TABLES = {
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
     "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
     "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, dit_peer,
-                   dit_peer_1core, host_devices, bench_metrics],
+                   dit_peer_1core, dit_memory, host_devices, bench_metrics],
 }
 
 
