@@ -45,8 +45,9 @@ EXTRAS_REQUIRE = {
     "data": ["tensorflow-datasets==4.9.10"],
     # TPU VMs: the TPU runtime and GCS access for gs:// workdirs.
     "tpu": ["jax[tpu]==0.10.2", *GCS],
-    # The PyTorch peer of experiments/benchmarks/bench_peer.py (never imported by the library
-    # or the tests; diffusers for UNet2DModel comparisons).
+    # The PyTorch peers of experiments/benchmarks/bench_peer.py and bench_dit_peer.py (never
+    # imported by the library; tests/test_dit_peer.py runs its live comparison only where
+    # torch is installed; diffusers for UNet2DModel comparisons).
     "bench": ["torch>=2.4", "diffusers>=0.30"],
 }
 EXTRAS_REQUIRE["test"] += EXTRAS_REQUIRE["data"] + GCS

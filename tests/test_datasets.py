@@ -11,9 +11,12 @@ import pytest
 from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import digits as digits_lib
 from asyncpatch_jax.data import even_pixels as ep_lib
+from asyncpatch_jax.data import polygons as polygons_lib
 from asyncpatch_jax.data import sudoku as sudoku_lib
 from asyncpatch_jax.data import textures as textures_lib
 from asyncpatch_jax.data import tfds_source
+from asyncpatch_jax.evaluation import constraints
+from asyncpatch_jax.evaluation import polygon_count
 
 
 # ---------------------------------------------------------------- digits
@@ -203,6 +206,81 @@ def test_sudoku_examples_are_valid_digit_grids_with_given_mask():
   np.testing.assert_array_equal(cells[0, 4, 7], ex["image"][32:40, 56:64])
 
 
+# ---------------------------------------------------------------- counting polygons
+
+POLYGONS_CPU = dict(image_size=32, max_polygons=4, radius=(0.11, 0.15))   # configs/polygons.py:cpu
+
+
+@pytest.mark.parametrize("options, num", [({}, 150), (POLYGONS_CPU, 400)],
+                         ids=["paper_128", "cpu_32"])
+def test_polygons_follow_ipr_appendix_c3_and_read_exactly(options, num):
+  src = datasets.get_dataset("polygons", "test", num_examples=num, seed=3, **options)
+  size = options.get("image_size", 128)
+  n_max = options.get("max_polygons", 9)
+  r_lo, r_hi = (x * size for x in options.get("radius", (0.05, 0.1)))
+  assert src.image_shape == (size, size, 3) and src.num_classes == n_max + 1
+  examples = [src[i] for i in range(num)]
+  images = np.stack([e["image"] for e in examples])
+  labels = np.array([e["label"] for e in examples])
+  sides = np.array([e["num_vertices"] for e in examples])
+  assert images.dtype == np.float32 and images.min() >= -1.0 and images.max() == 1.0
+  assert labels.dtype == np.int32 and sides.dtype == np.int32
+  # Counts 1..n_max and vertices 3..7, each uniform (every value drawn, none far from 1/k).
+  for values, lo, hi in ((labels, 1, n_max), (sides, 3, 7)):
+    freq = np.bincount(values - lo, minlength=hi - lo + 1) / num
+    assert len(freq) == hi - lo + 1 and freq.min() > 0.5 / len(freq), freq
+  hues = []
+  for i, (image, e) in enumerate(zip(images, examples)):
+    p = src.example_params(i)
+    circles, v = p["circles"], p["num_vertices"]
+    assert len(circles) == e["label"] and v == e["num_vertices"]
+    # Geometry: radii in range, circles 1 pixel inside the image and 2 pixels apart.
+    x, y, r = circles.T
+    assert (r >= r_lo).all() and (r <= r_hi).all() and r_lo >= 3.5
+    assert (np.minimum(x, y) - r >= 1).all() and (np.maximum(x, y) + r <= size - 1).all()
+    d = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) - r[:, None] - r[None]
+    assert (d[~np.eye(len(r), dtype=bool)] >= 2).all()
+    # Colour: every pixel is white blended with one colour, HSL(hue, S = 1, L = 0.25), by
+    # its coverage a = 1 - min(R, G, B) = 2 (1 - max(R, G, B)), the reader's ink; the
+    # coverage sums to the polygons' area.
+    rgb = (image.astype(np.float64) + 1) / 2
+    a = 1 - rgb.min(axis=-1)
+    full = rgb[a > 1 - 1e-6]
+    hue, lightness, saturation = colorsys.rgb_to_hls(*full[0])
+    assert abs(lightness - 0.25) < 1e-6 and abs(saturation - 1) < 1e-6
+    np.testing.assert_allclose(full, np.broadcast_to(full[0], full.shape), atol=1e-6)
+    np.testing.assert_allclose(rgb, 1 - a[..., None] * (1 - full[0]), atol=1e-6)
+    np.testing.assert_allclose(polygon_count.ink(image[None])[0], a, atol=1e-6)
+    area = v / 2 * np.sin(2 * np.pi / v) * (r ** 2).sum()
+    assert abs(a.sum() / area - 1) < 0.01
+    hues.append(hue)
+  assert np.std(hues) > 0.2                                        # hue ~ U[0, 1): std 0.29
+  # The reader gets every data image right: count = label, every vertex number = V.
+  read = polygon_count.read_polygons(images)
+  np.testing.assert_array_equal(read["count"], labels)
+  for got, v in zip(read["vertices"], sides):
+    assert got.tolist() == [v] * len(got)
+  assert constraints.polygons_metrics(images, labels) == {
+      "count_accuracy": 1.0, "mean_count_error": 0.0, "vertex_uniformity": 1.0}
+
+
+def test_polygons_are_deterministic_per_seed_split_and_index():
+  src = datasets.get_dataset("polygons", "train", num_examples=20, seed=1, **POLYGONS_CPU)
+  again = datasets.get_dataset("polygons", "train", num_examples=20, seed=1, **POLYGONS_CPU)
+  other_split = datasets.get_dataset("polygons", "test", num_examples=20, seed=1, **POLYGONS_CPU)
+  other_seed = datasets.get_dataset("polygons", "train", num_examples=20, seed=2, **POLYGONS_CPU)
+  for i in (0, 7, 19):
+    a, b = src[i], again[i]
+    assert all(np.array_equal(a[k], b[k]) for k in ("image", "label", "num_vertices"))
+    assert not np.array_equal(a["image"], other_split[i]["image"])
+    assert not np.array_equal(a["image"], other_seed[i]["image"])
+  batch = src.__getitems__([3, 5])
+  assert np.array_equal(batch[1]["image"], src[5]["image"])
+  assert repr(src) == repr(again) and repr(src) != repr(other_seed)
+  with pytest.raises(IndexError):
+    src[20]
+
+
 # ---------------------------------------------------------------- registry errors
 
 
@@ -222,6 +300,15 @@ def test_sudoku_examples_are_valid_digit_grids_with_given_mask():
     (lambda: datasets.get_dataset("even_pixels", num_examples=0), "num_examples must be >= 1"),
     (lambda: datasets.get_dataset("textures", seed=-1), "seed must be >= 0"),
     (lambda: datasets.get_dataset("sudoku", num_examples=-3), "sudoku: num_examples"),
+    (lambda: datasets.get_dataset("polygons", image_size=8), "image_size must be an int >= 16"),
+    (lambda: datasets.get_dataset("polygons", max_polygons=20), "do not fit"),
+    (lambda: datasets.get_dataset("polygons", image_size=32), "below 3.5"),
+    (lambda: datasets.get_dataset("polygons", min_polygons=5, max_polygons=3), "min_polygons"),
+    (lambda: datasets.get_dataset("polygons", min_vertices=2), "min_vertices"),
+    (lambda: datasets.get_dataset("polygons", radius=(0.1, 0.6)), "radius"),
+    (lambda: datasets.get_dataset("polygons", radius=(0.1,)), "radius must be (min, max)"),
+    (lambda: datasets.get_dataset("polygons", lightness=0.8), "Unknown option(s) ['lightness']"),
+    (lambda: datasets.get_dataset("polygons", "val"), "Unknown split 'val'"),
 ])
 def test_bad_input_raises_clear_errors(call, message):
   with pytest.raises(ValueError) as err:

@@ -3,6 +3,7 @@ references (the DiT paper's parameter count, a float64 NumPy forward pass, NumPy
 modulations of PixArt-alpha's adaLN-single)."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +249,25 @@ def test_flops_match_the_paper_and_per_token_time_adds_its_closed_form(size, pap
       assert image / 2e9 == pytest.approx(paper_gmacs, rel=0.01)
     extra = dit.per_token_extra_flops(model, 256)
     assert token - image == pytest.approx(extra, rel=0.01), modulation
+
+
+@pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
+def test_the_dit_configs_build_the_papers_models(size):
+  """configs/dit.py:imagenet256,<size>/<p> builds the DiT paper's depth, width and heads
+  (its table is a copy of dit.SIZES, kept so that reading a config loads no jax), for every
+  patch; on DiT's 32x32x4 latents with 1000 classes and learned sigma the parameters are the
+  paper's architecture's count, through eval_shape."""
+  from asyncpatch_jax import models  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "dit.py")
+  for p in (2, 4, 8):
+    config = base_config.load_config_file(path, f"imagenet256,{size}/{p}")
+    assert (config.model.depth, config.model.hidden_size, config.model.num_heads) == dit.SIZES[size]
+    config.model.update(out_channels=8, num_classes=1000)
+    model = models.build_model(config.model)
+    assert isinstance(model, dit.DiT) and model.patch_size == p
+    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 4)),
+                                                   jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+    count = sum(math.prod(l.shape) for l in jax.tree.leaves(shapes["params"]))
+    depth, d, _ = dit.SIZES[size]
+    assert count == _count_from_the_paper(depth, d, p, 4, 8, 1000)

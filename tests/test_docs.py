@@ -67,10 +67,13 @@ def _main_problems(args):
   config_path = dict(f for f in flags if len(f) == 2).get("config")
   if config_path and "<" in config_path:
     return []
+  variant = ""
+  if config_path and ":" in config_path:                # configs/x.py:cpu: get_config("cpu")
+    config_path, _, variant = config_path.partition(":")
   if config_path and not os.path.isfile(os.path.join(ROOT, config_path)):
     return [f"no config file {config_path}"]
-  config = (base_config.load_config_file(os.path.join(ROOT, config_path)) if config_path
-            else base_config.get_base_config())
+  config = (base_config.load_config_file(os.path.join(ROOT, config_path), variant)
+            if config_path else base_config.get_base_config())
   main_flags = _defined_flags("asyncpatch_jax/main.py") | {"config"}
   problems = []
   for name, *_ in flags:

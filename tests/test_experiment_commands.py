@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = sorted(os.path.basename(os.path.dirname(p))
                 for p in glob.glob(os.path.join(ROOT, "experiments", "*", "README.md")))
 # Files of a group that are not scripts (no command of their own).
-NOT_SCRIPTS = {"__init__.py", "torch_unet.py"}
+NOT_SCRIPTS = {"__init__.py", "torch_unet.py", "torch_dit.py", "mfu.py", "dit_steps.py"}
 ABSL_FLAGS = {"help", "helpfull", "helpshort", "flagfile"}
 
 

@@ -313,6 +313,32 @@ def bench_peer_conv():
                   f"{v['ours_tflops']:.3f} / {v['torch_tflops']:.3f}"] for v in r.values()])
 
 
+def _dit_peer(path):
+  r = _result(path)["cases"]
+
+  def what(v):
+    if "steps" in v:
+      return f"{v['model']} {v['steps']}-step Euler sampling, batch {v['batch']}"
+    return f"{v['model']} train step, batch {v['batch']}"
+
+  def cell(d):
+    return f"{d['median_s']:.3g} s ({d['min_s']:.3g}-{d['max_s']:.3g})"
+  return _table(["case", "ours", "PyTorch eager", "ours / PyTorch", "max abs diff (output scale)",
+                 "ours compile", "load"],
+                [[what(v), cell(v["ours"]), cell(v["torch"]), f"**{v['ours_over_torch']:.2f}x**",
+                  f"{v['max_abs_diff_flax_vs_torch']:.0e} ({v['output_scale']:.2f})",
+                  f"{v['ours_compile_s']:.0f} s",
+                  "-".join(f"{x:.1f}" for x in v["load_average_1min"])] for v in r.values()])
+
+
+def dit_peer():
+  return _dit_peer("dit/dit_peer.json")
+
+
+def dit_peer_1core():
+  return _dit_peer("dit/dit_peer_1core.json")
+
+
 def host_devices():
   one = _result("bench/host_devices.json")["cases"]
   more = _result("bench/host_devices_2_4_8.json")["cases"]
@@ -399,14 +425,26 @@ def bench_memory_fsdp():
                   f"{eight[k] / one[k]:.4f}"] for k, v in names.items()])
 
 
+def dit_vs_unet():
+  r = _result("dit/dit_vs_unet_digits.json")
+  rows = []
+  for name, m in r["table"].items():
+    u, d, diff = m["unet"], m["dit"], m["dit_minus_unet"]
+    rows.append([name, f"{u['mean']:.4g} ± {u['sem']:.2g}", f"{d['mean']:.4g} ± {d['sem']:.2g}",
+                 f"{diff['estimate']:+.3g} [{diff['low']:+.3g}, {diff['high']:+.3g}]",
+                 m["verdict_for_dit"]])
+  return _table(["metric", "UNet, mean ± s.e. over seeds", "DiT, mean ± s.e.",
+                 "DiT - UNet, 95% Welch interval", "verdict for the DiT"], rows)
+
+
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, inpainting_benchmark, latent_textures,
-                   latent_autoencoder, texture_synthesis, adaptive_sampling],
+                   latent_autoencoder, texture_synthesis, adaptive_sampling, dit_vs_unet],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
     "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
-    "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, host_devices,
-                   bench_metrics, bench_memory, bench_memory_fsdp],
+    "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, dit_peer,
+                   dit_peer_1core, bench_memory, bench_memory_fsdp, host_devices, bench_metrics],
 }
 
 
@@ -423,3 +461,20 @@ if __name__ == "__main__":
   for group, renders in TABLES.items():
     for render in renders:
       print(f"<!-- {group}: {render.__name__} -->\n{render()}\n")
+
+
+def test_every_stored_json_is_linked_from_the_documentation():
+  """Each results/**/*.json is the target of a Markdown link in README.md, ROADMAP.md, docs/
+  or an experiment group's README (a path in a command does not count)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  docs = ["README.md", "ROADMAP.md", *glob.glob("docs/*.md", root_dir=ROOT),
+          *glob.glob("experiments/*/README.md", root_dir=ROOT)]
+  linked = set()
+  for doc in docs:
+    with open(os.path.join(ROOT, doc)) as f:
+      for target in re.findall(r"\]\(([^)#\s]+)", f.read()):
+        linked.add(os.path.normpath(os.path.join(os.path.dirname(doc), target)))
+  stored = sorted(os.path.relpath(p, ROOT) for p in
+                  glob.glob(os.path.join(ROOT, "results", "**", "*.json"), recursive=True))
+  assert stored and not [p for p in stored if p not in linked]

@@ -255,7 +255,8 @@ def test_ipr_parameters_out_of_range_are_refused(kwargs, message):
 # ---------------------------------------------------------------------- configs, script
 
 
-@pytest.mark.parametrize("name", ["sudoku4.py", "sudoku4.py:cpu", "even_pixels.py:cpu"])
+@pytest.mark.parametrize("name", ["sudoku4.py", "sudoku4.py:cpu", "even_pixels.py:cpu",
+                                  "polygons.py:cpu"])
 def test_benchmark_configs_build_through_eval_shape(name):
   import importlib.util
   path, _, variant = name.partition(":")
@@ -285,6 +286,11 @@ EVEN_FIELDS = ["balance_accuracy", "balance_accuracy_stderr", "balance_accuracy_
 EVEN_SCALARS = ["data.balance_accuracy", "data.saturation_std", "data.value_std",
                 "model.train_steps", "model.parameters", "model.train_time_s",
                 "settings.init_budget", "settings.ipr_budget", "total_wall_s"]
+POLYGONS_FIELDS = ["count_accuracy", "count_accuracy_stderr", "mean_count_error",
+                   "vertex_uniformity"]
+POLYGONS_SCALARS = ["data.count_accuracy", "data.vertex_uniformity", "model.train_steps",
+                    "model.parameters", "model.train_time_s", "settings.init_budget",
+                    "settings.ipr_budget", "settings.guidance", "total_wall_s"]
 
 
 def _field(d, path):
@@ -314,8 +320,10 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
   assert res.returncode == 0, res.stderr[-4000:]
   sudoku = json.load(open(tmp_path / "ipr_sudoku.json"))
   even = json.load(open(tmp_path / "ipr_even_pixels.json"))
+  polygons = json.load(open(tmp_path / "ipr_polygons.json"))
   for result, fields, scalars in ((sudoku, SUDOKU_FIELDS, SUDOKU_SCALARS),
-                                  (even, EVEN_FIELDS, EVEN_SCALARS)):
+                                  (even, EVEN_FIELDS, EVEN_SCALARS),
+                                  (polygons, POLYGONS_FIELDS, POLYGONS_SCALARS)):
     assert result["rounds"] == [0, 1, 2] and result["rounds_shown"] == [0, 1, 2]
     for f in fields:
       curve = np.asarray(_field(result, f))
@@ -330,7 +338,14 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
   assert even["settings"]["ipr_budget"] == 39                # 4 patches: 30 (3 * 0.1 + 1)
   # Real Even Pixels images are perfect: balanced, one saturation and value.
   assert even["data"]["balance_accuracy"] == 1.0 and even["data"]["saturation_std"] < 1e-6
-  for name in ("ipr_sudoku", "ipr_even_pixels"):
+  # Counting Polygons (32x32, 64 patches of 4x4): x^(0) 10 (63 * 0.1 + 1) = 73 steps; a
+  # round regenerates 16 patches in 10 (15 * 0.1 + 1) = 25; the real images read exactly.
+  assert polygons["settings"]["init_budget"] == 73 and polygons["settings"]["ipr_budget"] == 25
+  assert polygons["settings"]["counts"] == [1, 2, 3, 4]
+  assert polygons["data"] == {"count_accuracy": 1.0, "mean_count_error": 0.0,
+                              "vertex_uniformity": 1.0}
+  assert set(polygons["by_count"]["last"]) == {"1", "2", "3", "4"}
+  for name in ("ipr_sudoku", "ipr_even_pixels", "ipr_polygons"):
     for ext in (".md", ".png", "_rounds.png"):
       assert os.path.getsize(tmp_path / f"{name}{ext}") > 0
   assert "| 2 |" in open(tmp_path / "ipr_sudoku.md").read()

@@ -204,7 +204,7 @@ def test_readme_python_blocks_run_and_keep_what_they_promise():
   """The library snippets (docs/api.md), run as one script on one device (as a user's machine has)."""
   code = "\n".join(body for _, body in code_blocks("python"))
   assert "refiner.refine" in code and "block_norms" in code and "spin.make_schedule" in code
-  assert "gen.generate" in code and "common.run" in code
+  assert "gen.generate" in code and "common.run" in code and "polygons_metrics" in code
   check = """
 import numpy as np
 out, x0, x = np.asarray(out), np.asarray(x0), np.asarray(x)
@@ -217,6 +217,9 @@ inpainted = np.asarray(inpainted)
 assert inpainted.shape == (4, h, w, c) and (inpainted[:, :, :w // 2] == 0).all()
 assert not (inpainted[:, :, w // 2:] == 0).all()
 assert evaluated["num_samples"] == 8 and 0 <= evaluated["conditional_label_accuracy"] <= 1
+# Counting Polygons: the reader is exact on the data.
+np.testing.assert_array_equal(poly_counts, poly_labels)
+assert poly_scores == {"count_accuracy": 1.0, "mean_count_error": 0.0, "vertex_uniformity": 1.0}
 # Metrics, masks and RePaint: the numbers the section promises.
 assert np.isfinite(fd) and fd > 0 and set(scores) == {"precision", "recall", "density", "coverage"}
 assert thin.shape == (4, 16, 16) and set(np.unique(thin)) <= {0.0, 1.0}

@@ -80,3 +80,25 @@ def test_verdict_rule_and_bad_input():
     statistics.interval([1.0, np.nan, 2.0])
   with pytest.raises(checks.InputError, match="2 or more runs"):
     statistics.across_seeds([0.5])
+
+
+def test_seed_difference_is_welchs_t_interval():
+  """Against the Welch interval written out (Satterthwaite degrees of freedom) and scipy's
+  ttest_ind; with equal spreads and sizes it is the pooled t interval."""
+  a, b = np.array([0.81, 0.84, 0.80]), np.array([0.70, 0.79, 0.73, 0.77])
+  got = statistics.seed_difference(a, b)
+  va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
+  dof = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+  half = scipy_stats.t.ppf(0.975, dof) * np.sqrt(va + vb)
+  assert got.estimate == pytest.approx(a.mean() - b.mean(), abs=1e-12)
+  assert (got.low, got.high) == pytest.approx((got.estimate - half, got.estimate + half), abs=1e-12)
+  ci = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+  assert (got.low, got.high) == pytest.approx((ci.low, ci.high), abs=1e-9)
+  assert statistics.verdict(got) == "better"
+  # Equal variances and sizes: the pooled interval (2n - 2 degrees of freedom).
+  c, d = np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0])
+  pooled = scipy_stats.t.ppf(0.975, 4) * np.sqrt(2 * c.var(ddof=1) / 3)
+  assert statistics.seed_difference(c, d).high == pytest.approx(-1 + pooled, abs=1e-12)
+  assert statistics.verdict(statistics.seed_difference(c, d)) == "within noise"
+  with pytest.raises(checks.InputError, match="2 or more runs a side"):
+    statistics.seed_difference([1.0], [1.0, 2.0])

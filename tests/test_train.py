@@ -282,7 +282,7 @@ def prepared_imagenet64(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["default", "test", "imagenet64_60m", "imagenet64_620m",
-                                  "textures", "even_pixels", "sudoku"])
+                                  "textures", "even_pixels", "sudoku", "polygons"])
 def test_every_config_builds_through_eval_shape(name, prepared_imagenet64):
   config = base_config.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
   if config.data.dataset.startswith("imagenet"):

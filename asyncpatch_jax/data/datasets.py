@@ -12,6 +12,8 @@ Embedded, no download:
   even_pixels  IPR App. C.4 two-colour 32x32x3 images, half the pixels per colour
   sudoku       72x72x1 grids of 8x8 digits forming valid Sudokus, given-cell mask
                (option grid_size=4: 32x32x1 4x4 grids with 2x2 boxes, digits 1..4)
+  polygons     IPR App. C.3 Counting Polygons, 128x128x3: 1..9 regular polygons (3..7
+               vertices) on white, label = the number of polygons (option image_size=32)
 From a prepared TFDS data_dir (see `tfds_source.py`):
   imagenet64, imagenet256, lsun_bedroom, celeba_hq
 """
@@ -31,6 +33,7 @@ _EMBEDDED = {
     "textures": ("textures", "TexturesSource"),
     "even_pixels": ("even_pixels", "EvenPixelsSource"),
     "sudoku": ("sudoku", "SudokuSource"),
+    "polygons": ("polygons", "PolygonsSource"),
 }
 _TFDS = ("imagenet64", "imagenet256", "lsun_bedroom", "celeba_hq")
 EMBEDDED_DATASETS = tuple(_EMBEDDED)

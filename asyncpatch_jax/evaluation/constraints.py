@@ -15,6 +15,12 @@ IPR App. C.2.3 and C.4.3, after SRM (Wewer et al. 2025):
                     spread: the per-image standard deviation of S and V over all pixels,
                     averaged over images (the benchmark code's `saturation_std`, `value_std`;
                     0 for a perfect two-colour image, whose colours share S and V).
+  Counting Polygons count accuracy = share of images whose polygon count, read exactly
+                    (evaluation/polygon_count.py: 8-connected components of ink), equals the
+                    condition (the class label: the number of polygons asked for; the paper's
+                    Number Match Accuracy compares the count with a digit the model drew);
+                    vertex uniformity = share of images whose polygons all read the same
+                    number of vertices; the mean |count - label|.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.data import even_pixels as even_pixels_lib
 from asyncpatch_jax.data import sudoku as sudoku_lib
 from asyncpatch_jax.evaluation import digit_classifier
+from asyncpatch_jax.evaluation import polygon_count
 
 CLASSIFIER_SIZE = 16   # the in-project classifier reads 16x16 digits (data/digits.py)
 
@@ -97,4 +104,23 @@ def even_pixels_metrics(images: np.ndarray) -> dict[str, float]:
       "mean_count_error": float(anti["count_error"].mean()),
       "saturation_std": float(anti["saturation_std"].mean()),
       "value_std": float(anti["value_std"].mean()),
+  }
+
+
+def polygons_metrics(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """Counting Polygons scores of images [B, H, W, 3] in [-1, 1] asked for `labels` [B]
+  polygons (IPR Sec. 4.3, App. C.3.3, with the count as the condition).
+
+  Returns floats: count_accuracy (read count == label: the validity), mean_count_error
+  (mean |count - label|), vertex_uniformity (all polygons of an image read the same V).
+  """
+  labels = np.asarray(labels)
+  if labels.shape != (np.shape(images)[0],):
+    raise checks.InputError(f"labels has shape {labels.shape}; expected [{np.shape(images)[0]}] "
+                            "(one polygon count per image).")
+  read = polygon_count.read_polygons(images)
+  return {
+      "count_accuracy": float(np.mean(read["count"] == labels)),
+      "mean_count_error": float(np.mean(np.abs(read["count"] - labels))),
+      "vertex_uniformity": float(np.mean(read["uniform"])),
   }

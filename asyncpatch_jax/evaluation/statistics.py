@@ -11,6 +11,8 @@ difference "better" or "worse".
   paired_set(fn_a, fn_b, n) the same for set-level metrics;
   across_seeds(values)      mean, sample standard deviation and standard error over
                             repeated runs (training or sampling seeds);
+  seed_difference(a, b)     Welch's t interval of the difference of two methods' seed
+                            means (a claim about training);
   verdict(diff)             the rule: "better" / "worse" when the 95% interval of the
                             paired difference excludes 0, else "within noise".
 
@@ -124,6 +126,24 @@ def across_seeds(values) -> dict:
   std = float(values.std(ddof=1))
   return {"values": values.tolist(), "mean": float(values.mean()), "std": std,
           "sem": std / np.sqrt(len(values)), "n": len(values)}
+
+
+def seed_difference(a, b, *, level: float = LEVEL) -> Interval:
+  """Interval of mean(a) - mean(b) for one number of runs repeated over seeds (a: one
+  method's runs, b: the other's; 2 or more each): Welch's t interval, whose
+  Welch-Satterthwaite degrees of freedom allow unequal spreads. With 3 seeds a side it is
+  wide; it is the honest interval for a claim about training."""
+  a, b = (np.asarray(v, np.float64) for v in (a, b))
+  if a.ndim != 1 or b.ndim != 1 or len(a) < 2 or len(b) < 2:
+    raise checks.InputError(f"seed_difference: expected the values of 2 or more runs a side; "
+                            f"got shapes {a.shape} and {b.shape}.")
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  se = np.sqrt(va + vb)
+  dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else np.inf
+  half = float(stats.t.ppf(0.5 + level / 2, dof) * se)
+  estimate = float(a.mean() - b.mean())
+  return Interval(estimate, estimate - half, estimate + half, level, min(len(a), len(b)),
+                  "welch-t")
 
 
 def verdict(diff: Interval, higher_is_better: bool = True) -> str:

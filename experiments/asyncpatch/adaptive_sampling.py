@@ -43,6 +43,8 @@ from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import feature_nets
+from asyncpatch_jax.evaluation import metrics
+from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.models import uncertainty_head
 from experiments import common
 
@@ -57,8 +59,11 @@ flags.DEFINE_float("eta", 0.25, "Sampler eta (AsyncPatch App. E).")
 flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project classifier.")
 flags.DEFINE_integer("panel_budget", 32, "Budget of the Fig. 7 panels.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
+flags.DEFINE_integer("sampling_seeds", 1, "Sampling seeds of every (schedule, budget) row; the "
+                     "rows and panels are the first seed's, the paired comparisons pool all.")
+flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples of the paired intervals.")
 common.define_tiny(dict(num_samples=8, batch_size=8, budgets=["4", "6"], classifier_steps=5,
-                        panel_budget=6))
+                        panel_budget=6, sampling_seeds=2, resamples=50))
 
 REPLICATE = "synchronous (2nd seed)"
 # (name, policy or None for the tensor schedule) in the order of the table.
@@ -154,6 +159,26 @@ def _panels(out_dir, result, budget):
   return path_steps, path_evolution, shown
 
 
+def _paired(policy, synchronous, real_stats) -> dict:
+  """The policy against the synchronous schedule on the same keys, pooled over the sampling
+  seeds: paired bootstrap intervals of the fd_digits and confident-share differences and
+  their verdicts (evaluation/statistics.py's rule)."""
+  (fa, ca), (fb, cb) = policy, synchronous
+  mu_r, cov_r = real_stats
+
+  def fd(features):
+    return lambda idx: metrics.frechet_distance(*metrics.feature_statistics(features[idx]),
+                                                mu_r, cov_r)
+  d_fd = statistics.paired_set(fd(fa), fd(fb), len(fa), resamples=FLAGS.resamples)
+  d_conf = statistics.paired(ca.astype(np.float64), cb.astype(np.float64),
+                             resamples=FLAGS.resamples)
+  return {"pooled_samples": len(fa), "sampling_seeds": FLAGS.sampling_seeds,
+          "fd_digits_difference": d_fd.as_dict(),
+          "verdict": statistics.verdict(d_fd, higher_is_better=False),
+          "confident_difference": d_conf.as_dict(),
+          "confident_verdict": statistics.verdict(d_conf, higher_is_better=True)}
+
+
 def _markdown(rows, budgets) -> str:
   lines = ["| schedule | budget | network evaluations | mean steps / pixel | fd_digits | "
            "precision | recall | density | coverage | confident |",
@@ -184,50 +209,66 @@ def main(argv):
                                                          FLAGS.classifier_steps)
   test = datasets.get_dataset("digits", "test")
   real = np.stack([test[i]["image"] for i in range(len(test))]).astype(np.float32)
+  real_stats = metrics.feature_statistics(np.asarray(feature_nets.extract(extractor, real)))
   gen = generate.Generator(run.model, mesh=None, head=run.head)
   n, bs = FLAGS.num_samples, FLAGS.batch_size
   rows = []
   # The synchronous schedule twice (another seed): the seed-to-seed spread of the metrics
   # at this sample size is the scale against which the policies' differences are read.
+  pooled = {}     # (schedule, budget) -> (features, confident flags) over every sampling seed
+  seed_fd = {}    # (schedule, budget) -> fd_digits of each sampling seed
   for name, policy in SETTINGS + [(REPLICATE, None)]:
     for budget in budgets:
-      t0 = time.time()
-      samples, steps, loop_steps, per_image = [], [], 0, []
-      seed_key = jax.random.fold_in(key, 5 if name == REPLICATE else 2)
-      try:
-        for i in range(0, n, bs):
-          b = min(bs, n - i)
-          k = jax.random.fold_in(seed_key, i)
-          if policy is None:
-            x = gen(params, schedules.synchronous(budget, h, w), key=k,
-                    shape=(b, h, w, c), eta=FLAGS.eta)
-            samples.append(np.asarray(x))
-            steps.append(np.full((b, h, w), budget))
-            loop_steps, per_image = budget, per_image + [budget] * b
-          else:
-            res = gen(params, policy, key=k, shape=(b, h, w, c), eta=FLAGS.eta,
-                      budget=budget, head_params=head_params)
-            samples.append(np.asarray(res.samples))
-            steps.append(np.asarray(res.steps))
-            evaluations = np.asarray(res.evaluations)
-            loop_steps = max(loop_steps, int(evaluations.max()))
-            per_image += evaluations.tolist()
-      except checks.InputError as e:     # a budget below what the policy needs
-        print(f"{name} at budget {budget}: skipped ({e})")
-        continue
-      samples = np.concatenate(samples)
-      row = {"schedule": name, **_describe(policy), "budget": budget,
-             "network_evaluations": loop_steps,
-             "evaluations_per_image_mean": float(np.mean(per_image)),
-             "mean_steps_per_pixel": float(np.concatenate(steps).mean()),
-             **feature_nets.feature_metrics(extractor, real, samples),
-             "confident_fraction": float(np.mean(np.max(np.asarray(
-                 digit_classifier.classify(extractor.params, samples)), -1) >= 0.9)),
-             "seconds": time.time() - t0}
-      rows.append(row)
-      print(json.dumps({k: v for k, v in row.items() if k != "params"}))
-      if policy is None and budget == max(budgets):
-        image_io.save_grid(samples[:64], str(out.parent / "synchronous_samples.png"), scale=4)
+      for seed in range(FLAGS.sampling_seeds if name != REPLICATE else 1):
+        t0 = time.time()
+        samples, steps, loop_steps, per_image = [], [], 0, []
+        seed_key = jax.random.fold_in(key, 5 if name == REPLICATE else 2)
+        if seed:       # the same keys for every schedule of a seed: comparisons are paired
+          seed_key = jax.random.fold_in(seed_key, 1000 + seed)
+        try:
+          for i in range(0, n, bs):
+            b = min(bs, n - i)
+            k = jax.random.fold_in(seed_key, i)
+            if policy is None:
+              x = gen(params, schedules.synchronous(budget, h, w), key=k,
+                      shape=(b, h, w, c), eta=FLAGS.eta)
+              samples.append(np.asarray(x))
+              steps.append(np.full((b, h, w), budget))
+              loop_steps, per_image = budget, per_image + [budget] * b
+            else:
+              res = gen(params, policy, key=k, shape=(b, h, w, c), eta=FLAGS.eta,
+                        budget=budget, head_params=head_params)
+              samples.append(np.asarray(res.samples))
+              steps.append(np.asarray(res.steps))
+              evaluations = np.asarray(res.evaluations)
+              loop_steps = max(loop_steps, int(evaluations.max()))
+              per_image += evaluations.tolist()
+        except checks.InputError as e:     # a budget below what the policy needs
+          print(f"{name} at budget {budget}: skipped ({e})")
+          continue
+        samples = np.concatenate(samples)
+        features = np.asarray(feature_nets.extract(extractor, samples))
+        confident = np.max(np.asarray(digit_classifier.classify(extractor.params, samples)),
+                           -1) >= 0.9
+        feats, flags_ = pooled.get((name, budget), (np.zeros((0, features.shape[1])),
+                                                    np.zeros(0, bool)))
+        pooled[name, budget] = (np.concatenate([feats, features]),
+                                np.concatenate([flags_, confident]))
+        seed_fd.setdefault((name, budget), []).append(metrics.frechet_distance(
+            *metrics.feature_statistics(features), *real_stats))
+        if seed:
+          continue
+        row = {"schedule": name, **_describe(policy), "budget": budget,
+               "network_evaluations": loop_steps,
+               "evaluations_per_image_mean": float(np.mean(per_image)),
+               "mean_steps_per_pixel": float(np.concatenate(steps).mean()),
+               **feature_nets.feature_metrics(extractor, real, samples),
+               "confident_fraction": float(np.mean(confident)),
+               "seconds": time.time() - t0}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "params"}))
+        if policy is None and budget == max(budgets):
+          image_io.save_grid(samples[:64], str(out.parent / "synchronous_samples.png"), scale=4)
 
   # Fig. 7 panels: uncertainty_accelerated at the panel budget, with its history.
   pb = FLAGS.panel_budget
@@ -245,12 +286,14 @@ def main(argv):
       if (name, budget) in by:
         r, s = by[name, budget], by["synchronous", budget]
         spread = abs(s["fd_digits"] - by[REPLICATE, budget]["fd_digits"])
-        diff = r["fd_digits"] - s["fd_digits"]
         comparison.append({"schedule": name, "budget": budget,
-                           "fd_digits_minus_synchronous": diff,
+                           "fd_digits_minus_synchronous": r["fd_digits"] - s["fd_digits"],
                            "synchronous_seed_spread": spread,
-                           "verdict": ("better" if diff < -spread else
-                                       "worse" if diff > spread else "within seed spread")})
+                           **_paired(pooled[name, budget], pooled["synchronous", budget],
+                                     real_stats)})
+        if FLAGS.sampling_seeds > 1:
+          comparison[-1]["fd_digits_per_seed"] = {
+              n_: statistics.across_seeds(seed_fd[n_, budget]) for n_ in (name, "synchronous")}
   result = {
       "settings": {"model_workdir": FLAGS.workdir, "head_workdir": FLAGS.head_workdir,
                    "model_step": run.step, "budgets": budgets,

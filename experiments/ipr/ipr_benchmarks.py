@@ -1,16 +1,17 @@
-"""IPR on its constraint benchmarks (IPR Sec. 4.2-4.5): 4x4 Digit Sudoku and Even Pixels.
+"""IPR on its constraint benchmarks (IPR Sec. 4.2-4.5): 4x4 Digit Sudoku, Even Pixels, Counting Polygons.
 
   python -m experiments.ipr.ipr_benchmarks --out=results/ipr   # trains (or resumes), evaluates
   python -m experiments.ipr.ipr_benchmarks --tiny --out=/tmp/ipr_tiny   # smoke run, workdirs in it
 
-1. Training: `configs/sudoku4.py:cpu` and `configs/even_pixels.py:cpu` (tiny widths for a
-   2-core CPU) with the sharded, resumable loop (`common.train_or_resume`) in
-   <workdir_root>/sudoku4 and <workdir_root>/even_pixels; a rerun resumes an interrupted run
-   and skips a finished one.
+1. Training: `configs/sudoku4.py:cpu`, `configs/even_pixels.py:cpu` and
+   `configs/polygons.py:cpu` (tiny widths for a 2-core CPU) with the sharded, resumable loop
+   (`common.train_or_resume`) in <workdir_root>/sudoku4, even_pixels and polygons; a rerun
+   resumes an interrupted run and skips a finished one.
 2. x^(0): the paper's sequential initial generation (SRM), `policies.uncertainty_ordered`
    over the regions (4x4 cells / 8x8 patches of 4x4 pixels) with Table 1's hyperparameters:
    Sudoku init_overlap 0.0, 3 steps per patch, IPR overlap 0.8, 10 steps per patch; Even
-   Pixels 0.9 / 30 / 0.9 / 30; stochasticity 0.5 (the sampler's eta). The budget of a run
+   Pixels 0.9 / 30 / 0.9 / 30; Counting Polygons 0.9 / 10 / 0.9 / 10 (8x8 patches of 4x4
+   pixels); stochasticity 0.5 (the sampler's eta). The budget of a run
    is steps_per_patch * ((n - 1)(1 - overlap) + 1) for its largest region count n. No
    uncertainty head is trained, so the order among waiting regions is raster (the policy's
    ties go to the lowest id); SRM orders them by a learned uncertainty.
@@ -20,8 +21,12 @@
    grids (K in {1, 3, 5} swapped pairs, every cell may change); ablations on HARD:
    alpha in {0.1, 0.25, 0.5}, fixed noise, fixed regions (from the same x^(0)).
    Even Pixels: balance accuracy, mean count error, saturation / value std.
-Writes <out>/ipr_sudoku.json, ipr_even_pixels.json, Markdown tables (.md), curves
-(.png) and grids of the rounds (_rounds.png), with the command and wall times.
+   Counting Polygons (class-conditional, the label = the number of polygons asked for, every
+   count equally often, CFG): count accuracy (the exact reader of evaluation/polygon_count.py
+   against the label), mean |count - label|, vertex uniformity; per count at x^(0) and the
+   last round.
+Writes <out>/ipr_sudoku.json, ipr_even_pixels.json, ipr_polygons.json, Markdown tables
+(.md), curves (.png) and grids of the rounds (_rounds.png), with the command and wall times.
 """
 
 from __future__ import annotations
@@ -45,19 +50,25 @@ from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import constraints
 from asyncpatch_jax.evaluation import digit_classifier
+from asyncpatch_jax.evaluation import polygon_count
 from asyncpatch_jax.runtime import progress
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir_root", "", "Workdirs sudoku4/ and even_pixels/ below it (default "
-                    "/tmp/ipr_benchmarks; with --tiny <out>/tiny_workdirs).")
+flags.DEFINE_string("workdir_root", "", "Workdirs sudoku4/, even_pixels/ and polygons/ below it "
+                    "(default /tmp/ipr_benchmarks; with --tiny <out>/tiny_workdirs).")
 flags.DEFINE_string("out", "results/ipr", "Results folder.")
-flags.DEFINE_list("benchmarks", ["sudoku", "even_pixels"], "Which benchmarks to run.")
+BENCHMARKS = ("sudoku", "even_pixels", "polygons")
+flags.DEFINE_list("benchmarks", list(BENCHMARKS), "Which benchmarks to run.")
 flags.DEFINE_integer("num_rounds", 50, "IPR rounds R (the paper: 50).")
 flags.DEFINE_integer("sudoku_samples", 64, "HARD test grids (main curve and ablations).")
 flags.DEFINE_integer("corrupted_samples", 32, "Valid grids per K of the K-corrupted study.")
 flags.DEFINE_integer("ablation_samples", 32, "HARD grids of each ablation (the first ones).")
 flags.DEFINE_integer("even_pixels_samples", 48, "Even Pixels samples.")
+flags.DEFINE_integer("polygons_samples", 48, "Counting Polygons samples (labels cycle over the "
+                     "counts).")
+flags.DEFINE_float("polygons_guidance", None, "CFG weight of the Counting Polygons samples "
+                   "(default: configs/polygons.py's sample.guidance).")
 flags.DEFINE_list("corruptions", ["1", "3", "5"], "K swapped pairs of the K-corrupted study.")
 flags.DEFINE_list("ablation_alphas", ["0.1", "0.5"], "Resampling ratios besides --alpha.")
 flags.DEFINE_float("alpha", 0.25, "Resampling ratio of the main runs (Table 1 / Sec. 4.1).")
@@ -65,7 +76,7 @@ flags.DEFINE_float("eta", 0.5, "Sampler stochasticity (Table 1: 0.5).")
 flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project cell classifier.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
 common.define_tiny(dict(num_rounds=2, sudoku_samples=2, corrupted_samples=2, ablation_samples=2,
-                        even_pixels_samples=2, classifier_steps=5),
+                        even_pixels_samples=2, polygons_samples=4, classifier_steps=5),
                    "Smoke run: tiny UNets, 2 training steps, 2 samples, 2 rounds, 16x16 Even "
                    "Pixels, one IPR budget for every Sudoku run (writes every field).")
 
@@ -75,9 +86,14 @@ TABLE1 = {
                    ipr_steps_per_patch=10, stochasticity=0.5),
     "even_pixels": dict(init_overlap=0.9, init_steps_per_patch=30, ipr_overlap=0.9,
                         ipr_steps_per_patch=30, stochasticity=0.5),
+    "polygons": dict(init_overlap=0.9, init_steps_per_patch=10, ipr_overlap=0.9,
+                     ipr_steps_per_patch=10, stochasticity=0.5),
 }
 SUDOKU_N = 4            # the 4x4 variant (data/sudoku.py grid_size=4)
 EP_PATCH = 4            # Even Pixels regions: 4x4-pixel patches (IPR Sec. 4.4)
+# Counting Polygons regions: the paper's 8x8 patches of 128x128 images are a 16x16 grid; the
+# 32x32 :cpu images take 4x4 patches (an 8x8 grid, as Even Pixels).
+PG_PATCH = 4
 SHOWN_ROUNDS = (0, 1, 2, 5, 10, 20, 30, 40, 50)
 
 
@@ -316,6 +332,89 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   return result
 
 
+# --------------------------------------------------------------------- Counting Polygons
+
+
+def _by_count(read_counts: np.ndarray, labels: np.ndarray, counts) -> dict:
+  """Per asked count: the share read right and how the reads spread (count -> images)."""
+  out = {}
+  for k in counts:
+    got = read_counts[labels == k]
+    out[str(k)] = {"accuracy": float(np.mean(got == k)), "num_samples": int(len(got)),
+                   "read": {str(int(v)): int(n) for v, n in zip(*np.unique(got, return_counts=True))}}
+  return out
+
+
+def run_polygons(key, rounds: int, tiny: bool, bar) -> dict:
+  hp = TABLE1["polygons"]
+  workdir = os.path.join(_workdir_root(), "polygons")
+  config = _load_config("polygons:cpu", tiny)
+  train_call_s = common.train_or_resume(config, workdir)
+  run = common.load_run(workdir, config)
+  params = run.params
+  gen = generate.Generator(run.model)
+  h, w, c = run.image_shape
+  grid = (h // PG_PATCH, w // PG_PATCH)
+  n_regions = grid[0] * grid[1]
+  regions = schedules.grid_regions(h, w, grid)
+  num = FLAGS.polygons_samples
+  eta = FLAGS.eta
+  guidance = (config.sample.guidance if FLAGS.polygons_guidance is None
+              else FLAGS.polygons_guidance)
+  options = dict(config.data.options)
+  test = datasets.get_dataset("polygons", "test", num_examples=num, **options)
+  counts = list(range(test.min_polygons, test.max_polygons + 1))
+  labels = np.array([counts[i % len(counts)] for i in range(num)], np.int32)  # each count alike
+  wall = {}
+  t0 = time.time()
+  init_steps = budget(n_regions, hp["init_steps_per_patch"], hp["init_overlap"])
+  x0 = np.asarray(gen(params, policies.uncertainty_ordered(grid, hp["init_overlap"]),
+                      key=jax.random.fold_in(key, 1), shape=(num, h, w, c), budget=init_steps,
+                      eta=eta, labels=labels, guidance_weight=guidance).samples)
+  wall["init"] = time.time() - t0
+  bar.update(1)
+  t0 = time.time()
+  n_sel = int(ipr.num_resampled(FLAGS.alpha, n_regions, 0))
+  ipr_steps = budget(n_sel, hp["ipr_steps_per_patch"], hp["ipr_overlap"])
+  _, history, _ = gen.refine(params, x0, key=jax.random.fold_in(key, 2), regions=regions,
+                             num_rounds=rounds, alpha=FLAGS.alpha, num_steps=ipr_steps, eta=eta,
+                             labels=labels, guidance_weight=guidance,
+                             policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]),
+                             return_history=True)
+  history = np.asarray(history)
+  wall["ipr"] = time.time() - t0
+  t0 = time.time()
+  per_round = [constraints.polygons_metrics(x, labels) for x in history]
+  first, last = (polygon_count.count_polygons(history[r]) for r in (0, rounds))
+  wall["read"] = time.time() - t0
+  bar.update(1)
+  real = np.stack([test[i]["image"] for i in range(num)])
+  data = constraints.polygons_metrics(real, np.array([test[i]["label"] for i in range(num)]))
+  out_stem = os.path.join(FLAGS.out, "ipr_polygons")
+  shown = _shown(rounds)
+  rows = history[shown, :8]
+  image_io.save_grid(rows.reshape(-1, h, w, c), out_stem + "_rounds.png",
+                     ncols=rows.shape[1], scale=2)
+  result = {"benchmark": f"Counting Polygons {h}x{w}, {counts[0]}..{counts[-1]} polygons asked "
+                         f"by label, {PG_PATCH}x{PG_PATCH} patches",
+            "rounds": list(range(rounds + 1))}
+  for k in per_round[0]:
+    result[k] = [m[k] for m in per_round]
+  a = np.array(result["count_accuracy"])
+  result["count_accuracy_stderr"] = np.sqrt(a * (1 - a) / num).tolist()
+  result["by_count"] = {"x0": _by_count(first, labels, counts),
+                        "last": _by_count(last, labels, counts)}
+  result.update(
+      data=data, model=_model_info(config, run, "configs/polygons.py:cpu", train_call_s),
+      settings=dict(hp, alpha=FLAGS.alpha, eta=eta, guidance=guidance, num_rounds=rounds,
+                    init_budget=init_steps, ipr_budget=ipr_steps, regions_per_round=n_sel,
+                    order="raster (no head)", num_samples=num, counts=counts,
+                    data_options={k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in options.items()}),
+      wall_s=wall, rounds_grid=out_stem + "_rounds.png", rounds_shown=shown)
+  return result
+
+
 def _model_info(config, run, name, train_call_s) -> dict:
   return {"config": name, "workdir": run.workdir, "parameters": run.num_params,
           "train_steps": run.step, "batch_size": config.train.batch_size,
@@ -367,6 +466,24 @@ def even_pixels_table(res: dict) -> str:
   return "".join(lines)
 
 
+def polygons_table(res: dict) -> str:
+  lines = ["| round | count accuracy % | mean count error | vertex uniformity % |\n"
+           "|---|---|---|---|\n"]
+  for r in res["rounds_shown"]:
+    lines.append(f"| {r} | {_pct(res['count_accuracy'][r], res['count_accuracy_stderr'][r])} | "
+                 f"{res['mean_count_error'][r]:.2f} | {_pct(res['vertex_uniformity'][r])} |\n")
+  d = res["data"]
+  lines.append(f"| data (test split) | {_pct(d['count_accuracy'])} | {d['mean_count_error']:.2f} "
+               f"| {_pct(d['vertex_uniformity'])} |\n")
+  ks = list(res["by_count"]["x0"])
+  lines.append("\nCount accuracy % by the count asked (x^(0) / last round):\n\n| "
+               + " | ".join(f"N = {k}" for k in ks) + " |\n|" + "---|" * len(ks) + "\n| "
+               + " | ".join(f"{_pct(res['by_count']['x0'][k]['accuracy'])} / "
+                            f"{_pct(res['by_count']['last'][k]['accuracy'])}" for k in ks)
+               + " |\n")
+  return "".join(lines)
+
+
 def _plot_sudoku(res: dict, path: str):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -414,6 +531,27 @@ def _plot_even_pixels(res: dict, path: str):
   plt.close(fig)
 
 
+def _plot_polygons(res: dict, path: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  r = res["rounds"]
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+  a, se = 100 * np.array(res["count_accuracy"]), 100 * np.array(res["count_accuracy_stderr"])
+  axes[0].plot(r, a, marker=".")
+  axes[0].fill_between(r, a - se, a + se, alpha=0.2)
+  axes[0].set_title("count accuracy %")
+  axes[1].plot(r, res["mean_count_error"], marker=".")
+  axes[1].set_title("mean |count - label|")
+  axes[2].plot(r, 100 * np.array(res["vertex_uniformity"]), marker=".")
+  axes[2].set_title("vertex uniformity %")
+  for ax in axes:
+    ax.set_xlabel("IPR iteration")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _write(res: dict, stem: str, table: str, command: str):
   common.write_json(stem + ".json", res, time_key=None, indent=1)
   total = res["total_wall_s"]
@@ -432,7 +570,7 @@ def main(argv):
     if not 0.0 < a <= 1.0:
       raise checks.InputError(f"alpha={a}; the resampling ratio must lie in (0, 1].")
   for b in FLAGS.benchmarks:
-    checks.check_choice(b, ("sudoku", "even_pixels"), "benchmark")
+    checks.check_choice(b, BENCHMARKS, "benchmark")
   for k in FLAGS.corruptions:
     if not k.isdigit() or not 0 <= int(k) <= SUDOKU_N * SUDOKU_N // 2 - SUDOKU_N + 1:
       raise checks.InputError(f"--corruptions: K={k!r}; expected integers 0..5 for a 4x4 grid.")
@@ -461,6 +599,17 @@ def main(argv):
     print(f"even_pixels: balance {res['balance_accuracy'][0]:.3f} -> "
           f"{res['balance_accuracy'][-1]:.3f}, saturation std {res['saturation_std'][0]:.4f} -> "
           f"{res['saturation_std'][-1]:.4f} [{res['total_wall_s']:.0f}s]", flush=True)
+  if "polygons" in FLAGS.benchmarks:
+    t0 = time.time()
+    with progress.bar(2, "polygons", unit="run") as bar:
+      res = run_polygons(jax.random.fold_in(key, 3), rounds, FLAGS.tiny, bar)
+    res.update(command=command, total_wall_s=time.time() - t0)
+    stem = os.path.join(FLAGS.out, "ipr_polygons")
+    _plot_polygons(res, stem + ".png")
+    _write(res, stem, polygons_table(res), command)
+    print(f"polygons: count accuracy {res['count_accuracy'][0]:.3f} -> "
+          f"{res['count_accuracy'][-1]:.3f}, vertex uniformity {res['vertex_uniformity'][0]:.3f} "
+          f"-> {res['vertex_uniformity'][-1]:.3f} [{res['total_wall_s']:.0f}s]", flush=True)
 
 
 if __name__ == "__main__":

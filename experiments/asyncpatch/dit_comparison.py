@@ -1,0 +1,199 @@
+"""The DiT against the UNet on the embedded digits, at equal training FLOPs, over training seeds.
+
+  python -m experiments.asyncpatch.dit_comparison --out=results/dit/dit_vs_unet_digits.json
+
+Trains each backbone's config (--unet: configs/default.py, 13.46 GFLOP a step x 1000 steps;
+--dit: configs/dit.py, 14.50 GFLOP a step x 928 steps: the same training FLOPs, from XLA's
+cost analysis of the train step, recomputed here into the JSON) once per seed in
+<workdir_root>/<backbone>_s<seed> (resumable: a finished run is reused, an interrupted one
+resumes), then scores every run with the same evaluation key and masks:
+  - eval.json of its training (the digit classifier's confident share of unconditional
+    samples and label accuracy of conditional ones, AsyncPatch's main-job metrics);
+  - `generation`: --num_samples class-conditional samples, fd_digits and PRDC against the
+    held-out digits;
+  - `inpainting` (Eq. 4) of --num_inpaint held-out digits per mask family: PSNR, SSIM,
+    fd_digits.
+Each run's scores are cached beside its checkpoints (rerunning rescoring nothing). For every
+metric the JSON keeps the per-seed values, each backbone's mean and standard error over
+seeds, and the DiT - UNet difference with Welch's t interval over seeds and its verdict
+(evaluation/statistics.py: "better"/"worse" only when the 95% interval excludes 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from asyncpatch_jax.evaluation import statistics
+from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
+from asyncpatch_jax.evaluation.evaluators import common as evaluators
+from asyncpatch_jax.generation import generate
+from asyncpatch_jax.runs import loader
+from asyncpatch_jax.training import train
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "Output JSON path (a Markdown table goes next to it).")
+flags.DEFINE_string("unet", "configs/default.py", "The UNet's config.")
+flags.DEFINE_string("dit", "configs/dit.py", "The DiT's config.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of each backbone.")
+flags.DEFINE_string("workdir_root", "/tmp/asyncpatch_dit_vs_unet", "One workdir per run below it.")
+flags.DEFINE_integer("num_samples", 1000, "Generated samples per run.")
+flags.DEFINE_integer("num_inpaint", 256, "Held-out images inpainted per mask family.")
+flags.DEFINE_list("families", ["thin", "wide", "square", "extrema"], "Mask families.")
+flags.DEFINE_integer("num_steps", 50, "Sampler steps (generation and inpainting).")
+flags.DEFINE_integer("batch", 250, "Sampling batch.")
+flags.DEFINE_integer("classifier_steps", 600, "Training steps of the digit feature network.")
+flags.DEFINE_integer("train_steps_scale", 1, "Divides both configs' steps (--tiny).")
+common.define_tiny(dict(seeds=["0", "1"], num_samples=16, num_inpaint=8, families=["square"],
+                        num_steps=4, batch=16, classifier_steps=5, train_steps_scale=250))
+
+BACKBONES = ("unet", "dit")
+# Metric -> whether higher is better.
+EVAL_JSON = {"unconditional_confident_fraction": True, "conditional_label_accuracy": True}
+GENERATION = {"fd_digits": False, "precision_digits": True, "recall_digits": True,
+              "density_digits": True, "coverage_digits": True}
+INPAINTING = {"psnr": True, "ssim": True, "fd_digits": False}
+
+
+def _config(backbone: str, seed: int):
+  config = common.load_config(getattr(FLAGS, backbone))
+  config.seed = seed
+  config.train.num_steps = max(config.train.num_steps // FLAGS.train_steps_scale, 2)
+  if FLAGS.tiny:
+    config.evaluate.update(classifier_samples=16, classifier_steps=5)
+    config.sample.update(num_images=0)
+    config.model.update(common.TINY_UNET if backbone == "unet" else
+                        dict(hidden_size=16, depth=1, num_heads=2))
+  return config
+
+
+def train_flops(config) -> dict:
+  """The train step's FLOPs (XLA cost analysis, the DiT's blocks unrolled: a loop body is
+  counted once) and the run's total."""
+  setup = train.Setup(config, devices=jax.devices()[:1])
+  if hasattr(setup.model, "unroll_blocks"):
+    setup.model = setup.model.clone(unroll_blocks=True)
+  b = config.train.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((b, *setup.image_shape), jnp.float32),
+           "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  step = jax.jit(lambda s, x: train.train_step(s, x, setup=setup, root_key=jax.random.key(0)))
+  flops = float(step.lower(setup.abstract_state, batch).cost_analysis()["flops"])
+  params = sum(int(x.size) for x in jax.tree.leaves(setup.abstract_state.params))
+  return {"flops_per_step": flops, "steps": config.train.num_steps,
+          "train_flops": flops * config.train.num_steps, "params": params, "batch": b}
+
+
+def _score(workdir: str, extractors) -> dict:
+  """Generation and inpainting scores of a trained run (cached in the workdir)."""
+  cache = os.path.join(workdir, "dit_comparison_scores.json")
+  settings = {k: FLAGS[k].value for k in ("num_samples", "num_inpaint", "families",
+                                          "num_steps", "classifier_steps")}
+  if os.path.exists(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    if cached["settings"] == settings:
+      return cached
+  config = common.load_config(os.path.join(workdir, "config.json"))
+  config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
+  config.evaluate.update(
+      num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=0.0,
+      reference_split="test", num_reference=0, mask_families=tuple(FLAGS.families),
+      num_inpaint=FLAGS.num_inpaint, inpaint_method="asyncpatch",
+      feature_steps=FLAGS.classifier_steps)
+  chosen = evaluators.from_config(config, ("generation", "inpainting"),
+                                  loader.saved_image_shape(workdir))
+  run = common.load_run(workdir, config)
+  gen = generate.Generator(run.model)
+  ctx = evaluators_base.Context(gen, run.params, config, image_shape=run.image_shape,
+                                key=jax.random.key(0), mesh=gen.mesh, mask_seed=0,
+                                feature_nets=extractors)
+  scores, _ = evaluators.run(chosen, ctx)
+  with open(os.path.join(workdir, "eval.json")) as f:
+    eval_json = json.load(f)
+  result = {"settings": settings, "step": run.step,
+            "eval_json": {k: eval_json[k] for k in EVAL_JSON},
+            "generation": {k: scores["generation"][k] for k in GENERATION},
+            "inpainting": {fam: {k: q[k] for k in INPAINTING}
+                           for fam, q in scores["inpainting"]["families"].items()}}
+  with open(cache, "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def _compare(per_run: dict, path: tuple, higher_is_better: bool) -> dict:
+  """Per-seed values, seed mean and s.e. of each backbone, and the DiT - UNet difference."""
+  def values(backbone):
+    out = []
+    for scores in per_run[backbone].values():
+      v = scores
+      for k in path:
+        v = v[k]
+      out.append(float(v))
+    return out
+  row = {b: statistics.across_seeds(values(b)) for b in BACKBONES}
+  diff = statistics.seed_difference(values("dit"), values("unet"))
+  row["dit_minus_unet"] = diff.as_dict()
+  row["verdict_for_dit"] = statistics.verdict(diff, higher_is_better)
+  return row
+
+
+def _markdown(table: dict) -> str:
+  rows = ["| metric | UNet, mean ± s.e. over seeds | DiT, mean ± s.e. | DiT - UNet, 95% Welch "
+          "interval | verdict for the DiT |", "|---|---|---|---|---|"]
+  for name, r in table.items():
+    u, d, diff = r["unet"], r["dit"], r["dit_minus_unet"]
+    rows.append(f"| {name} | {u['mean']:.4g} ± {u['sem']:.2g} | {d['mean']:.4g} ± "
+                f"{d['sem']:.2g} | {diff['estimate']:+.3g} [{diff['low']:+.3g}, "
+                f"{diff['high']:+.3g}] | {r['verdict_for_dit']} |")
+  return "\n".join(rows) + "\n"
+
+
+def main(argv):
+  del argv
+  if FLAGS.tiny and not FLAGS["workdir_root"].present:
+    FLAGS.workdir_root = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)),
+                                      "tiny_dit_workdirs")
+  seeds = [int(s) for s in FLAGS.seeds]
+  cost = {b: train_flops(_config(b, seeds[0])) for b in BACKBONES}
+  workdirs = {b: {} for b in BACKBONES}
+  train_seconds = {b: {} for b in BACKBONES}
+  for seed in seeds:                       # seed-major: an interruption leaves pairs done
+    for b in BACKBONES:
+      workdir = os.path.join(FLAGS.workdir_root, f"{b}_s{seed}")
+      train_seconds[b][seed] = common.train_or_resume(_config(b, seed), workdir)
+      workdirs[b][seed] = workdir
+  first = common.load_config(os.path.join(workdirs["unet"][seeds[0]], "config.json"))
+  first.evaluate.feature_steps = FLAGS.classifier_steps
+  extractors = evaluators_base.feature_extractors(first, jax.random.key(1), None)
+  per_run = {b: {s: _score(workdirs[b][s], extractors) for s in seeds} for b in BACKBONES}
+  table = {}
+  for k, hib in EVAL_JSON.items():
+    table[k] = _compare(per_run, ("eval_json", k), hib)
+  for k, hib in GENERATION.items():
+    table[f"generation {k}"] = _compare(per_run, ("generation", k), hib)
+  for fam in FLAGS.families:
+    for k, hib in INPAINTING.items():
+      table[f"inpainting {fam} {k}"] = _compare(per_run, ("inpainting", fam, k), hib)
+  result = {
+      "settings": {k: FLAGS[k].value for k in ("unet", "dit", "seeds", "num_samples",
+                                               "num_inpaint", "families", "num_steps",
+                                               "classifier_steps", "train_steps_scale")},
+      "rule": "better/worse only when the 95% Welch interval over training seeds of the "
+              "DiT - UNet difference excludes 0 (evaluation/statistics.py), else within noise",
+      "training_cost": cost, "train_seconds_this_call": train_seconds,
+      "runs": {b: {str(s): per_run[b][s] for s in seeds} for b in BACKBONES},
+      "table": table}
+  common.write_json(FLAGS.out, result, time_key="seconds")
+  markdown = _markdown(table)
+  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
+    f.write(markdown)
+  print(markdown)
+
+
+if __name__ == "__main__":
+  common.run(main, required=("out",))
