@@ -389,17 +389,40 @@ def bench_metrics():
        f"AsyncPatch-250), {rp['seconds_per_image']:.1f} s per image ({ratio['seconds']:.1f}x)"]])
 
 
-def dit_memory():
+def bench_memory():
   r = _result("dit/memory.json")
+  gib, mib = 2 ** 30, 2 ** 20
+
+  def largest(s, key):
+    found = s["largest_compiled"][key]
+    line = ("≤ " if key in s["below_fitted_batches"] else "") + str(found["line"])
+    compiled = str(found["largest"]) if found["exact"] else (
+        f"{found['largest']}-{found['smallest_not_fitting'] - 1}")
+    return f"{line} / {compiled}"
+
   rows = []
   for name, m in r["models"].items():
-    for fsdp, fm in m["fsdp"].items():
-      for remat, rm in fm["remat"].items():
-        fit, fits = rm["fit"], rm["largest_per_device_batch"]
-        rows.append([name, fsdp, remat, f"{fit['a_bytes'] / 2**30:.2f} + "
-                     f"{fit['b_bytes_per_example'] / 2**30:.3f} b", fits["16GiB"], fits["32GiB"]])
-  return _table(["model (bf16, 32x32x4)", "fsdp", "remat", "peak GiB per device, b = per-device "
-                 "batch", "largest b in 16 GiB", "in 32 GiB"], rows)
+    for fsdp, e in m["fsdp"].items():
+      for remat, s in e["remat"].items():
+        fit, check = s["fit"], s["check"]
+        rows.append([name, fsdp, remat, f"{e['state_bytes_per_device']['total'] / gib:.2f}",
+                     f"{fit['a_bytes'] / gib:.2f}", f"{fit['b_bytes_per_example'] / mib:.0f}",
+                     f"{check['predicted_peak'] / gib:.1f} / {check['peak'] / gib:.1f}",
+                     *(largest(s, f"{g:g}GiB") for g in r["limits_gib"])])
+  return _table(["model", "fsdp", "remat", "state (GiB)", "a (GiB)", "b (MiB / example)",
+                 f"peak at {r['check_batch']}: line / compiled (GiB)",
+                 *(f"largest batch in {g:g} GiB: line / compiled" for g in r["limits_gib"])],
+                rows)
+
+
+def bench_memory_fsdp():
+  m = _result("dit/memory.json")["models"]["DiT-XL/2"]
+  one, eight = (m["fsdp"][k]["state_bytes_per_device"] for k in ("1", "8"))
+  names = {"params": "parameters (float32)", "ema_params": "EMA parameters",
+           "opt_state": "Adam state (mu, nu)", "total": "train state"}
+  return _table(["DiT-XL/2, per device", "fsdp=1 (GiB)", "fsdp=8 (GiB)", "fsdp=8 / fsdp=1"],
+                [[v, f"{one[k] / 2 ** 30:.3f}", f"{eight[k] / 2 ** 30:.3f}",
+                  f"{eight[k] / one[k]:.4f}"] for k, v in names.items()])
 
 
 def dit_vs_unet():
@@ -421,7 +444,7 @@ TABLES = {
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
     "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
     "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, dit_peer,
-                   dit_peer_1core, dit_memory, host_devices, bench_metrics],
+                   dit_peer_1core, bench_memory, bench_memory_fsdp, host_devices, bench_metrics],
 }
 
 
