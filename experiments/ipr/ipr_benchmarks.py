@@ -276,38 +276,49 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
 # ------------------------------------------------------------------------- Even Pixels
 
 
-def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
-  hp = TABLE1["even_pixels"]
-  workdir = os.path.join(_workdir_root(), "even_pixels")
-  config = _load_config("even_pixels:cpu", tiny)
+def _patch_ipr(name: str, spec: str, patch: int, key, rounds: int, tiny: bool, bar, num: int,
+               **cond) -> dict:
+  """The patch benchmarks' protocol (IPR Table 1): train or resume `spec`'s model, draw x^(0)
+  patch by patch in raster order, then `rounds` IPR rounds; cond: labels and guidance."""
+  hp = TABLE1[name]
+  workdir = os.path.join(_workdir_root(), name)
+  config = _load_config(spec, tiny)
   train_call_s = common.train_or_resume(config, workdir)
   run = common.load_run(workdir, config)
-  params = run.params
   gen = generate.Generator(run.model)
   h, w, c = run.image_shape
-  grid = (h // EP_PATCH, w // EP_PATCH)
+  grid = (h // patch, w // patch)
   n_regions = grid[0] * grid[1]
-  regions = schedules.grid_regions(h, w, grid)
-  num = FLAGS.even_pixels_samples
-  eta = FLAGS.eta
   wall = {}
   t0 = time.time()
   init_steps = budget(n_regions, hp["init_steps_per_patch"], hp["init_overlap"])
-  x0 = np.asarray(gen(params, policies.uncertainty_ordered(grid, hp["init_overlap"]),
+  x0 = np.asarray(gen(run.params, policies.uncertainty_ordered(grid, hp["init_overlap"]),
                       key=jax.random.fold_in(key, 1), shape=(num, h, w, c), budget=init_steps,
-                      eta=eta).samples)
+                      eta=FLAGS.eta, **cond).samples)
   wall["init"] = time.time() - t0
   bar.update(1)
   t0 = time.time()
   n_sel = int(ipr.num_resampled(FLAGS.alpha, n_regions, 0))
   ipr_steps = budget(n_sel, hp["ipr_steps_per_patch"], hp["ipr_overlap"])
-  _, history, _ = gen.refine(params, x0, key=jax.random.fold_in(key, 2), regions=regions,
-                             num_rounds=rounds, alpha=FLAGS.alpha, num_steps=ipr_steps, eta=eta,
+  _, history, _ = gen.refine(run.params, x0, key=jax.random.fold_in(key, 2),
+                             regions=schedules.grid_regions(h, w, grid), num_rounds=rounds,
+                             alpha=FLAGS.alpha, num_steps=ipr_steps, eta=FLAGS.eta,
                              policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]),
-                             return_history=True)
-  history = np.asarray(history)
-  per_round = [constraints.even_pixels_metrics(x) for x in history]
+                             return_history=True, **cond)
   wall["ipr"] = time.time() - t0
+  return dict(hp=hp, config=config, run=run, train_call_s=train_call_s,
+              history=np.asarray(history), wall=wall, init_steps=init_steps,
+              ipr_steps=ipr_steps, n_sel=n_sel)
+
+
+def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
+  num, eta = FLAGS.even_pixels_samples, FLAGS.eta
+  r = _patch_ipr("even_pixels", "even_pixels:cpu", EP_PATCH, key, rounds, tiny, bar, num)
+  hp, config, run, history, wall = r["hp"], r["config"], r["run"], r["history"], r["wall"]
+  init_steps, ipr_steps, n_sel, train_call_s = (r[k] for k in (
+      "init_steps", "ipr_steps", "n_sel", "train_call_s"))
+  h, w, c = run.image_shape
+  per_round = [constraints.even_pixels_metrics(x) for x in history]
   bar.update(1)
   test = datasets.get_dataset("even_pixels", "test", num_examples=num,
                               **dict(config.data.options))
@@ -346,43 +357,20 @@ def _by_count(read_counts: np.ndarray, labels: np.ndarray, counts) -> dict:
 
 
 def run_polygons(key, rounds: int, tiny: bool, bar) -> dict:
-  hp = TABLE1["polygons"]
-  workdir = os.path.join(_workdir_root(), "polygons")
+  num, eta = FLAGS.polygons_samples, FLAGS.eta
   config = _load_config("polygons:cpu", tiny)
-  train_call_s = common.train_or_resume(config, workdir)
-  run = common.load_run(workdir, config)
-  params = run.params
-  gen = generate.Generator(run.model)
-  h, w, c = run.image_shape
-  grid = (h // PG_PATCH, w // PG_PATCH)
-  n_regions = grid[0] * grid[1]
-  regions = schedules.grid_regions(h, w, grid)
-  num = FLAGS.polygons_samples
-  eta = FLAGS.eta
   guidance = (config.sample.guidance if FLAGS.polygons_guidance is None
               else FLAGS.polygons_guidance)
   options = dict(config.data.options)
   test = datasets.get_dataset("polygons", "test", num_examples=num, **options)
   counts = list(range(test.min_polygons, test.max_polygons + 1))
   labels = np.array([counts[i % len(counts)] for i in range(num)], np.int32)  # each count alike
-  wall = {}
-  t0 = time.time()
-  init_steps = budget(n_regions, hp["init_steps_per_patch"], hp["init_overlap"])
-  x0 = np.asarray(gen(params, policies.uncertainty_ordered(grid, hp["init_overlap"]),
-                      key=jax.random.fold_in(key, 1), shape=(num, h, w, c), budget=init_steps,
-                      eta=eta, labels=labels, guidance_weight=guidance).samples)
-  wall["init"] = time.time() - t0
-  bar.update(1)
-  t0 = time.time()
-  n_sel = int(ipr.num_resampled(FLAGS.alpha, n_regions, 0))
-  ipr_steps = budget(n_sel, hp["ipr_steps_per_patch"], hp["ipr_overlap"])
-  _, history, _ = gen.refine(params, x0, key=jax.random.fold_in(key, 2), regions=regions,
-                             num_rounds=rounds, alpha=FLAGS.alpha, num_steps=ipr_steps, eta=eta,
-                             labels=labels, guidance_weight=guidance,
-                             policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]),
-                             return_history=True)
-  history = np.asarray(history)
-  wall["ipr"] = time.time() - t0
+  r = _patch_ipr("polygons", "polygons:cpu", PG_PATCH, key, rounds, tiny, bar, num,
+                 labels=labels, guidance_weight=guidance)
+  hp, config, run, history, wall = r["hp"], r["config"], r["run"], r["history"], r["wall"]
+  init_steps, ipr_steps, n_sel, train_call_s = (r[k] for k in (
+      "init_steps", "ipr_steps", "n_sel", "train_call_s"))
+  h, w, c = run.image_shape
   t0 = time.time()
   per_round = [constraints.polygons_metrics(x, labels) for x in history]
   first, last = (polygon_count.count_polygons(history[r]) for r in (0, rounds))
