@@ -214,6 +214,7 @@ def test_the_name_lists_match_the_modules_that_define_them():
   assert b.MODEL_NAMES == tuple(models.MODELS)
   assert b.REMAT == models.REMAT
   assert b.MODULATIONS == dit.MODULATIONS
+  assert b.CLEAN_FAMILIES == timesteps.CLEAN_FAMILIES
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)

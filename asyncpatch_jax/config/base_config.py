@@ -54,6 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       mlp_ratio=4.0,         # dit: MLP width / D
       modulation="adaln_zero",  # dit: adaln_zero (DiT, an MLP per block) | adaln_single
                                 # (PixArt-alpha, one shared MLP + per-block tables)
+      clean_context=False,   # dit: clean tokens (time 0) attend only to clean tokens, so
+                             # the cached sampler (sample.clean_cache) can skip them;
+                             # train with timesteps.clean_fraction > 0 (configs/dit.py:digits_clean)
   )
 
   config.timesteps = dict(
@@ -65,6 +68,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       perlin_octaves=3,      # perlin: octaves of the noise mask
       perlin_threshold=(-0.2, 0.2),  # perlin: mask = noise > thr, thr ~ U(lo, hi) per image
       antithetic=False,      # asyncpatch: patches paired as tbar +/- u (exact per-image mean)
+      clean_fraction=0.0,    # share of images given a clean set (time exactly 0, on tokens;
+                             # its loss is skipped): for model.clean_context
+      clean_families=("inpaint", "autoregressive", "random"),  # where clean sets come from
   )
 
   config.loss = dict(
@@ -132,6 +138,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       ipr_rounds=10,         # ipr: refinement rounds R (IPR Alg. 1)
       ipr_alpha=0.25,        # ipr: resampling ratio alpha
       out_dir="",            # default: <workdir>/samples/<task>
+      clean_cache=False,     # a clean-context DiT computes only its noisy tokens at every
+                             # step, from cached keys/values of the clean ones (exact;
+                             # models/dit_cache.py); needs model.clean_context
   )
 
   # Uncertainty head and adaptive sampling (AsyncPatch Sec. 5.5; SRM; Patch Forcing):

@@ -229,6 +229,7 @@ DTYPES = ("float32", "bfloat16")                                 # models._DTYPE
 MODEL_NAMES = ("unet", "dit")                                    # models.MODELS
 REMAT = ("none", "block", "full")                                # models.REMAT
 MODULATIONS = ("adaln_zero", "adaln_single")                     # dit.MODULATIONS
+CLEAN_FAMILIES = ("inpaint", "autoregressive", "random")        # timesteps.CLEAN_FAMILIES
 MASK_FAMILIES = ("thin", "medium", "thick", "wide", "square", "extrema",
                  "left_half")                                    # data/masks.FAMILIES
 TRAINING_MASK_FAMILIES = ("box", "stroke") + MASK_FAMILIES       # data/training_masks.py
@@ -268,6 +269,7 @@ RULES: dict[str, Rule] = {
     "model.num_heads": _POSITIVE,
     "model.mlp_ratio": Number(0, None, low_open=True),
     "model.modulation": Choice(MODULATIONS),
+    "model.clean_context": Bool(),
     "timesteps.sampler": Choice(TIMESTEP_SAMPLERS),
     "timesteps.t_min": Number(0, 1, high_open=True),
     "timesteps.t_max": Number(0, 1, low_open=True),
@@ -276,6 +278,8 @@ RULES: dict[str, Rule] = {
     "timesteps.perlin_octaves": _POSITIVE,
     "timesteps.perlin_threshold": Numbers(2),
     "timesteps.antithetic": Bool(),
+    "timesteps.clean_fraction": _FRACTION,
+    "timesteps.clean_families": Names(CLEAN_FAMILIES, min_length=1),
     "loss.weighting": Choice(("sigmoid", "mse")),
     "loss.bias": Number(),
     "loss.mu_reg": _WEIGHT,
@@ -321,6 +325,7 @@ RULES: dict[str, Rule] = {
     "sample.ipr_rounds": _POSITIVE,
     "sample.ipr_alpha": Number(0, 1, low_open=True),
     "sample.out_dir": Text("a folder path, or '' for <workdir>/samples/<task>"),
+    "sample.clean_cache": Bool(),
     "uncertainty.model_workdir": Text("a workdir, or '' for none"),
     "uncertainty.head_workdir": Text("a workdir, or '' for none"),
     "uncertainty.channels": _POSITIVE,

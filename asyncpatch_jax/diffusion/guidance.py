@@ -17,6 +17,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from asyncpatch_jax.diffusion import flow
+from asyncpatch_jax.diffusion import samplers
+
+# A wrapper below returns a samplers.CachedVelocity when it wraps one (a clean-context
+# DiT's cached velocity, models/dit_cache.py): its cache covers every call it makes (CFG:
+# the batch of 2B; input guidance: one cache per input).
 
 
 def model_velocity_fn(model):
@@ -31,11 +36,29 @@ def classifier_free(velocity_fn, null_label: int):
 
   The conditional and unconditional passes run as one batch of 2B.
   """
-  def guided(z, t, params, y, guidance, **cond):
-    zz, tt = jnp.concatenate([z, z]), jnp.concatenate([t, t])
-    yy = jnp.concatenate([y, jnp.full_like(y, null_label)])
-    v_c, v_u = jnp.split(velocity_fn(zz, tt, params, yy, **cond), 2)
+  def batch(z, t, y):
+    return (jnp.concatenate([z, z]), jnp.concatenate([t, t]),
+            jnp.concatenate([y, jnp.full_like(y, null_label)]))
+
+  def combine(v, guidance):
+    v_c, v_u = jnp.split(v, 2)
     return v_c + guidance * (v_c - v_u)
+
+  if isinstance(velocity_fn, samplers.CachedVelocity):
+    def init(z, t, params, y, guidance, **cond):
+      del guidance
+      zz, tt, yy = batch(z, t, y)
+      return velocity_fn.init(zz, tt, params, yy, **cond)
+
+    def apply(cache, z, t, params, y, guidance, **cond):
+      zz, tt, yy = batch(z, t, y)
+      v, cache = velocity_fn.apply(cache, zz, tt, params, yy, **cond)
+      return combine(v, guidance), cache
+    return samplers.CachedVelocity(init, apply)
+
+  def guided(z, t, params, y, guidance, **cond):
+    zz, tt, yy = batch(z, t, y)
+    return combine(velocity_fn(zz, tt, params, yy, **cond), guidance)
   return guided
 
 
@@ -57,13 +80,31 @@ def input_guidance(velocity_fn):
   [B, H, W, C] (the re-noising noise, fixed over the steps), input_guidance = w_i,
   input_guidance_t = t_g: the region is re-noised to max(t, t_g). AsyncPatch Eq. 8.
   """
-  def guided(z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
+  def guide_input(z, t, guide_mask, guide_noise, input_guidance_t):
     t_g = jnp.where(guide_mask > 0, jnp.maximum(t, input_guidance_t), t)
-    z_g = renoise(z, t, t_g, guide_noise)
-    v_s = velocity_fn(z, t, **cond)
-    v_g = velocity_fn(z_g, t_g, **cond)
+    return renoise(z, t, t_g, guide_noise), t_g
+
+  def combine(z, t, v_s, z_g, t_g, v_g, input_guidance):
     eps_s, eps_g = flow.eps_from_v(z, v_s, t), flow.eps_from_v(z_g, v_g, t_g)
     ratio = flow.expand_time(jnp.where(t_g > 0, t / jnp.where(t_g > 0, t_g, 1.0), 0.0), z.ndim)
     eps_bar = (1.0 + input_guidance) * eps_s - input_guidance * ratio * eps_g
     return jnp.where(flow.expand_time(t, z.ndim) < 1.0, flow.v_from_eps(z, eps_bar, t), v_s)
+
+  if isinstance(velocity_fn, samplers.CachedVelocity):
+    def init(z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
+      del input_guidance
+      z_g, t_g = guide_input(z, t, guide_mask, guide_noise, input_guidance_t)
+      return velocity_fn.init(z, t, **cond), velocity_fn.init(z_g, t_g, **cond)
+
+    def apply(cache, z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
+      z_g, t_g = guide_input(z, t, guide_mask, guide_noise, input_guidance_t)
+      v_s, cache_s = velocity_fn.apply(cache[0], z, t, **cond)
+      v_g, cache_g = velocity_fn.apply(cache[1], z_g, t_g, **cond)
+      return combine(z, t, v_s, z_g, t_g, v_g, input_guidance), (cache_s, cache_g)
+    return samplers.CachedVelocity(init, apply)
+
+  def guided(z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
+    z_g, t_g = guide_input(z, t, guide_mask, guide_noise, input_guidance_t)
+    return combine(z, t, velocity_fn(z, t, **cond), z_g, t_g, velocity_fn(z_g, t_g, **cond),
+                   input_guidance)
   return guided

@@ -43,6 +43,27 @@ from asyncpatch_jax.runtime import multihost
 VelocityFn = Callable[..., jax.Array]
 
 
+class CachedVelocity(NamedTuple):
+  """A velocity function with a cache carried across the steps of one sampling loop (the
+  clean tokens' keys and values of a clean-context DiT: models/dit_cache.py).
+
+  init(z, t, **cond) -> cache: an empty cache (the first `apply` fills what it needs).
+  apply(cache, z, t, **cond) -> (v_hat, cache).
+  The loops below take a plain `velocity_fn(z, t, **cond)` or a CachedVelocity; every loop
+  (and every IPR round) starts from `init`'s cache.
+  """
+  init: Callable[..., object]
+  apply: Callable[..., tuple[jax.Array, object]]
+
+
+def as_cached(velocity_fn) -> CachedVelocity:
+  """`velocity_fn` as a CachedVelocity (a plain function gets an empty cache ())."""
+  if isinstance(velocity_fn, CachedVelocity):
+    return velocity_fn
+  return CachedVelocity(init=lambda z, t, **cond: (),
+                        apply=lambda cache, z, t, **cond: (velocity_fn(z, t, **cond), cache))
+
+
 def ddim_step(z: jax.Array, v: jax.Array, t: jax.Array, s: jax.Array,
               eta: jax.Array | float, noise: jax.Array) -> jax.Array:
   """One per-pixel DDIM step from time map t to s <= t (see module docstring).
@@ -72,7 +93,8 @@ def sample_loop(velocity_fn: VelocityFn, tau: jax.Array, x: jax.Array, key: jax.
   """Runs the schedule; pure and traceable (call it inside your own jit, or use `Sampler`).
 
   Args:
-    velocity_fn: v_hat = velocity_fn(z [B, H, W, C], t_map [B, H, W], **cond).
+    velocity_fn: v_hat = velocity_fn(z [B, H, W, C], t_map [B, H, W], **cond), or a
+      CachedVelocity.
     tau: [N+1, H, W] or [N+1, B, H, W], a valid schedule (see schedules.py).
     x: [B, H, W, C] known content (any values where tau[0] = 1).
     key: PRNG key; step k draws from fold_in(key, k + 1), the start noise from fold_in(key, 0).
@@ -86,15 +108,18 @@ def sample_loop(velocity_fn: VelocityFn, tau: jax.Array, x: jax.Array, key: jax.
   tau = jnp.broadcast_to(tau if tau.ndim == 4 else tau[:, None], (tau.shape[0], b, h, w))
   z0 = initial_state(x, tau[0], jax.random.normal(jax.random.fold_in(key, 0), x.shape,
                                                   x.dtype))
+  fn = as_cached(velocity_fn)
 
-  def step(z, inputs):
+  def step(carry, inputs):
+    z, cache = carry
     t, s, k = inputs
-    v = velocity_fn(z, t, **cond).astype(z.dtype)
+    v, cache = fn.apply(cache, z, t, **cond)
     noise = jax.random.normal(jax.random.fold_in(key, k + 1), z.shape, z.dtype)
-    return ddim_step(z, v, t, s, eta, noise), None
+    return (ddim_step(z, v.astype(z.dtype), t, s, eta, noise), cache), None
 
   steps = jnp.arange(tau.shape[0] - 1)
-  z, _ = jax.lax.scan(step, z0, (tau[:-1], tau[1:], steps))
+  (z, _), _ = jax.lax.scan(step, (z0, fn.init(z0, tau[0], **cond)),
+                           (tau[:-1], tau[1:], steps))
   return z
 
 
@@ -126,7 +151,7 @@ def policy_loop(velocity_fn: VelocityFn, uncertainty_fn: Callable[..., jax.Array
   """Samples with a schedule policy; pure and traceable (see `Sampler` for the checked form).
 
   Args:
-    velocity_fn: v_hat = velocity_fn(z, t_map, **cond).
+    velocity_fn: v_hat = velocity_fn(z, t_map, **cond), or a CachedVelocity.
     uncertainty_fn: None (uncertainty 0) or u = uncertainty_fn(z, t_map, v_hat,
       **uncertainty_cond), the predicted velocity-error variance [B, H, W]; it is set
       to 0 where t = 0.
@@ -151,10 +176,12 @@ def policy_loop(velocity_fn: VelocityFn, uncertainty_fn: Callable[..., jax.Array
   t0 = jnp.where(known, 0.0, 1.0).astype(x.dtype)
   z0 = initial_state(x, t0, jax.random.normal(jax.random.fold_in(key, 0), x.shape, x.dtype))
   budget = jnp.asarray(budget, jnp.int32)
+  fn = as_cached(velocity_fn)
 
   def body(carry):
-    k, z, t, steps, done_at, violation, hist = carry
-    v = velocity_fn(z, t, **cond).astype(z.dtype)
+    k, z, t, steps, done_at, violation, hist, cache = carry
+    v, cache = fn.apply(cache, z, t, **cond)
+    v = v.astype(z.dtype)
     if uncertainty_fn is None:
       u = jnp.zeros(t.shape, z.dtype)
     else:
@@ -175,7 +202,7 @@ def policy_loop(velocity_fn: VelocityFn, uncertainty_fn: Callable[..., jax.Array
     if history_steps:
       hist = {"times": hist["times"].at[k + 1].set(s), "uncertainty": hist["uncertainty"].at[k].set(u),
               "x0": hist["x0"].at[k].set(flow.x0_from_v(z, v, t))}
-    return k + 1, z_next, s, steps, done_at, violation, hist
+    return k + 1, z_next, s, steps, done_at, violation, hist, cache
 
   def keep_going(carry):
     k, _, t = carry[:3]
@@ -188,8 +215,8 @@ def policy_loop(velocity_fn: VelocityFn, uncertainty_fn: Callable[..., jax.Array
             "x0": jnp.zeros((history_steps, *x.shape), x.dtype)}
   done0 = jnp.where(jnp.all(known, axis=(1, 2)), 0, -1).astype(jnp.int32)
   carry = (jnp.int32(0), z0, t0, jnp.zeros((b, h, w), jnp.int32), done0,
-           jnp.full((3,), -1, jnp.int32), hist)
-  k, z, _, steps, done_at, violation, hist = jax.lax.while_loop(keep_going, body, carry)
+           jnp.full((3,), -1, jnp.int32), hist, fn.init(z0, t0, **cond))
+  k, z, _, steps, done_at, violation, hist, _ = jax.lax.while_loop(keep_going, body, carry)
   if hist is not None:
     hist["num_steps"] = k
   result = AdaptiveResult(z, steps, done_at, hist)

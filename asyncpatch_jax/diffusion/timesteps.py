@@ -22,6 +22,22 @@ by p -- patch sizes (which must then be multiples of p; the default sizes are th
 value over its token, so every token has one time and the statistics the sampler controls
 (per-image mean, per-patch spread, patch-size mix) are those of the pixel sampler at the
 token's resolution.
+
+Clean tokens (`clean_fraction` > 0, for a clean-context DiT: models/dit.py). A model whose
+clean tokens (time exactly 0) attend only to each other must see exact zeros in training,
+in the patterns the sampler will give it. With probability `clean_fraction` an image gets
+a clean set, drawn on the token grid from a family chosen uniformly among `clean_families`:
+  inpaint         the complement of 1-3 random boxes (sides 1 to half the grid): inpainting;
+  autoregressive  a random raster prefix of the patches of a random 1x2, 2x1, 2x2 or 4x4
+                  grid of the tokens (those that divide it): a later stage of
+                  autoregressive or progressive generation;
+  random          each token clean with probability u ~ U(0, 1) per image: finished tokens
+                  of an adaptive policy;
+at least one token stays noisy. The clean tokens' times are set to 0; every other token
+keeps the sampler's time, so the noisy tokens keep its statistics (the per-image mean,
+per-patch spread and patch-size mix above). The default 0.5 (configs/dit.py:
+digits_clean) gives half the images a clean set, so the model keeps learning generation
+from pure noise.
 """
 
 from __future__ import annotations
@@ -36,6 +52,56 @@ from asyncpatch_jax.diffusion import tokens
 from asyncpatch_jax.runtime import checks
 
 SAMPLER_NAMES = ("global", "independent", "patchwise", "perlin", "asyncpatch")
+CLEAN_FAMILIES = ("inpaint", "autoregressive", "random")
+_STAGE_GRIDS = ((1, 2), (2, 1), (2, 2), (4, 4))
+
+
+def clean_sets(key: jax.Array, batch: int, height: int, width: int,
+               families: tuple[str, ...] = CLEAN_FAMILIES) -> jax.Array:
+  """[B, H, W] bool clean sets (module docstring), one family drawn per image; at least one
+  position of every image stays noisy."""
+  k_family, k_box, k_grid, k_stage, k_density, k_random, k_keep = jax.random.split(key, 7)
+  masks = []
+  for family in families:
+    if family == "inpaint":
+      kb = jax.random.split(k_box, 3)
+      hole = jnp.zeros((batch, height, width), bool)
+      count = jax.random.randint(kb[0], (batch, 1, 1), 1, 4)
+      for i in range(3):
+        ks = jax.random.split(jax.random.fold_in(kb[1], i), 4)
+        bh = jax.random.randint(ks[0], (batch, 1, 1), 1, max(height // 2, 1) + 1)
+        bw = jax.random.randint(ks[1], (batch, 1, 1), 1, max(width // 2, 1) + 1)
+        top = jax.random.randint(ks[2], (batch, 1, 1), 0, height - bh + 1)
+        left = jax.random.randint(ks[3], (batch, 1, 1), 0, width - bw + 1)
+        rows, cols = jnp.arange(height)[None, :, None], jnp.arange(width)[None, None, :]
+        box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+        hole = hole | (box & (i < count))
+      masks.append(~hole)
+    elif family == "autoregressive":
+      grids = [g for g in _STAGE_GRIDS if height % g[0] == 0 and width % g[1] == 0
+               and g[0] * g[1] > 1] or [(1, 1)]
+      stages = []
+      for gr, gc in grids:
+        rows = jnp.arange(height)[:, None] // (height // gr)
+        cols = jnp.arange(width)[None, :] // (width // gc)
+        patch = rows * gc + cols                                # raster order
+        done = jax.random.randint(jax.random.fold_in(k_stage, gr * 100 + gc), (batch, 1, 1),
+                                  1, max(gr * gc, 2))
+        stages.append(patch[None] < done)
+      which = jax.random.randint(k_grid, (batch,), 0, len(stages))
+      masks.append(jnp.stack(stages)[which, jnp.arange(batch)])
+    elif family == "random":
+      density = jax.random.uniform(k_density, (batch, 1, 1))
+      masks.append(jax.random.uniform(k_random, (batch, height, width)) < density)
+    else:
+      raise checks.InputError(f"clean family {family!r}; use some of {CLEAN_FAMILIES}.")
+  which = jax.random.randint(k_family, (batch,), 0, len(masks))
+  clean = jnp.stack(masks)[which, jnp.arange(batch)]
+  # Keep one random position noisy where a mask would make the whole image clean.
+  keep = jax.random.randint(k_keep, (batch,), 0, height * width)
+  keep = jax.nn.one_hot(keep, height * width, dtype=bool).reshape(batch, height, width)
+  full = jnp.all(clean, axis=(1, 2), keepdims=True)
+  return clean & ~(full & keep)
 
 
 def default_patch_sizes(height: int, width: int) -> tuple[int, ...]:
@@ -106,6 +172,8 @@ class NoiseLevelSampler:
     perlin_threshold: (lo, hi); the mask is noise > thr with thr ~ U(lo, hi) per image.
     antithetic: asyncpatch only; exact per-image mean tbar (see module docstring).
     token_size: p > 1 draws maps constant on every p x p token (module docstring).
+    clean_fraction: the share of images given a clean set (time exactly 0) drawn from
+      `clean_families` on the token grid (module docstring); 0 = none.
   """
   name: str = "asyncpatch"
   t_min: float = 0.0
@@ -116,6 +184,8 @@ class NoiseLevelSampler:
   perlin_threshold: tuple[float, float] = (-0.2, 0.2)
   antithetic: bool = False
   token_size: int = 1
+  clean_fraction: float = 0.0
+  clean_families: tuple[str, ...] = CLEAN_FAMILIES
 
   @classmethod
   def from_config(cls, ts, token_size: int = 1) -> "NoiseLevelSampler":
@@ -124,7 +194,9 @@ class NoiseLevelSampler:
     return cls(name=ts.sampler, t_min=ts.t_min, t_max=ts.t_max,
                patch_sizes=tuple(ts.patch_sizes) or None, perlin_cells=tuple(ts.perlin_cells),
                perlin_octaves=ts.perlin_octaves, perlin_threshold=tuple(ts.perlin_threshold),
-               antithetic=ts.antithetic, token_size=token_size)
+               antithetic=ts.antithetic, token_size=token_size,
+               clean_fraction=ts.get("clean_fraction", 0.0),
+               clean_families=tuple(ts.get("clean_families", CLEAN_FAMILIES)))
 
   def __post_init__(self):
     checks.check_choice(self.name, SAMPLER_NAMES, "timestep sampler")
@@ -142,6 +214,13 @@ class NoiseLevelSampler:
     lo, hi = self.perlin_threshold
     if lo > hi:
       raise checks.InputError(f"perlin_threshold={self.perlin_threshold}; expected lo <= hi.")
+    checks.check_range(self.clean_fraction, "timesteps.clean_fraction", 0.0, 1.0)
+    object.__setattr__(self, "clean_families", tuple(self.clean_families))
+    if self.clean_fraction > 0 and not self.clean_families:
+      raise checks.InputError("timesteps.clean_families is empty; name some of "
+                              f"{CLEAN_FAMILIES} or set timesteps.clean_fraction=0.")
+    for family in self.clean_families:
+      checks.check_choice(family, CLEAN_FAMILIES, "timesteps.clean_families entry")
 
   def patch_sizes_for(self, height: int, width: int) -> tuple[int, ...]:
     """The patch sizes (pixels) drawn for images H x W; InputError for one that does not
@@ -162,7 +241,14 @@ class NoiseLevelSampler:
     return sizes
 
   def __call__(self, key: jax.Array, batch: int, height: int, width: int) -> jax.Array:
-    """Draws time maps `[batch, height, width]` in [t_min, t_max]."""
+    """Draws time maps `[batch, height, width]` in [t_min, t_max] (and 0 on clean sets)."""
+    if self.clean_fraction > 0:
+      k_t, k_clean, k_which = jax.random.split(key, 3)
+      t = dataclasses.replace(self, clean_fraction=0.0)(k_t, batch, height, width)
+      p = self.token_size
+      clean = clean_sets(k_clean, batch, height // p, width // p, self.clean_families)
+      clean = clean & jax.random.bernoulli(k_which, self.clean_fraction, (batch, 1, 1))
+      return jnp.where(_patch_map(clean, p), 0.0, t)
     if self.token_size > 1:
       p = self.token_size
       sizes = (self.patch_sizes_for(height, width)

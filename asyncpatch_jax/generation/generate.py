@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asyncpatch_jax import models
+from asyncpatch_jax.models import dit_cache
 from asyncpatch_jax.diffusion import tokens
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import progress as progress_lib
@@ -108,13 +109,22 @@ class Generator:
   schedule given to the call directly whose time varies inside a token is refused.
   """
 
-  def __init__(self, model, *, codec=None, mesh="auto", head=None):
+  def __init__(self, model, *, codec=None, mesh="auto", head=None, clean_cache: bool = False):
     """codec: a latent model's LatentCodec, or None (a pixel model).
 
     mesh: 'auto' (all devices, `runtime.sharding.sampling_mesh`), a Mesh, or None.
     head: an uncertainty head (models/uncertainty_head.py) whose prediction schedule
     policies see (pass its parameters as head_params); None: uncertainty 0.
+    clean_cache: a clean-context DiT computes only its noisy tokens at every step, from
+    the cached keys and values of the clean ones (models/dit_cache.py; the same samples
+    within float32 rounding). InputError for a model trained without model.clean_context.
     """
+    if clean_cache and not getattr(model, "clean_context", False):
+      raise checks.InputError(
+          "sample.clean_cache needs a DiT trained with model.clean_context=True: this model's "
+          "clean tokens attended to noisy ones in training; sample it with "
+          "sample.clean_cache=False.")
+    self.clean_cache = bool(clean_cache)
     self.model = model
     self.patch_size = models.patch_size(model)
     self.codec = codec
@@ -182,7 +192,8 @@ class Generator:
 
   def _sampler(self, cfg: bool, input_guided: bool) -> ipr.Refiner:
     if (cfg, input_guided) not in self._samplers:
-      fn = guidance.model_velocity_fn(self.model)
+      fn = (dit_cache.cached_velocity_fn(self.model) if self.clean_cache
+            else guidance.model_velocity_fn(self.model))
       if cfg:
         fn = guidance.classifier_free(fn, self.model.null_label)
       if input_guided:

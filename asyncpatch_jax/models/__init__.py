@@ -34,6 +34,10 @@ def _remat(model_config) -> str:
 
 def build_unet(model_config) -> UNet:
   """The UNet described by a `config.model` ConfigDict (see configs/)."""
+  if model_config.get("clean_context", False):
+    raise checks.InputError(
+        "model.clean_context is a DiT option (clean tokens attend only to clean tokens); the "
+        "UNet has no tokens: set model.name='dit' (configs/dit.py) or model.clean_context=False.")
   return UNet(
       out_channels=model_config.out_channels,
       base_channels=model_config.base_channels,
@@ -65,6 +69,7 @@ def build_dit(model_config) -> DiT:
       modulation=model_config.modulation,
       dtype=_dtype(model_config),
       remat=_remat(model_config),
+      clean_context=bool(model_config.get("clean_context", False)),
   )
 
 

@@ -15,6 +15,16 @@ Two modulation designs (`modulation`):
                 learned per-block table [6, D] added to it (and [2, D] for the final layer,
                 which takes c itself); 6 D^2 per token in all.
 
+Clean context (`clean_context`, the compute-follows-the-schedule option): a token whose
+time is exactly 0 (known, or finished) attends only to the other clean tokens, a noisy
+token to every token. A clean token's hidden states at every layer then depend only on
+the clean set and its values, so a sampler can compute its keys, values and output once
+for as long as the clean set stays the same and run only the noisy tokens at every step
+(models/dit_cache.py). `forward(..., tokens_pass=TokenPass(...))` is that partial pass: the
+tokens `index` names, gathered into a buffer of fixed capacity ('clean': among
+themselves, returning every layer's keys and values; 'active': against the cached keys
+and values of every other token).
+
 Inputs and outputs follow the UNet (models/unet.py): x [B, H, W, C], t [B] or [B, H, W]
 in [0, 1] (embedded as ADM/DiT do, sinusoidal features of 1000 t), labels y [B] (the
 null label `num_classes` is CFG's unconditional branch) -> [B, H, W, out_channels].
@@ -22,6 +32,7 @@ null label `num_classes` is CFG's unconditional branch) -> [B, H, W, out_channel
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import einops
@@ -96,6 +107,27 @@ def modulate(x, shift, scale):
   return x * (1.0 + scale) + shift
 
 
+PASSES = ("clean", "active")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPass:
+  """A forward pass over a subset of the tokens (`DiT.forward(..., tokens=...)`).
+
+  kind: 'clean' -- the tokens are the clean set (time 0) and attend among themselves;
+    the pass returns every layer's keys and values [L, B, C, heads, head_dim] with the
+    outputs. 'active' -- the tokens are every noisy token and attend to all N tokens:
+    the clean ones through `keys`/`values` [L, B, N, heads, head_dim] (a 'clean' pass's,
+    scattered to their positions), themselves through their own fresh keys and values.
+  index: [B, C] int32 token positions (raster order); N marks an empty slot (padding),
+    which is computed but never read: its keys and values are dropped, not scattered.
+  """
+  kind: str
+  index: jax.Array
+  keys: jax.Array | None = None
+  values: jax.Array | None = None
+
+
 class TimestepEmbedder(nn.Module):
   """DiT's: sinusoidal features (256) -> Dense(D) -> SiLU -> Dense(D), per token."""
   hidden_size: int
@@ -115,7 +147,11 @@ class DiTBlock(nn.Module):
   """x + gate_msa * attn(modulate(LN(x))) then x + gate_mlp * mlp(modulate(LN(x))).
 
   mod: the block's six modulations [B, N, 6, D] (shift, scale, gate of attention, then
-  of the MLP), per token; [B, 1, 6, D] for a per-image time.
+  of the MLP), per token; [B, 1, 6, D] for a per-image time. mask: None or the attention
+  mask [B, 1, N_q, N_k] (True = attend). cache: None, or (index [B, N_q], keys, values
+  [B, N_k, heads, head_dim]): the queries' own keys and values are scattered into the
+  cached ones at `index` (N_k = padding, dropped) and attention runs over all N_k.
+  Returns (x', (k, v) of the queries' tokens).
   """
   hidden_size: int
   num_heads: int
@@ -123,7 +159,7 @@ class DiTBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mod):
+  def __call__(self, x, mod, mask=None, cache=None):
     d, heads = self.hidden_size, self.num_heads
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         mod[:, :, k] for k in range(6))
@@ -134,30 +170,41 @@ class DiTBlock(nn.Module):
     h = modulate(norm("norm1")(x), shift_msa, scale_msa)
     qkv = dense(3 * d, "qkv")(h)
     q, k, v = einops.rearrange(qkv, "b n (three h e) -> three b n h e", three=3, h=heads)
-    att = jax.nn.dot_product_attention(q, k, v)            # fused kernels on GPU / TPU
+    k_all, v_all = k, v
+    if cache is not None:
+      index, k_cached, v_cached = cache
+      rows = jnp.arange(x.shape[0])[:, None]
+      k_all = k_cached.astype(k.dtype).at[rows, index].set(k, mode="drop")
+      v_all = v_cached.astype(v.dtype).at[rows, index].set(v, mode="drop")
+    att = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)   # fused on GPU / TPU
     att = dense(d, "proj")(einops.rearrange(att, "b n h e -> b n (h e)"))
     x = x + gate_msa * att
     h = modulate(norm("norm2")(x), shift_mlp, scale_mlp)
     h = dense(d, "fc2")(nn.gelu(dense(int(d * self.mlp_ratio), "fc1")(h), approximate=True))
-    return x + gate_mlp * h
+    return x + gate_mlp * h, (k, v)
 
 
 class ModulatedBlock(nn.Module):
-  """One DiT block with its modulation, as a scan step: `(h, c) -> (h', None)`.
+  """One DiT block with its modulation, as a scan step: `(h, (c, mask, index), layer_cache)
+  -> (h', kv)`.
 
   c: adaln_zero: silu(conditioning) [B, N or 1, D], mapped by this block's own
   zero-initialised Dense(6D); adaln_single: the shared modulation [B, N or 1, 6, D], to
-  which this block adds its learned table [6, D]. The modulation is sown as
-  ('intermediates', 'modulation').
+  which this block adds its learned table [6, D]. mask: None or the attention mask;
+  index and layer_cache (this layer's cached keys and values): an 'active' TokenPass's, else
+  None. kv: this layer's keys and values when `return_kv` (a 'clean' pass), else None.
+  The modulation is sown as ('intermediates', 'modulation').
   """
   hidden_size: int
   num_heads: int
   mlp_ratio: float
   modulation: str
   dtype: jnp.dtype = jnp.float32
+  return_kv: bool = False
 
   @nn.compact
-  def __call__(self, h, c):
+  def __call__(self, h, context, layer_cache):
+    c, mask, index = context
     d, b = self.hidden_size, h.shape[0]
     if self.modulation == "adaln_zero":
       mod = nn.Dense(6 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,
@@ -167,8 +214,16 @@ class ModulatedBlock(nn.Module):
                          (6, d))
       mod = c + table.astype(self.dtype)
     self.sow("intermediates", "modulation", mod)
-    h = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dtype, name="block")(h, mod)
-    return h, None
+    cache = None if layer_cache is None else (index, *layer_cache)
+    h, kv = DiTBlock(d, self.num_heads, self.mlp_ratio, self.dtype, name="block")(
+        h, mod, mask, cache)
+    return h, (kv if self.return_kv else None)
+
+
+def clean_context_mask(clean):
+  """The clean-context attention mask [B, 1, N, N] of the tokens' clean flags [B, N]: query
+  i attends to key j when j is clean or i is not (a clean token sees only clean tokens)."""
+  return (clean[:, None, None, :] | ~clean[:, None, :, None])
 
 
 class DiT(nn.Module):
@@ -190,11 +245,16 @@ class DiT(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"                                      # blocks.REMAT
   unroll_blocks: bool = False
+  clean_context: bool = False
 
   @property
   def null_label(self) -> int:
     """The label of CFG's unconditional branch (an extra row of the label table)."""
     return self.num_classes
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
 
   def check_inputs(self, height: int, width: int) -> None:
     """InputError for an image the patches do not tile or a width the heads do not split."""
@@ -209,8 +269,14 @@ class DiT(nn.Module):
     return self.forward(x, t, y, train)
 
   @nn.compact
-  def forward(self, x, t, y, train: bool):
-    """The network (`__call__` checks the shapes first)."""
+  def forward(self, x, t, y, train: bool, tokens_pass: TokenPass | None = None):
+    """The network (`__call__` checks the shapes first).
+
+    tokens_pass: None (every token; returns v [B, H, W, out_channels]) or a TokenPass over
+    the tokens it names (returns their outputs [B, C, p * p * out_channels] and, for a
+    'clean' pass, every layer's keys and values ([L, B, C, heads, head_dim] each), else
+    None). A partial pass needs `clean_context` and a per-pixel time map t [B, H, W].
+    """
     del train                                              # no dropout
     b, height, width, c = x.shape
     p, d = self.patch_size, self.hidden_size
@@ -221,9 +287,26 @@ class DiT(nn.Module):
                 name="x_embedder")(x.astype(self.dtype))
     h = einops.rearrange(h, "b h w d -> b (h w) d")
     h = h + jnp.asarray(pos_embed_2d(d, gh, gw), self.dtype)[None]
+    token_t = tokens.token_times(t, p)                     # [B, N] (or [B, 1] per image)
+    mask = index = layer_caches = None
+    if tokens_pass is None:
+      if self.clean_context:
+        mask = clean_context_mask(jnp.broadcast_to(token_t == 0.0, (b, gh * gw)))
+    else:
+      if not self.clean_context or token_t.shape[1] != gh * gw:
+        raise checks.InputError("a partial token pass needs a DiT with model.clean_context "
+                                "and a per-pixel time map t [B, H, W].")
+      checks.check_choice(tokens_pass.kind, PASSES, "TokenPass.kind")
+      index = tokens_pass.index
+      # Gather the pass's tokens (padding slots read the last token; they are never used).
+      h = jnp.take_along_axis(h, index[..., None], axis=1, mode="clip")
+      token_t = jnp.take_along_axis(token_t, index, axis=1, mode="clip")
+      if tokens_pass.kind == "clean":                      # the clean set, among itself
+        mask = (index < gh * gw)[:, None, None, :]
+      else:                                                # noisy tokens see every token
+        layer_caches = (tokens_pass.keys, tokens_pass.values)
     # Conditioning per token: the token's own time, plus the image's label.
-    cond = TimestepEmbedder(d, self.freq_dim, self.dtype, name="t_embedder")(
-        tokens.token_times(t, p))                        # [B, N or 1, D]
+    cond = TimestepEmbedder(d, self.freq_dim, self.dtype, name="t_embedder")(token_t)
     if self.num_classes:
       if y is None:
         y = jnp.full((b,), self.null_label, jnp.int32)
@@ -239,12 +322,14 @@ class DiT(nn.Module):
     # The blocks as one scan over stacked parameters (maxtext's scan_layers, big_vision's
     # scan): one block is compiled, and remat (blocks.REMAT) recomputes each block's
     # activations in the backward pass.
+    return_kv = tokens_pass is not None and tokens_pass.kind == "clean"
     block = blocks.remat_block(ModulatedBlock, self.remat)
     stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                    split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth,
-                    unroll=self.depth if self.unroll_blocks else 1)
-    h, _ = stack(d, self.num_heads, self.mlp_ratio, self.modulation, self.dtype,
-                 name="blocks")(h, silu_c if self.modulation == "adaln_zero" else shared)
+                    split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
+                    length=self.depth, unroll=self.depth if self.unroll_blocks else 1)
+    context = (silu_c if self.modulation == "adaln_zero" else shared, mask, index)
+    h, kv = stack(d, self.num_heads, self.mlp_ratio, self.modulation, self.dtype, return_kv,
+                  name="blocks")(h, context, layer_caches)
     # The final layer: modulated LayerNorm, then a linear map to the patch's pixels.
     if self.modulation == "adaln_zero":
       final = nn.Dense(2 * d, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype,
@@ -258,5 +343,7 @@ class DiT(nn.Module):
     h = modulate(h, final[:, :, 0], final[:, :, 1])
     h = nn.Dense(p * p * self.out_channels, kernel_init=_zeros, bias_init=_zeros,
                  dtype=self.dtype, name="final_linear")(h)
+    if tokens_pass is not None:
+      return h.astype(jnp.float32), kv
     out = einops.rearrange(h, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, p=p, q=p)
     return out.astype(jnp.float32)

@@ -67,7 +67,8 @@ def evaluate_workdir(config, workdir) -> dict:
   inception_features, lpips_fn = evaluators_base.load_weight_files(config)
   setup = loader.load_run(workdir, config, run=setup)
   mesh = sharding.sampling_mesh()                      # None on one device
-  generator = generate.Generator(setup.model, codec=codec, mesh=mesh)
+  generator = generate.Generator(setup.model, codec=codec, mesh=mesh,
+                                 clean_cache=config.sample.get("clean_cache", False))
   shards = 1 if mesh is None else mesh.size
   with progress_lib.bar(evaluators.num_updates(chosen, config, shards), "evaluate",
                         enabled=bool(config.train.progress_bar), unit="call") as bar:

@@ -175,7 +175,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
   workdir = storage.check_bucket(workdir, "workdir")
   setup = loader.open_run(workdir, config)
   # A latent workdir's codec runs the pixel task on tokens (generate.Generator.task).
-  gen = generate.Generator(setup.model, codec=setup.codec)
+  gen = generate.Generator(setup.model, codec=setup.codec,
+                           clean_cache=sc.get("clean_cache", False))
   # Bad inputs fail here, before restoring or compiling anything.
   n = checks.check_positive_int(sc.num_images, "sample.num_images")
   bs = checks.check_positive_int(sc.batch_size, "sample.batch_size")
@@ -325,7 +326,8 @@ def _sample_with_head(config, workdir: str) -> dict:
     mask = image_io.load_mask(sc.mask, (h, w))
   trained_head = loader.load_head(u.head_workdir, setup)
   head, head_params = trained_head.module, trained_head.params
-  gen = generate.Generator(setup.model, head=head)
+  gen = generate.Generator(setup.model, head=head,
+                           clean_cache=config.sample.get("clean_cache", False))
   if sc.task == "ipr":
     regions, condition = gen.ipr_regions(sc.grid, mask, shape)
   n = sc.num_images

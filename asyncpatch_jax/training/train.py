@@ -132,7 +132,8 @@ class Setup(loop.Trainer):
   @functools.cached_property
   def generator(self) -> generate.Generator:
     return generate.Generator(self.model, codec=self.codec,
-                              mesh=None if self.devices is not None else "auto")
+                              mesh=None if self.devices is not None else "auto",
+                              clean_cache=self.config.sample.get("clean_cache", False))
 
   def after_step(self, done, state, workdir):
     cfg = self.config
@@ -175,7 +176,11 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], froze
 
   def loss_fn(params):
     v_hat = model.apply({"params": params}, z, t, y, train=True, rngs={"dropout": k_dropout})
-    loss = jnp.mean(flow.per_pixel_loss(target, v_hat, t, cfg.loss.weighting, cfg.loss.bias))
+    per_pixel = flow.per_pixel_loss(target, v_hat, t, cfg.loss.weighting, cfg.loss.bias)
+    if cfg.timesteps.get("clean_fraction", 0.0) > 0:
+      # Clean tokens (time 0) are never moved by a sampler: no velocity to learn there.
+      per_pixel = jnp.where(t > 0.0, per_pixel, 0.0)
+    loss = jnp.mean(per_pixel)
     aux = {"velocity_loss": loss}
     if cfg.loss.mu_reg > 0:
       from asyncpatch_jax.analysis import collage  # pylint: disable=g-import-not-at-top
