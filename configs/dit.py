@@ -6,7 +6,7 @@
       --config.latent.autoencoder_workdir=/tmp/vqae_textures
   python -m asyncpatch_jax.main --config=configs/dit.py:imagenet256,XL/2 --workdir=gs://...
 
-The argument is `<data>[,<size>]`. <data> takes the data, optimiser, training and sampling
+The argument is `<data>[,<size>][,clean]`. <data> takes the data, optimiser, training and sampling
 settings of the UNet config of the same data (digits: configs/default.py, textures:
 configs/textures.py, latent_textures: configs/latent_textures.py, imagenet256:
 configs/latent_imagenet256.py) and replaces its network by a DiT. <size> is one of the
@@ -17,6 +17,11 @@ depth, width and heads in models/dit.SIZES); without it, each data's small CPU D
   textures          width 128, 6 blocks, 4 heads, adaLN-single, patch 4 (32x32: 64 tokens);
   latent_textures   the same on the autoencoder's 8x8 tokens with patch 1 (a DiT token is
                     a VQ token).
+`clean` makes it a clean-context DiT (model.clean_context: clean tokens attend only to clean
+tokens), trained with clean sets on half of its images (timesteps.clean_fraction 0.5) and
+sampled with the cached sampler that computes only the noisy tokens (sample.clean_cache;
+models/dit_cache.py), e.g. configs/dit.py:digits,clean. Its train step costs what the
+unmasked DiT's does, so the same step counts give the same training FLOPs.
 """
 
 import pathlib
@@ -39,7 +44,13 @@ def _unet_config(data: str):
 
 
 def get_config(spec: str = "digits"):
-  data, _, size = spec.partition(",")
+  data, *options = spec.split(",")
+  clean = "clean" in options
+  options = [o for o in options if o != "clean"]
+  if len(options) > 1:
+    raise checks.InputError(f"configs/dit.py:{spec}: expected <data>[,<size>][,clean] "
+                            "(e.g. configs/dit.py:digits,clean).")
+  size = options[0] if options else ""
   if data not in _UNET_CONFIGS:
     raise checks.InputError(f"configs/dit.py:{spec}: unknown data {data!r}; use one of "
                             f"{sorted(_UNET_CONFIGS)} (e.g. configs/dit.py:textures,B/4).")
@@ -67,4 +78,8 @@ def get_config(spec: str = "digits"):
                             "(e.g. configs/dit.py:imagenet256,XL/2).")
   if data == "imagenet256":
     config.optim.update(learning_rate=1e-4, warmup_steps=0, decay="constant")  # DiT's
+  if clean:
+    config.model.clean_context = True
+    config.timesteps.clean_fraction = 0.5
+    config.sample.clean_cache = True
   return base_config.finalize(config)

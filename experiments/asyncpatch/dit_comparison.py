@@ -1,6 +1,12 @@
 """The DiT against the UNet on the embedded digits, at equal training FLOPs, over training seeds.
 
   python -m experiments.asyncpatch.dit_comparison --out=results/dit/dit_vs_unet_digits.json
+  python -m experiments.asyncpatch.dit_comparison --baseline=dit=configs/dit.py \
+      --candidate=dit_clean=configs/dit.py:digits,clean --out=results/skip/clean_vs_dit_digits.json
+
+The second compares the clean-context DiT (configs/dit.py:digits,clean: 928 steps, its
+samples from the cached sampler) with the unmasked DiT at the same training FLOPs, reusing
+the DiT runs (and their cached scores) of the first.
 
 Trains each backbone's config (--unet: configs/default.py, 13.46 GFLOP a step x 1000 steps;
 --dit: configs/dit.py, 14.50 GFLOP a step x 928 steps: the same training FLOPs, from XLA's
@@ -38,8 +44,10 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output JSON path (a Markdown table goes next to it).")
-flags.DEFINE_string("unet", "configs/default.py", "The UNet's config.")
-flags.DEFINE_string("dit", "configs/dit.py", "The DiT's config.")
+flags.DEFINE_string("baseline", "unet=configs/default.py",
+                    "<name>=<config> of the baseline (workdirs <workdir_root>/<name>_s<seed>).")
+flags.DEFINE_string("candidate", "dit=configs/dit.py",
+                    "<name>=<config> of the model compared with it (candidate - baseline).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of each backbone.")
 flags.DEFINE_string("workdir_root", "/tmp/asyncpatch_dit_vs_unet", "One workdir per run below it.")
 flags.DEFINE_integer("num_samples", 1000, "Generated samples per run.")
@@ -52,7 +60,18 @@ flags.DEFINE_integer("train_steps_scale", 1, "Divides both configs' steps (--tin
 common.define_tiny(dict(seeds=["0", "1"], num_samples=16, num_inpaint=8, families=["square"],
                         num_steps=4, batch=16, classifier_steps=5, train_steps_scale=250))
 
-BACKBONES = ("unet", "dit")
+
+
+def _named(flag: str) -> tuple[str, str]:
+  name, _, config = FLAGS[flag].value.partition("=")
+  if not name or not config:
+    raise ValueError(f"--{flag}={FLAGS[flag].value}; expected <name>=<config>.")
+  return name, config
+
+
+def backbones() -> tuple[str, str]:
+  """(baseline name, candidate name)."""
+  return _named("baseline")[0], _named("candidate")[0]
 # Metric -> whether higher is better.
 EVAL_JSON = {"unconditional_confident_fraction": True, "conditional_label_accuracy": True}
 GENERATION = {"fd_digits": False, "precision_digits": True, "recall_digits": True,
@@ -61,13 +80,13 @@ INPAINTING = {"psnr": True, "ssim": True, "fd_digits": False}
 
 
 def _config(backbone: str, seed: int):
-  config = common.load_config(getattr(FLAGS, backbone))
+  config = common.load_config(dict((_named("baseline"), _named("candidate")))[backbone])
   config.seed = seed
   config.train.num_steps = max(config.train.num_steps // FLAGS.train_steps_scale, 2)
   if FLAGS.tiny:
     config.evaluate.update(classifier_samples=16, classifier_steps=5)
     config.sample.update(num_images=0)
-    config.model.update(common.TINY_UNET if backbone == "unet" else
+    config.model.update(common.TINY_UNET if config.model.name == "unet" else
                         dict(hidden_size=16, depth=1, num_heads=2))
   return config
 
@@ -135,21 +154,23 @@ def _compare(per_run: dict, path: tuple, higher_is_better: bool) -> dict:
         v = v[k]
       out.append(float(v))
     return out
-  row = {b: statistics.across_seeds(values(b)) for b in BACKBONES}
-  diff = statistics.seed_difference(values("dit"), values("unet"))
-  row["dit_minus_unet"] = diff.as_dict()
-  row["verdict_for_dit"] = statistics.verdict(diff, higher_is_better)
+  base, cand = backbones()
+  row = {b: statistics.across_seeds(values(b)) for b in (base, cand)}
+  diff = statistics.seed_difference(values(cand), values(base))
+  row[f"{cand}_minus_{base}"] = diff.as_dict()
+  row[f"verdict_for_{cand}"] = statistics.verdict(diff, higher_is_better)
   return row
 
 
 def _markdown(table: dict) -> str:
-  rows = ["| metric | UNet, mean ± s.e. over seeds | DiT, mean ± s.e. | DiT - UNet, 95% Welch "
-          "interval | verdict for the DiT |", "|---|---|---|---|---|"]
+  base, cand = backbones()
+  rows = [f"| metric | {base}, mean ± s.e. over seeds | {cand}, mean ± s.e. | {cand} - {base}, "
+          f"95% Welch interval | verdict for {cand} |", "|---|---|---|---|---|"]
   for name, r in table.items():
-    u, d, diff = r["unet"], r["dit"], r["dit_minus_unet"]
+    u, d, diff = r[base], r[cand], r[f"{cand}_minus_{base}"]
     rows.append(f"| {name} | {u['mean']:.4g} ± {u['sem']:.2g} | {d['mean']:.4g} ± "
                 f"{d['sem']:.2g} | {diff['estimate']:+.3g} [{diff['low']:+.3g}, "
-                f"{diff['high']:+.3g}] | {r['verdict_for_dit']} |")
+                f"{diff['high']:+.3g}] | {r[f'verdict_for_{cand}']} |")
   return "\n".join(rows) + "\n"
 
 
@@ -159,18 +180,19 @@ def main(argv):
     FLAGS.workdir_root = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)),
                                       "tiny_dit_workdirs")
   seeds = [int(s) for s in FLAGS.seeds]
-  cost = {b: train_flops(_config(b, seeds[0])) for b in BACKBONES}
-  workdirs = {b: {} for b in BACKBONES}
-  train_seconds = {b: {} for b in BACKBONES}
+  pair = backbones()
+  cost = {b: train_flops(_config(b, seeds[0])) for b in pair}
+  workdirs = {b: {} for b in pair}
+  train_seconds = {b: {} for b in pair}
   for seed in seeds:                       # seed-major: an interruption leaves pairs done
-    for b in BACKBONES:
+    for b in pair:
       workdir = os.path.join(FLAGS.workdir_root, f"{b}_s{seed}")
       train_seconds[b][seed] = common.train_or_resume(_config(b, seed), workdir)
       workdirs[b][seed] = workdir
-  first = common.load_config(os.path.join(workdirs["unet"][seeds[0]], "config.json"))
+  first = common.load_config(os.path.join(workdirs[pair[0]][seeds[0]], "config.json"))
   first.evaluate.feature_steps = FLAGS.classifier_steps
   extractors = evaluators_base.feature_extractors(first, jax.random.key(1), None)
-  per_run = {b: {s: _score(workdirs[b][s], extractors) for s in seeds} for b in BACKBONES}
+  per_run = {b: {s: _score(workdirs[b][s], extractors) for s in seeds} for b in pair}
   table = {}
   for k, hib in EVAL_JSON.items():
     table[k] = _compare(per_run, ("eval_json", k), hib)
@@ -180,13 +202,13 @@ def main(argv):
     for k, hib in INPAINTING.items():
       table[f"inpainting {fam} {k}"] = _compare(per_run, ("inpainting", fam, k), hib)
   result = {
-      "settings": {k: FLAGS[k].value for k in ("unet", "dit", "seeds", "num_samples",
+      "settings": {k: FLAGS[k].value for k in ("baseline", "candidate", "seeds", "num_samples",
                                                "num_inpaint", "families", "num_steps",
                                                "classifier_steps", "train_steps_scale")},
       "rule": "better/worse only when the 95% Welch interval over training seeds of the "
               "DiT - UNet difference excludes 0 (evaluation/statistics.py), else within noise",
       "training_cost": cost, "train_seconds_this_call": train_seconds,
-      "runs": {b: {str(s): per_run[b][s] for s in seeds} for b in BACKBONES},
+      "runs": {b: {str(s): per_run[b][s] for s in seeds} for b in pair},
       "table": table}
   common.write_json(FLAGS.out, result, time_key="seconds")
   markdown = _markdown(table)
