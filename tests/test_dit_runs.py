@@ -120,3 +120,37 @@ def test_a_head_trained_on_a_dit_drives_the_head_tasks_and_is_refused_for_a_unet
     assert settings["budget"] == 8
   with pytest.raises(checks.InputError, match=r"was trained on a dit; this model is a unet"):
     loader.load_run(str(tiny_workdir), head_workdir=head_dir)
+
+
+def test_a_clean_context_dit_trains_and_samples_with_the_cache(dit_run, tmp_path):
+  """The real entry points: a clean-context DiT trained with clean sets samples an inpainting
+  with the cached sampler as with the full computation (PNGs within one level); the cache
+  asked of the unmasked DiT's run is refused in one line."""
+  _, plain_workdir, _ = dit_run
+  workdir = str(tmp_path / "clean")
+  summary = train_mode.train_and_evaluate(
+      _config(model__clean_context=True, timesteps__clean_fraction=0.5), workdir)
+  assert np.isfinite(summary["metrics"]["loss"])
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+  mask = np.zeros((16, 16, 1), np.uint8)
+  mask[:, :9] = 255                                  # cuts through the 2x2 tokens
+  image_io.save_png(image, str(tmp_path / "in.png"))
+  image_io.save_png(mask, str(tmp_path / "mask.png"))
+  known_image = dict(task="inpaint", image=str(tmp_path / "in.png"),
+                     mask=str(tmp_path / "mask.png"))
+  outs = {}
+  for cache in (False, True):
+    outs[cache] = str(tmp_path / f"cache_{cache}")
+    config = _config(model__clean_context=True, sample__num_images=4, sample__batch_size=4,
+                     sample__num_steps=8, sample__out_dir=outs[cache],
+                     sample__clean_cache=cache,
+                     **{f"sample__{k}": v for k, v in known_image.items()})
+    sample_mode.sample_from_workdir(config, workdir)
+  full, cached = _read(outs[False]).astype(int), _read(outs[True]).astype(int)
+  assert np.abs(full - cached).max() <= 1
+  np.testing.assert_array_equal(cached[:, mask[..., 0] == 255], np.broadcast_to(
+      image[mask[..., 0] == 255], cached[:, mask[..., 0] == 255].shape))
+  with pytest.raises(checks.InputError, match=r"sample.clean_cache needs a DiT trained with "
+                                              r"model.clean_context=True"):
+    _sample(plain_workdir, str(tmp_path / "refused"), clean_cache=True, **known_image)
