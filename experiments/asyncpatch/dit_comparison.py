@@ -29,11 +29,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from asyncpatch_jax.data import masks as masks_lib
+from asyncpatch_jax.diffusion import repaint
+from asyncpatch_jax.evaluation import inpainting_eval
 from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
 from asyncpatch_jax.evaluation.evaluators import common as evaluators
@@ -57,6 +62,10 @@ flags.DEFINE_integer("num_steps", 50, "Sampler steps (generation and inpainting)
 flags.DEFINE_integer("batch", 250, "Sampling batch.")
 flags.DEFINE_integer("classifier_steps", 600, "Training steps of the digit feature network.")
 flags.DEFINE_integer("train_steps_scale", 1, "Divides both configs' steps (--tiny).")
+flags.DEFINE_bool("repaint_equal_time", False,
+                  "Also inpaint with RePaint on the baseline's runs at the wall time of the "
+                  "candidate's inpainting (per family, measured here), against the candidate.")
+flags.DEFINE_integer("repaint_jump", 5, "RePaint's jump length (jump_n_sample 2) in that row.")
 common.define_tiny(dict(seeds=["0", "1"], num_samples=16, num_inpaint=8, families=["square"],
                         num_steps=4, batch=16, classifier_steps=5, train_steps_scale=250))
 
@@ -107,6 +116,104 @@ def train_flops(config) -> dict:
           "train_flops": flops * config.train.num_steps, "params": params, "batch": b}
 
 
+def _eval_config(workdir: str, families, method: str = "asyncpatch", repaint_params=None):
+  config = common.load_config(os.path.join(workdir, "config.json"))
+  config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
+  config.evaluate.update(
+      num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=0.0,
+      reference_split="test", num_reference=0, mask_families=tuple(families),
+      num_inpaint=FLAGS.num_inpaint, inpaint_method=method,
+      feature_steps=FLAGS.classifier_steps)
+  if repaint_params is not None:
+    config.evaluate.repaint = tuple(repaint_params)
+  return config
+
+
+def _generator(run, config):
+  return generate.Generator(run.model, clean_cache=config.sample.get("clean_cache", False))
+
+
+def _score_repaint(workdir: str, extractors, family: str, repaint_params) -> dict:
+  """RePaint's inpainting scores of one family (cached in the workdir)."""
+  tag = "_".join(str(v) for v in (family, *repaint_params))
+  cache = os.path.join(workdir, f"dit_comparison_repaint_{tag}.json")
+  settings = {k: FLAGS[k].value for k in ("num_inpaint", "classifier_steps")}
+  if os.path.exists(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    if cached["settings"] == settings:
+      return cached
+  config = _eval_config(workdir, [family], "repaint", repaint_params)
+  chosen = evaluators.from_config(config, ("inpainting",), loader.saved_image_shape(workdir))
+  run = common.load_run(workdir, config)
+  gen = _generator(run, config)
+  ctx = evaluators_base.Context(gen, run.params, config, image_shape=run.image_shape,
+                                key=jax.random.key(0), mesh=gen.mesh, mask_seed=0,
+                                feature_nets=extractors)
+  scores, _ = evaluators.run(chosen, ctx)
+  q = scores["inpainting"]["families"][family]
+  result = {"settings": settings, "step": run.step, "repaint": list(repaint_params),
+            "network_evals": scores["inpainting"]["network_evals"],
+            "inpainting": {k: q[k] for k in INPAINTING}}
+  with open(cache, "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def _seconds_per_image(workdir: str, family: str, method: str, repaint_params=None) -> float:
+  """Median wall seconds per image of one batch's inpainting (compiled first)."""
+  config = _eval_config(workdir, [family], method, repaint_params)
+  run = common.load_run(workdir, config)
+  gen = _generator(run, config)
+  fn, _ = inpainting_eval.method(method, gen, run.params, num_steps=FLAGS.num_steps, eta=0.25,
+                                 repaint_params=tuple(config.evaluate.repaint))
+  b = FLAGS.batch
+  h, w, c = run.image_shape
+  x = np.random.default_rng(0).uniform(-1, 1, (b, h, w, c)).astype(np.float32)
+  m = masks_lib.make_masks(family, b, h, w, seed=0)
+  key = jax.random.key(0)
+  jax.block_until_ready(fn(x, m, key))
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(x, m, key))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) / b
+
+
+def _repaint_equal_time(workdirs, extractors, seeds) -> dict:
+  """Per family: RePaint on the baseline at the candidate's wall time, and the comparison."""
+  base, cand = backbones()
+  jl = FLAGS.repaint_jump
+  probe = (10 * jl, jl, 2)
+  probe_nfe = repaint.num_model_steps(repaint.jump_schedule(*probe))
+  out = {}
+  for family in FLAGS.families:
+    t_cand = _seconds_per_image(workdirs[cand][seeds[0]], family, "asyncpatch")
+    t_eval = _seconds_per_image(workdirs[base][seeds[0]], family, "repaint", probe) / probe_nfe
+    budget = t_cand / t_eval                     # RePaint evaluations in the same time
+    options = [(ns, repaint.num_model_steps(repaint.jump_schedule(ns, jl, 2)))
+               for ns in range(jl, 40 * jl + 1, jl)]
+    ns, nfe = min(options, key=lambda o: abs(o[1] - budget))
+    params = (ns, jl, 2)
+    rows = {}
+    for k, hib in INPAINTING.items():
+      rp = [_score_repaint(workdirs[base][s], extractors, family, params)["inpainting"][k]
+            for s in seeds]
+      ap = [_score(workdirs[cand][s], extractors)["inpainting"][family][k] for s in seeds]
+      diff = statistics.seed_difference(ap, rp)
+      rows[k] = {f"{base}_repaint": statistics.across_seeds(rp),
+                 f"{cand}_asyncpatch": statistics.across_seeds(ap),
+                 f"{cand}_minus_{base}_repaint": diff.as_dict(),
+                 f"verdict_for_{cand}": statistics.verdict(diff, hib)}
+    out[family] = {"candidate_seconds_per_image": t_cand,
+                   "baseline_seconds_per_evaluation": t_eval,
+                   "evaluations_in_that_time": budget, "repaint": list(params),
+                   "repaint_network_evals": nfe, "candidate_network_evals": FLAGS.num_steps,
+                   "metrics": rows}
+  return out
+
+
 def _score(workdir: str, extractors) -> dict:
   """Generation and inpainting scores of a trained run (cached in the workdir)."""
   cache = os.path.join(workdir, "dit_comparison_scores.json")
@@ -117,17 +224,11 @@ def _score(workdir: str, extractors) -> dict:
       cached = json.load(f)
     if cached["settings"] == settings:
       return cached
-  config = common.load_config(os.path.join(workdir, "config.json"))
-  config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
-  config.evaluate.update(
-      num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=0.0,
-      reference_split="test", num_reference=0, mask_families=tuple(FLAGS.families),
-      num_inpaint=FLAGS.num_inpaint, inpaint_method="asyncpatch",
-      feature_steps=FLAGS.classifier_steps)
+  config = _eval_config(workdir, FLAGS.families)
   chosen = evaluators.from_config(config, ("generation", "inpainting"),
                                   loader.saved_image_shape(workdir))
   run = common.load_run(workdir, config)
-  gen = generate.Generator(run.model)
+  gen = _generator(run, config)
   ctx = evaluators_base.Context(gen, run.params, config, image_shape=run.image_shape,
                                 key=jax.random.key(0), mesh=gen.mesh, mask_seed=0,
                                 feature_nets=extractors)
@@ -210,6 +311,8 @@ def main(argv):
       "training_cost": cost, "train_seconds_this_call": train_seconds,
       "runs": {b: {str(s): per_run[b][s] for s in seeds} for b in pair},
       "table": table}
+  if FLAGS.repaint_equal_time:
+    result["repaint_equal_time"] = _repaint_equal_time(workdirs, extractors, seeds)
   common.write_json(FLAGS.out, result, time_key="seconds")
   markdown = _markdown(table)
   with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
