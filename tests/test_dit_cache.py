@@ -22,9 +22,6 @@ import pytest
 from asyncpatch_jax import models
 from asyncpatch_jax.config import base_config
 from asyncpatch_jax.data import masks as masks_lib
-from asyncpatch_jax.diffusion import guidance
-from asyncpatch_jax.diffusion import policies
-from asyncpatch_jax.diffusion import samplers
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.diffusion import timesteps
 from asyncpatch_jax.diffusion import tokens
@@ -33,6 +30,7 @@ from asyncpatch_jax.models import dit as dit_lib
 from asyncpatch_jax.models import dit_cache
 from asyncpatch_jax.models import uncertainty_head
 from asyncpatch_jax.runtime import checks
+from tests.test_dit_pipeline import POLICIES
 
 P = 4
 SHAPE = (16, 16, 1)
@@ -204,14 +202,6 @@ def test_cache_equals_the_full_model_with_input_guidance(dit):
   a = full.generate(params, full.task(schedules.inpainting(mask, STEPS), x, mask), **kw)
   b = cached.generate(params, cached.task(schedules.inpainting(mask, STEPS), x, mask), **kw)
   _assert_same(b, a, mask, x)
-
-
-POLICIES = {
-    "uncertainty_accelerated": lambda: policies.uncertainty_accelerated(2.0),
-    "look_ahead": lambda: policies.look_ahead(1.4, 0.4),
-    "dual_loop": lambda: policies.dual_loop(2, 0.4),
-    "uncertainty_ordered": lambda: policies.uncertainty_ordered((2, 2), 0.5),
-}
 
 
 @pytest.mark.parametrize("name", list(POLICIES))

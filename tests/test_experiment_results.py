@@ -437,9 +437,79 @@ def dit_vs_unet():
                  "DiT - UNet, 95% Welch interval", "verdict for the DiT"], rows)
 
 
+def _seed_row(m, base, cand):
+  a, b, diff = m[base], m[cand], m[f"{cand}_minus_{base}"]
+  return [f"{a['mean']:.4g} ± {a['sem']:.2g}", f"{b['mean']:.4g} ± {b['sem']:.2g}",
+          f"{diff['estimate']:+.3g} [{diff['low']:+.3g}, {diff['high']:+.3g}]",
+          m[f"verdict_for_{cand}"]]
+
+
+def dit_adaptive():
+  rows = []
+  for backbone in ("unet", "dit"):
+    r = _result(f"dit/adaptive_{backbone}/adaptive_sampling.json")
+    for c in r["comparison_at_equal_budget"]:
+      seeds = c["fd_digits_per_seed"]
+      pol, sync = seeds[c["schedule"]], seeds["synchronous"]
+      d, q = c["fd_digits_difference"], c["confident_difference"]
+      rows.append([backbone, c["schedule"], c["budget"], _pm(sync["mean"], sync["sem"], 1),
+                   _pm(pol["mean"], pol["sem"], 1),
+                   f"{d['estimate']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", c["verdict"],
+                   f"{q['estimate']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]",
+                   c["confident_verdict"]])
+  return _table(["backbone", "policy", "budget", "synchronous fd_digits, mean ± s.e. over 2 "
+                 "sampling seeds", "policy fd_digits", "policy - synchronous, paired 95%",
+                 "verdict", "confident share, policy - synchronous", "verdict"], rows)
+
+
+def clean_vs_dit():
+  r = _result("skip/clean_vs_dit_digits.json")
+  return _table(["metric", "DiT, mean ± s.e. over seeds", "clean-context DiT, mean ± s.e.",
+                 "clean - DiT, 95% Welch interval", "verdict for the clean-context DiT"],
+                [[name, *_seed_row(m, "dit", "dit_clean")] for name, m in r["table"].items()])
+
+
+def clean_vs_repaint():
+  r = _result("skip/clean_vs_dit_digits.json")["repaint_equal_time"]
+  rows = []
+  for family, f in r.items():
+    for metric, m in f["metrics"].items():
+      rows.append([family, f"{f['candidate_seconds_per_image'] * 1e3:.1f}",
+                   f"{'/'.join(map(str, f['repaint']))} ({f['repaint_network_evals']})",
+                   metric, *_seed_row({**m, "dit": m["dit_repaint"],
+                                       "dit_clean": m["dit_clean_asyncpatch"],
+                                       "dit_clean_minus_dit": m["dit_clean_minus_dit_repaint"]},
+                                      "dit", "dit_clean")])
+  return _table(["family", "clean DiT, cached, ms / image", "RePaint on the DiT at that "
+                 "time: steps/jump/resamples (evaluations)", "metric",
+                 "RePaint, mean ± s.e. over seeds", "clean DiT (50 steps)",
+                 "clean - RePaint, 95% Welch", "verdict for the clean DiT"], rows)
+
+
+def skip_cost():
+  r = _result("skip/cost_digits.json")
+  rows = []
+  for x in r["rows"]:
+    f, t = x["flops_per_evaluation"], x["seconds_per_sample"]
+    setting = {"inpaint": lambda: f"known {x['known_pixel_share']:.2f} of pixels, "
+                                  f"{x['known_token_share']:.2f} of tokens",
+               "autoregressive": lambda: f"{x['steps_per_stage']} steps a stage",
+               "policy": lambda: f"{x['steps_run']} steps run"}[x["kind"]]()
+    rows.append([x["row"], setting, f"{f['noisy_token_share']:.3f}",
+                 f"{f['cached_over_full']:.3f}", f"{f['active_over_ideal']:.3f}",
+                 f"{f['active_over_batch_max_ideal']:.3f}",
+                 f"{f['cached_refresh'] / f['full']:.3f} ({f['refreshes']})",
+                 f"{t['cached_over_full']:.3f}", f"{x['max_abs_difference']:.1e}"])
+  return _table(["row", "setting", "noisy token share", "FLOPs / evaluation: cached / full",
+                 "active passes / ideal", "active passes / ideal at the batch's largest "
+                 "count", "refreshes / full (count)", "seconds / sample: cached / full",
+                 "largest |cached - full|"], rows)
+
+
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, inpainting_benchmark, latent_textures,
-                   latent_autoencoder, texture_synthesis, adaptive_sampling, dit_vs_unet],
+                   latent_autoencoder, texture_synthesis, adaptive_sampling, dit_vs_unet,
+                   dit_adaptive, clean_vs_dit, clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
     "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
