@@ -334,3 +334,19 @@ def _unet_with_clean_context():
   cfg = base_config.get_base_config().model
   cfg.clean_context = True
   return cfg
+
+
+def test_cached_samples_on_8_devices_equal_one(dit):
+  """The batch sharded over 8 devices (the counts that pick a capacity are reduced over it)
+  gives the one-device samples."""
+  model, params, _, _, cached = dit
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (host) devices")
+  sharded = generate.Generator(model, mesh="auto", clean_cache=True)
+  mask = masks_lib.make_masks("medium", 8, 16, 16, seed=4)
+  x = np.random.default_rng(3).uniform(-1, 1, (8, *SHAPE)).astype(np.float32)
+  kw = dict(key=jax.random.key(8), labels=np.arange(8), eta=0.25)
+  one = cached.generate(params, cached.task(schedules.inpainting(mask, STEPS), x, mask), **kw)
+  eight = sharded.generate(params, sharded.task(schedules.inpainting(mask, STEPS), x, mask),
+                           **kw)
+  _assert_same(eight, one, mask, x)
