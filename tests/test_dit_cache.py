@@ -271,12 +271,28 @@ def test_plan_refreshes_once_per_stage():
   mask[:, :8] = 1
   tau = schedules.inpainting(mask, STEPS)
   plan = dit_cache.plan(tokens.token_times(tau[:-1], P)[:, None], caps)
-  assert plan["refresh"] == [8] + [0] * (STEPS - 1) and plan["active"] == [8] * STEPS
+  assert plan["refresh"] == [[8]] + [[0]] * (STEPS - 1) and plan["active"] == [[8]] * STEPS
   tau = schedules.autoregressive(16, 16, (2, 2), 2)
   plan = dit_cache.plan(tokens.token_times(tau[:-1], P)[:, None], caps)
   # 12 tokens take the 13-token bucket (buckets(16, 1.1) = 1..11, 13, 15, 16).
-  assert plan["active"] == [16, 16, 13, 13, 8, 8, 4, 4]
-  assert plan["refresh"] == [0, 0, 4, 0, 8, 0, 13, 0]
+  assert plan["active"] == [[16], [16], [13], [13], [8], [8], [4], [4]]
+  assert plan["refresh"] == [[0], [0], [4], [0], [8], [0], [13], [0]]
+
+
+def test_plan_sorts_images_into_groups_by_noisy_count():
+  """Images with 1..8 noisy tokens, shuffled, in groups of 4: the sorted groups hold 1-4 and
+  5-8 noisy tokens, so the passes take capacities 4 and 8, not 8 for every image; only the
+  group whose clean set changed refreshes."""
+  caps = dit_cache.buckets(N)
+  noisy = np.random.default_rng(0).permutation(np.arange(1, 9))
+  tt = np.zeros((2, 8, N), np.float32)
+  for i, k in enumerate(noisy):
+    tt[:, i, :k] = 0.5
+  tt[1, noisy.argmax(), 0] = 0.0                         # the 8-token image finishes one
+  plan = dit_cache.plan(tt, caps, group_size=4)
+  assert plan["group_size"] == 4
+  assert plan["active"] == [[4, 8], [4, 7]]              # then 5, 6, 7, 7 noisy in group 2
+  assert plan["refresh"] == [[15, 11], [0, 11]]          # 12..15 clean: bucket 15; 8..11: 11
 
 
 # ---------------------------------------------------------------- training and bad input
@@ -334,6 +350,21 @@ def _unet_with_clean_context():
   cfg = base_config.get_base_config().model
   cfg.clean_context = True
   return cfg
+
+
+def test_groups_of_a_mixed_batch_equal_the_full_model(dit):
+  """16 images with their own masks (their noisy counts differ) in sorted groups of 8: the
+  cached samples equal the full model's, each image in its own group's pass."""
+  model, params, _, full, _ = dit
+  grouped = generate.Generator(model, mesh=None, clean_cache=True)
+  mask = masks_lib.make_masks("thick", 16, 16, 16, seed=5)
+  x = np.random.default_rng(4).uniform(-1, 1, (16, *SHAPE)).astype(np.float32)
+  assert len(np.unique(np.asarray(full.task(schedules.inpainting(mask, STEPS), x, mask).tau[0])
+                       .reshape(16, -1).sum(1))) > 2
+  kw = dict(key=jax.random.key(9), labels=np.arange(16) % 10, eta=0.25)
+  a = full.generate(params, full.task(schedules.inpainting(mask, STEPS), x, mask), **kw)
+  b = grouped.generate(params, grouped.task(schedules.inpainting(mask, STEPS), x, mask), **kw)
+  _assert_same(b, a, mask, x)
 
 
 def test_cached_samples_on_8_devices_equal_one(dit):

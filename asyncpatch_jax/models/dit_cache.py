@@ -18,6 +18,10 @@ uses this (a samplers.CachedVelocity, carried through the sampling loop):
      stage: a noisy token attends to it in the full model.
   3. v = the active outputs scattered over the cached clean outputs: the full clean-context
      model's velocity at every token, within float32 rounding.
+The images of a batch are sorted by their number of noisy tokens and run in groups of
+`group_size` (8), one group after another (`lax.map`): each group refreshes only when its
+own clean set changed and takes its own capacity, so images with small holes do not pay for
+the batch's largest one.
 
 Capacity buckets. A pass gathers its tokens into a buffer of fixed capacity, the smallest
 bucket of `buckets(n, growth)` that holds the batch's largest count (`bucket_index`):
@@ -46,6 +50,7 @@ from asyncpatch_jax.models import dit as dit_lib
 from asyncpatch_jax.runtime import checks
 
 DEFAULT_GROWTH = 1.1
+DEFAULT_GROUP = 8
 
 
 def buckets(n: int, growth: float = DEFAULT_GROWTH) -> tuple[int, ...]:
@@ -128,15 +133,11 @@ def refresh(model: dit_lib.DiT, capacities, params, z, t, y, clean) -> TokenCach
   return jax.lax.switch(which, [lambda: empty] + [run(c) for c in capacities])
 
 
-def velocity(model: dit_lib.DiT, capacities, cache: TokenCache, params, z, t, y
-             ) -> tuple[jax.Array, TokenCache]:
-  """(v [B, H, W, C], cache) at (z, t): refresh when the clean set changed, then one active
-  pass over every noisy token."""
-  if t.ndim != 3:
-    raise checks.InputError("the cached DiT velocity needs a per-pixel time map t [B, H, W].")
-  b, height, width, _ = z.shape
-  p = model.patch_size
-  clean = tokens.token_times(t, p) == 0.0                  # [B, N]
+def _group_velocity(model: dit_lib.DiT, capacities, params, cache: TokenCache, z, t, y,
+                    clean) -> tuple[jax.Array, TokenCache]:
+  """One group's token outputs [g, N, P] and cache: refresh when its clean set changed, then
+  one active pass over its noisy tokens, at the group's largest count."""
+  b = z.shape[0]
   stale = jnp.any(clean != cache.clean)
   cache = jax.lax.cond(stale, lambda: refresh(model, capacities, params, z, t, y, clean),
                        lambda: cache)
@@ -152,15 +153,62 @@ def velocity(model: dit_lib.DiT, capacities, cache: TokenCache, params, z, t, y
 
   count = jnp.max(jnp.sum(active, axis=1))
   which = jnp.where(count == 0, 0, 1 + bucket_index(count, capacities))
-  out = jax.lax.switch(which, [lambda: cache.out] + [run(c) for c in capacities])
+  return jax.lax.switch(which, [lambda: cache.out] + [run(c) for c in capacities]), cache
+
+
+def _grouped(a, order, groups: int, axis: int = 0):
+  """a with its batch axis `axis` permuted by `order` and split into [groups, B / groups]
+  (the groups leading)."""
+  a = jnp.take(a, order, axis=axis)
+  a = a.reshape(a.shape[:axis] + (groups, -1) + a.shape[axis + 1:])
+  return jnp.moveaxis(a, axis, 0)
+
+
+def _ungrouped(a, inverse, axis: int = 0):
+  a = jnp.moveaxis(a, 0, axis)
+  a = a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
+  return jnp.take(a, inverse, axis=axis)
+
+
+def velocity(model: dit_lib.DiT, capacities, cache: TokenCache, params, z, t, y,
+             group_size: int = DEFAULT_GROUP) -> tuple[jax.Array, TokenCache]:
+  """(v [B, H, W, C], cache) at (z, t).
+
+  The images are sorted by their number of noisy tokens and run in groups of `group_size`
+  (the gcd with B), one after another: each group refreshes its cache only when its clean
+  set changed, and runs its noisy tokens at its own largest count, so a batch of masks of
+  different known shares does not pay for its largest hole in every image.
+  """
+  if t.ndim != 3:
+    raise checks.InputError("the cached DiT velocity needs a per-pixel time map t [B, H, W].")
+  b, height, width, _ = z.shape
+  p = model.patch_size
+  clean = tokens.token_times(t, p) == 0.0                  # [B, N]
+  groups = b // math.gcd(b, group_size)
+  order = jnp.argsort(jnp.sum(~clean, axis=1), stable=True)
+  inverse = jnp.argsort(order)
+  group = lambda a, axis=0: _grouped(a, order, groups, axis)
+  xs = (TokenCache(group(cache.clean), group(cache.keys, 1), group(cache.values, 1),
+                   group(cache.out)), group(z), group(t), group(clean),
+        None if y is None else group(y))
+
+  def one(args):
+    c, zg, tg, cleang, yg = args
+    return _group_velocity(model, capacities, params, c, zg, tg, yg, cleang)
+
+  out, new = jax.lax.map(one, xs)
+  out = _ungrouped(out, inverse)
+  cache = TokenCache(_ungrouped(new.clean, inverse), _ungrouped(new.keys, inverse, 1),
+                     _ungrouped(new.values, inverse, 1), _ungrouped(new.out, inverse))
   v = einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=height // p, p=p, q=p)
   return v, cache
 
 
-def cached_velocity_fn(model: dit_lib.DiT, growth: float = DEFAULT_GROWTH
-                       ) -> samplers.CachedVelocity:
+def cached_velocity_fn(model: dit_lib.DiT, growth: float = DEFAULT_GROWTH,
+                       group_size: int = DEFAULT_GROUP) -> samplers.CachedVelocity:
   """The cached velocity of a clean-context DiT (module docstring), with the signature of
   guidance.model_velocity_fn: apply(cache, z, t, params, y=None)."""
+  group_size = checks.check_positive_int(group_size, "group size")
   if not getattr(model, "clean_context", False):
     raise checks.InputError(
         "the cached sampler needs a DiT trained with model.clean_context=True (its clean "
@@ -174,32 +222,42 @@ def cached_velocity_fn(model: dit_lib.DiT, growth: float = DEFAULT_GROWTH
 
   def apply(cache, z, t, params, y=None):
     n = cache.clean.shape[1]
-    return velocity(model, buckets(n, growth), cache, params, z, t, y)
+    return velocity(model, buckets(n, growth), cache, params, z, t, y, group_size)
 
   return samplers.CachedVelocity(init, apply)
 
 
 # ------------------------------------------------------------------------------ the cost
-def plan(token_times: np.ndarray, capacities) -> dict:
+def plan(token_times: np.ndarray, capacities, group_size: int = DEFAULT_GROUP) -> dict:
   """What the cached sampler computes for a run whose steps see the token times
-  `token_times` [K, B, N] (host NumPy, the same rule as `velocity`): per step the active
-  pass's capacity (0: none) and the refresh's capacity (0: no refresh, -1: a refresh of an
-  empty clean set, which computes nothing)."""
+  `token_times` [K, B, N] (host NumPy, the same rule as `velocity`): per step and group (the
+  images sorted by noisy count, in groups of gcd(B, group_size)) the active pass's capacity
+  (0: none) and the refresh's capacity (0: no refresh, -1: a refresh of an empty clean set,
+  which computes nothing)."""
   token_times = np.asarray(token_times)
+  b = token_times.shape[1]
+  g = math.gcd(b, group_size)
   held = np.zeros(token_times.shape[1:], bool)
-  active_caps, refresh_caps = [], []
   caps = np.asarray(capacities)
+  active_caps, refresh_caps = [], []
+
+  def cap(count):
+    return int(caps[bucket_index(count, caps)]) if count else 0
+
   for tt in token_times:
     clean = tt == 0.0
-    refresh_cap = 0
-    if (clean != held).any():
-      count = int(clean.sum(axis=1).max())
-      refresh_cap = int(caps[bucket_index(count, caps)]) if count else -1
-      held = clean
-    count = int((~clean).sum(axis=1).max())
-    active_caps.append(int(caps[bucket_index(count, caps)]) if count else 0)
-    refresh_caps.append(refresh_cap)
-  return {"active": active_caps, "refresh": refresh_caps}
+    order = np.argsort((~clean).sum(axis=1), kind="stable")
+    step_active, step_refresh = [], []
+    for members in order.reshape(-1, g):
+      refresh_cap = 0
+      if (clean[members] != held[members]).any():
+        refresh_cap = cap(int(clean[members].sum(axis=1).max())) or -1
+        held[members] = clean[members]
+      step_refresh.append(refresh_cap)
+      step_active.append(cap(int((~clean[members]).sum(axis=1).max())))
+    active_caps.append(step_active)
+    refresh_caps.append(step_refresh)
+  return {"group_size": g, "active": active_caps, "refresh": refresh_caps}
 
 
 def pass_flops(model: dit_lib.DiT, image_shape, kind: str, capacity: int) -> float:
@@ -242,6 +300,6 @@ def pass_matmul_flops(model: dit_lib.DiT, num_tokens: int, capacity: int, kind: 
   return 2.0 * (capacity * per_token + num_tokens * p * p * in_channels * d)
 
 
-__all__ = ["DEFAULT_GROWTH", "TokenCache", "bucket_index", "buckets", "cached_velocity_fn",
+__all__ = ["DEFAULT_GROUP", "DEFAULT_GROWTH", "TokenCache", "bucket_index", "buckets", "cached_velocity_fn",
            "empty_cache", "gather_index", "pass_flops", "pass_matmul_flops", "plan",
            "refresh", "token_pass", "velocity"]

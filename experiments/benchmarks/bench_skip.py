@@ -16,8 +16,9 @@ tokens finish at different steps). For each row, on one batch:
   - `ideal`: the full cost times the mean share of noisy tokens (what a step would cost if
     a noisy token cost its share of the full pass and nothing else did), and the cached
     active passes' excess over it (goal: within 10 %), with the refreshes stated apart;
-    the batch shares one capacity a step, so `active_over_batch_max_ideal` separates the
-    buckets' padding from the spread of the noisy counts over the batch's masks;
+    the images are sorted by noisy count into groups of 8 that each take their own capacity
+    (dit_cache.velocity); `active_over_batch_max_ideal` is the cost against one capacity
+    for the whole batch (its largest count), and `refreshes` counts refreshes per group;
   - wall seconds per sample of both samplers, compiled once and then interleaved
     repetition by repetition (median), and the largest difference of their samples.
 Without --workdir the model is configs/dit.py:digits,clean with random parameters (the
@@ -96,16 +97,19 @@ def _flops(costs, token_times, num_tokens) -> dict:
   """Per network evaluation and image, from the replayed plan of passes."""
   caps = dit_cache.buckets(num_tokens)
   plan = dit_cache.plan(token_times, caps)
-  steps = len(plan["active"])
-  active = sum(costs("active", c) for c in plan["active"] if c) / steps
-  refresh = sum(costs("clean", c) for c in plan["refresh"] if c > 0) / steps
+  steps, groups = len(plan["active"]), len(plan["active"][0])
+  # Per image: each group's pass costs g images x the batch-1 pass at its capacity.
+  active = sum(costs("active", c) for row in plan["active"] for c in row if c) / steps / groups
+  refresh = sum(costs("clean", c) for row in plan["refresh"] for c in row if c > 0
+                ) / steps / groups
   noisy = np.asarray(token_times) > 0                       # [K, B, N]
   noisy_share = float(np.mean(noisy))
-  # The batch shares one capacity a step: the largest noisy count of its images.
+  # Had the batch shared one capacity a step: the largest noisy count of its images.
   batch_max_share = float(np.mean(noisy.sum(axis=2).max(axis=1)) / num_tokens)
   ideal = costs.full * noisy_share
   return {"full": costs.full, "cached": active + refresh, "cached_active": active,
-          "cached_refresh": refresh, "refreshes": sum(c != 0 for c in plan["refresh"]),
+          "cached_refresh": refresh, "group_size": plan["group_size"],
+          "refreshes": sum(c != 0 for row in plan["refresh"] for c in row) / groups,
           "noisy_token_share": noisy_share, "batch_max_noisy_share": batch_max_share,
           "ideal": ideal, "active_over_ideal": active / ideal if ideal else None,
           "active_over_batch_max_ideal": (active / (costs.full * batch_max_share)
