@@ -352,10 +352,11 @@ def _unet_with_clean_context():
   return cfg
 
 
-def test_groups_of_a_mixed_batch_equal_the_full_model(dit):
+def test_groups_of_a_mixed_batch_equal_the_full_model(dit, monkeypatch):
   """16 images with their own masks (their noisy counts differ) in sorted groups of 8: the
   cached samples equal the full model's, each image in its own group's pass."""
   model, params, _, full, _ = dit
+  monkeypatch.setattr(dit_cache, "DEFAULT_GROUP", 8)
   grouped = generate.Generator(model, mesh=None, clean_cache=True)
   mask = masks_lib.make_masks("thick", 16, 16, 16, seed=5)
   x = np.random.default_rng(4).uniform(-1, 1, (16, *SHAPE)).astype(np.float32)

@@ -16,7 +16,7 @@ tokens finish at different steps). For each row, on one batch:
   - `ideal`: the full cost times the mean share of noisy tokens (what a step would cost if
     a noisy token cost its share of the full pass and nothing else did), and the cached
     active passes' excess over it (goal: within 10 %), with the refreshes stated apart;
-    the images are sorted by noisy count into groups of 8 that each take their own capacity
+    the images are sorted by noisy count into groups of 16 that each take their own capacity
     (dit_cache.velocity); `active_over_batch_max_ideal` is the cost against one capacity
     for the whole batch (its largest count), and `refreshes` counts refreshes per group;
   - wall seconds per sample of both samplers, compiled once and then interleaved
