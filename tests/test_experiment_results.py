@@ -501,8 +501,8 @@ def skip_cost():
                  f"{f['cached_refresh'] / f['full']:.3f} ({f['refreshes']})",
                  f"{t['cached_over_full']:.3f}", f"{x['max_abs_difference']:.1e}"])
   return _table(["row", "setting", "noisy token share", "FLOPs / evaluation: cached / full",
-                 "active passes / ideal", "active passes / ideal at the batch's largest "
-                 "count", "refreshes / full (count)", "seconds / sample: cached / full",
+                 "active passes / ideal", "active passes / one capacity for the batch (its "
+                 "largest count)", "refreshes / full (per group)", "seconds / sample: cached / full",
                  "largest |cached - full|"], rows)
 
 

@@ -208,8 +208,9 @@ def cached_velocity_fn(model: dit_lib.DiT, growth: float = DEFAULT_GROWTH,
                        group_size: int | None = None) -> samplers.CachedVelocity:
   """The cached velocity of a clean-context DiT (module docstring), with the signature of
   guidance.model_velocity_fn: apply(cache, z, t, params, y=None). group_size: None is
-  DEFAULT_GROUP (16: on this 2-core CPU, groups of 16 of a batch of 64 per-image masks ran
-  faster than 8, 32 or the whole batch; a batch of one mask runs fastest as one group)."""
+  DEFAULT_GROUP (16: smaller groups follow each image's noisy count more closely, larger
+  ones pay less overhead per call; a batch that shares one mask runs fastest as one
+  group)."""
   group_size = checks.check_positive_int(
       DEFAULT_GROUP if group_size is None else group_size, "group size")
   if not getattr(model, "clean_context", False):
