@@ -35,9 +35,9 @@ a clean set, drawn on the token grid from a family chosen uniformly among `clean
                   of an adaptive policy;
 at least one token stays noisy. The clean tokens' times are set to 0; every other token
 keeps the sampler's time, so the noisy tokens keep its statistics (the per-image mean,
-per-patch spread and patch-size mix above). The default 0.5 (configs/dit.py:
-digits_clean) gives half the images a clean set, so the model keeps learning generation
-from pure noise.
+per-patch spread and patch-size mix above). The default is 0 (no clean sets);
+configs/dit.py:<data>,clean uses 0.5, which gives half the images a clean set, so the model
+keeps learning generation from pure noise.
 """
 
 from __future__ import annotations
