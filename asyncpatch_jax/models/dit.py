@@ -112,7 +112,7 @@ PASSES = ("clean", "active")
 
 @dataclasses.dataclass(frozen=True)
 class TokenPass:
-  """A forward pass over a subset of the tokens (`DiT.forward(..., tokens=...)`).
+  """A forward pass over a subset of the tokens (`DiT.forward(..., tokens_pass=...)`).
 
   kind: 'clean' -- the tokens are the clean set (time 0) and attend among themselves;
     the pass returns every layer's keys and values [L, B, C, heads, head_dim] with the
