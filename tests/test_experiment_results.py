@@ -503,7 +503,7 @@ def skip_cost():
   return _table(["row", "setting", "noisy token share", "FLOPs / evaluation: cached / full",
                  "active passes / ideal", "active passes / one capacity for the batch (its "
                  "largest count)", "refreshes / full (per group)", "seconds / sample: cached / full",
-                 "largest |cached - full|"], rows)
+                 "largest difference of the samples"], rows)
 
 
 TABLES = {
