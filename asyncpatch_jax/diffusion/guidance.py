@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.diffusion import samplers
 
-# A wrapper below returns a samplers.CachedVelocity when it wraps one (a clean-context
-# DiT's cached velocity, models/dit_cache.py): its cache covers every call it makes (CFG:
-# the batch of 2B; input guidance: one cache per input).
+# Each wrapper is written once on samplers.CachedVelocity and returns the kind it wraps
+# (samplers.like_input): a plain function, or a CachedVelocity (a clean-context DiT's cached
+# velocity, models/dit_cache.py) whose cache covers every call it makes (CFG: the batch of
+# 2B; input guidance: one cache per input).
 
 
 def model_velocity_fn(model):
@@ -44,22 +45,18 @@ def classifier_free(velocity_fn, null_label: int):
     v_c, v_u = jnp.split(v, 2)
     return v_c + guidance * (v_c - v_u)
 
-  if isinstance(velocity_fn, samplers.CachedVelocity):
-    def init(z, t, params, y, guidance, **cond):
-      del guidance
-      zz, tt, yy = batch(z, t, y)
-      return velocity_fn.init(zz, tt, params, yy, **cond)
+  fn = samplers.as_cached(velocity_fn)
 
-    def apply(cache, z, t, params, y, guidance, **cond):
-      zz, tt, yy = batch(z, t, y)
-      v, cache = velocity_fn.apply(cache, zz, tt, params, yy, **cond)
-      return combine(v, guidance), cache
-    return samplers.CachedVelocity(init, apply)
-
-  def guided(z, t, params, y, guidance, **cond):
+  def init(z, t, params, y, guidance, **cond):
+    del guidance
     zz, tt, yy = batch(z, t, y)
-    return combine(velocity_fn(zz, tt, params, yy, **cond), guidance)
-  return guided
+    return fn.init(zz, tt, params, yy, **cond)
+
+  def apply(cache, z, t, params, y, guidance, **cond):
+    zz, tt, yy = batch(z, t, y)
+    v, cache = fn.apply(cache, zz, tt, params, yy, **cond)
+    return combine(v, guidance), cache
+  return samplers.like_input(velocity_fn, samplers.CachedVelocity(init, apply))
 
 
 def renoise(z: jnp.ndarray, s: jnp.ndarray, t_g: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
@@ -90,21 +87,16 @@ def input_guidance(velocity_fn):
     eps_bar = (1.0 + input_guidance) * eps_s - input_guidance * ratio * eps_g
     return jnp.where(flow.expand_time(t, z.ndim) < 1.0, flow.v_from_eps(z, eps_bar, t), v_s)
 
-  if isinstance(velocity_fn, samplers.CachedVelocity):
-    def init(z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
-      del input_guidance
-      z_g, t_g = guide_input(z, t, guide_mask, guide_noise, input_guidance_t)
-      return velocity_fn.init(z, t, **cond), velocity_fn.init(z_g, t_g, **cond)
+  fn = samplers.as_cached(velocity_fn)
 
-    def apply(cache, z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
-      z_g, t_g = guide_input(z, t, guide_mask, guide_noise, input_guidance_t)
-      v_s, cache_s = velocity_fn.apply(cache[0], z, t, **cond)
-      v_g, cache_g = velocity_fn.apply(cache[1], z_g, t_g, **cond)
-      return combine(z, t, v_s, z_g, t_g, v_g, input_guidance), (cache_s, cache_g)
-    return samplers.CachedVelocity(init, apply)
-
-  def guided(z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
+  def init(z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
+    del input_guidance
     z_g, t_g = guide_input(z, t, guide_mask, guide_noise, input_guidance_t)
-    return combine(z, t, velocity_fn(z, t, **cond), z_g, t_g, velocity_fn(z_g, t_g, **cond),
-                   input_guidance)
-  return guided
+    return fn.init(z, t, **cond), fn.init(z_g, t_g, **cond)
+
+  def apply(cache, z, t, guide_mask, guide_noise, input_guidance, input_guidance_t, **cond):
+    z_g, t_g = guide_input(z, t, guide_mask, guide_noise, input_guidance_t)
+    v_s, cache_s = fn.apply(cache[0], z, t, **cond)
+    v_g, cache_g = fn.apply(cache[1], z_g, t_g, **cond)
+    return combine(z, t, v_s, z_g, t_g, v_g, input_guidance), (cache_s, cache_g)
+  return samplers.like_input(velocity_fn, samplers.CachedVelocity(init, apply))

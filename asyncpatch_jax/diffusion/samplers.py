@@ -60,8 +60,18 @@ def as_cached(velocity_fn) -> CachedVelocity:
   """`velocity_fn` as a CachedVelocity (a plain function gets an empty cache ())."""
   if isinstance(velocity_fn, CachedVelocity):
     return velocity_fn
-  return CachedVelocity(init=lambda z, t, **cond: (),
-                        apply=lambda cache, z, t, **cond: (velocity_fn(z, t, **cond), cache))
+  return CachedVelocity(
+      init=lambda z, t, *args, **cond: (),
+      apply=lambda cache, z, t, *args, **cond: (velocity_fn(z, t, *args, **cond), cache))
+
+
+def like_input(velocity_fn, wrapped: CachedVelocity):
+  """`wrapped` (a wrapper built on `as_cached(velocity_fn)`) as the kind `velocity_fn` is:
+  a CachedVelocity, or for a plain function a plain function (its caches are empty)."""
+  if isinstance(velocity_fn, CachedVelocity):
+    return wrapped
+  return lambda z, t, *args, **cond: wrapped.apply(wrapped.init(z, t, *args, **cond), z, t,
+                                                   *args, **cond)[0]
 
 
 def ddim_step(z: jax.Array, v: jax.Array, t: jax.Array, s: jax.Array,

@@ -181,10 +181,13 @@ def velocity(model: dit_lib.DiT, capacities, cache: TokenCache, params, z, t, y,
   """
   if t.ndim != 3:
     raise checks.InputError("the cached DiT velocity needs a per-pixel time map t [B, H, W].")
-  b, height, width, _ = z.shape
+  b, height = z.shape[:2]
   p = model.patch_size
   clean = tokens.token_times(t, p) == 0.0                  # [B, N]
   groups = b // math.gcd(b, group_size)
+  if groups == 1:                                          # nothing to sort
+    out, cache = _group_velocity(model, capacities, params, cache, z, t, y, clean)
+    return _unpatchify(out, height, p), cache
   order = jnp.argsort(jnp.sum(~clean, axis=1), stable=True)
   inverse = jnp.argsort(order)
   group = lambda a, axis=0: _grouped(a, order, groups, axis)
@@ -200,8 +203,11 @@ def velocity(model: dit_lib.DiT, capacities, cache: TokenCache, params, z, t, y,
   out = _ungrouped(out, inverse)
   cache = TokenCache(_ungrouped(new.clean, inverse), _ungrouped(new.keys, inverse, 1),
                      _ungrouped(new.values, inverse, 1), _ungrouped(new.out, inverse))
-  v = einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=height // p, p=p, q=p)
-  return v, cache
+  return _unpatchify(out, height, p), cache
+
+
+def _unpatchify(out, height: int, p: int):
+  return einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=height // p, p=p, q=p)
 
 
 def cached_velocity_fn(model: dit_lib.DiT, growth: float = DEFAULT_GROWTH,
