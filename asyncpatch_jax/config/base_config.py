@@ -188,6 +188,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       input_guidance=1.0,    # asyncpatch_input_guidance: weight w_i (Eq. 8)
       repaint=(250, 10, 10),  # repaint: num_steps, jump_length, jump_n_sample
       k=5,                   # PRDC nearest neighbours
+      interval_resamples=200,  # bootstrap resamples of the 95% intervals of FD, PSNR, SSIM
+                               # (evaluation/statistics.py); 0 = no intervals
       feature_steps=600,     # training steps of the in-project feature network (digits, textures)
       inception_weights="",  # FID Inception-v3 weights (.npz/.safetensors): adds fid, *_inception
       lpips_weights="",      # LPIPS weights (.npz/.safetensors): adds lpips to inpainting

@@ -69,6 +69,25 @@ def jump_schedule(num_steps: int = 250, jump_length: int = 10,
   return np.asarray(times, np.int32)
 
 
+def params_for_budget(budget: int, jump_length: int) -> tuple[int, int, int]:
+  """RePaint's (num_steps, jump_length, jump_n_sample) spending exactly `budget` network
+  evaluations at this jump length, with at least one resampling (jump_n_sample >= 2):
+  the most steps, so the fewest resamplings (budget 50, jump length 5: 20 / 5 / 3).
+
+  A schedule of n steps costs n + (jump_n_sample - 1) * jump_length * (n / jump_length - 1)
+  evaluations (50 / 5 / 5: 230; 250 / 10 / 10: 2230)."""
+  budget = checks.check_positive_int(budget, "budget")
+  jump_length = checks.check_positive_int(jump_length, "jump_length")
+  for num_steps in range(budget - budget % jump_length, jump_length, -jump_length):
+    rounds = num_steps // jump_length - 1          # the jump points below the top
+    extra = budget - num_steps
+    if rounds and extra > 0 and extra % (jump_length * rounds) == 0:
+      return num_steps, jump_length, extra // (jump_length * rounds) + 1
+  raise checks.InputError(f"no RePaint schedule with jump_length={jump_length} spends exactly "
+                          f"{budget} network evaluations with a resampling; try jump_length "
+                          "2 or 5, or another budget.")
+
+
 def schedule_times(indices, num_steps: int) -> np.ndarray:
   """Rectified-flow times t = (i + 1) / num_steps of RePaint indices i (float32, [L])."""
   return ((np.asarray(indices, np.float64) + 1.0) / num_steps).astype(np.float32)

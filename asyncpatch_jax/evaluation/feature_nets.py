@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import metrics
+from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.evaluation import texture_features
 from asyncpatch_jax.runtime import multihost
 
@@ -158,20 +159,39 @@ def extract(extractor, images, batch_size: int = 256,
 
 def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_size: int = 256,
                     mesh: jax.sharding.Mesh | None = None,
-                    real_features: np.ndarray | None = None) -> dict[str, float]:
+                    real_features: np.ndarray | None = None, interval_resamples: int = 0,
+                    paired: bool = False) -> dict:
   """Frechet distance (streaming float64 statistics) and PRDC of two image sets, named by extractor.
 
   Returns e.g. {'fd_digits', 'precision_digits', 'recall_digits', 'density_digits',
   'coverage_digits'} for DigitFeatures ('fid', 'precision_inception', ... for Inception).
   mesh: feature extraction and PRDC split over its devices. real_features: the real
   images' features when already extracted (real_images is then not read).
+  interval_resamples > 0 adds '<frechet>_interval': the percentile bootstrap interval of the
+  Frechet distance (evaluation/statistics.py set_interval), resampling the generated
+  images, or, with paired=True (inpaintings of the originals), each original together with
+  its inpainting. A resample costs one eigendecomposition of a [D, D] matrix: ~1 ms at the
+  digits' 128-d, ~1 s at Inception's 2048-d.
   """
   names = metric_names(extractor.name)
   real = (extract(extractor, real_images, batch_size, mesh) if real_features is None
           else np.asarray(real_features))
   fake = extract(extractor, fake_images, batch_size, mesh)
-  mu_r, cov_r = metrics.FeatureStats().update(real).mean_cov()
-  mu_f, cov_f = metrics.FeatureStats().update(fake).mean_cov()
-  out = {names["frechet"]: metrics.frechet_distance(mu_r, cov_r, mu_f, cov_f)}
+  if paired and len(real) != len(fake):
+    raise checks.InputError(f"paired Frechet interval of {len(real)} originals and "
+                            f"{len(fake)} outputs; a paired interval needs one of each.")
+  out = {names["frechet"]: frechet(real, fake)}
   out.update({names[m]: v for m, v in metrics.prdc(real, fake, k=k, mesh=mesh).items()})
+  if interval_resamples:
+    fd = (lambda idx: frechet(real[idx], fake[idx])) if paired else (
+        lambda idx: frechet(real, fake[idx]))
+    out[names["frechet"] + "_interval"] = statistics.set_interval(
+        fd, len(fake), resamples=interval_resamples).as_dict()
   return out
+
+
+def frechet(real_features, fake_features) -> float:
+  """The Frechet distance of two feature sets [N, D] (float64 mean and covariance)."""
+  mu_r, cov_r = metrics.FeatureStats().update(real_features).mean_cov()
+  mu_f, cov_f = metrics.FeatureStats().update(fake_features).mean_cov()
+  return metrics.frechet_distance(mu_r, cov_r, mu_f, cov_f)

@@ -25,6 +25,7 @@ from asyncpatch_jax.diffusion import repaint
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.evaluation import metrics
+from asyncpatch_jax.evaluation import statistics
 
 METHODS = ("asyncpatch", "asyncpatch_input_guidance", "progressive", "repaint")
 
@@ -161,21 +162,32 @@ def _lpips_mean(lpips_fn, a: np.ndarray, b: np.ndarray, batch: int) -> float:
 
 def quality(outputs: np.ndarray, originals: np.ndarray, extractor, *, lpips_fn=None,
             batch: int = 256, k: int = 5, mesh: jax.sharding.Mesh | None = None,
-            real_features: dict | None = None) -> dict[str, float]:
+            real_features: dict | None = None, interval_resamples: int = 0,
+            per_image: bool = False) -> dict:
   """PSNR/SSIM vs the originals, Frechet distance and PRDC vs the originals, LPIPS if given.
 
   extractor: one feature extractor or a sequence of them (each adds its named metrics).
   mesh: feature extraction and PRDC split over its devices. real_features: {extractor
   name: features of the originals} already extracted (reused across mask families).
+  interval_resamples > 0 adds 'psnr_interval', 'ssim_interval' (BCa bootstrap over the
+  images) and each Frechet distance's paired interval (statistics.py). per_image=True adds
+  'per_image': {'psnr', 'ssim'} arrays [N] (for paired comparisons; not JSON).
   """
   window = min(11, *outputs.shape[1:3])
   window -= 1 - window % 2                               # an odd SSIM window that fits
-  out = {"psnr": float(np.mean(np.asarray(metrics.psnr(outputs, originals)))),
-         "ssim": float(np.mean(np.asarray(metrics.ssim(outputs, originals, filter_size=window))))}
+  psnr = np.asarray(metrics.psnr(outputs, originals), np.float64)
+  ssim = np.asarray(metrics.ssim(outputs, originals, filter_size=window), np.float64)
+  out = {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+  if interval_resamples:
+    for name, v in (("psnr", psnr), ("ssim", ssim)):
+      out[name + "_interval"] = statistics.interval(v, resamples=interval_resamples).as_dict()
   for ex in (extractor if isinstance(extractor, (list, tuple)) else [extractor]):
     out.update(feature_nets.feature_metrics(
         ex, originals, outputs, k=k, batch_size=batch, mesh=mesh,
-        real_features=(real_features or {}).get(ex.name)))
+        real_features=(real_features or {}).get(ex.name),
+        interval_resamples=interval_resamples, paired=True))
+  if per_image:
+    out["per_image"] = {"psnr": psnr, "ssim": ssim}
   if lpips_fn is not None:
     out["lpips"] = _lpips_mean(lpips_fn, outputs, originals, batch)
   return out

@@ -12,7 +12,10 @@ difference "better" or "worse".
   across_seeds(values)      mean, sample standard deviation and standard error over
                             repeated runs (training or sampling seeds);
   seed_difference(a, b)     Welch's t interval of the difference of two methods' seed
-                            means (a claim about training);
+                            means (a claim about training; different runs on each side);
+  seed_paired(a, b)         the t interval of the mean per-seed difference when both
+                            methods ran on each seed's same trained model (two samplers of
+                            one run): the run-to-run spread cancels;
   verdict(diff)             the rule: "better" / "worse" when the 95% interval of the
                             paired difference excludes 0, else "within noise".
 
@@ -144,6 +147,20 @@ def seed_difference(a, b, *, level: float = LEVEL) -> Interval:
   estimate = float(a.mean() - b.mean())
   return Interval(estimate, estimate - half, estimate + half, level, min(len(a), len(b)),
                   "welch-t")
+
+
+def seed_paired(a, b, *, level: float = LEVEL) -> Interval:
+  """Interval of mean(a - b) over seeds, a[s] and b[s] measured on the same run of seed s
+  (e.g. two inpainting methods on one trained model): the one-sample t interval of the
+  per-seed differences, n - 1 degrees of freedom."""
+  a, b = (np.asarray(v, np.float64) for v in (a, b))
+  if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+    raise checks.InputError(f"seed_paired: expected the values of the same 2 or more runs on "
+                            f"both sides; got shapes {a.shape} and {b.shape}.")
+  d = a - b
+  half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+  estimate = float(d.mean())
+  return Interval(estimate, estimate - half, estimate + half, level, len(d), "paired-t")
 
 
 def verdict(diff: Interval, higher_is_better: bool = True) -> str:

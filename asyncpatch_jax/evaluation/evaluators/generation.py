@@ -6,7 +6,8 @@ config.sample) against `evaluate.num_reference` real images of `evaluate.referen
 (default the training split, the distribution the model learned, as FID's reference
 statistics are the training set's): Frechet distance and PRDC (Naeem et al. 2020) on each
 feature network, named for it (`fd_digits`, `fd_textures`, and `fid` only with
-Inception-v3 weights). Scores: {'generation': {...}}; examples: {'samples': [8 images]}.
+Inception-v3 weights), each Frechet distance with its 95% bootstrap interval over the
+samples (`evaluate.interval_resamples`). Scores: {'generation': {...}}; examples: {'samples': [8 images]}.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Generation(base.Evaluator):
     logging.info("evaluate: sampled in %.1f s; scoring them against %d %s images ...",
                  sample_seconds, len(reference), ec.reference_split)
     for ex in extractors:        # feature networks (extract pads to the mesh)
-      scores.update(feature_nets.feature_metrics(ex, reference, samples, k=int(ec.k),
-                                                 batch_size=int(ec.batch_size), mesh=ctx.mesh))
+      scores.update(feature_nets.feature_metrics(
+          ex, reference, samples, k=int(ec.k), batch_size=int(ec.batch_size), mesh=ctx.mesh,
+          interval_resamples=int(ec.interval_resamples)))
     return {"generation": scores}, {"samples": samples[:base.NUM_EXAMPLES]}

@@ -3,7 +3,8 @@
 For each mask family (data/masks.py), `evaluate.num_inpaint` held-out (test split) images
 inpainted by `evaluate.inpaint_method` (inpainting_eval.METHODS; a latent model's by
 LATENT_METHODS): PSNR/SSIM against the originals, Frechet distance and PRDC of the
-inpainted set against the originals, LPIPS with weights from a file; network
+inpainted set against the originals, LPIPS with weights from a file; 95% bootstrap
+intervals of PSNR, SSIM and the Frechet distances (`evaluate.interval_resamples`); network
 evaluations and seconds per image. evaluate.num_inpaint=0 scores nothing. Scores: {'inpainting': {...}}; examples:
 {family: (masked inputs, outputs)} of the first 8 images.
 """
@@ -90,7 +91,8 @@ class Inpainting(base.Evaluator):
           multiple_of=ctx.shards)
       q = inpainting_eval.quality(out, originals, extractors, lpips_fn=ctx.lpips_fn,
                                   batch=batch, k=int(ec.k), mesh=ctx.mesh,
-                                  real_features=real_features)
+                                  real_features=real_features,
+                                  interval_resamples=int(ec.interval_resamples))
       families[family] = {**q, "hole_fraction": float(1.0 - m.mean()), **cost}
       examples[family] = (np.where(m[:k, :, :, None] > 0, originals[:k], -1.0), out[:k])
     result = {"method": ec.inpaint_method, "network_evals": nfe,
