@@ -548,3 +548,68 @@ def test_every_stored_json_is_linked_from_the_documentation():
   stored = sorted(os.path.relpath(p, ROOT) for p in
                   glob.glob(os.path.join(ROOT, "results", "**", "*.json"), recursive=True))
   assert stored and not [p for p in stored if p not in linked]
+
+
+# Numbers in a paragraph that names a JSON but do not come from it: (document, number) ->
+# where they come from.
+QUOTED = {("experiments/benchmarks/README.md", "23.01"): "the DiT paper's Gflops of B/2",
+          ("experiments/benchmarks/README.md", "118.64"): "the DiT paper's Gflops of XL/2"}
+# The unit after a number that shows a JSON value scaled.
+SCALES = {"%": 100.0, "TFLOP": 1e-12, "GFLOP": 1e-9, "MFLOP": 1e-6, "ms": 1e3}
+
+
+def _numbers(value, out):
+  """Every number a JSON value holds (numbers inside strings too, e.g. commands)."""
+  import re  # pylint: disable=g-import-not-at-top
+  if isinstance(value, dict):
+    for v in value.values():
+      _numbers(v, out)
+  elif isinstance(value, list):
+    for v in value:
+      _numbers(v, out)
+  elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    out.append(float(value))
+  elif isinstance(value, str):
+    out.extend(float(m) for m in re.findall(r"\d+\.?\d*", value))
+  return out
+
+
+def test_prose_numbers_come_from_the_json_their_paragraph_names():
+  """In the documentation, a paragraph (outside tables and code) that names a
+  results/**/*.json (or the .md table written beside one) may state a decimal number, or a comma-grouped integer (620,257), only as a value
+  of that JSON at the paragraph's rounding (a share may be a percentage, FLOPs GFLOP, ...),
+  or as a quoted fact listed in QUOTED. Differences and ratios computed by hand are not
+  allowed there: the experiment's writer stores them in its JSON."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  docs = ["README.md", "ROADMAP.md", *glob.glob("docs/*.md", root_dir=ROOT),
+          *glob.glob("experiments/*/README.md", root_dir=ROOT)]
+  checked, wrong = 0, []
+  for doc in docs:
+    with open(os.path.join(ROOT, doc)) as f:
+      text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    for para in text.split("\n\n"):
+      if para.lstrip().startswith("|"):
+        continue
+      names = re.findall(r"results/[\w/.\-]+?\.(?:json|md)\b", para)
+      values = []
+      for name in names:                  # a table .md stands for the JSON it was made from
+        path = os.path.join(ROOT, os.path.splitext(name)[0] + ".json")
+        if os.path.exists(path):
+          with open(path) as f:
+            _numbers(json.load(f), values)
+      if not values:
+        continue
+      body = re.sub(r"\[[^\]]*\]\([^)]*\)|`[^`]*`", " ", para)      # links and code
+      for match in re.finditer(r"(?<![\w.])(\d+\.\d+|\d{1,3}(?:,\d{3})+(?![\w.]))\s*(%|TFLOP|GFLOP|MFLOP|ms)?",
+                               body):
+        token, unit = match.groups()
+        token = token.replace(",", "")                               # 620,257 -> 620257
+        checked += 1
+        digits = len(token.split(".")[1]) if "." in token else 0
+        if (doc, token) in QUOTED:
+          continue
+        scale = SCALES.get(unit, 1.0)
+        if not any(round(v * scale, digits) == float(token) for v in values):
+          wrong.append(f"{doc}: {token} in '{para[:70]}...'")
+  assert checked > 50 and not wrong, "\n".join(wrong)

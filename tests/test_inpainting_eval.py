@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.diffusion import flow
+from asyncpatch_jax.evaluation import feature_nets
 from asyncpatch_jax.evaluation import inpainting_eval as ie
+from asyncpatch_jax.evaluation import statistics
 
 H, W, C = 8, 8, 1
 
@@ -355,3 +357,44 @@ def test_dataset_images_are_the_documented_digits():
   everything = ie.dataset_images("digits", "test", 10_000)       # more than there are: all
   assert everything.shape == (359, 16, 16, 1) == ie.dataset_images("digits", "test").shape
   np.testing.assert_allclose(everything, ref, atol=1e-7)
+
+
+def test_quality_intervals_resample_each_original_with_its_inpainting():
+  """interval_resamples: PSNR/SSIM intervals are the bootstrap of the NumPy per-image values;
+  the Frechet interval resamples original-output pairs together (a float64 NumPy/scipy
+  bootstrap of the pairs agrees within Monte Carlo error), so outputs equal to the originals
+  give exactly [0, 0], where resampling the outputs alone would not."""
+  rng = np.random.default_rng(5)
+  n, h, w = 60, 8, 8
+  originals = rng.uniform(-1, 1, (n, h, w, C)).astype(np.float32)
+  outputs = np.clip(originals + 0.4 * rng.standard_normal(originals.shape), -1, 1
+                    ).astype(np.float32)
+  toy = _LinearFeatures(h, w)
+  got = ie.quality(outputs, originals, toy, batch=32, k=3, interval_resamples=400,
+                   per_image=True)
+  o64, x64 = outputs.astype(np.float64), originals.astype(np.float64)
+  psnr = 10 * np.log10(1.0 / (((o64 - x64) / 2) ** 2).mean(axis=(1, 2, 3)))
+  np.testing.assert_allclose(got["per_image"]["psnr"], psnr, rtol=1e-5)
+  ref = statistics.interval(psnr, resamples=400)
+  assert (got["psnr_interval"]["low"], got["psnr_interval"]["high"]) == pytest.approx(
+      (ref.low, ref.high), rel=1e-4)
+  assert got["ssim_interval"]["low"] < got["ssim"] < got["ssim_interval"]["high"]
+  feats = lambda z: z.reshape(len(z), -1) @ toy.proj.astype(np.float64)
+  fr, ff = feats(x64), feats(o64)
+
+  def fd(a, b):
+    c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(c_a) + np.trace(c_b)
+            - 2 * np.trace(scipy.linalg.sqrtm(c_a @ c_b)).real)
+  draws = np.random.default_rng(11).integers(0, n, (1000, n))
+  boot = [fd(fr[i], ff[i]) for i in draws]
+  low, high = np.percentile(boot, [2.5, 97.5])
+  iv = got["fd_toy_interval"]
+  assert iv["estimate"] == pytest.approx(fd(fr, ff), rel=1e-4)
+  assert iv["low"] == pytest.approx(low, rel=0.15) and iv["high"] == pytest.approx(high, rel=0.15)
+  same = feature_nets.feature_metrics(toy, originals, originals, k=3, batch_size=32,
+                                      interval_resamples=100, paired=True)["fd_toy_interval"]
+  assert abs(same["low"]) < 1e-6 and abs(same["high"]) < 1e-6
+  unpaired = feature_nets.feature_metrics(toy, originals, originals, k=3, batch_size=32,
+                                          interval_resamples=100)["fd_toy_interval"]
+  assert unpaired["high"] > 1e-3

@@ -71,6 +71,28 @@ def test_default_schedule_counts():
   np.testing.assert_allclose(np.abs(np.diff(t)), 1 / 250, rtol=1e-4)
 
 
+def test_params_for_budget_spend_exactly_the_budget_with_the_most_steps():
+  """For every budget up to 120 and jump length: the schedule, counted by jump_schedule,
+  spends exactly the budget with a resampling, and no schedule at that jump length with
+  more steps does (enumeration); 50 at jump length 5 is 20 / 5 / 3."""
+  assert repaint.params_for_budget(50, 5) == (20, 5, 3)
+  for jl in (1, 2, 5, 10):
+    for budget in range(2, 121):
+      spends = set()
+      for ns in range(2 * jl, budget + 1, jl):
+        for jn in range(2, budget + 2):         # the cost grows with jn: stop past the budget
+          nfe = repaint.num_model_steps(repaint.jump_schedule(ns, jl, jn))
+          spends |= {(ns, jn)} if nfe == budget else set()
+          if nfe >= budget:
+            break
+      if not spends:
+        with pytest.raises(checks.InputError, match="spends exactly"):
+          repaint.params_for_budget(budget, jl)
+        continue
+      ns, got_jl, jn = repaint.params_for_budget(budget, jl)
+      assert got_jl == jl and (ns, jn) in spends and ns == max(s for s, _ in spends)
+
+
 H, W, C = 2, 2, 1
 D = H * W * C
 
