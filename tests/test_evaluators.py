@@ -22,6 +22,7 @@ from asyncpatch_jax.data import masks
 from asyncpatch_jax.evaluation.evaluators import base
 from asyncpatch_jax.evaluation.evaluators import common as evaluators
 from asyncpatch_jax.generation import generate
+from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.runtime import sharding
 
 W_FEATURES = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
@@ -130,6 +131,10 @@ def test_evaluate_with_a_fake_generator_against_float64_references(devices):
   g = result["generation"]
   assert (g["num_samples"], g["num_reference"], g["reference_split"]) == (50, 50, "train")
   assert g["fd_lin"] == pytest.approx(_frechet(feats(real), feats(samples)), rel=1e-4)
+  # Its interval (the default 200 resamples) resamples the samples, the reference fixed.
+  iv = g["fd_lin_interval"]
+  assert (iv["estimate"], iv["n"], iv["level"]) == (pytest.approx(g["fd_lin"]), 50, 0.95)
+  assert iv["low"] < g["fd_lin"] < iv["high"]
   for name, value in _prdc(feats(real), feats(samples), 3).items():
     assert g[f"{name}_lin"] == pytest.approx(value, abs=1e-12), name
 
@@ -146,9 +151,17 @@ def test_evaluate_with_a_fake_generator_against_float64_references(devices):
     assert q["psnr"] == pytest.approx(np.mean(10 * np.log10(1.0 / mse)), rel=1e-5), family
     assert q["hole_fraction"] == pytest.approx(1.0 - m.mean(), abs=1e-7)
     assert q["fd_lin"] == pytest.approx(_frechet(feats(originals), feats(out)), rel=1e-4)
+    assert q["psnr_interval"]["low"] < q["psnr"] < q["psnr_interval"]["high"]
+    assert q["fd_lin_interval"]["n"] == 19
     masked, shown = examples[family]
     np.testing.assert_array_equal(shown, out[:8].astype(np.float32))
     np.testing.assert_array_equal(masked, np.where(m[:8] > 0, originals[:8], -1.0))
+
+
+def test_too_few_interval_resamples_stop_before_any_work():
+  with pytest.raises(checks.InputError, match="at least 50 bootstrap resamples"):
+    evaluators.from_config(_config(interval_resamples=10), ("generation",), (16, 16, 1))
+  evaluators.from_config(_config(interval_resamples=0), ("generation",), (16, 16, 1))
 
 
 def test_batch_is_the_smallest_device_multiple_with_the_fewest_batches():

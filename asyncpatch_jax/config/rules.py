@@ -359,6 +359,7 @@ RULES: dict[str, Rule] = {
     "evaluate.input_guidance": _WEIGHT,
     "evaluate.repaint": Ints(lengths=(3,)),
     "evaluate.k": _POSITIVE,
+    "evaluate.interval_resamples": _COUNT,
     "evaluate.feature_steps": _POSITIVE,
     "evaluate.inception_weights": Text("an .npz/.safetensors path, or '' for none"),
     "evaluate.lpips_weights": Text("an .npz/.safetensors path, or '' for none"),

@@ -87,8 +87,8 @@ class Evaluator(abc.ABC):
     self.image_shape = tuple(int(s) for s in image_shape)
     self.latent = latent
     if self.uses_feature_nets:
-      r = config.evaluate.interval_resamples
-      if isinstance(r, bool) or int(r) != r or r < 0 or 0 < r < 50:
+      r = config.evaluate.interval_resamples        # an int >= 0 (config/rules.py)
+      if 0 < r < 50:
         raise checks.InputError(f"evaluate.interval_resamples={r!r}; expected 0 (no "
                                 "intervals) or at least 50 bootstrap resamples (200 default).")
 
