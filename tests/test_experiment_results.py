@@ -44,33 +44,78 @@ def timestep_statistics():
                   f"{v['mean_spread']:.3f}"] for k, v in r.items()])
 
 
+def _mse(v, digits):
+  """mean ± s.e. over seeds."""
+  return f"{v['mean']:.{digits}f} ± {v['sem']:.{digits}f}"
+
+
+def _diff(d, verdict, digits):
+  """A difference, its 95% interval and the verdict the rule gives."""
+  return (f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] "
+          f"{verdict}")
+
+
 def sampler_ablation():
-  r = _result("evaluation/sampler_ablation.json")["models"]
+  r = _result("evaluation/sampler_ablation.json")["table"]
   rows = []
-  for sampler, m in r.items():
-    g = m["generation"]
-    rows.append([sampler, f"{g['fd_digits']:.1f}", f"{g['precision_digits']:.3f}",
-                 f"{g['recall_digits']:.3f}"]
-                + [f"{m['inpainting'][f]['psnr']:.1f} / {m['inpainting'][f]['fd_digits']:.1f}"
-                   for f in FAMILIES])
-  return _table(["sampler", "generation fd_digits", "precision", "recall",
+  for name, m in r.items():
+    gen = ([_mse(m[f"generation {k}"], d) for k, d in (("fd", 1), ("precision", 3),
+                                                        ("recall", 3))]
+           if "generation fd" in m else ["—"] * 3)
+    rows.append([name, *gen] + [f"{_mse(m[f'{f} psnr'], 1)} / {_mse(m[f'{f} fd'], 1)}"
+                                for f in FAMILIES])
+  return _table(["row", "generation fd_digits", "precision", "recall",
                  "thin PSNR / fd_digits", "wide", "square", "extrema"], rows)
 
 
-INPAINTING_METHODS = {"asyncpatch": "AsyncPatch Eq. 4",
-                      "asyncpatch_input_guidance": "+ input guidance (w = 1)",
-                      "progressive": "progressive, 4 stripes", "repaint": "RePaint 50/5/5"}
+def sampler_ablation_verdicts():
+  tab = _result("evaluation/sampler_ablation.json")["table"]
+  cols = ["generation fd"] + [f"{f} {k}" for f in FAMILIES for k in ("psnr", "fd")]
+  rows = []
+  for name, m in tab.items():
+    if "verdict" not in m[f"{FAMILIES[0]} psnr"]:
+      continue                                     # the reference row
+    rows.append([f"{name} - asyncpatch"] + [
+        _diff(m[c]["minus_reference"], m[c]["verdict"], 1) if c in m else "—" for c in cols])
+  return _table(["row - reference", "generation fd_digits"] + [
+      f"{f} {'PSNR' if k == 'psnr' else 'fd_digits'}" for f in FAMILIES for k in ("psnr", "fd")],
+                rows)
+
+
+def _method(table, model, spec):
+  """A method's name, with its steps or RePaint schedule from the JSON."""
+  m = table[model][spec]
+  name = spec.split("@")[0]
+  if name == "repaint":
+    return "RePaint " + "/".join(str(v) for v in m["repaint"])
+  return {"asyncpatch": f"AsyncPatch Eq. 4, {m['network_evals']} steps",
+          "progressive": "progressive, 4 stripes",
+          "asyncpatch_input_guidance": "+ input guidance (w = 1)"}[name]
 
 
 def inpainting_benchmark():
-  r = _result("evaluation/inpainting.json")["models"]
+  r = _result("evaluation/inpainting.json")["table"]
   rows = []
   for model, methods in r.items():
-    for method, fams in methods.items():
-      rows.append([model, INPAINTING_METHODS[method], fams["thin"]["network_evals"]]
-                  + [f"{fams[f]['fd_digits']:.1f} / {fams[f]['psnr']:.1f}" for f in FAMILIES])
-  return _table(["model", "method", "network evals", "thin fd_digits / PSNR", "wide", "square",
-                 "extrema"], rows)
+    for spec, m in methods.items():
+      rows.append([model, _method(r, model, spec), m["network_evals"],
+                   f"{m['flops_per_image'] / 1e9:.1f}", f"{m['seconds_per_image']:.4f}"]
+                  + [f"{_mse(m[f]['psnr'], 1)} / {_mse(m[f]['fd'], 1)}" for f in FAMILIES])
+  return _table(["model", "method", "network evals", "GFLOP / image", "s / image",
+                 "thin PSNR / fd_digits", "wide", "square", "extrema"], rows)
+
+
+def inpainting_comparisons():
+  r = _result("evaluation/inpainting.json")
+  side = lambda text: f"{text.split(':')[0]} model, {_method(r['table'], *text.split(':'))}"
+  rows = []
+  for c in r["comparisons"]:
+    for k in ("psnr", "fd"):
+      rows.append([f"{side(c['a'])} - {side(c['b'])}", c["interval_over_seeds"],
+                   "PSNR" if k == "psnr" else "fd_digits"]
+                  + [_diff(c["families"][f][k]["a_minus_b"], c["families"][f][k]["verdict_for_a"],
+                           1) for f in FAMILIES])
+  return _table(["A - B", "interval over seeds", "metric", *FAMILIES], rows)
 
 
 def latent_textures():
@@ -507,7 +552,8 @@ def skip_cost():
 
 
 TABLES = {
-    "asyncpatch": [timestep_statistics, sampler_ablation, inpainting_benchmark, latent_textures,
+    "asyncpatch": [timestep_statistics, sampler_ablation, sampler_ablation_verdicts,
+                   inpainting_benchmark, inpainting_comparisons, latent_textures,
                    latent_autoencoder, texture_synthesis, adaptive_sampling, dit_vs_unet,
                    dit_adaptive, clean_vs_dit, clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
