@@ -159,6 +159,28 @@ def texture_synthesis():
                  "Δ seam_l1", "seam_ratio", "seed_spread"], out)
 
 
+def texture_synthesis_verdicts():
+  """The paired differences against w = 0 over the 21 exemplars with their 95% t intervals
+  (mean +- t(0.975, n - 1) s.e., the JSON's paired mean and s.e.) and the rule's verdict."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  r = _result("texture_synthesis/texture_synthesis.json")
+  t = stats.t.ppf(0.975, r["num_exemplars"] - 1)
+  t_g = r["settings"]["guidance_t"]
+  runs = [(w, t_g) for w in r["weights"] if w["w"] != 0]
+  runs += [(w, w["guidance_t"]) for w in r["guidance_t_ablation"] if w["guidance_t"] != t_g]
+  out = []
+  for w, tg in runs:
+    cells = []
+    for k in ("patch_swd", "colour_w1", "seam_l1"):
+      d, se = w[f"d_{k}"], w[f"d_{k}_se"]
+      low, high = d - t * se, d + t * se
+      verdict = "within noise" if low <= 0 <= high else ("worse" if low > 0 else "better")
+      cells.append(f"{d:+.3f} [{low:+.3f}, {high:+.3f}] {verdict}")
+    out.append([f"{w['w']:g}", f"{tg:g}", *cells])
+  return _table(["w", "t_g", "Δ patch_swd, 95% interval, verdict", "Δ colour_w1",
+                 "Δ seam_l1"], out)
+
+
 def adaptive_sampling():
   r = _result("adaptive/adaptive_sampling.json")["rows"]
   return _table(["schedule", "budget", "network evaluations", "mean steps / pixel", "fd_digits",
@@ -554,7 +576,7 @@ def skip_cost():
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, sampler_ablation_verdicts,
                    inpainting_benchmark, inpainting_comparisons, latent_textures,
-                   latent_autoencoder, texture_synthesis, adaptive_sampling, dit_vs_unet,
+                   latent_autoencoder, texture_synthesis, texture_synthesis_verdicts, adaptive_sampling, dit_vs_unet,
                    dit_adaptive, clean_vs_dit, clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
