@@ -18,7 +18,9 @@ the same --out folder) and each mask family, --num_inpaint held-out images are i
                              jump length (repaint.params_for_budget: 50 -> 20/5/3).
 Each run's scores (PSNR, SSIM, fd_digits with bootstrap intervals over the images, the
 per-image PSNR and SSIM, network evaluations, FLOPs and seconds per image) are cached beside
-its checkpoints, so an interrupted call loses nothing. --compare names the comparisons
+its checkpoints, so an interrupted call loses nothing. A --methods entry model:method runs
+on that model only (by default RePaint runs on both models, AsyncPatch on its own). --compare
+names the comparisons
 `modelA:methodA~modelB:methodB` (A - B): on the same model, the per-seed differences are
 paired (the same images, masks and keys; statistics.seed_paired over seeds, with the
 paired bootstrap interval within each seed); on different models, Welch's interval over
@@ -26,10 +28,11 @@ seeds. Verdicts follow evaluation/statistics.py: "better"/"worse" only when the 
 excludes 0. Writes the JSON and a Markdown table (.md).
 
 On an accelerator (paper: ImageNet 64 / 256, 1k images, RePaint 250/10/10):
-  python -m experiments.asyncpatch.inpainting_benchmark --seeds=0 \
-      --workdirs=global:gs://<bucket>/ablation/global,asyncpatch:gs://<bucket>/ablation/asyncpatch \
-      --inception_weights=weights/inception_fid.npz --num_inpaint=1000 \
-      --repaint=250,10,10 --methods=asyncpatch,repaint --compare= \
+  python -m experiments.asyncpatch.inpainting_benchmark \
+      --workdirs=global:gs://<bucket>/ablation/global_s{seed},asyncpatch:gs://<bucket>/ablation/asyncpatch_s{seed} \
+      --inception_weights=weights/inception_fid.npz --num_inpaint=1000 --repaint=250,10,10 \
+      --methods=asyncpatch:asyncpatch,asyncpatch:asyncpatch@2230,repaint,repaint@250 \
+      --compare=asyncpatch:asyncpatch~global:repaint@250,asyncpatch:asyncpatch@2230~global:repaint \
       --out=results/evaluation/inpainting_imagenet64.json
 """
 
@@ -60,8 +63,9 @@ flags.DEFINE_list("workdirs", ["global:/tmp/asyncpatch_ablation/global_s{seed}",
                   "name:workdir of each trained model ({seed}: each of --seeds).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (the runs of each model).")
 flags.DEFINE_list("families", ["thin", "wide", "square", "extrema"], "Mask families.")
-flags.DEFINE_list("methods", ["asyncpatch", "asyncpatch@230", "progressive", "repaint",
-                              "repaint@50"], "Inpainting methods (see the docstring).")
+flags.DEFINE_list("methods", ["asyncpatch:asyncpatch", "asyncpatch:asyncpatch@230",
+                              "repaint", "repaint@50"],
+                  "Inpainting methods (see the docstring); model:method runs on that model only.")
 flags.DEFINE_list("compare", [
     "asyncpatch:asyncpatch~asyncpatch:repaint@50",
     "asyncpatch:asyncpatch@230~asyncpatch:repaint",
@@ -80,12 +84,23 @@ flags.DEFINE_integer("classifier_steps", 600, "Training steps of the digit featu
 flags.DEFINE_string("inception_weights", "", "FID Inception weights (.npz): features = Inception.")
 common.define_tiny(dict(num_inpaint=20, repaint=["4", "2", "2"], num_stripes=2, num_steps=4,
                         batch=16, classifier_steps=5, families=["square"], seeds=["0", "1"],
-                        methods=["asyncpatch", "asyncpatch@8", "repaint", "repaint@6"],
+                        methods=["asyncpatch", "asyncpatch:asyncpatch@8", "repaint",
+                                 "repaint@6"],
                         compare=["asyncpatch:asyncpatch@8~asyncpatch:repaint",
                                  "asyncpatch:asyncpatch~global:repaint@6"],
                         interval_resamples=50))
 
 METRICS = ("psnr", True), ("ssim", True), ("fd", False)     # -> higher is better
+
+
+def methods_of(model: str) -> list[str]:
+  """The --methods entries that run on `model`."""
+  out = []
+  for entry in FLAGS.methods:
+    owner, _, spec = entry.rpartition(":")
+    if owner in ("", model):
+      out.append(spec)
+  return out
 
 
 def variant(spec: str) -> dict:
@@ -211,15 +226,20 @@ def main(argv):
     FLAGS.workdirs = [f"{m}:{root}/{m}_s{{seed}}" for m in ("global", "asyncpatch")]
   seeds = [str(int(s)) for s in FLAGS.seeds]
   models = dict(item.split(":", 1) for item in FLAGS.workdirs)
-  for spec in FLAGS.methods:
-    variant(spec)                                   # every entry parses before any work
+  if len(seeds) < 2:
+    raise ValueError(f"--seeds={FLAGS.seeds}: the table is over training seeds; give 2 or more.")
+  for entry in FLAGS.methods:                       # every entry parses before any work
+    owner, _, spec = entry.rpartition(":")
+    variant(spec)
+    if owner and owner not in models:
+      raise ValueError(f"--methods entry {entry!r}: no model {owner!r} in --workdirs.")
   for c in FLAGS.compare:
     sides = [side.split(":", 1) for side in c.split("~")]
-    if len(sides) != 2 or any(len(s) != 2 or s[0] not in models or s[1] not in FLAGS.methods
-                              for s in sides) or len(seeds) < 2:
+    if len(sides) != 2 or any(len(s) != 2 or s[0] not in models or s[1] not in methods_of(s[0])
+                              for s in sides):
       raise ValueError(f"--compare entry {c!r}: expected modelA:methodA~modelB:methodB over "
                        f"--workdirs models {sorted(models)} and --methods {FLAGS.methods}, "
-                       "with 2 or more --seeds.")
+                       "the method running on that model.")
   first = common.load_config(os.path.join(models[next(iter(models))].format(seed=seeds[0]),
                                           "config.json"))
   first.evaluate.update(feature_steps=FLAGS.classifier_steps,
@@ -230,12 +250,12 @@ def main(argv):
   scores = {m: {s: {} for s in seeds} for m in models}
   for s in seeds:                                   # seed-major: whole seeds done first
     for m, template in models.items():
-      for spec in tqdm(FLAGS.methods, desc=f"{m} seed {s}"):
+      for spec in tqdm(methods_of(m), desc=f"{m} seed {s}"):
         scores[m][s][spec] = score(template.format(seed=s), spec, extractors)
   table = {}
   for m in models:
     table[m] = {}
-    for spec in FLAGS.methods:
+    for spec in methods_of(m):
       runs = [scores[m][s][spec] for s in seeds]
       row = {"network_evals": runs[0]["network_evals"],
              "repaint": variant(spec)["repaint"] if spec.startswith("repaint") else None,
