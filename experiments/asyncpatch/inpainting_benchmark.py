@@ -19,7 +19,8 @@ the same --out folder) and each mask family, --num_inpaint held-out images are i
 Each run's scores (PSNR, SSIM, fd_digits with bootstrap intervals over the images, the
 per-image PSNR and SSIM, network evaluations, FLOPs and seconds per image) are cached beside
 its checkpoints, so an interrupted call loses nothing. A --methods entry model:method runs
-on that model only (by default RePaint runs on both models, AsyncPatch on its own). --compare
+on that model only (by default AsyncPatch runs on its own model, RePaint 50/5/5 on the
+`global` one as in the paper, and RePaint at 50 evaluations on both). --compare
 names the comparisons
 `modelA:methodA~modelB:methodB` (A - B): on the same model, the per-seed differences are
 paired (the same images, masks and keys; statistics.seed_paired over seeds, with the
@@ -64,11 +65,10 @@ flags.DEFINE_list("workdirs", ["global:/tmp/asyncpatch_ablation/global_s{seed}",
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (the runs of each model).")
 flags.DEFINE_list("families", ["thin", "wide", "square", "extrema"], "Mask families.")
 flags.DEFINE_list("methods", ["asyncpatch:asyncpatch", "asyncpatch:asyncpatch@230",
-                              "repaint", "repaint@50"],
+                              "global:repaint", "repaint@50"],
                   "Inpainting methods (see the docstring); model:method runs on that model only.")
 flags.DEFINE_list("compare", [
     "asyncpatch:asyncpatch~asyncpatch:repaint@50",
-    "asyncpatch:asyncpatch@230~asyncpatch:repaint",
     "asyncpatch:asyncpatch~global:repaint@50",
     "asyncpatch:asyncpatch@230~global:repaint",
     "asyncpatch:asyncpatch~global:repaint"], "Comparisons modelA:methodA~modelB:methodB.")
