@@ -75,7 +75,7 @@ def params_for_budget(budget: int, jump_length: int) -> tuple[int, int, int]:
   the most steps, so the fewest resamplings (budget 50, jump length 5: 20 / 5 / 3).
 
   A schedule of n steps costs n + (jump_n_sample - 1) * jump_length * (n / jump_length - 1)
-  evaluations (50 / 5 / 5: 230; 250 / 10 / 10: 2230)."""
+  evaluations (50 / 5 / 5: 230; 250 / 10 / 10: 2410)."""
   budget = checks.check_positive_int(budget, "budget")
   jump_length = checks.check_positive_int(jump_length, "jump_length")
   for num_steps in range(budget - budget % jump_length, jump_length, -jump_length):
@@ -84,8 +84,8 @@ def params_for_budget(budget: int, jump_length: int) -> tuple[int, int, int]:
     if rounds and extra > 0 and extra % (jump_length * rounds) == 0:
       return num_steps, jump_length, extra // (jump_length * rounds) + 1
   raise checks.InputError(f"no RePaint schedule with jump_length={jump_length} spends exactly "
-                          f"{budget} network evaluations with a resampling; try jump_length "
-                          "2 or 5, or another budget.")
+                          f"{budget} network evaluations with a resampling; try another "
+                          "budget or jump length (jump length 1 fits every budget from 3).")
 
 
 def schedule_times(indices, num_steps: int) -> np.ndarray:

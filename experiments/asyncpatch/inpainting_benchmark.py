@@ -31,9 +31,10 @@ excludes 0. Writes the JSON and a Markdown table (.md).
 On an accelerator (paper: ImageNet 64 / 256, 1k images, RePaint 250/10/10):
   python -m experiments.asyncpatch.inpainting_benchmark \
       --workdirs=global:gs://<bucket>/ablation/global_s{seed},asyncpatch:gs://<bucket>/ablation/asyncpatch_s{seed} \
-      --inception_weights=weights/inception_fid.npz --num_inpaint=1000 --repaint=250,10,10 \
-      --methods=asyncpatch:asyncpatch,asyncpatch:asyncpatch@2230,repaint,repaint@250 \
-      --compare=asyncpatch:asyncpatch~global:repaint@250,asyncpatch:asyncpatch@2230~global:repaint \
+      --inception_weights=weights/inception_fid.npz --lpips_weights=weights/lpips_alex.npz \
+      --num_inpaint=1000 --repaint=250,10,10 \
+      --methods=asyncpatch:asyncpatch,asyncpatch:asyncpatch@2410,global:repaint,repaint@250 \
+      --compare=asyncpatch:asyncpatch~global:repaint@250,asyncpatch:asyncpatch@2410~global:repaint \
       --out=results/evaluation/inpainting_imagenet64.json
 """
 
@@ -82,6 +83,7 @@ flags.DEFINE_integer("batch", 128, "Inpainting batch.")
 flags.DEFINE_integer("interval_resamples", 500, "Bootstrap resamples of the intervals.")
 flags.DEFINE_integer("classifier_steps", 600, "Training steps of the digit feature network.")
 flags.DEFINE_string("inception_weights", "", "FID Inception weights (.npz): features = Inception.")
+flags.DEFINE_string("lpips_weights", "", "LPIPS weights (.npz/.safetensors): adds LPIPS.")
 common.define_tiny(dict(num_inpaint=20, repaint=["4", "2", "2"], num_stripes=2, num_steps=4,
                         batch=16, classifier_steps=5, families=["square"], seeds=["0", "1"],
                         methods=["asyncpatch", "asyncpatch:asyncpatch@8", "repaint",
@@ -126,13 +128,13 @@ def flops_per_evaluation(run) -> float:
   return float(jax.jit(run.model.apply).lower({"params": run.params}, x, t, y).cost_analysis()["flops"])
 
 
-def score(workdir: str, spec: str, extractors) -> dict:
+def score(workdir: str, spec: str, extractors, lpips_fn=None) -> dict:
   """One run's scores of one method, every family (cached in the workdir)."""
   v = variant(spec)
   cache = os.path.join(workdir, f"inpainting_benchmark_{spec.replace('@', '_at_')}.json")
   settings = {**v, **{k: FLAGS[k].value for k in (
       "families", "num_inpaint", "eta", "input_guidance", "num_stripes", "interval_resamples",
-      "classifier_steps", "inception_weights")}}
+      "classifier_steps", "inception_weights", "lpips_weights")}}
   if os.path.exists(cache):
     with open(cache) as f:
       cached = json.load(f)
@@ -155,13 +157,16 @@ def score(workdir: str, spec: str, extractors) -> dict:
     m = masks.make_masks(fam, len(real), h, w, seed=0)
     out, cost = inpainting_eval.run_inpainting(fn, real, m, jax.random.fold_in(key, 10 + j),
                                                FLAGS.batch)
-    q = inpainting_eval.quality(out, real, extractors, batch=FLAGS.batch, mesh=gen.mesh,
-                                interval_resamples=FLAGS.interval_resamples, per_image=True)
+    q = inpainting_eval.quality(out, real, extractors, lpips_fn=lpips_fn, batch=FLAGS.batch,
+                                mesh=gen.mesh, interval_resamples=FLAGS.interval_resamples,
+                                per_image=True)
     families[fam] = {"psnr": q["psnr"], "psnr_interval": q["psnr_interval"],
                      "ssim": q["ssim"], "ssim_interval": q["ssim_interval"],
                      "fd": q[fd], "fd_interval": q[fd + "_interval"],
                      "per_image": {k: a.tolist() for k, a in q["per_image"].items()},
                      "seconds_per_image": cost["seconds_per_image"]}
+    if "lpips" in q:
+      families[fam]["lpips"] = q["lpips"]
   flops = flops_per_evaluation(run)
   result = {"settings": settings, "step": run.step, "network_evals": nfe,
             "flops_per_evaluation": flops, "flops_per_image": flops * nfe, "families": families}
@@ -243,15 +248,16 @@ def main(argv):
   first = common.load_config(os.path.join(models[next(iter(models))].format(seed=seeds[0]),
                                           "config.json"))
   first.evaluate.update(feature_steps=FLAGS.classifier_steps,
-                        inception_weights=FLAGS.inception_weights)
-  inception_features, _ = evaluators_base.load_weight_files(first)
+                        inception_weights=FLAGS.inception_weights,
+                        lpips_weights=FLAGS.lpips_weights)
+  inception_features, lpips_fn = evaluators_base.load_weight_files(first)
   extractors, nets = evaluators_base.feature_extractors(first, jax.random.key(1),
                                                         inception_features)
   scores = {m: {s: {} for s in seeds} for m in models}
   for s in seeds:                                   # seed-major: whole seeds done first
     for m, template in models.items():
       for spec in tqdm(methods_of(m), desc=f"{m} seed {s}"):
-        scores[m][s][spec] = score(template.format(seed=s), spec, extractors)
+        scores[m][s][spec] = score(template.format(seed=s), spec, extractors, lpips_fn)
   table = {}
   for m in models:
     table[m] = {}
