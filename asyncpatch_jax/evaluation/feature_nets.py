@@ -171,7 +171,9 @@ def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_si
   Frechet distance (evaluation/statistics.py set_interval), resampling the generated
   images, or, with paired=True (inpaintings of the originals), each original together with
   its inpainting. A resample costs one eigendecomposition of a [D, D] matrix: ~1 ms at the
-  digits' 128-d, ~1 s at Inception's 2048-d.
+  digits' 128-d, ~1 s at Inception's 2048-d. A resample with repeats has fewer distinct
+  images, which raises the distance, so the interval measures its spread and sits above
+  the estimate; compare methods by paired or seed-level differences.
   """
   names = metric_names(extractor.name)
   real = (extract(extractor, real_images, batch_size, mesh) if real_features is None
