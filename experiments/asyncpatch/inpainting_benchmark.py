@@ -138,7 +138,7 @@ def score(workdir: str, spec: str, extractors, lpips_fn=None) -> dict:
   if os.path.exists(cache):
     with open(cache) as f:
       cached = json.load(f)
-    if cached["settings"] == settings:
+    if {"lpips_weights": "", **cached["settings"]} == settings:   # (older caches: no LPIPS)
       return cached
   run = common.load_run(workdir)
   gen = generate.Generator(run.model)
