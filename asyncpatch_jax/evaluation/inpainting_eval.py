@@ -175,9 +175,10 @@ def quality(outputs: np.ndarray, originals: np.ndarray, extractor, *, lpips_fn=N
   """
   window = min(11, *outputs.shape[1:3])
   window -= 1 - window % 2                               # an odd SSIM window that fits
-  psnr = np.asarray(metrics.psnr(outputs, originals), np.float64)
-  ssim = np.asarray(metrics.ssim(outputs, originals, filter_size=window), np.float64)
+  psnr = np.asarray(metrics.psnr(outputs, originals))                  # float32 [N]
+  ssim = np.asarray(metrics.ssim(outputs, originals, filter_size=window))
   out = {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+  psnr, ssim = psnr.astype(np.float64), ssim.astype(np.float64)
   if interval_resamples:
     for name, v in (("psnr", psnr), ("ssim", ssim)):
       out[name + "_interval"] = statistics.interval(v, resamples=interval_resamples).as_dict()
