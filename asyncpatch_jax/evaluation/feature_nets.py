@@ -194,6 +194,5 @@ def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_si
 
 def frechet(real_features, fake_features) -> float:
   """The Frechet distance of two feature sets [N, D] (float64 mean and covariance)."""
-  mu_r, cov_r = metrics.FeatureStats().update(real_features).mean_cov()
-  mu_f, cov_f = metrics.FeatureStats().update(fake_features).mean_cov()
-  return metrics.frechet_distance(mu_r, cov_r, mu_f, cov_f)
+  return metrics.frechet_distance(*metrics.feature_statistics(real_features),
+                                  *metrics.feature_statistics(fake_features))
