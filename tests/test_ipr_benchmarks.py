@@ -276,18 +276,25 @@ def test_benchmark_configs_build_through_eval_shape(name):
 SUDOKU_FIELDS = ["hard.validity", "hard.stderr", "corrupted.1.validity", "corrupted.3.validity",
                  "corrupted.5.validity", "ablations.alpha_0.1.validity",
                  "ablations.alpha_0.25.validity", "ablations.alpha_0.5.validity",
-                 "ablations.fixed_noise.validity", "ablations.fixed_regions.validity"]
+                 "ablations.fixed_noise.validity", "ablations.fixed_regions.validity",
+                 "srm_order.hard.validity", "srm_order.hard.stderr"]
 SUDOKU_SCALARS = ["classifier.held_out_accuracy_10_classes", "classifier.rendered_cell_accuracy",
                   "classifier.real_grid_validity", "model.train_steps", "model.parameters",
                   "model.train_time_s", "settings.init_budget", "settings.ipr_budget",
-                  "total_wall_s"]
+                  "total_wall_s", "srm_order.head.train_steps", "srm_order.head.parameters"]
 EVEN_FIELDS = ["balance_accuracy", "balance_accuracy_stderr", "balance_accuracy_search",
-               "mean_count_error", "saturation_std", "value_std"]
+               "mean_count_error", "saturation_std", "value_std", "srm_order.balance_accuracy"]
 EVEN_SCALARS = ["data.balance_accuracy", "data.saturation_std", "data.value_std",
                 "model.train_steps", "model.parameters", "model.train_time_s",
-                "settings.init_budget", "settings.ipr_budget", "total_wall_s"]
+                "settings.init_budget", "settings.ipr_budget", "total_wall_s",
+                "srm_order.head.train_steps"]
 POLYGONS_FIELDS = ["count_accuracy", "count_accuracy_stderr", "mean_count_error",
-                   "vertex_uniformity"]
+                   "vertex_uniformity", "srm_order.count_accuracy", "srm_order.mean_count_error"]
+# Per benchmark: the success rate the SRM-order comparison pairs, as (raster, SRM) curve paths.
+PAIRED = {"ipr_sudoku": ("validity", "hard.validity", "srm_order.hard.validity"),
+          "ipr_even_pixels": ("balance_accuracy", "balance_accuracy",
+                              "srm_order.balance_accuracy"),
+          "ipr_polygons": ("count_accuracy", "count_accuracy", "srm_order.count_accuracy")}
 POLYGONS_SCALARS = ["data.count_accuracy", "data.vertex_uniformity", "model.train_steps",
                     "model.parameters", "model.train_time_s", "settings.init_budget",
                     "settings.ipr_budget", "settings.guidance", "total_wall_s"]
@@ -345,6 +352,19 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
   assert polygons["data"] == {"count_accuracy": 1.0, "mean_count_error": 0.0,
                               "vertex_uniformity": 1.0}
   assert set(polygons["by_count"]["last"]) == {"1", "2", "3", "4"}
+  assert set(polygons["srm_order"]["by_count"]["last"]) == {"1", "2", "3", "4"}
+  # SRM order vs raster on the same samples: the paired difference of the per-sample successes
+  # is the difference of the two curves' rates; its interval holds it; the verdict is the rule's.
+  for name, result in (("ipr_sudoku", sudoku), ("ipr_even_pixels", even),
+                       ("ipr_polygons", polygons)):
+    metric, raster, srm = PAIRED[name]
+    for r, i in (("x0", 0), ("last", -1)):
+      d = result["srm_order"]["comparison"][metric][r]
+      want = _field(result, srm)[i] - _field(result, raster)[i]
+      assert abs(d["estimate"] - want) < 1e-12, (name, r)
+      assert d["low"] <= d["estimate"] <= d["high"] and d["method"] == "percentile"
+      assert d["verdict"] == ("within noise" if d["low"] <= 0 <= d["high"] else
+                              "better" if d["low"] > 0 else "worse")
   for name in ("ipr_sudoku", "ipr_even_pixels", "ipr_polygons"):
     for ext in (".md", ".png", "_rounds.png"):
       assert os.path.getsize(tmp_path / f"{name}{ext}") > 0

@@ -12,9 +12,15 @@
    Sudoku init_overlap 0.0, 3 steps per patch, IPR overlap 0.8, 10 steps per patch; Even
    Pixels 0.9 / 30 / 0.9 / 30; Counting Polygons 0.9 / 10 / 0.9 / 10 (8x8 patches of 4x4
    pixels); stochasticity 0.5 (the sampler's eta). The budget of a run
-   is steps_per_patch * ((n - 1)(1 - overlap) + 1) for its largest region count n. No
-   uncertainty head is trained, so the order among waiting regions is raster (the policy's
-   ties go to the lowest id); SRM orders them by a learned uncertainty.
+   is steps_per_patch * ((n - 1)(1 - overlap) + 1) for its largest region count n.
+   --orders: `raster`, the baseline every table reads (no head: the waiting regions go in
+   raster order, the policy's ties going to the lowest id), and `uncertainty`, SRM's order as
+   the paper runs it: an uncertainty head (configs/uncertainty_digits.py, --head_steps,
+   trained or resumed in <workdir>_head) ranks the waiting regions by their predicted
+   uncertainty, for x^(0) and for every round's regenerations. The SRM run repeats the
+   main curve (Sudoku HARD, Even Pixels, Counting Polygons) on the same samples, labels and
+   keys, so the JSON's srm_order holds its curve and the paired bootstrap interval (over
+   samples) of SRM - raster at x^(0) and the last round, with the rule's verdict.
 3. IPR (Alg. 1) for --num_rounds rounds, every round scored:
    Sudoku HARD (test grids, givens 0..5 fixed and excluded: the condition set), validity
    read by the in-project cell classifier (evaluation/constraints.py); K-corrupted valid
@@ -43,6 +49,7 @@ import numpy as np
 from asyncpatch_jax.runtime import checks
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.data import datasets
+from asyncpatch_jax.data import even_pixels as even_pixels_lib
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.data import sudoku as sudoku_lib
 from asyncpatch_jax.diffusion import ipr
@@ -51,9 +58,13 @@ from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import constraints
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import polygon_count
+from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.runtime import progress
 from experiments import common
 
+# The orders of x^(0) and of the regenerations; raster is the baseline every table reads.
+ORDERS = ("raster", "uncertainty")
+ORDER_NAMES = {"raster": "raster (no head)", "uncertainty": "SRM uncertainty order (head)"}
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir_root", "", "Workdirs sudoku4/, even_pixels/ and polygons/ below it "
                     "(default /tmp/ipr_benchmarks; with --tiny <out>/tiny_workdirs).")
@@ -75,6 +86,10 @@ flags.DEFINE_float("alpha", 0.25, "Resampling ratio of the main runs (Table 1 / 
 flags.DEFINE_float("eta", 0.5, "Sampler stochasticity (Table 1: 0.5).")
 flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project cell classifier.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
+flags.DEFINE_list("orders", list(ORDERS), "Orders of x^(0) and the regenerations: raster (no "
+                  "head: the policy's ties go to the lowest region) and uncertainty (SRM's: an "
+                  "uncertainty head trained on the benchmark's model in <its workdir>_head).")
+flags.DEFINE_integer("head_steps", 600, "Training steps of each benchmark's uncertainty head.")
 common.define_tiny(dict(num_rounds=2, sudoku_samples=2, corrupted_samples=2, ablation_samples=2,
                         even_pixels_samples=2, polygons_samples=4, classifier_steps=5),
                    "Smoke run: tiny UNets, 2 training steps, 2 samples, 2 rounds, 16x16 Even "
@@ -136,6 +151,40 @@ def budget(num_regions: int, steps_per_patch: int, overlap: float) -> int:
              num_regions - 1 + int(math.ceil(1 / (1 - overlap) - 1e-9)))
 
 
+def _with_head(workdir: str, config, tiny: bool):
+  """The benchmark's trained run with an uncertainty head (SRM's order): the head
+  (configs/uncertainty_digits.py, --head_steps steps, the model frozen, trained on the model's
+  own data and timestep sampler) is trained or resumed in <workdir>_head. Returns the run
+  and the head's description."""
+  head_dir = workdir + "_head"
+  head_config = common.load_config("uncertainty_digits")
+  common.updated(head_config, {"uncertainty": dict(model_workdir=workdir),
+                               "train": dict(num_steps=FLAGS.head_steps, progress_bar=False)})
+  if tiny:
+    common.updated(head_config, {"train": dict(batch_size=8, num_steps=2, log_every=1,
+                                               checkpoint_every=2),
+                                 "optim": dict(warmup_steps=1)})
+  train_call_s = common.train_or_resume(head_config, head_dir)
+  run = common.load_run(workdir, config, head_workdir=head_dir)
+  info = {"config": "configs/uncertainty_digits.py", "workdir": head_dir,
+          "train_steps": head_config.train.num_steps,
+          "parameters": int(sum(x.size for x in jax.tree.leaves(run.head_params))),
+          "train_time_s": _train_seconds(head_dir), "train_call_s": train_call_s}
+  return run, info
+
+
+def _order_comparison(raster: np.ndarray, srm: np.ndarray) -> dict:
+  """SRM order - raster on the same samples, labels and keys: the paired bootstrap interval
+  (percentile; the values are 0/1 per sample) of the success rate at x^(0) and at the last
+  round, with the rule's verdict. raster, srm: per-sample success [rounds + 1, B]."""
+  out = {}
+  for name, r in (("x0", 0), ("last", -1)):
+    d = statistics.paired(np.asarray(srm[r], float), np.asarray(raster[r], float),
+                          method="percentile")
+    out[name] = dict(d.as_dict(), verdict=statistics.verdict(d))
+  return out
+
+
 def _rates(valid: np.ndarray) -> dict:
   """Validity [R + 1, B] -> per-round rate and its binomial standard error."""
   p = valid.mean(axis=1)
@@ -191,17 +240,17 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   tiny_steps = max(budget(int(ipr.num_resampled(a, n * n, 0)), hp["ipr_steps_per_patch"],
                           hp["ipr_overlap"]) for a in alphas)
 
-  def refine(x, k, alpha, condition, **options):
+  def refine(x, k, alpha, condition, generator=gen, head_params=None, **options):
     n_free = n * n - (0 if condition is None else int(condition.reshape(len(x), -1).sum(1).min()))
     n_max = int(ipr.num_resampled(alpha, n * n, n * n - n_free))
     steps = budget(n_max, hp["ipr_steps_per_patch"], hp["ipr_overlap"])
     if tiny:   # one budget for every run: one compilation serves them (smoke run only)
       steps = tiny_steps
-    _, history, _ = gen.refine(
+    _, history, _ = generator.refine(
         params, x, key=k, regions=regions, num_rounds=rounds, alpha=alpha, num_steps=steps,
         condition=None if condition is None else condition.reshape(len(x), -1), eta=eta,
         policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]), return_history=True,
-        **options)
+        head_params=head_params, **options)
     return history, steps
 
   # x^(0): sequential generation of the HARD test grids' free cells, clues given.
@@ -219,9 +268,26 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   t0 = time.time()
   history, ipr_steps = refine(x0, jax.random.fold_in(key, 2), FLAGS.alpha, cell_mask[:n_main])
   hard_history = np.asarray(history)
-  runs["hard"] = _rates(validity_history(hard_history))
+  hard_valid = validity_history(hard_history)
+  runs["hard"] = _rates(hard_valid)
   wall["hard"] = time.time() - t0
   bar.update(1)
+
+  srm_order = None
+  if "uncertainty" in FLAGS.orders:   # the same grids, clues and keys in SRM's order
+    srun, head_info = _with_head(workdir, config, tiny)
+    gen_srm = generate.Generator(srun.model, head=srun.head)
+    t0 = time.time()
+    x0_srm = np.asarray(gen_srm(params, policies.uncertainty_ordered((n, n), hp["init_overlap"]),
+                                key=jax.random.fold_in(key, 1), x=x_clues, budget=init_steps,
+                                known=known, eta=eta, head_params=srun.head_params).samples)
+    history, _ = refine(x0_srm, jax.random.fold_in(key, 2), FLAGS.alpha, cell_mask[:n_main],
+                        generator=gen_srm, head_params=srun.head_params)
+    srm_valid = validity_history(np.asarray(history))
+    srm_order = {"hard": _rates(srm_valid), "head": head_info,
+                 "comparison": {"validity": _order_comparison(hard_valid, srm_valid)},
+                 "wall_s": time.time() - t0}
+    bar.update(1)
 
   corrupted = {}
   for kk in (int(k) for k in FLAGS.corruptions):
@@ -262,10 +328,10 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
                    f"of {n * n}), {h}x{w} images",
       "rounds": list(range(rounds + 1)),
       "hard": runs["hard"], "corrupted": corrupted, "ablations": ablations,
-      "classifier": classifier,
+      "classifier": classifier, "srm_order": srm_order,
       "model": _model_info(config, run, "configs/sudoku4.py:cpu", train_call_s),
       "settings": dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds,
-                       init_budget=init_steps, ipr_budget=ipr_steps, order="raster (no head)",
+                       init_budget=init_steps, ipr_budget=ipr_steps, order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
                        regions=f"{n}x{n} cells of {cell}x{cell} pixels",
                        hard_samples=n_main, corrupted_samples=n_corrupt,
                        ablation_samples=n_ablate),
@@ -279,36 +345,62 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
 def _patch_ipr(name: str, spec: str, patch: int, key, rounds: int, tiny: bool, bar, num: int,
                **cond) -> dict:
   """The patch benchmarks' protocol (IPR Table 1): train or resume `spec`'s model, draw x^(0)
-  patch by patch in raster order, then `rounds` IPR rounds; cond: labels and guidance."""
+  patch by patch, then `rounds` IPR rounds; cond: labels and guidance. In raster order
+  (history) and, with "uncertainty" in --orders, again on the same keys in SRM's order with
+  an uncertainty head (srm_history)."""
   hp = TABLE1[name]
   workdir = os.path.join(_workdir_root(), name)
   config = _load_config(spec, tiny)
   train_call_s = common.train_or_resume(config, workdir)
   run = common.load_run(workdir, config)
-  gen = generate.Generator(run.model)
   h, w, c = run.image_shape
   grid = (h // patch, w // patch)
   n_regions = grid[0] * grid[1]
-  wall = {}
-  t0 = time.time()
   init_steps = budget(n_regions, hp["init_steps_per_patch"], hp["init_overlap"])
-  x0 = np.asarray(gen(run.params, policies.uncertainty_ordered(grid, hp["init_overlap"]),
-                      key=jax.random.fold_in(key, 1), shape=(num, h, w, c), budget=init_steps,
-                      eta=FLAGS.eta, **cond).samples)
-  wall["init"] = time.time() - t0
-  bar.update(1)
-  t0 = time.time()
   n_sel = int(ipr.num_resampled(FLAGS.alpha, n_regions, 0))
   ipr_steps = budget(n_sel, hp["ipr_steps_per_patch"], hp["ipr_overlap"])
-  _, history, _ = gen.refine(run.params, x0, key=jax.random.fold_in(key, 2),
-                             regions=schedules.grid_regions(h, w, grid), num_rounds=rounds,
-                             alpha=FLAGS.alpha, num_steps=ipr_steps, eta=FLAGS.eta,
-                             policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]),
-                             return_history=True, **cond)
-  wall["ipr"] = time.time() - t0
-  return dict(hp=hp, config=config, run=run, train_call_s=train_call_s,
-              history=np.asarray(history), wall=wall, init_steps=init_steps,
-              ipr_steps=ipr_steps, n_sel=n_sel)
+  out = dict(hp=hp, config=config, run=run, train_call_s=train_call_s, wall={},
+             init_steps=init_steps, ipr_steps=ipr_steps, n_sel=n_sel, srm_history=None,
+             head=None)
+
+  def sample(gen, head_params, wall):
+    t0 = time.time()
+    x0 = np.asarray(gen(run.params, policies.uncertainty_ordered(grid, hp["init_overlap"]),
+                        key=jax.random.fold_in(key, 1), shape=(num, h, w, c),
+                        budget=init_steps, eta=FLAGS.eta, head_params=head_params,
+                        **cond).samples)
+    wall["init"] = time.time() - t0
+    bar.update(1)
+    t0 = time.time()
+    _, history, _ = gen.refine(run.params, x0, key=jax.random.fold_in(key, 2),
+                               regions=schedules.grid_regions(h, w, grid), num_rounds=rounds,
+                               alpha=FLAGS.alpha, num_steps=ipr_steps, eta=FLAGS.eta,
+                               policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]),
+                               return_history=True, head_params=head_params, **cond)
+    wall["ipr"] = time.time() - t0
+    return np.asarray(history)
+
+  out["history"] = sample(generate.Generator(run.model), None, out["wall"])
+  if "uncertainty" in FLAGS.orders:
+    srun, out["head"] = _with_head(workdir, config, tiny)
+    out["srm_wall"] = {}
+    out["srm_history"] = sample(generate.Generator(srun.model, head=srun.head),
+                                srun.head_params, out["srm_wall"])
+  return out
+
+
+def _srm_block(r: dict, metrics, success, main: str) -> dict | None:
+  """The SRM-order run of `_patch_ipr`'s r as the JSON's srm_order: the curves of
+  metrics(images) -> dict per round, the head, the wall times, and the paired comparison with
+  the raster run of the per-sample success(images) -> bool [B] (the `main` metric)."""
+  if r["srm_history"] is None:
+    return None
+  per_round = [metrics(x) for x in r["srm_history"]]
+  block = {k: [m[k] for m in per_round] for k in per_round[0]}
+  ok = lambda hist: np.stack([success(x) for x in hist])
+  block.update(head=r["head"], wall_s=r["srm_wall"],
+               comparison={main: _order_comparison(ok(r["history"]), ok(r["srm_history"]))})
+  return block
 
 
 def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
@@ -335,9 +427,12 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   b = np.array(result["balance_accuracy"])
   result["balance_accuracy_stderr"] = np.sqrt(b * (1 - b) / num).tolist()
   result.update(
+      srm_order=_srm_block(r, constraints.even_pixels_metrics, lambda x: even_pixels_lib.
+                           even_pixels_stats(x, second_peak="antipodal")["balanced"],
+                           "balance_accuracy"),
       data=data, model=_model_info(config, run, "configs/even_pixels.py:cpu", train_call_s),
       settings=dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds, init_budget=init_steps,
-                    ipr_budget=ipr_steps, regions_per_round=n_sel, order="raster (no head)",
+                    ipr_budget=ipr_steps, regions_per_round=n_sel, order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
                     num_samples=num),
       wall_s=wall, rounds_grid=out_stem + "_rounds.png", rounds_shown=shown)
   return result
@@ -392,11 +487,17 @@ def run_polygons(key, rounds: int, tiny: bool, bar) -> dict:
   result["count_accuracy_stderr"] = np.sqrt(a * (1 - a) / num).tolist()
   result["by_count"] = {"x0": _by_count(first, labels, counts),
                         "last": _by_count(last, labels, counts)}
+  srm = _srm_block(r, lambda x: constraints.polygons_metrics(x, labels),
+                   lambda x: polygon_count.count_polygons(x) == labels, "count_accuracy")
+  if srm is not None:
+    srm["by_count"] = {k: _by_count(polygon_count.count_polygons(r["srm_history"][i]), labels,
+                                    counts) for k, i in (("x0", 0), ("last", rounds))}
+  result["srm_order"] = srm
   result.update(
       data=data, model=_model_info(config, run, "configs/polygons.py:cpu", train_call_s),
       settings=dict(hp, alpha=FLAGS.alpha, eta=eta, guidance=guidance, num_rounds=rounds,
                     init_budget=init_steps, ipr_budget=ipr_steps, regions_per_round=n_sel,
-                    order="raster (no head)", num_samples=num, counts=counts,
+                    order=ORDER_NAMES["raster"], orders=list(FLAGS.orders), num_samples=num, counts=counts,
                     data_options={k: list(v) if isinstance(v, tuple) else v
                                   for k, v in options.items()}),
       wall_s=wall, rounds_grid=out_stem + "_rounds.png", rounds_shown=shown)
@@ -418,15 +519,40 @@ def _pct(p, se=None):
   return f"{100 * p:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
+def _se(p, n):
+  p = np.asarray(p)
+  return np.sqrt(p * (1 - p) / n)
+
+
+def _comparison_text(srm: dict | None) -> str:
+  """The paired SRM-order - raster lines under a table (empty without an SRM run)."""
+  if srm is None:
+    return ""
+  lines = ["\nSRM order - raster, on the same samples and keys (paired percentile bootstrap "
+           "over samples, 95%, in points):\n\n| metric | round | difference | verdict |\n"
+           "|---|---|---|---|\n"]
+  for metric, by_round in srm["comparison"].items():
+    for r, d in by_round.items():
+      lines.append(f"| {metric} | {'x^(0)' if r == 'x0' else 'last'} | "
+                   f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                   f" | {d['verdict']} |\n")
+  return "".join(lines)
+
+
 def sudoku_tables(res: dict) -> str:
   shown = res["rounds_shown"]
   ks = sorted(res["corrupted"], key=int)
   abl = [k for k in res["ablations"]]
-  head = ("| round | HARD validity % | " + " | ".join(f"K={k} recovery %" for k in ks) + " |\n|"
-          + "---|" * (2 + len(ks)) + "\n")
+  srm = res.get("srm_order")
+  extra = [] if srm is None else ["HARD validity % (SRM order)"]
+  head = ("| round | HARD validity % | " + "".join(f"{e} | " for e in extra)
+          + " | ".join(f"K={k} recovery %" for k in ks) + " |\n|"
+          + "---|" * (2 + len(extra) + len(ks)) + "\n")
   lines = [head]
   for r in shown:
     cells = [_pct(res["hard"]["validity"][r], res["hard"]["stderr"][r])]
+    if srm is not None:
+      cells.append(_pct(srm["hard"]["validity"][r], srm["hard"]["stderr"][r]))
     cells += [_pct(res["corrupted"][k]["validity"][r]) for k in ks]
     lines.append(f"| {r} | " + " | ".join(cells) + " |\n")
   names = {k: k.replace("alpha_", "alpha = ").replace("_", " ") for k in abl}
@@ -436,40 +562,57 @@ def sudoku_tables(res: dict) -> str:
   for r in shown:
     lines.append(f"| {r} | " + " | ".join(_pct(res["ablations"][k]["validity"][r])
                                            for k in abl) + " |\n")
-  return "".join(lines)
+  return "".join(lines) + _comparison_text(srm)
 
 
 def even_pixels_table(res: dict) -> str:
-  lines = ["| round | balance acc. % (benchmark code) | balance acc. % (paper text) | "
-           "mean count error | saturation std | value std |\n|---|---|---|---|---|---|\n"]
+  srm = res.get("srm_order")
+  n = res["settings"]["num_samples"]
+  lines = ["| round | balance acc. % (benchmark code) | "
+           + ("" if srm is None else "balance acc. % (SRM order) | ")
+           + "balance acc. % (paper text) | mean count error | saturation std | value std |\n|"
+           + "---|" * (6 + (srm is not None)) + "\n"]
   for r in res["rounds_shown"]:
+    s_cell = ("" if srm is None else f" | {_pct(srm['balance_accuracy'][r], _se(srm['balance_accuracy'][r], n))}")
     lines.append(f"| {r} | {_pct(res['balance_accuracy'][r], res['balance_accuracy_stderr'][r])}"
-                 f" | {_pct(res['balance_accuracy_search'][r])} | "
+                 f"{s_cell} | {_pct(res['balance_accuracy_search'][r])} | "
                  f"{res['mean_count_error'][r]:.1f} | {res['saturation_std'][r]:.4f} | "
                  f"{res['value_std'][r]:.4f} |\n")
   d = res["data"]
   lines.append(f"| data (test split) | {_pct(d['balance_accuracy'])} | "
-               f"{_pct(d['balance_accuracy_search'])} | {d['mean_count_error']:.1f} | "
+               + ("" if srm is None else "| ")
+               + f"{_pct(d['balance_accuracy_search'])} | {d['mean_count_error']:.1f} | "
                f"{d['saturation_std']:.4f} | {d['value_std']:.4f} |\n")
-  return "".join(lines)
+  return "".join(lines) + _comparison_text(srm)
 
 
 def polygons_table(res: dict) -> str:
-  lines = ["| round | count accuracy % | mean count error | vertex uniformity % |\n"
-           "|---|---|---|---|\n"]
+  srm = res.get("srm_order")
+  n = res["settings"]["num_samples"]
+  lines = ["| round | count accuracy % | mean count error | vertex uniformity % |"
+           + ("" if srm is None else " count accuracy % (SRM order) | mean count error (SRM "
+              "order) |") + "\n|" + "---|" * (4 if srm is None else 6) + "\n"]
   for r in res["rounds_shown"]:
+    s_cells = ("" if srm is None else
+               f" {_pct(srm['count_accuracy'][r], _se(srm['count_accuracy'][r], n))} | "
+               f"{srm['mean_count_error'][r]:.2f} |")
     lines.append(f"| {r} | {_pct(res['count_accuracy'][r], res['count_accuracy_stderr'][r])} | "
-                 f"{res['mean_count_error'][r]:.2f} | {_pct(res['vertex_uniformity'][r])} |\n")
+                 f"{res['mean_count_error'][r]:.2f} | {_pct(res['vertex_uniformity'][r])} |"
+                 f"{s_cells}\n")
   d = res["data"]
   lines.append(f"| data (test split) | {_pct(d['count_accuracy'])} | {d['mean_count_error']:.2f} "
-               f"| {_pct(d['vertex_uniformity'])} |\n")
+               f"| {_pct(d['vertex_uniformity'])} |" + ("" if srm is None else " | |") + "\n")
   ks = list(res["by_count"]["x0"])
   lines.append("\nCount accuracy % by the count asked (x^(0) / last round):\n\n| "
                + " | ".join(f"N = {k}" for k in ks) + " |\n|" + "---|" * len(ks) + "\n| "
                + " | ".join(f"{_pct(res['by_count']['x0'][k]['accuracy'])} / "
                             f"{_pct(res['by_count']['last'][k]['accuracy'])}" for k in ks)
                + " |\n")
-  return "".join(lines)
+  if srm is not None:
+    lines.append("| " + " | ".join(f"SRM order: {_pct(srm['by_count']['x0'][k]['accuracy'])} / "
+                                   f"{_pct(srm['by_count']['last'][k]['accuracy'])}" for k in ks)
+                 + " |\n")
+  return "".join(lines) + _comparison_text(srm)
 
 
 def _plot_sudoku(res: dict, path: str):
@@ -481,6 +624,10 @@ def _plot_sudoku(res: dict, path: str):
   v, se = np.array(res["hard"]["validity"]), np.array(res["hard"]["stderr"])
   axes[0].plot(r, 100 * v, marker=".")
   axes[0].fill_between(r, 100 * (v - se), 100 * (v + se), alpha=0.2)
+  if res.get("srm_order"):
+    axes[0].plot(r, 100 * np.array(res["srm_order"]["hard"]["validity"]), marker=".",
+                 label="SRM order")
+    axes[0].legend(fontsize=7)
   axes[0].set_title("(a) HARD: valid Sudoku rate")
   for k in sorted(res["corrupted"], key=int):
     axes[1].plot(r, 100 * np.array(res["corrupted"][k]["validity"]), marker=".", label=f"K={k}")
@@ -507,6 +654,9 @@ def _plot_even_pixels(res: dict, path: str):
   fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
   axes[0].plot(r, 100 * np.array(res["balance_accuracy"]), marker=".", label="benchmark code")
   axes[0].plot(r, 100 * np.array(res["balance_accuracy_search"]), marker=".", label="paper text")
+  if res.get("srm_order"):
+    axes[0].plot(r, 100 * np.array(res["srm_order"]["balance_accuracy"]), marker=".",
+                 label="benchmark code, SRM order")
   axes[0].set_title("balance accuracy %")
   axes[0].legend(fontsize=7)
   for ax, key in zip(axes[1:], ("mean_count_error", "saturation_std", "value_std")):
@@ -530,6 +680,11 @@ def _plot_polygons(res: dict, path: str):
   axes[0].fill_between(r, a - se, a + se, alpha=0.2)
   axes[0].set_title("count accuracy %")
   axes[1].plot(r, res["mean_count_error"], marker=".")
+  if res.get("srm_order"):
+    axes[0].plot(r, 100 * np.array(res["srm_order"]["count_accuracy"]), marker=".",
+                 label="SRM order")
+    axes[1].plot(r, res["srm_order"]["mean_count_error"], marker=".", label="SRM order")
+    axes[0].legend(fontsize=7)
   axes[1].set_title("mean |count - label|")
   axes[2].plot(r, 100 * np.array(res["vertex_uniformity"]), marker=".")
   axes[2].set_title("vertex uniformity %")
@@ -559,6 +714,11 @@ def main(argv):
       raise checks.InputError(f"alpha={a}; the resampling ratio must lie in (0, 1].")
   for b in FLAGS.benchmarks:
     checks.check_choice(b, BENCHMARKS, "benchmark")
+  for o in FLAGS.orders:
+    checks.check_choice(o, ORDERS, "--orders")
+  if "raster" not in FLAGS.orders:
+    raise checks.InputError(f"--orders={','.join(FLAGS.orders)}: include raster, the baseline "
+                            "the tables read (e.g. --orders=raster,uncertainty).")
   for k in FLAGS.corruptions:
     if not k.isdigit() or not 0 <= int(k) <= SUDOKU_N * SUDOKU_N // 2 - SUDOKU_N + 1:
       raise checks.InputError(f"--corruptions: K={k!r}; expected integers 0..5 for a 4x4 grid.")
@@ -566,7 +726,8 @@ def main(argv):
   command = common.command()
   key = jax.random.key(FLAGS.seed)
   if "sudoku" in FLAGS.benchmarks:
-    total = 3 + len(FLAGS.corruptions) + len(FLAGS.ablation_alphas) + 2
+    total = (3 + len(FLAGS.corruptions) + len(FLAGS.ablation_alphas) + 2
+             + ("uncertainty" in FLAGS.orders))
     t0 = time.time()
     with progress.bar(total, "sudoku", unit="run") as bar:
       res = run_sudoku(jax.random.fold_in(key, 1), rounds, FLAGS.tiny, bar)
@@ -578,7 +739,7 @@ def main(argv):
           f"{res['hard']['validity'][-1]:.3f} [{res['total_wall_s']:.0f}s]", flush=True)
   if "even_pixels" in FLAGS.benchmarks:
     t0 = time.time()
-    with progress.bar(2, "even_pixels", unit="run") as bar:
+    with progress.bar(2 + ("uncertainty" in FLAGS.orders), "even_pixels", unit="run") as bar:
       res = run_even_pixels(jax.random.fold_in(key, 2), rounds, FLAGS.tiny, bar)
     res.update(command=command, total_wall_s=time.time() - t0)
     stem = os.path.join(FLAGS.out, "ipr_even_pixels")
@@ -589,7 +750,7 @@ def main(argv):
           f"{res['saturation_std'][-1]:.4f} [{res['total_wall_s']:.0f}s]", flush=True)
   if "polygons" in FLAGS.benchmarks:
     t0 = time.time()
-    with progress.bar(2, "polygons", unit="run") as bar:
+    with progress.bar(2 + ("uncertainty" in FLAGS.orders), "polygons", unit="run") as bar:
       res = run_polygons(jax.random.fold_in(key, 3), rounds, FLAGS.tiny, bar)
     res.update(command=command, total_wall_s=time.time() - t0)
     stem = os.path.join(FLAGS.out, "ipr_polygons")
