@@ -11,6 +11,7 @@ form; the digits by their documented construction from scikit-learn.
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 
 import jax
 import jax.numpy as jnp
@@ -392,6 +393,21 @@ def test_quality_intervals_resample_each_original_with_its_inpainting():
   iv = got["fd_toy_interval"]
   assert iv["estimate"] == pytest.approx(fd(fr, ff), rel=1e-4)
   assert iv["low"] == pytest.approx(low, rel=0.15) and iv["high"] == pytest.approx(high, rel=0.15)
+  # PRDC intervals: scipy's BCa bootstrap (same seed) of the float64 per-point values, the
+  # fake points for precision and density, the real points for recall and coverage.
+  d_rr, d_ff, d_rf = (np.linalg.norm(a[:, None] - b[None], axis=-1)
+                      for a, b in ((fr, fr), (ff, ff), (fr, ff)))
+  inside = d_rf < np.sort(d_rr, axis=1)[:, 3][:, None]                # [real, fake], k = 3
+  values = {"precision": inside.any(0), "density": inside.sum(0) / 3,
+            "recall": (d_rf < np.sort(d_ff, axis=1)[:, 3][None, :]).any(1),
+            "coverage": inside.any(1)}
+  for name, v in values.items():
+    v = v.astype(np.float64)
+    assert got[f"{name}_toy"] == pytest.approx(v.mean(), abs=1e-12), name
+    ci = scipy.stats.bootstrap((v,), np.mean, n_resamples=400, method="BCa",
+                               rng=np.random.default_rng(0)).confidence_interval
+    assert (got[f"{name}_toy_interval"]["low"], got[f"{name}_toy_interval"]["high"]) == \
+        pytest.approx((ci.low, ci.high), abs=1e-12), name
   same = feature_nets.feature_metrics(toy, originals, originals, k=3, batch_size=32,
                                       interval_resamples=100, paired=True)["fd_toy_interval"]
   assert abs(same["low"]) < 1e-6 and abs(same["high"]) < 1e-6

@@ -118,6 +118,20 @@ def test_prdc_equals_bruteforce_definitions(k):
   ref = _prdc_bruteforce(real, fake, k)
   for name in ref:
     assert got[name] == pytest.approx(ref[name], abs=1e-12), name
+  _assert_points_equal(metrics.prdc_per_sample(real, fake, k=k, block=32), real, fake, k)
+
+
+def _assert_points_equal(got, real, fake, k):
+  """prdc_per_sample's arrays against Naeem et al.'s definitions per point, in float64."""
+  dist = lambda a, b: np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+  d_rf = dist(real, fake)
+  r_real, r_fake = np.sort(dist(real, real), 1)[:, k], np.sort(dist(fake, fake), 1)[:, k]
+  np.testing.assert_array_equal(got["real_balls"], (d_rf < r_real[:, None]).sum(0))
+  np.testing.assert_array_equal(got["in_fake"], (d_rf < r_fake[None, :]).any(1))
+  np.testing.assert_array_equal(got["covered"], (d_rf < r_real[:, None]).any(1))
+  values = metrics.prdc_values(got, k)
+  np.testing.assert_array_equal(values["density"], (d_rf < r_real[:, None]).sum(0) / k)
+  np.testing.assert_array_equal(values["precision"], (d_rf < r_real[:, None]).any(0))
 
 
 def test_prdc_identical_and_far_apart_sets():
@@ -192,6 +206,8 @@ def test_prdc_sharded_over_a_mesh_equals_bruteforce_and_single_device(devices, f
   for block in (16, 1024):                 # several blocks a device; one block a device
     sharded = metrics.prdc(real, fake, k=3, block=block, mesh=mesh)
     assert sharded == single
+    _assert_points_equal(metrics.prdc_per_sample(real, fake, k=3, block=block, mesh=mesh),
+                         real, fake, 3)
     for name in ref:
       assert sharded[name] == pytest.approx(ref[name], abs=1e-12), name
   # The program really is split over the mesh (one partition per device).

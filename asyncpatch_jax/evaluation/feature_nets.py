@@ -173,7 +173,11 @@ def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_si
   its inpainting. A resample costs one eigendecomposition of a [D, D] matrix: ~1 ms at the
   digits' 128-d, ~1 s at Inception's 2048-d. A resample with repeats has fewer distinct
   images, which raises the distance, so the interval measures its spread and sits above
-  the estimate; compare methods by paired or seed-level differences.
+  the estimate; compare methods by paired or seed-level differences. It also adds
+  '<prdc metric>_interval': the BCa interval of each PRDC metric as a mean of per-point
+  values (`metrics.prdc_values`), conditional on the other set: precision and density over the
+  generated images with the real balls fixed, recall and coverage over the real images
+  with the generated set fixed (a resample with repeats would shrink the k-NN radii).
   """
   names = metric_names(extractor.name)
   real = (extract(extractor, real_images, batch_size, mesh) if real_features is None
@@ -183,13 +187,18 @@ def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_si
     raise checks.InputError(f"paired Frechet interval of {len(real)} originals and "
                             f"{len(fake)} outputs; a paired interval needs one of each.")
   out = {names["frechet"]: frechet(real, fake)}
-  out.update({names[m]: v for m, v in metrics.prdc(real, fake, k=k, mesh=mesh).items()})
+  per_sample = metrics.prdc_per_sample(real, fake, k=k, mesh=mesh)
+  out.update({names[m]: v for m, v in metrics.prdc_means(per_sample, k).items()})
   if interval_resamples:
     fd = (lambda idx: frechet(real[idx], fake[idx])) if paired else (
         lambda idx: frechet(real, fake[idx]))
     out[names["frechet"] + "_interval"] = statistics.set_interval(
         fd, len(fake), resamples=interval_resamples).as_dict()
+    for m, v in metrics.prdc_values(per_sample, k).items():
+      out[names[m] + "_interval"] = statistics.interval(
+          v, resamples=interval_resamples).as_dict()
   return out
+
 
 
 def frechet(real_features, fake_features) -> float:

@@ -243,7 +243,8 @@ def _row_blocks(x: jax.Array, block: int, shards: int):
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "mesh"))
 def _prdc(real: jax.Array, fake: jax.Array, k: int, block: int, mesh=None):
-  """Integer PRDC counts; with a mesh, the row blocks are split over all its devices.
+  """Per-sample PRDC counts (see `prdc_per_sample`); with a mesh, the row blocks are split
+  over all its devices.
 
   The sharded program is the single-device one per shard: each device takes its share
   of the (padded) row blocks against the replicated other set (shard_map); the per-fake
@@ -273,17 +274,41 @@ def _prdc(real: jax.Array, fake: jax.Array, k: int, block: int, mesh=None):
   real_r2 = jnp.where(jnp.arange(real_r2.shape[0]) < nr, real_r2, -jnp.inf)
   count, in_fake, covered = rows_pass(real_blocks, real_r2.reshape(real_blocks.shape[:2]), fake,
                                       fake_r2)
-  in_real = count > 0
-  return {                                   # integer counts; ratios are taken on the host
-      "precision": jnp.sum(in_real),
-      "recall": jnp.sum(in_fake[:nr]),
-      "density": jnp.sum(count),
-      "coverage": jnp.sum(covered[:nr]),
-  }
+  return {"real_balls": count, "in_fake": in_fake[:nr], "covered": covered[:nr]}
 
 
 def prdc(real_features, fake_features, k: int = 5, block: int = 1024,
          mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Precision, recall, density and coverage (Naeem et al. 2020; see `prdc_per_sample`).
+
+  Returns {"precision", "recall", "density", "coverage"} as floats: the means over the
+  fake points (precision, density) and over the real points (recall, coverage) of
+  `prdc_per_sample`'s values.
+  """
+  return prdc_means(prdc_per_sample(real_features, fake_features, k, block, mesh), k)
+
+
+def prdc_values(per_sample: dict, k: int) -> dict[str, np.ndarray]:
+  """The per-point values (float64) whose means are PRDC, from `prdc_per_sample`'s arrays
+  (computed with the same k): precision and density per fake point, recall and coverage
+  per real point."""
+  balls = np.asarray(per_sample["real_balls"])
+  return {"precision": (balls > 0).astype(np.float64), "recall":
+          np.asarray(per_sample["in_fake"], np.float64), "density": balls / k,
+          "coverage": np.asarray(per_sample["covered"], np.float64)}
+
+
+def prdc_means(per_sample: dict, k: int) -> dict:
+  """PRDC as floats: the means of `prdc_values`, the density summed as integers first (the
+  value does not depend on the order of a float sum)."""
+  out = {m: float(np.mean(v)) for m, v in prdc_values(per_sample, k).items()}
+  balls = np.asarray(per_sample["real_balls"])
+  out["density"] = float(np.sum(balls)) / (k * len(balls))
+  return out
+
+
+def prdc_per_sample(real_features, fake_features, k: int = 5, block: int = 1024,
+                    mesh: jax.sharding.Mesh | None = None) -> dict:
   """Precision, recall, density and coverage (Naeem et al. 2020, Eq. 1-4 with Kynkaanniemi et al.).
 
   With B_k(x) the ball around x whose radius is the distance to its k-th nearest
@@ -305,8 +330,14 @@ def prdc(real_features, fake_features, k: int = 5, block: int = 1024,
   Args:
     real_features: [N, D]. fake_features: [M, D]. k: neighbours (k < N and k < M).
     block: rows per distance block. mesh: a jax.sharding.Mesh, or None (default device).
-  Returns:
-    {"precision", "recall", "density", "coverage"} as floats.
+  Returns numpy arrays, each metric the mean of one of them:
+    real_balls [M] int: the number of real balls holding each fake point (precision: the
+      share > 0; density: the mean / k);
+    in_fake [N] bool: each real point inside some fake ball (recall);
+    covered [N] bool: each real point's ball holding some fake point (coverage).
+  Per-point values make bootstrap intervals conditional on the other set: precision and
+  density resample the fake points with the real balls fixed, recall and coverage the
+  real points with the fake points (and both sets' radii) fixed.
   """
   real, fake = np.asarray(real_features), np.asarray(fake_features)
   for name, f in (("real_features", real), ("fake_features", fake)):
@@ -330,7 +361,4 @@ def prdc(real_features, fake_features, k: int = 5, block: int = 1024,
   block = min(block, -(-max(real.shape[0], fake.shape[0]) // shards))
   out = multihost.gather(_prdc(jnp.asarray(real, jnp.float32), jnp.asarray(fake, jnp.float32),
                               k=k, block=block, mesh=mesh))
-  counts = {name: int(v) for name, v in out.items()}
-  nr, nf = real.shape[0], fake.shape[0]
-  return {"precision": counts["precision"] / nf, "recall": counts["recall"] / nr,
-          "density": counts["density"] / (k * nf), "coverage": counts["coverage"] / nr}
+  return {name: np.asarray(v) for name, v in out.items()}
