@@ -313,6 +313,27 @@ def ipr_sudoku_ablations():
                  for name, v in r["ablations"].items()])
 
 
+def ipr_polygons():
+  r = _result("ipr/ipr_polygons.json")
+  srm, shown = r["srm_order"], (0, 1, 5, 10, 20, 30, 40, 50)
+  rows = []
+  for name, key, fmt in (("count accuracy %", "count_accuracy", _pct),
+                         ("mean abs(count - label)", "mean_count_error", lambda v: f"{v:.2f}"),
+                         ("vertex uniformity %", "vertex_uniformity", _pct)):
+    for order, src in (("raster", r), ("SRM order", srm)):
+      rows.append([f"{name}, {order}"] + [fmt(src[key][k]) for k in shown])
+  return _table(["IPR round"] + [str(k) for k in shown], rows)
+
+
+def ipr_polygons_orders():
+  r = _result("ipr/ipr_polygons.json")["srm_order"]["comparison"]["count_accuracy"]
+  return _table(["count accuracy, SRM order - raster (points)", "x^(0)", "round 50"], [
+      ["paired 95% interval over the samples"]
+      + [f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+         for d in (r["x0"], r["last"])],
+      ["verdict"] + [r["x0"]["verdict"], r["last"]["verdict"]]])
+
+
 def ipr_even_pixels():
   r = _result("ipr/ipr_even_pixels.json")
   shown = (0, 1, 5, 10, 20, 30, 50)
@@ -580,7 +601,8 @@ TABLES = {
                    dit_adaptive, clean_vs_dit, clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
-    "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels],
+    "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels, ipr_polygons,
+            ipr_polygons_orders],
     "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, dit_peer,
                    dit_peer_1core, bench_memory, bench_memory_fsdp, host_devices, bench_metrics],
 }

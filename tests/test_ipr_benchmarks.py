@@ -365,6 +365,11 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
       assert d["low"] <= d["estimate"] <= d["high"] and d["method"] == "percentile"
       assert d["verdict"] == ("within noise" if d["low"] <= 0 <= d["high"] else
                               "better" if d["low"] > 0 else "worse")
+    # What the rounds did, per order: last round - x^(0) on the same samples.
+    for order, path in (("raster", raster), ("uncertainty", srm)):
+      d = result["ipr_gain"][metric][order]
+      assert abs(d["estimate"] - (_field(result, path)[-1] - _field(result, path)[0])) < 1e-12
+      assert d["low"] <= d["estimate"] <= d["high"]
   for name in ("ipr_sudoku", "ipr_even_pixels", "ipr_polygons"):
     for ext in (".md", ".png", "_rounds.png"):
       assert os.path.getsize(tmp_path / f"{name}{ext}") > 0

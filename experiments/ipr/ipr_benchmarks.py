@@ -173,6 +173,19 @@ def _with_head(workdir: str, config, tiny: bool):
   return run, info
 
 
+def _ipr_gain(success: dict) -> dict:
+  """What the rounds did, per order: the paired bootstrap interval (percentile, over
+  samples) of the success rate at the last round - x^(0), with the rule's verdict.
+  success: order -> per-sample success [rounds + 1, B] (None: the order was not run)."""
+  out = {}
+  for order, ok in success.items():
+    if ok is not None:
+      d = statistics.paired(np.asarray(ok[-1], float), np.asarray(ok[0], float),
+                            method="percentile")
+      out[order] = dict(d.as_dict(), verdict=statistics.verdict(d))
+  return out
+
+
 def _order_comparison(raster: np.ndarray, srm: np.ndarray) -> dict:
   """SRM order - raster on the same samples, labels and keys: the paired bootstrap interval
   (percentile; the values are 0/1 per sample) of the success rate at x^(0) and at the last
@@ -273,7 +286,7 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   wall["hard"] = time.time() - t0
   bar.update(1)
 
-  srm_order = None
+  srm_order = srm_valid = None
   if "uncertainty" in FLAGS.orders:   # the same grids, clues and keys in SRM's order
     srun, head_info = _with_head(workdir, config, tiny)
     gen_srm = generate.Generator(srun.model, head=srun.head)
@@ -329,6 +342,8 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
       "rounds": list(range(rounds + 1)),
       "hard": runs["hard"], "corrupted": corrupted, "ablations": ablations,
       "classifier": classifier, "srm_order": srm_order,
+      "ipr_gain": {"validity": _ipr_gain({"raster": hard_valid,
+                                          "uncertainty": srm_valid})},
       "model": _model_info(config, run, "configs/sudoku4.py:cpu", train_call_s),
       "settings": dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds,
                        init_budget=init_steps, ipr_budget=ipr_steps, order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
@@ -377,8 +392,9 @@ def _patch_ipr(name: str, spec: str, patch: int, key, rounds: int, tiny: bool, b
                                alpha=FLAGS.alpha, num_steps=ipr_steps, eta=FLAGS.eta,
                                policy=policies.uncertainty_ordered(None, hp["ipr_overlap"]),
                                return_history=True, head_params=head_params, **cond)
+    history = np.asarray(history)      # waits for the rounds (the call only dispatches them)
     wall["ipr"] = time.time() - t0
-    return np.asarray(history)
+    return history
 
   out["history"] = sample(generate.Generator(run.model), None, out["wall"])
   if "uncertainty" in FLAGS.orders:
@@ -387,6 +403,12 @@ def _patch_ipr(name: str, spec: str, patch: int, key, rounds: int, tiny: bool, b
     out["srm_history"] = sample(generate.Generator(srun.model, head=srun.head),
                                 srun.head_params, out["srm_wall"])
   return out
+
+
+def _gain(r: dict, success, main: str) -> dict:
+  """`_ipr_gain` of `_patch_ipr`'s runs for the per-sample success(images) -> bool [B]."""
+  ok = lambda hist: None if hist is None else np.stack([success(x) for x in hist])
+  return {main: _ipr_gain({"raster": ok(r["history"]), "uncertainty": ok(r["srm_history"])})}
 
 
 def _srm_block(r: dict, metrics, success, main: str) -> dict | None:
@@ -410,6 +432,7 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   init_steps, ipr_steps, n_sel, train_call_s = (r[k] for k in (
       "init_steps", "ipr_steps", "n_sel", "train_call_s"))
   h, w, c = run.image_shape
+  balanced = lambda x: even_pixels_lib.even_pixels_stats(x, second_peak="antipodal")["balanced"]
   per_round = [constraints.even_pixels_metrics(x) for x in history]
   bar.update(1)
   test = datasets.get_dataset("even_pixels", "test", num_examples=num,
@@ -427,9 +450,8 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   b = np.array(result["balance_accuracy"])
   result["balance_accuracy_stderr"] = np.sqrt(b * (1 - b) / num).tolist()
   result.update(
-      srm_order=_srm_block(r, constraints.even_pixels_metrics, lambda x: even_pixels_lib.
-                           even_pixels_stats(x, second_peak="antipodal")["balanced"],
-                           "balance_accuracy"),
+      srm_order=_srm_block(r, constraints.even_pixels_metrics, balanced, "balance_accuracy"),
+      ipr_gain=_gain(r, balanced, "balance_accuracy"),
       data=data, model=_model_info(config, run, "configs/even_pixels.py:cpu", train_call_s),
       settings=dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds, init_budget=init_steps,
                     ipr_budget=ipr_steps, regions_per_round=n_sel, order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
@@ -487,8 +509,10 @@ def run_polygons(key, rounds: int, tiny: bool, bar) -> dict:
   result["count_accuracy_stderr"] = np.sqrt(a * (1 - a) / num).tolist()
   result["by_count"] = {"x0": _by_count(first, labels, counts),
                         "last": _by_count(last, labels, counts)}
-  srm = _srm_block(r, lambda x: constraints.polygons_metrics(x, labels),
-                   lambda x: polygon_count.count_polygons(x) == labels, "count_accuracy")
+  counted = lambda x: polygon_count.count_polygons(x) == labels
+  srm = _srm_block(r, lambda x: constraints.polygons_metrics(x, labels), counted,
+                   "count_accuracy")
+  result["ipr_gain"] = _gain(r, counted, "count_accuracy")
   if srm is not None:
     srm["by_count"] = {k: _by_count(polygon_count.count_polygons(r["srm_history"][i]), labels,
                                     counts) for k, i in (("x0", 0), ("last", rounds))}
@@ -524,18 +548,22 @@ def _se(p, n):
   return np.sqrt(p * (1 - p) / n)
 
 
-def _comparison_text(srm: dict | None) -> str:
-  """The paired SRM-order - raster lines under a table (empty without an SRM run)."""
-  if srm is None:
+def _comparison_text(res: dict) -> str:
+  """The paired intervals under a table: what the rounds did (last - x^(0)) per order, and
+  SRM order - raster (without an SRM run, the first only)."""
+  rows = [(f"round {res['rounds'][-1]} - x^(0), {order}", metric, d)
+          for metric, by_order in res.get("ipr_gain", {}).items() for order, d in by_order.items()]
+  srm = res.get("srm_order")
+  if srm is not None:
+    rows += [(f"SRM order - raster, {'x^(0)' if r == 'x0' else 'last round'}", metric, d)
+             for metric, by_round in srm["comparison"].items() for r, d in by_round.items()]
+  if not rows:
     return ""
-  lines = ["\nSRM order - raster, on the same samples and keys (paired percentile bootstrap "
-           "over samples, 95%, in points):\n\n| metric | round | difference | verdict |\n"
+  lines = ["\nPaired differences on the same samples and keys (percentile bootstrap over "
+           "samples, 95%, in points):\n\n| difference | metric | estimate [95%] | verdict |\n"
            "|---|---|---|---|\n"]
-  for metric, by_round in srm["comparison"].items():
-    for r, d in by_round.items():
-      lines.append(f"| {metric} | {'x^(0)' if r == 'x0' else 'last'} | "
-                   f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-                   f" | {d['verdict']} |\n")
+  lines += [f"| {name} | {metric} | {100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, "
+            f"{100 * d['high']:+.1f}] | {d['verdict']} |\n" for name, metric, d in rows]
   return "".join(lines)
 
 
@@ -562,7 +590,7 @@ def sudoku_tables(res: dict) -> str:
   for r in shown:
     lines.append(f"| {r} | " + " | ".join(_pct(res["ablations"][k]["validity"][r])
                                            for k in abl) + " |\n")
-  return "".join(lines) + _comparison_text(srm)
+  return "".join(lines) + _comparison_text(res)
 
 
 def even_pixels_table(res: dict) -> str:
@@ -583,7 +611,7 @@ def even_pixels_table(res: dict) -> str:
                + ("" if srm is None else "| ")
                + f"{_pct(d['balance_accuracy_search'])} | {d['mean_count_error']:.1f} | "
                f"{d['saturation_std']:.4f} | {d['value_std']:.4f} |\n")
-  return "".join(lines) + _comparison_text(srm)
+  return "".join(lines) + _comparison_text(res)
 
 
 def polygons_table(res: dict) -> str:
@@ -612,7 +640,7 @@ def polygons_table(res: dict) -> str:
     lines.append("| " + " | ".join(f"SRM order: {_pct(srm['by_count']['x0'][k]['accuracy'])} / "
                                    f"{_pct(srm['by_count']['last'][k]['accuracy'])}" for k in ks)
                  + " |\n")
-  return "".join(lines) + _comparison_text(srm)
+  return "".join(lines) + _comparison_text(res)
 
 
 def _plot_sudoku(res: dict, path: str):
