@@ -173,29 +173,23 @@ def _with_head(workdir: str, config, tiny: bool):
   return run, info
 
 
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+  """a - b for per-sample successes [B] on the same samples, labels and keys: the paired
+  bootstrap interval (percentile; the values are 0/1) of the rate, with the rule's verdict."""
+  d = statistics.paired(np.asarray(a, float), np.asarray(b, float), method="percentile")
+  return dict(d.as_dict(), verdict=statistics.verdict(d))
+
+
 def _ipr_gain(success: dict) -> dict:
-  """What the rounds did, per order: the paired bootstrap interval (percentile, over
-  samples) of the success rate at the last round - x^(0), with the rule's verdict.
+  """What the rounds did, per order: `_paired` of the last round - x^(0).
   success: order -> per-sample success [rounds + 1, B] (None: the order was not run)."""
-  out = {}
-  for order, ok in success.items():
-    if ok is not None:
-      d = statistics.paired(np.asarray(ok[-1], float), np.asarray(ok[0], float),
-                            method="percentile")
-      out[order] = dict(d.as_dict(), verdict=statistics.verdict(d))
-  return out
+  return {order: _paired(ok[-1], ok[0]) for order, ok in success.items() if ok is not None}
 
 
 def _order_comparison(raster: np.ndarray, srm: np.ndarray) -> dict:
-  """SRM order - raster on the same samples, labels and keys: the paired bootstrap interval
-  (percentile; the values are 0/1 per sample) of the success rate at x^(0) and at the last
-  round, with the rule's verdict. raster, srm: per-sample success [rounds + 1, B]."""
-  out = {}
-  for name, r in (("x0", 0), ("last", -1)):
-    d = statistics.paired(np.asarray(srm[r], float), np.asarray(raster[r], float),
-                          method="percentile")
-    out[name] = dict(d.as_dict(), verdict=statistics.verdict(d))
-  return out
+  """SRM order - raster (`_paired`) at x^(0) and at the last round; raster, srm: per-sample
+  success [rounds + 1, B]."""
+  return {name: _paired(srm[r], raster[r]) for name, r in (("x0", 0), ("last", -1))}
 
 
 def _rates(valid: np.ndarray) -> dict:
@@ -346,7 +340,8 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
                                           "uncertainty": srm_valid})},
       "model": _model_info(config, run, "configs/sudoku4.py:cpu", train_call_s),
       "settings": dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds,
-                       init_budget=init_steps, ipr_budget=ipr_steps, order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
+                       init_budget=init_steps, ipr_budget=ipr_steps,
+                       order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
                        regions=f"{n}x{n} cells of {cell}x{cell} pixels",
                        hard_samples=n_main, corrupted_samples=n_corrupt,
                        ablation_samples=n_ablate),
@@ -405,24 +400,21 @@ def _patch_ipr(name: str, spec: str, patch: int, key, rounds: int, tiny: bool, b
   return out
 
 
-def _gain(r: dict, success, main: str) -> dict:
-  """`_ipr_gain` of `_patch_ipr`'s runs for the per-sample success(images) -> bool [B]."""
-  ok = lambda hist: None if hist is None else np.stack([success(x) for x in hist])
-  return {main: _ipr_gain({"raster": ok(r["history"]), "uncertainty": ok(r["srm_history"])})}
-
-
-def _srm_block(r: dict, metrics, success, main: str) -> dict | None:
-  """The SRM-order run of `_patch_ipr`'s r as the JSON's srm_order: the curves of
-  metrics(images) -> dict per round, the head, the wall times, and the paired comparison with
-  the raster run of the per-sample success(images) -> bool [B] (the `main` metric)."""
+def _order_results(r: dict, metrics, success, main: str) -> tuple[dict | None, dict]:
+  """(srm_order, ipr_gain) of `_patch_ipr`'s runs r. srm_order (None without an SRM run):
+  the curves of metrics(images) -> dict per round, the head, the wall times, and the paired
+  comparison with the raster run of the per-sample success(images) -> bool [B] (the `main`
+  metric); ipr_gain: `_ipr_gain` of that success per order."""
+  ok = {order: None if hist is None else np.stack([success(x) for x in hist])
+        for order, hist in (("raster", r["history"]), ("uncertainty", r["srm_history"]))}
+  gain = {main: _ipr_gain(ok)}
   if r["srm_history"] is None:
-    return None
+    return None, gain
   per_round = [metrics(x) for x in r["srm_history"]]
   block = {k: [m[k] for m in per_round] for k in per_round[0]}
-  ok = lambda hist: np.stack([success(x) for x in hist])
   block.update(head=r["head"], wall_s=r["srm_wall"],
-               comparison={main: _order_comparison(ok(r["history"]), ok(r["srm_history"]))})
-  return block
+               comparison={main: _order_comparison(ok["raster"], ok["uncertainty"])})
+  return block, gain
 
 
 def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
@@ -433,6 +425,7 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
       "init_steps", "ipr_steps", "n_sel", "train_call_s"))
   h, w, c = run.image_shape
   balanced = lambda x: even_pixels_lib.even_pixels_stats(x, second_peak="antipodal")["balanced"]
+  srm, gain = _order_results(r, constraints.even_pixels_metrics, balanced, "balance_accuracy")
   per_round = [constraints.even_pixels_metrics(x) for x in history]
   bar.update(1)
   test = datasets.get_dataset("even_pixels", "test", num_examples=num,
@@ -450,11 +443,11 @@ def run_even_pixels(key, rounds: int, tiny: bool, bar) -> dict:
   b = np.array(result["balance_accuracy"])
   result["balance_accuracy_stderr"] = np.sqrt(b * (1 - b) / num).tolist()
   result.update(
-      srm_order=_srm_block(r, constraints.even_pixels_metrics, balanced, "balance_accuracy"),
-      ipr_gain=_gain(r, balanced, "balance_accuracy"),
+      srm_order=srm, ipr_gain=gain,
       data=data, model=_model_info(config, run, "configs/even_pixels.py:cpu", train_call_s),
       settings=dict(hp, alpha=FLAGS.alpha, eta=eta, num_rounds=rounds, init_budget=init_steps,
-                    ipr_budget=ipr_steps, regions_per_round=n_sel, order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
+                    ipr_budget=ipr_steps, regions_per_round=n_sel,
+                    order=ORDER_NAMES["raster"], orders=list(FLAGS.orders),
                     num_samples=num),
       wall_s=wall, rounds_grid=out_stem + "_rounds.png", rounds_shown=shown)
   return result
@@ -510,9 +503,8 @@ def run_polygons(key, rounds: int, tiny: bool, bar) -> dict:
   result["by_count"] = {"x0": _by_count(first, labels, counts),
                         "last": _by_count(last, labels, counts)}
   counted = lambda x: polygon_count.count_polygons(x) == labels
-  srm = _srm_block(r, lambda x: constraints.polygons_metrics(x, labels), counted,
-                   "count_accuracy")
-  result["ipr_gain"] = _gain(r, counted, "count_accuracy")
+  srm, result["ipr_gain"] = _order_results(r, lambda x: constraints.polygons_metrics(x, labels),
+                                           counted, "count_accuracy")
   if srm is not None:
     srm["by_count"] = {k: _by_count(polygon_count.count_polygons(r["srm_history"][i]), labels,
                                     counts) for k, i in (("x0", 0), ("last", rounds))}
@@ -521,7 +513,8 @@ def run_polygons(key, rounds: int, tiny: bool, bar) -> dict:
       data=data, model=_model_info(config, run, "configs/polygons.py:cpu", train_call_s),
       settings=dict(hp, alpha=FLAGS.alpha, eta=eta, guidance=guidance, num_rounds=rounds,
                     init_budget=init_steps, ipr_budget=ipr_steps, regions_per_round=n_sel,
-                    order=ORDER_NAMES["raster"], orders=list(FLAGS.orders), num_samples=num, counts=counts,
+                    order=ORDER_NAMES["raster"], orders=list(FLAGS.orders), num_samples=num,
+                    counts=counts,
                     data_options={k: list(v) if isinstance(v, tuple) else v
                                   for k, v in options.items()}),
       wall_s=wall, rounds_grid=out_stem + "_rounds.png", rounds_shown=shown)
@@ -601,7 +594,8 @@ def even_pixels_table(res: dict) -> str:
            + "balance acc. % (paper text) | mean count error | saturation std | value std |\n|"
            + "---|" * (6 + (srm is not None)) + "\n"]
   for r in res["rounds_shown"]:
-    s_cell = ("" if srm is None else f" | {_pct(srm['balance_accuracy'][r], _se(srm['balance_accuracy'][r], n))}")
+    b = None if srm is None else srm["balance_accuracy"][r]
+    s_cell = "" if srm is None else f" | {_pct(b, _se(b, n))}"
     lines.append(f"| {r} | {_pct(res['balance_accuracy'][r], res['balance_accuracy_stderr'][r])}"
                  f"{s_cell} | {_pct(res['balance_accuracy_search'][r])} | "
                  f"{res['mean_count_error'][r]:.1f} | {res['saturation_std'][r]:.4f} | "
