@@ -532,22 +532,37 @@ def _seed_row(m, base, cand):
           m[f"verdict_for_{cand}"]]
 
 
-def dit_adaptive():
+def _adaptive_rows(r, first=()):
+  """The paired policy - synchronous rows of an adaptive_sampling.json."""
   rows = []
-  for backbone in ("unet", "dit"):
-    r = _result(f"dit/adaptive_{backbone}/adaptive_sampling.json")
-    for c in r["comparison_at_equal_budget"]:
-      seeds = c["fd_digits_per_seed"]
-      pol, sync = seeds[c["schedule"]], seeds["synchronous"]
-      d, q = c["fd_digits_difference"], c["confident_difference"]
-      rows.append([backbone, c["schedule"], c["budget"], _pm(sync["mean"], sync["sem"], 1),
-                   _pm(pol["mean"], pol["sem"], 1),
-                   f"{d['estimate']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", c["verdict"],
-                   f"{q['estimate']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]",
-                   c["confident_verdict"]])
-  return _table(["backbone", "policy", "budget", "synchronous fd_digits, mean ± s.e. over 2 "
-                 "sampling seeds", "policy fd_digits", "policy - synchronous, paired 95%",
-                 "verdict", "confident share, policy - synchronous", "verdict"], rows)
+  for c in r["comparison_at_equal_budget"]:
+    seeds = c["fd_digits_per_seed"]
+    pol, sync = seeds[c["schedule"]], seeds["synchronous"]
+    d, q = c["fd_digits_difference"], c["confident_difference"]
+    rows.append([*first, c["schedule"], c["budget"], _pm(sync["mean"], sync["sem"], 1),
+                 _pm(pol["mean"], pol["sem"], 1),
+                 f"{d['estimate']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", c["verdict"],
+                 f"{q['estimate']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]",
+                 c["confident_verdict"]])
+  return rows
+
+
+def _adaptive_head(r, first=()):
+  n = r["comparison_at_equal_budget"][0]["sampling_seeds"]
+  return [*first, "policy", "budget", f"synchronous fd_digits, mean ± s.e. over {n} sampling "
+          "seeds", "policy fd_digits", "policy - synchronous, paired 95%", "verdict",
+          "confident share, policy - synchronous", "verdict"]
+
+
+def dit_adaptive():
+  results = {b: _result(f"dit/adaptive_{b}/adaptive_sampling.json") for b in ("unet", "dit")}
+  return _table(_adaptive_head(results["unet"], ["backbone"]),
+                [row for b, r in results.items() for row in _adaptive_rows(r, [b])])
+
+
+def adaptive_1024():
+  r = _result("adaptive/adaptive_1024x3/adaptive_sampling.json")
+  return _table(_adaptive_head(r), _adaptive_rows(r))
 
 
 def clean_vs_dit():
@@ -597,7 +612,8 @@ def skip_cost():
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, sampler_ablation_verdicts,
                    inpainting_benchmark, inpainting_comparisons, latent_textures,
-                   latent_autoencoder, texture_synthesis, texture_synthesis_verdicts, adaptive_sampling, dit_vs_unet,
+                   latent_autoencoder, texture_synthesis, texture_synthesis_verdicts, adaptive_sampling, adaptive_1024,
+                   dit_vs_unet,
                    dit_adaptive, clean_vs_dit, clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
