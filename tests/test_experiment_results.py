@@ -326,8 +326,10 @@ def ipr_polygons():
 
 
 def ipr_polygons_orders():
-  r = _result("ipr/ipr_polygons.json")["srm_order"]["comparison"]["count_accuracy"]
-  return _table(["count accuracy, SRM order - raster (points)", "x^(0)", "round 50"], [
+  res = _result("ipr/ipr_polygons.json")
+  r = res["srm_order"]["comparison"]["count_accuracy"]
+  return _table(["count accuracy, SRM order - raster (points)", "x^(0)",
+                 f"round {res['rounds'][-1]}"], [
       ["paired 95% interval over the samples"]
       + [f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
          for d in (r["x0"], r["last"])],
@@ -612,9 +614,9 @@ def skip_cost():
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, sampler_ablation_verdicts,
                    inpainting_benchmark, inpainting_comparisons, latent_textures,
-                   latent_autoencoder, texture_synthesis, texture_synthesis_verdicts, adaptive_sampling, adaptive_1024,
-                   dit_vs_unet,
-                   dit_adaptive, clean_vs_dit, clean_vs_repaint, skip_cost],
+                   latent_autoencoder, texture_synthesis, texture_synthesis_verdicts,
+                   adaptive_sampling, adaptive_1024, dit_vs_unet, dit_adaptive, clean_vs_dit,
+                   clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
     "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels, ipr_polygons,

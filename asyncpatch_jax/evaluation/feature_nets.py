@@ -200,7 +200,6 @@ def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_si
   return out
 
 
-
 def frechet(real_features, fake_features) -> float:
   """The Frechet distance of two feature sets [N, D] (float64 mean and covariance)."""
   return metrics.frechet_distance(*metrics.feature_statistics(real_features),
