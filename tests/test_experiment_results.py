@@ -565,14 +565,10 @@ def dit_adaptive():
 def adaptive_1024():
   runs = [_result(f"adaptive/{d}/adaptive_sampling.json")
           for d in ("adaptive_1024x3", "adaptive_1024x3_b32")]
-  rows = sorted((row for r in runs for row in _adaptive_rows(r)),
-                key=lambda row: POLICY_ORDER.index(row[0]))
+  rows = [row for r in runs for row in _adaptive_rows(r)]
+  order = list(dict.fromkeys(row[0] for row in rows))      # the policies as the script runs them
+  rows.sort(key=lambda row: order.index(row[0]))           # stable: each one's budgets in order
   return _table(_adaptive_head(runs[0]), rows)
-
-
-# The policies in adaptive_sampling.py's order (the stable sort keeps each one's budgets in
-# order: 8 and 16 from the first run, then 32).
-POLICY_ORDER = ["uncertainty_accelerated", "uncertainty_ordered", "look_ahead", "dual_loop"]
 
 
 def clean_vs_dit():

@@ -353,6 +353,9 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
                               "vertex_uniformity": 1.0}
   assert set(polygons["by_count"]["last"]) == {"1", "2", "3", "4"}
   assert set(polygons["srm_order"]["by_count"]["last"]) == {"1", "2", "3", "4"}
+  # The SRM run really orders by the head (the same keys in raster order give other samples).
+  assert polygons["srm_order"]["mean_count_error"] != polygons["mean_count_error"]
+  assert polygons["srm_order"]["order"] == "SRM uncertainty order (head)"
   # SRM order vs raster on the same samples: the paired difference of the per-sample successes
   # is the difference of the two curves' rates; its interval holds it; the verdict is the rule's.
   for name, result in (("ipr_sudoku", sudoku), ("ipr_even_pixels", even),

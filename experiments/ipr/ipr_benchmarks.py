@@ -291,7 +291,7 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
     history, _ = refine(x0_srm, jax.random.fold_in(key, 2), FLAGS.alpha, cell_mask[:n_main],
                         generator=gen_srm, head_params=srun.head_params)
     srm_valid = validity_history(np.asarray(history))
-    srm_order = {"hard": _rates(srm_valid), "head": head_info,
+    srm_order = {"order": ORDER_NAMES["uncertainty"], "hard": _rates(srm_valid), "head": head_info,
                  "comparison": {"validity": _order_comparison(hard_valid, srm_valid)},
                  "wall_s": time.time() - t0}
     bar.update(1)
@@ -412,7 +412,7 @@ def _order_results(r: dict, metrics, success, main: str) -> tuple[dict | None, d
     return None, gain
   per_round = [metrics(x) for x in r["srm_history"]]
   block = {k: [m[k] for m in per_round] for k in per_round[0]}
-  block.update(head=r["head"], wall_s=r["srm_wall"],
+  block.update(order=ORDER_NAMES["uncertainty"], head=r["head"], wall_s=r["srm_wall"],
                comparison={main: _order_comparison(ok["raster"], ok["uncertainty"])})
   return block, gain
 
