@@ -10,6 +10,7 @@ Every script runs from the repository root as a module, so that this file import
   one (`"default"`, `"configs/default.py"`, `"configs/sudoku4.py:cpu"`, a saved config.json).
 - `train_or_resume(config, workdir)`: trains a run to `config.train.num_steps`, resuming its
   newest checkpoint; a finished run is left as it is.
+- `train_flops(config)`: the FLOPs of a config's train step (XLA's cost analysis) and run.
 - `load_run(workdir)`: the one place that loads a trained run (model, EMA parameters, ...).
 - `define_tiny(defaults)` and `run(main)`: `--tiny`, the smoke run the tests make of every
   script: `defaults` replace the defaults of the flags not given on the command line.
@@ -146,6 +147,28 @@ def load_run(workdir, config: ml_collections.ConfigDict | None = None, *,
                         run.config.timesteps, token_size=models.patch_size(run.model)),
                     head=None if run.head is None else run.head.module,
                     head_params=None if run.head is None else run.head.params)
+
+
+def train_flops(config: ml_collections.ConfigDict) -> dict:
+  """The train step's FLOPs from XLA's cost analysis (a latent model's step includes encoding
+  its batch with the frozen autoencoder, whose workdir the config names; the DiT's blocks
+  unrolled, since a loop body is counted once), and the run's total."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.training import train  # pylint: disable=g-import-not-at-top
+  setup = train.Setup(config, devices=jax.devices()[:1])
+  if hasattr(setup.model, "unroll_blocks"):
+    setup.model = setup.model.clone(unroll_blocks=True)
+  b = config.train.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((b, *setup.pixel_shape), jnp.float32),
+           "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  frozen = None if setup.codec is None else setup.codec.variables
+  step = jax.jit(lambda s, x, f: train.train_step(s, x, f, setup=setup,
+                                                  root_key=jax.random.key(0)))
+  flops = float(step.lower(setup.abstract_state, batch, frozen).cost_analysis()["flops"])
+  params = sum(int(x.size) for x in jax.tree.leaves(setup.abstract_state.params))
+  return {"flops_per_step": flops, "steps": config.train.num_steps,
+          "train_flops": flops * config.train.num_steps, "params": params, "batch": b}
 
 
 def train_or_resume(config: ml_collections.ConfigDict, workdir) -> float:

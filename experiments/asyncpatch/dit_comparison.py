@@ -44,7 +44,6 @@ from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
 from asyncpatch_jax.evaluation.evaluators import common as evaluators
 from asyncpatch_jax.generation import generate
 from asyncpatch_jax.runs import loader
-from asyncpatch_jax.training import train
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -98,22 +97,6 @@ def _config(backbone: str, seed: int):
     config.model.update(common.TINY_UNET if config.model.name == "unet" else
                         dict(hidden_size=16, depth=1, num_heads=2))
   return config
-
-
-def train_flops(config) -> dict:
-  """The train step's FLOPs (XLA cost analysis, the DiT's blocks unrolled: a loop body is
-  counted once) and the run's total."""
-  setup = train.Setup(config, devices=jax.devices()[:1])
-  if hasattr(setup.model, "unroll_blocks"):
-    setup.model = setup.model.clone(unroll_blocks=True)
-  b = config.train.batch_size
-  batch = {"image": jax.ShapeDtypeStruct((b, *setup.image_shape), jnp.float32),
-           "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-  step = jax.jit(lambda s, x: train.train_step(s, x, setup=setup, root_key=jax.random.key(0)))
-  flops = float(step.lower(setup.abstract_state, batch).cost_analysis()["flops"])
-  params = sum(int(x.size) for x in jax.tree.leaves(setup.abstract_state.params))
-  return {"flops_per_step": flops, "steps": config.train.num_steps,
-          "train_flops": flops * config.train.num_steps, "params": params, "batch": b}
 
 
 def _eval_config(workdir: str, families, method: str = "asyncpatch", repaint_params=None):
@@ -281,7 +264,7 @@ def main(argv):
                                       "tiny_dit_workdirs")
   seeds = [int(s) for s in FLAGS.seeds]
   pair = backbones()
-  cost = {b: train_flops(_config(b, seeds[0])) for b in pair}
+  cost = {b: common.train_flops(_config(b, seeds[0])) for b in pair}
   workdirs = {b: {} for b in pair}
   train_seconds = {b: {} for b in pair}
   for seed in seeds:                       # seed-major: an interruption leaves pairs done

@@ -1,0 +1,242 @@
+"""AsyncPatch Table 2 on the embedded textures: latent against pixel diffusion at equal training
+cost, and latent AsyncPatch against the latent baseline (LDM), over training seeds.
+
+  python -m experiments.asyncpatch.latent_table2 --out=results/latent/latent_table2.json
+
+The paper's Table 2 trains a latent AsyncPatch model and a baseline LDM (global timesteps) for
+the same steps at the same batch and compares their generation FID. This script trains, once per
+seed in `--workdir_root` (resumable: a finished run is reused, an interrupted one resumes):
+  latent_asyncpatch  configs/latent_textures.py (AsyncPatch timesteps) on the 8x8x3 latents of
+                     one shared autoencoder (configs/vqae_textures.py, --ae_steps, trained once
+                     in <workdir_root>/vqae, seed 0), --latent_steps at --latent_batch;
+  latent_global      the same with global timesteps: the paper's LDM baseline;
+  pixel_images       the pixel UNet of the textures (common.TEXTURES_PIXEL_UNET, AsyncPatch
+                     timesteps) on the 32x32x3 pixels, at --pixel_batch for the steps that see
+                     the latent runs' training images (latent_steps x latent_batch);
+  pixel_flops        the same pixel UNet for the steps whose training FLOPs equal the latent
+                     run's (XLA's cost analysis of each train step; the latent step's includes
+                     encoding its batch with the frozen encoder; the autoencoder's own training
+                     is reported apart, as it is shared by every latent model).
+All four use the same optimiser settings (AdamW 1e-3, 100 warmup steps, cosine decay, EMA
+0.999). Each run is scored with the same key: --num_samples unconditional samples (--num_steps
+synchronous steps, eta 0.25) against as many held-out (test split) crops, `fd_textures` and
+PRDC on the in-project texture features, each with its 95% bootstrap interval within the run
+(the `generation` evaluator). Scores are cached in the run's workdir. For each comparison the
+JSON keeps the per-seed values, mean and standard error over seeds, the difference with Welch's
+t interval over seeds and its verdict (evaluation/statistics.py: "better"/"worse" only when the
+95% interval excludes 0, else "within noise"), and every run's training FLOPs, images, seconds
+and sampling seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+import jax
+
+from asyncpatch_jax.evaluation import statistics
+from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
+from asyncpatch_jax.evaluation.evaluators import common as evaluators
+from asyncpatch_jax.generation import generate
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "Output JSON path (a Markdown table goes next to it).")
+flags.DEFINE_string("workdir_root", "/tmp/asyncpatch_latent_table2",
+                    "The autoencoder (vqae/) and one workdir per run (<model>_s<seed>) below it.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of each model.")
+flags.DEFINE_integer("ae_steps", 2000, "Training steps of the shared autoencoder (batch 16).")
+flags.DEFINE_integer("latent_steps", 500, "Training steps of each latent model.")
+flags.DEFINE_integer("latent_batch", 64, "Batch of the latent models.")
+flags.DEFINE_integer("pixel_batch", 16, "Batch of the pixel models.")
+flags.DEFINE_integer("num_samples", 512, "Generated samples per run (and held-out crops).")
+flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
+flags.DEFINE_integer("batch", 128, "Sampling batch.")
+flags.DEFINE_integer("feature_steps", 600, "Training steps of the texture feature network.")
+common.define_tiny(dict(seeds=["0", "1"], ae_steps=2, latent_steps=2, latent_batch=8,
+                        pixel_batch=4, num_samples=12, num_steps=2, batch=12, feature_steps=2))
+
+MODELS = ("latent_asyncpatch", "latent_global", "pixel_images", "pixel_flops")
+# (candidate, baseline, what the comparison is).
+COMPARISONS = (
+    ("latent_asyncpatch", "latent_global",
+     "the paper's Table 2: latent AsyncPatch against the latent baseline (global timesteps), "
+     "same steps and batch"),
+    ("latent_asyncpatch", "pixel_flops", "latent against pixel AsyncPatch at equal training FLOPs"),
+    ("latent_asyncpatch", "pixel_images",
+     "latent against pixel AsyncPatch at equal training images"),
+)
+# Metric -> whether higher is better.
+METRICS = {"fd_textures": False, "precision_textures": True, "recall_textures": True,
+           "density_textures": True, "coverage_textures": True}
+TINY_AE = {"autoencoder": {"base_channels": 4, "mask_embed_dim": 8, "codebook_size": 16},
+           "evaluate": {"reconstruct_images": 8}}
+
+
+def _ae_config():
+  config = common.updated(common.load_config("vqae_textures"), {
+      "train": {"num_steps": FLAGS.ae_steps, "checkpoint_every": 500,
+                "progress_bar": not FLAGS.tiny}})
+  return common.updated(config, TINY_AE) if FLAGS.tiny else config
+
+
+def _latent_config(seed: int, sampler: str):
+  config = common.updated(common.load_config("latent_textures"), {
+      "latent": {"autoencoder_workdir": os.path.join(FLAGS.workdir_root, "vqae")},
+      "timesteps": {"sampler": sampler},
+      "train": {"num_steps": FLAGS.latent_steps, "batch_size": FLAGS.latent_batch,
+                "checkpoint_every": 250, "progress_bar": not FLAGS.tiny},
+      "sample": {"num_images": 0}})
+  if FLAGS.tiny:
+    config.model.update(common.TINY_UNET)
+  config.seed = seed
+  return config
+
+
+def _pixel_config(seed: int, steps: int):
+  config = common.textures_pixel_config(steps, FLAGS.pixel_batch, FLAGS.tiny)
+  config.train.checkpoint_every = 250
+  config.seed = seed
+  return config
+
+
+def pixel_steps(latent_cost: dict, pixel_flops_per_step: float) -> dict:
+  """The pixel runs' steps: equal training images, and equal training FLOPs (rounded)."""
+  images = latent_cost["steps"] * latent_cost["batch"]
+  return {"pixel_images": -(-images // FLAGS.pixel_batch),
+          "pixel_flops": max(1, round(latent_cost["train_flops"] / pixel_flops_per_step))}
+
+
+def _configs(seed: int, steps: dict) -> dict:
+  return {"latent_asyncpatch": _latent_config(seed, "asyncpatch"),
+          "latent_global": _latent_config(seed, "global"),
+          "pixel_images": _pixel_config(seed, steps["pixel_images"]),
+          "pixel_flops": _pixel_config(seed, steps["pixel_flops"])}
+
+
+def _train(config, workdir: str) -> float:
+  """Trains or resumes; the training seconds of the run, summed over the calls that trained."""
+  seconds = common.train_or_resume(config, workdir)
+  path = os.path.join(workdir, "latent_table2_train_seconds.json")
+  total = 0.0
+  if os.path.exists(path):
+    with open(path) as f:
+      total = json.load(f)["seconds"]
+  if seconds:
+    total += seconds
+    with open(path, "w") as f:
+      json.dump({"seconds": total}, f)
+  return total
+
+
+def _score(workdir: str, extractors) -> dict:
+  """The generation scores of a trained run (cached in the workdir), same key for every run."""
+  cache = os.path.join(workdir, "latent_table2_scores.json")
+  settings = {k: FLAGS[k].value for k in ("num_samples", "num_steps", "feature_steps")}
+  if os.path.exists(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    if cached["settings"] == settings:
+      return cached
+  config = common.load_config(os.path.join(workdir, "config.json"))
+  config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
+  config.evaluate.update(num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=0.0,
+                         reference_split="test", num_reference=0,
+                         feature_steps=FLAGS.feature_steps)
+  run = common.load_run(workdir, config)
+  chosen = evaluators.from_config(config, ("generation",), run.pixel_shape,
+                                  latent=run.codec is not None)
+  gen = generate.Generator(run.model, codec=run.codec)
+  ctx = evaluators_base.Context(gen, run.params, config, image_shape=run.pixel_shape,
+                                key=jax.random.key(0), mesh=gen.mesh, mask_seed=0,
+                                feature_nets=extractors)
+  scores = evaluators.run(chosen, ctx)[0]["generation"]
+  result = {"settings": settings, "step": run.step, "generation": scores}
+  with open(cache, "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def _compare(per_run: dict, candidate: str, baseline: str) -> dict:
+  rows = {}
+  for k, hib in METRICS.items():
+    a = [per_run[candidate][s]["generation"][k] for s in per_run[candidate]]
+    b = [per_run[baseline][s]["generation"][k] for s in per_run[baseline]]
+    diff = statistics.seed_difference(a, b)
+    rows[k] = {candidate: statistics.across_seeds(a), baseline: statistics.across_seeds(b),
+               f"{candidate}_minus_{baseline}": diff.as_dict(),
+               f"verdict_for_{candidate}": statistics.verdict(diff, hib)}
+  return rows
+
+
+def markdown(result: dict) -> str:
+  """The comparison tables (mean ± s.e. over seeds, Welch interval, verdict)."""
+  out = []
+  for c in result["comparisons"]:
+    cand, base = c["candidate"], c["baseline"]
+    out += [f"{c['what']}:", "",
+            f"| metric | {cand}, mean ± s.e. | {base}, mean ± s.e. | {cand} - {base}, 95% Welch "
+            f"interval over seeds | verdict for {cand} |", "|---|---|---|---|---|"]
+    for k, r in c["metrics"].items():
+      x, y, d = r[cand], r[base], r[f"{cand}_minus_{base}"]
+      out.append(f"| {k} | {x['mean']:.4g} ± {x['sem']:.2g} | {y['mean']:.4g} ± {y['sem']:.2g} "
+                 f"| {d['estimate']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}] | "
+                 f"{r[f'verdict_for_{cand}']} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def main(argv):
+  del argv
+  if FLAGS.tiny and not FLAGS["workdir_root"].present:
+    FLAGS.workdir_root = os.path.join(os.path.dirname(os.path.abspath(FLAGS.out)),
+                                      "tiny_table2_workdirs")
+  seeds = [int(s) for s in FLAGS.seeds]
+  ae_dir = os.path.join(FLAGS.workdir_root, "vqae")
+  ae_config = _ae_config()
+  ae_seconds = _train(ae_config, ae_dir)
+  ae_run = common.load_run(ae_dir)
+  latent_cost = common.train_flops(_latent_config(seeds[0], "asyncpatch"))
+  pixel_cost = common.train_flops(_pixel_config(seeds[0], 1))
+  steps = pixel_steps(latent_cost, pixel_cost["flops_per_step"])
+  cost = {"latent_asyncpatch": latent_cost, "latent_global": latent_cost}
+  for name in ("pixel_images", "pixel_flops"):
+    cost[name] = dict(pixel_cost, steps=steps[name],
+                      train_flops=pixel_cost["flops_per_step"] * steps[name])
+  for c in cost.values():
+    c["train_images"] = c["steps"] * c["batch"]
+  workdirs, seconds = {m: {} for m in MODELS}, {m: {} for m in MODELS}
+  for seed in seeds:                     # seed-major: an interruption leaves whole seeds done
+    for name, config in _configs(seed, steps).items():
+      workdirs[name][seed] = os.path.join(FLAGS.workdir_root, f"{name}_s{seed}")
+      seconds[name][seed] = _train(config, workdirs[name][seed])
+  first = common.load_config(os.path.join(workdirs["pixel_flops"][seeds[0]], "config.json"))
+  first.evaluate.feature_steps = FLAGS.feature_steps
+  extractors = evaluators_base.feature_extractors(first, jax.random.key(1), None)
+  per_run = {m: {s: _score(workdirs[m][s], extractors) for s in seeds} for m in MODELS}
+  result = {
+      "settings": {k: FLAGS[k].value for k in ("seeds", "ae_steps", "latent_steps",
+                                               "latent_batch", "pixel_batch", "num_samples",
+                                               "num_steps", "feature_steps")},
+      "rule": "better/worse only when the 95% Welch interval over training seeds of the "
+              "candidate - baseline difference excludes 0 (evaluation/statistics.py), else "
+              "within noise",
+      "autoencoder": {"steps": ae_run.step, "batch": int(ae_config.train.batch_size),
+                      "train_seconds": ae_seconds,
+                      "params": int(sum(x.size for x in jax.tree.leaves(ae_run.params)))},
+      "training_cost": cost,
+      "runs": {m: {str(s): dict(per_run[m][s], train_seconds=seconds[m][s]) for s in seeds}
+               for m in MODELS},
+      "comparisons": [{"candidate": c, "baseline": b, "what": what,
+                       "metrics": _compare(per_run, c, b)} for c, b, what in COMPARISONS]}
+  common.write_json(FLAGS.out, result, time_key="seconds")
+  text = markdown(result)
+  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  common.run(main, required=("out",))
