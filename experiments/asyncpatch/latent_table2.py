@@ -55,8 +55,8 @@ flags.DEFINE_integer("num_samples", 512, "Generated samples per run (and held-ou
 flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
 flags.DEFINE_integer("batch", 128, "Sampling batch.")
 flags.DEFINE_integer("feature_steps", 600, "Training steps of the texture feature network.")
-common.define_tiny(dict(seeds=["0", "1"], ae_steps=2, latent_steps=2, latent_batch=8,
-                        pixel_batch=4, num_samples=12, num_steps=2, batch=12, feature_steps=2))
+common.define_tiny(dict(seeds=["0", "1"], ae_steps=2, latent_steps=2, latent_batch=16,
+                        pixel_batch=8, num_samples=16, num_steps=2, batch=16, feature_steps=2))
 
 MODELS = ("latent_asyncpatch", "latent_global", "pixel_images", "pixel_flops")
 # (candidate, baseline, what the comparison is).
