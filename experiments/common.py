@@ -14,7 +14,8 @@ Every script runs from the repository root as a module, so that this file import
 - `load_run(workdir)`: the one place that loads a trained run (model, EMA parameters, ...).
 - `define_tiny(defaults)` and `run(main)`: `--tiny`, the smoke run the tests make of every
   script: `defaults` replace the defaults of the flags not given on the command line.
-- `write_json(path, result)`: a result file with the command and the wall time that made it.
+- `write_json(path, result)`: a result file with the command and the wall time that made it;
+  `write_table(path, text)` its Markdown tables beside it.
 """
 
 from __future__ import annotations
@@ -247,6 +248,12 @@ def command() -> str:
 def elapsed() -> float:
   """Seconds since the script started."""
   return time.time() - START
+
+
+def write_table(json_path, text: str) -> None:
+  """Writes `text` (a result's Markdown tables) beside its JSON, as <name>.md, and prints it."""
+  epath.Path(os.path.splitext(str(json_path))[0] + ".md").write_text(text)
+  print(text)
 
 
 def write_json(path, result: dict, *, time_key: str | None = "wall_seconds",

@@ -527,6 +527,34 @@ def dit_vs_unet():
                  "DiT - UNet, 95% Welch interval", "verdict for the DiT"], rows)
 
 
+def latent_table2():
+  r = _result("latent/latent_table2.json")
+  rows = []
+  for c in r["comparisons"]:
+    cand, base = c["candidate"], c["baseline"]
+    for k, m in c["metrics"].items():
+      base_cell, cand_cell, diff, verdict = _seed_row(m, base, cand)
+      rows.append([f"{cand} - {base}", k, cand_cell, base_cell, diff, verdict])
+  return _table(["comparison", "metric", "candidate, mean ± s.e. over seeds",
+                 "baseline, mean ± s.e.", "candidate - baseline, 95% Welch interval",
+                 "verdict for the candidate"], rows)
+
+
+def latent_table2_cost():
+  r = _result("latent/latent_table2.json")
+  rows = []
+  for name, c in r["training_cost"].items():
+    runs = r["runs"][name].values()
+    train = np.mean([x["train_seconds"] for x in runs])
+    sample = np.mean([x["generation"]["sampling_seconds"] for x in runs])
+    rows.append([name, f"{c['params'] / 1e6:.2f}M", c["batch"], c["steps"], c["train_images"],
+                 f"{c['flops_per_step'] / 1e9:.1f}", f"{c['train_flops'] / 1e12:.1f}",
+                 f"{train:.0f}", f"{sample:.0f}"])
+  return _table(["model", "parameters", "batch", "steps", "training images",
+                 "GFLOP a step", "training TFLOP", "training seconds (mean over seeds)",
+                 "seconds to sample (mean over seeds)"], rows)
+
+
 def _seed_row(m, base, cand):
   a, b, diff = m[base], m[cand], m[f"{cand}_minus_{base}"]
   return [f"{a['mean']:.4g} ± {a['sem']:.2g}", f"{b['mean']:.4g} ± {b['sem']:.2g}",
@@ -618,7 +646,7 @@ def skip_cost():
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, sampler_ablation_verdicts,
                    inpainting_benchmark, inpainting_comparisons, latent_textures,
-                   latent_autoencoder, texture_synthesis, texture_synthesis_verdicts,
+                   latent_autoencoder, latent_table2, latent_table2_cost, texture_synthesis, texture_synthesis_verdicts,
                    adaptive_sampling, adaptive_1024, dit_vs_unet, dit_adaptive, clean_vs_dit,
                    clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],

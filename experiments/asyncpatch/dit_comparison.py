@@ -33,7 +33,6 @@ import time
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from asyncpatch_jax.data import masks as masks_lib
@@ -297,9 +296,7 @@ def main(argv):
     result["repaint_equal_time"] = _repaint_equal_time(workdirs, extractors, seeds)
   common.write_json(FLAGS.out, result, time_key="seconds")
   markdown = _markdown(table)
-  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-    f.write(markdown)
-  print(markdown)
+  common.write_table(FLAGS.out, markdown)
 
 
 if __name__ == "__main__":

@@ -291,9 +291,7 @@ def main(argv):
   common.write_json(FLAGS.out, result, time_key="seconds")
   text = (f"Inpainting of {FLAGS.num_inpaint} held-out images a family, {len(seeds)} training "
           f"seeds; {result['feature_extractor']} features.\n\n" + markdown(result))
-  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-    f.write(text)
-  print(text)
+  common.write_table(FLAGS.out, text)
 
 
 if __name__ == "__main__":

@@ -233,9 +233,7 @@ def main(argv):
                        "metrics": _compare(per_run, c, b)} for c, b, what in COMPARISONS]}
   common.write_json(FLAGS.out, result, time_key="seconds")
   text = markdown(result)
-  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-    f.write(text)
-  print(text)
+  common.write_table(FLAGS.out, text)
 
 
 if __name__ == "__main__":

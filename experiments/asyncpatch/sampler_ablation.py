@@ -252,9 +252,7 @@ def main(argv):
           f"{', '.join(FLAGS.repaint_models)}, RePaint {'/'.join(FLAGS.repaint)}; "
           f"{FLAGS.num_inpaint} held-out images a family; {len(seeds)} training seeds.\n\n"
           + markdown(tab, FLAGS.reference, FLAGS.families))
-  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-    f.write(text)
-  print(text)
+  common.write_table(FLAGS.out, text)
 
 
 if __name__ == "__main__":

@@ -384,9 +384,7 @@ def main(argv):
   plot(os.path.join(out_dir, "statistics_vs_w.png"), result)
   common.write_json(FLAGS.out, result)
   md = markdown(result)
-  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-    f.write(md)
-  print(md)
+  common.write_table(FLAGS.out, md)
 
 
 if __name__ == "__main__":

@@ -516,9 +516,7 @@ def main(argv):
   print(json.dumps(results["ours_over_torch_time"], indent=2))
   common.write_json(FLAGS.out, results)
   table = markdown(results)
-  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-    f.write(table)
-  print(table)
+  common.write_table(FLAGS.out, table)
 
 
 if __name__ == "__main__":

@@ -493,9 +493,7 @@ def main(argv):
   plot_metrics(os.path.join(out_dir, "metrics_vs_K.png"), result)
   common.write_json(FLAGS.out, result)
   md = markdown(result)
-  with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
-    f.write(md)
-  print(md)
+  common.write_table(FLAGS.out, md)
 
 
 if __name__ == "__main__":
