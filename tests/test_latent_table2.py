@@ -32,14 +32,18 @@ def test_latent_table2_tiny(tmp_path):
   # Equal FLOPs: the pixel steps whose FLOPs are nearest the latent run's (at least 1).
   assert pix_f["steps"] == max(1, round(lat["train_flops"] / pix_f["flops_per_step"]))
   assert pix_f["flops_per_step"] == pix_i["flops_per_step"] > lat["flops_per_step"] > 0
+  dit = cost["dit_flops"]
+  assert dit["steps"] == max(1, round(lat["train_flops"] / dit["flops_per_step"]))
+  assert dit["batch"] == 8 and dit["train_flops"] == dit["steps"] * dit["flops_per_step"]
   root = tmp_path / "tiny_table2_workdirs"
   samplers = {"latent_asyncpatch": "asyncpatch", "latent_global": "global",
-              "pixel_images": "asyncpatch", "pixel_flops": "asyncpatch"}
+              "pixel_images": "asyncpatch", "pixel_flops": "asyncpatch", "dit_flops": "asyncpatch"}
   for model, sampler in samplers.items():
     for seed in "01":
       config = json.load(open(root / f"{model}_s{seed}" / "config.json"))
       assert config["timesteps"]["sampler"] == sampler, model
       assert config["seed"] == int(seed)
+      assert config["model"]["name"] == ("dit" if model == "dit_flops" else "unet"), model
       latent = config.get("latent", {}).get("autoencoder_workdir", "")
       assert latent == (str(root / "vqae") if model.startswith("latent") else ""), model
       run = out["runs"][model][seed]
@@ -49,7 +53,7 @@ def test_latent_table2_tiny(tmp_path):
   # Each comparison: mean, s.e. and Welch's interval over seeds from the per-seed values.
   assert [(c["candidate"], c["baseline"]) for c in out["comparisons"]] == [
       ("latent_asyncpatch", "latent_global"), ("latent_asyncpatch", "pixel_flops"),
-      ("latent_asyncpatch", "pixel_images")]
+      ("latent_asyncpatch", "pixel_images"), ("dit_flops", "pixel_flops")]
   for c in out["comparisons"]:
     cand, base = c["candidate"], c["baseline"]
     for metric, row in c["metrics"].items():
@@ -70,3 +74,4 @@ def test_latent_table2_tiny(tmp_path):
         assert verdict == ("better" if good else "worse"), (metric, d, verdict)
   assert out["command"].startswith("python -m experiments.asyncpatch.latent_table2 ")
   assert "| fd_textures |" in open(tmp_path / "t2.md").read()
+

@@ -1,5 +1,6 @@
 """AsyncPatch Table 2 on the embedded textures: latent against pixel diffusion at equal training
-cost, and latent AsyncPatch against the latent baseline (LDM), over training seeds.
+cost, and latent AsyncPatch against the latent baseline (LDM), over training seeds; and the DiT
+against the pixel UNet at the same training FLOPs.
 
   python -m experiments.asyncpatch.latent_table2 --out=results/latent/latent_table2.json
 
@@ -16,7 +17,11 @@ seed in `--workdir_root` (resumable: a finished run is reused, an interrupted on
   pixel_flops        the same pixel UNet for the steps whose training FLOPs equal the latent
                      run's (XLA's cost analysis of each train step; the latent step's includes
                      encoding its batch with the frozen encoder; the autoencoder's own training
-                     is reported apart, as it is shared by every latent model).
+                     is reported apart, as it is shared by every latent model);
+  dit_flops          the pixel DiT of the textures (configs/dit.py:textures: width 128, 6
+                     blocks, patch 4, adaLN-single) at --pixel_batch for the steps whose
+                     training FLOPs equal the latent run's, as pixel_flops's do (its blocks
+                     unrolled for the cost analysis).
 All four use the same optimiser settings (AdamW 1e-3, 100 warmup steps, cosine decay, EMA
 0.999). Each run is scored with the same key: --num_samples unconditional samples (--num_steps
 synchronous steps, eta 0.25) against as many held-out (test split) crops, `fd_textures` and
@@ -58,7 +63,7 @@ flags.DEFINE_integer("feature_steps", 600, "Training steps of the texture featur
 common.define_tiny(dict(seeds=["0", "1"], ae_steps=2, latent_steps=2, latent_batch=16,
                         pixel_batch=8, num_samples=16, num_steps=2, batch=16, feature_steps=2))
 
-MODELS = ("latent_asyncpatch", "latent_global", "pixel_images", "pixel_flops")
+MODELS = ("latent_asyncpatch", "latent_global", "pixel_images", "pixel_flops", "dit_flops")
 # (candidate, baseline, what the comparison is).
 COMPARISONS = (
     ("latent_asyncpatch", "latent_global",
@@ -67,6 +72,7 @@ COMPARISONS = (
     ("latent_asyncpatch", "pixel_flops", "latent against pixel AsyncPatch at equal training FLOPs"),
     ("latent_asyncpatch", "pixel_images",
      "latent against pixel AsyncPatch at equal training images"),
+    ("dit_flops", "pixel_flops", "the pixel DiT against the pixel UNet at equal training FLOPs"),
 )
 # Metric -> whether higher is better.
 METRICS = {"fd_textures": False, "precision_textures": True, "recall_textures": True,
@@ -102,18 +108,32 @@ def _pixel_config(seed: int, steps: int):
   return config
 
 
-def pixel_steps(latent_cost: dict, pixel_flops_per_step: float) -> dict:
+def _dit_config(seed: int, steps: int):
+  config = common.updated(common.load_config("dit:textures"), {
+      "train": {"num_steps": steps, "batch_size": FLAGS.pixel_batch, "checkpoint_every": 250,
+                "progress_bar": not FLAGS.tiny},
+      "sample": {"num_images": 0}})
+  if FLAGS.tiny:
+    config.model.update(hidden_size=16, depth=1, num_heads=2)
+  config.seed = seed
+  return config
+
+
+def pixel_steps(latent_cost: dict, pixel_flops_per_step: float,
+                dit_flops_per_step: float) -> dict:
   """The pixel runs' steps: equal training images, and equal training FLOPs (rounded)."""
   images = latent_cost["steps"] * latent_cost["batch"]
   return {"pixel_images": -(-images // FLAGS.pixel_batch),
-          "pixel_flops": max(1, round(latent_cost["train_flops"] / pixel_flops_per_step))}
+          "pixel_flops": max(1, round(latent_cost["train_flops"] / pixel_flops_per_step)),
+          "dit_flops": max(1, round(latent_cost["train_flops"] / dit_flops_per_step))}
 
 
 def _configs(seed: int, steps: dict) -> dict:
   return {"latent_asyncpatch": _latent_config(seed, "asyncpatch"),
           "latent_global": _latent_config(seed, "global"),
           "pixel_images": _pixel_config(seed, steps["pixel_images"]),
-          "pixel_flops": _pixel_config(seed, steps["pixel_flops"])}
+          "pixel_flops": _pixel_config(seed, steps["pixel_flops"]),
+          "dit_flops": _dit_config(seed, steps["dit_flops"])}
 
 
 def _train(config, workdir: str) -> float:
@@ -200,11 +220,13 @@ def main(argv):
   ae_run = common.load_run(ae_dir)
   latent_cost = common.train_flops(_latent_config(seeds[0], "asyncpatch"))
   pixel_cost = common.train_flops(_pixel_config(seeds[0], 1))
-  steps = pixel_steps(latent_cost, pixel_cost["flops_per_step"])
+  dit_cost = common.train_flops(_dit_config(seeds[0], 1))
+  steps = pixel_steps(latent_cost, pixel_cost["flops_per_step"], dit_cost["flops_per_step"])
   cost = {"latent_asyncpatch": latent_cost, "latent_global": latent_cost}
-  for name in ("pixel_images", "pixel_flops"):
-    cost[name] = dict(pixel_cost, steps=steps[name],
-                      train_flops=pixel_cost["flops_per_step"] * steps[name])
+  for name, per_step in (("pixel_images", pixel_cost), ("pixel_flops", pixel_cost),
+                         ("dit_flops", dit_cost)):
+    cost[name] = dict(per_step, steps=steps[name],
+                      train_flops=per_step["flops_per_step"] * steps[name])
   for c in cost.values():
     c["train_images"] = c["steps"] * c["batch"]
   workdirs, seconds = {m: {} for m in MODELS}, {m: {} for m in MODELS}
