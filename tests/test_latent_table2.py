@@ -1,6 +1,7 @@
 """experiments/asyncpatch/latent_table2.py end to end with --tiny, as the AsyncPatch README writes
-it: the four models over 2 seeds, their equal-cost step counts, the timesteps each trained with,
-and the seed statistics and verdicts recomputed here with scipy."""
+it: the five models over 2 seeds, their equal-cost step counts, the timesteps each trained with,
+and the seed statistics and verdicts recomputed here with scipy (paired t for the
+latent pair, Welch for the rest)."""
 
 import json
 import os
@@ -54,8 +55,11 @@ def test_latent_table2_tiny(tmp_path):
   assert [(c["candidate"], c["baseline"]) for c in out["comparisons"]] == [
       ("latent_asyncpatch", "latent_global"), ("latent_asyncpatch", "pixel_flops"),
       ("latent_asyncpatch", "pixel_images"), ("dit_flops", "pixel_flops")]
+  assert [c["interval_over_seeds"] for c in out["comparisons"]] == [
+      "paired-t", "welch-t", "welch-t", "welch-t"]
   for c in out["comparisons"]:
     cand, base = c["candidate"], c["baseline"]
+    paired = c["interval_over_seeds"] == "paired-t"
     for metric, row in c["metrics"].items():
       a = [out["runs"][cand][s]["generation"][metric] for s in "01"]
       b = [out["runs"][base][s]["generation"][metric] for s in "01"]
@@ -63,8 +67,9 @@ def test_latent_table2_tiny(tmp_path):
       assert row[base]["sem"] == pytest.approx(np.std(b, ddof=1) / np.sqrt(2), abs=1e-9)
       d = row[f"{cand}_minus_{base}"]
       assert d["estimate"] == pytest.approx(np.mean(a) - np.mean(b), abs=1e-9)
-      if np.std(a) + np.std(b) > 0:
-        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+      if (np.std(np.subtract(a, b)) if paired else np.std(a) + np.std(b)) > 0:
+        test = (stats.ttest_rel(a, b) if paired else stats.ttest_ind(a, b, equal_var=False))
+        ci = test.confidence_interval(0.95)
         assert (d["low"], d["high"]) == pytest.approx((ci.low, ci.high), abs=1e-6)
       excludes = d["low"] > 0 or d["high"] < 0
       verdict = row[f"verdict_for_{cand}"]

@@ -27,10 +27,11 @@ All four use the same optimiser settings (AdamW 1e-3, 100 warmup steps, cosine d
 synchronous steps, eta 0.25) against as many held-out (test split) crops, `fd_textures` and
 PRDC on the in-project texture features, each with its 95% bootstrap interval within the run
 (the `generation` evaluator). Scores are cached in the run's workdir. For each comparison the
-JSON keeps the per-seed values, mean and standard error over seeds, the difference with Welch's
-t interval over seeds and its verdict (evaluation/statistics.py: "better"/"worse" only when the
-95% interval excludes 0, else "within noise"), and every run's training FLOPs, images, seconds
-and sampling seconds.
+JSON keeps the per-seed values, mean and standard error over seeds, the difference with its t
+interval over seeds (paired for the two latent models, which share each seed's initial
+parameters, data order and sampling key; Welch's for the rest) and its verdict
+(evaluation/statistics.py: "better"/"worse" only when the 95% interval excludes 0, else
+"within noise"), and every run's training FLOPs, images, seconds and sampling seconds.
 """
 
 from __future__ import annotations
@@ -64,15 +65,20 @@ common.define_tiny(dict(seeds=["0", "1"], ae_steps=2, latent_steps=2, latent_bat
                         pixel_batch=8, num_samples=16, num_steps=2, batch=16, feature_steps=2))
 
 MODELS = ("latent_asyncpatch", "latent_global", "pixel_images", "pixel_flops", "dit_flops")
-# (candidate, baseline, what the comparison is).
+# (candidate, baseline, what the comparison is, paired over seeds). The two latent models of
+# a seed differ only in their timestep sampler (same architecture, so the same initial
+# parameters, data order and sampling key): common random numbers, so their seeds pair
+# (paired t over the per-seed differences). The others differ in architecture: Welch.
 COMPARISONS = (
     ("latent_asyncpatch", "latent_global",
      "the paper's Table 2: latent AsyncPatch against the latent baseline (global timesteps), "
-     "same steps and batch"),
-    ("latent_asyncpatch", "pixel_flops", "latent against pixel AsyncPatch at equal training FLOPs"),
+     "same steps and batch", True),
+    ("latent_asyncpatch", "pixel_flops", "latent against pixel AsyncPatch at equal training FLOPs",
+     False),
     ("latent_asyncpatch", "pixel_images",
-     "latent against pixel AsyncPatch at equal training images"),
-    ("dit_flops", "pixel_flops", "the pixel DiT against the pixel UNet at equal training FLOPs"),
+     "latent against pixel AsyncPatch at equal training images", False),
+    ("dit_flops", "pixel_flops", "the pixel DiT against the pixel UNet at equal training FLOPs",
+     False),
 )
 # Metric -> whether higher is better.
 METRICS = {"fd_textures": False, "precision_textures": True, "recall_textures": True,
@@ -179,26 +185,30 @@ def _score(workdir: str, extractors) -> dict:
   return result
 
 
-def _compare(per_run: dict, candidate: str, baseline: str) -> dict:
+def _compare(per_run: dict, candidate: str, baseline: str, paired: bool) -> dict:
   rows = {}
   for k, hib in METRICS.items():
     a = [per_run[candidate][s]["generation"][k] for s in per_run[candidate]]
     b = [per_run[baseline][s]["generation"][k] for s in per_run[baseline]]
-    diff = statistics.seed_difference(a, b)
+    welch = statistics.seed_difference(a, b)
+    diff = statistics.seed_paired(a, b) if paired else welch
     rows[k] = {candidate: statistics.across_seeds(a), baseline: statistics.across_seeds(b),
                f"{candidate}_minus_{baseline}": diff.as_dict(),
                f"verdict_for_{candidate}": statistics.verdict(diff, hib)}
+    if paired:
+      rows[k]["welch_interval"] = welch.as_dict()
   return rows
 
 
 def markdown(result: dict) -> str:
-  """The comparison tables (mean ± s.e. over seeds, Welch interval, verdict)."""
+  """The comparison tables (mean ± s.e. over seeds, interval over seeds, verdict)."""
   out = []
   for c in result["comparisons"]:
     cand, base = c["candidate"], c["baseline"]
     out += [f"{c['what']}:", "",
-            f"| metric | {cand}, mean ± s.e. | {base}, mean ± s.e. | {cand} - {base}, 95% Welch "
-            f"interval over seeds | verdict for {cand} |", "|---|---|---|---|---|"]
+            f"| metric | {cand}, mean ± s.e. | {base}, mean ± s.e. | {cand} - {base}, 95% "
+            f"{c['interval_over_seeds']} interval over seeds | verdict for {cand} |",
+            "|---|---|---|---|---|"]
     for k, r in c["metrics"].items():
       x, y, d = r[cand], r[base], r[f"{cand}_minus_{base}"]
       out.append(f"| {k} | {x['mean']:.4g} ± {x['sem']:.2g} | {y['mean']:.4g} ± {y['sem']:.2g} "
@@ -242,9 +252,10 @@ def main(argv):
       "settings": {k: FLAGS[k].value for k in ("seeds", "ae_steps", "latent_steps",
                                                "latent_batch", "pixel_batch", "num_samples",
                                                "num_steps", "feature_steps")},
-      "rule": "better/worse only when the 95% Welch interval over training seeds of the "
-              "candidate - baseline difference excludes 0 (evaluation/statistics.py), else "
-              "within noise",
+      "rule": "better/worse only when the 95% interval over training seeds of the candidate - "
+              "baseline difference (paired t for the two latent models, whose seeds share "
+              "initial parameters, data order and sampling key; Welch otherwise) excludes 0 "
+              "(evaluation/statistics.py), else within noise",
       "autoencoder": {"steps": ae_run.step, "batch": int(ae_config.train.batch_size),
                       "train_seconds": ae_seconds,
                       "params": int(sum(x.size for x in jax.tree.leaves(ae_run.params)))},
@@ -252,7 +263,9 @@ def main(argv):
       "runs": {m: {str(s): dict(per_run[m][s], train_seconds=seconds[m][s]) for s in seeds}
                for m in MODELS},
       "comparisons": [{"candidate": c, "baseline": b, "what": what,
-                       "metrics": _compare(per_run, c, b)} for c, b, what in COMPARISONS]}
+                       "interval_over_seeds": "paired-t" if paired else "welch-t",
+                       "metrics": _compare(per_run, c, b, paired)}
+                      for c, b, what, paired in COMPARISONS]}
   common.write_json(FLAGS.out, result, time_key="seconds")
   text = markdown(result)
   common.write_table(FLAGS.out, text)
