@@ -272,8 +272,11 @@ def test_ctrl_c_during_start_up_exits_130_in_one_line_and_touches_nothing(delay,
   SIGSEGV inside jaxlib's import were what an early Ctrl-C gave before.
   """
   workdir = tmp_path / "w"
+  # A user's Ctrl-C reaches a program whose SIGINT is not ignored; pytest started in the
+  # background of a non-interactive shell hands its children an ignored SIGINT.
   proc = subprocess.Popen(cli(f"--workdir={workdir}"), cwd=ROOT, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   time.sleep(delay)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=120)
