@@ -10,6 +10,8 @@ Every script runs from the repository root as a module, so that this file import
   one (`"default"`, `"configs/default.py"`, `"configs/sudoku4.py:cpu"`, a saved config.json).
 - `train_or_resume(config, workdir)`: trains a run to `config.train.num_steps`, resuming its
   newest checkpoint; a finished run is left as it is.
+- `evaluate_run(workdir, config, names, feature_nets)`: evaluators' scores of a trained run,
+  with the same key and masks for every run.
 - `train_flops(config)`: the FLOPs of a config's train step (XLA's cost analysis) and run.
 - `load_run(workdir)`: the one place that loads a trained run (model, EMA parameters, ...).
 - `define_tiny(defaults)` and `run(main)`: `--tiny`, the smoke run the tests make of every
@@ -148,6 +150,25 @@ def load_run(workdir, config: ml_collections.ConfigDict | None = None, *,
                         run.config.timesteps, token_size=models.patch_size(run.model)),
                     head=None if run.head is None else run.head.module,
                     head_params=None if run.head is None else run.head.params)
+
+
+def evaluate_run(workdir, config: ml_collections.ConfigDict, names, feature_nets, *,
+                 seed: int = 0) -> tuple[TrainedRun, dict]:
+  """(run, scores) of the evaluators `names` (evaluation/evaluators) on a trained pixel or
+  latent run, with the evaluation key and mask seed `seed` (the same for every run compared),
+  scored on decoded pixels; the run samples with its sample.clean_cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.evaluation.evaluators import base  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.evaluation.evaluators import common as evaluators  # pylint: disable=g-import-not-at-top
+  from asyncpatch_jax.generation import generate  # pylint: disable=g-import-not-at-top
+  run = load_run(workdir, config)
+  chosen = evaluators.from_config(config, names, run.pixel_shape, latent=run.codec is not None)
+  gen = generate.Generator(run.model, codec=run.codec,
+                           clean_cache=config.sample.get("clean_cache", False))
+  ctx = base.Context(gen, run.params, config, image_shape=run.pixel_shape,
+                     key=jax.random.key(seed), mesh=gen.mesh, mask_seed=seed,
+                     feature_nets=feature_nets)
+  return run, evaluators.run(chosen, ctx)[0]
 
 
 def train_flops(config: ml_collections.ConfigDict) -> dict:

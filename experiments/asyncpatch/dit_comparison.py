@@ -40,9 +40,7 @@ from asyncpatch_jax.diffusion import repaint
 from asyncpatch_jax.evaluation import inpainting_eval
 from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
-from asyncpatch_jax.evaluation.evaluators import common as evaluators
 from asyncpatch_jax.generation import generate
-from asyncpatch_jax.runs import loader
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -115,18 +113,6 @@ def _generator(run, config):
   return generate.Generator(run.model, clean_cache=config.sample.get("clean_cache", False))
 
 
-def _evaluate(workdir: str, config, names, extractors):
-  """(run, scores) of the evaluators `names` on a trained run, with the same key and masks
-  for every run (the run samples with its sample.clean_cache)."""
-  chosen = evaluators.from_config(config, names, loader.saved_image_shape(workdir))
-  run = common.load_run(workdir, config)
-  gen = _generator(run, config)
-  ctx = evaluators_base.Context(gen, run.params, config, image_shape=run.image_shape,
-                                key=jax.random.key(0), mesh=gen.mesh, mask_seed=0,
-                                feature_nets=extractors)
-  return run, evaluators.run(chosen, ctx)[0]
-
-
 def _score_repaint(workdir: str, extractors, family: str, repaint_params) -> dict:
   """RePaint's inpainting scores of one family (cached in the workdir)."""
   tag = "_".join(str(v) for v in (family, *repaint_params))
@@ -137,7 +123,7 @@ def _score_repaint(workdir: str, extractors, family: str, repaint_params) -> dic
       cached = json.load(f)
     if cached["settings"] == settings:
       return cached
-  run, scores = _evaluate(workdir, _eval_config(workdir, [family], "repaint", repaint_params),
+  run, scores = common.evaluate_run(workdir, _eval_config(workdir, [family], "repaint", repaint_params),
                           ("inpainting",), extractors)
   q = scores["inpainting"]["families"][family]
   result = {"settings": settings, "step": run.step, "repaint": list(repaint_params),
@@ -212,7 +198,7 @@ def _score(workdir: str, extractors) -> dict:
       cached = json.load(f)
     if cached["settings"] == settings:
       return cached
-  run, scores = _evaluate(workdir, _eval_config(workdir, FLAGS.families),
+  run, scores = common.evaluate_run(workdir, _eval_config(workdir, FLAGS.families),
                           ("generation", "inpainting"), extractors)
   with open(os.path.join(workdir, "eval.json")) as f:
     eval_json = json.load(f)

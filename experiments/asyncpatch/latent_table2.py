@@ -44,8 +44,6 @@ import jax
 
 from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.evaluation.evaluators import base as evaluators_base
-from asyncpatch_jax.evaluation.evaluators import common as evaluators
-from asyncpatch_jax.generation import generate
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -171,14 +169,8 @@ def _score(workdir: str, extractors) -> dict:
   config.evaluate.update(num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=0.0,
                          reference_split="test", num_reference=0,
                          feature_steps=FLAGS.feature_steps)
-  run = common.load_run(workdir, config)
-  chosen = evaluators.from_config(config, ("generation",), run.pixel_shape,
-                                  latent=run.codec is not None)
-  gen = generate.Generator(run.model, codec=run.codec)
-  ctx = evaluators_base.Context(gen, run.params, config, image_shape=run.pixel_shape,
-                                key=jax.random.key(0), mesh=gen.mesh, mask_seed=0,
-                                feature_nets=extractors)
-  scores = evaluators.run(chosen, ctx)[0]["generation"]
+  run, scores = common.evaluate_run(workdir, config, ("generation",), extractors)
+  scores = scores["generation"]
   result = {"settings": settings, "step": run.step, "generation": scores}
   with open(cache, "w") as f:
     json.dump(result, f, indent=2)
