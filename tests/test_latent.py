@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -22,10 +23,12 @@ from asyncpatch_jax.evaluation import reconstruction
 from asyncpatch_jax.models import vqae
 from asyncpatch_jax.training import autoencoder_train
 from asyncpatch_jax.training import train
+from experiments import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE = dict(devices=jax.devices()[:1])
 DATA = {"image_size": 16, "num_examples": 512}
+DATA_SHAPE = (16, 16, 3)
 STEPS = 300
 
 
@@ -137,6 +140,42 @@ def test_latent_training_encodes_each_batch_inside_the_step(ae_run, latent_run):
 
   loss_latent, loss_pixel = losses(summary["state"], x, z, codec.variables)
   np.testing.assert_allclose(loss_latent, loss_pixel, rtol=1e-5)
+
+
+def test_train_flops_count_the_frozen_encoder_once(ae_run):
+  """experiments/common.train_flops of a latent step = the same denoiser's step on latents given
+  + one encoder forward. The encoder's share is checked against its convolutions counted by
+  hand from the shapes they run on (2 x output positions x kernel size), the larger part of
+  its cost: the rest (RMSNorm, SiLU, FiLM, the mask channel) is elementwise, a few tenths more."""
+  ae_workdir, _ = ae_run
+  latent = common.train_flops(latent_config(ae_workdir))
+  on_latents = latent_config("")
+  with on_latents.unlocked():
+    on_latents.data.options = dict(DATA, image_size=4)     # the 4x4x3 latent grid as pixels
+  plain = common.train_flops(on_latents)
+  assert latent["params"] == plain["params"] and latent["batch"] == plain["batch"] == 8
+  encoder_share = latent["flops_per_step"] - plain["flops_per_step"]
+  ae, params, _ = loader.load_autoencoder(ae_workdir)
+  x = np.zeros((8, *DATA_SHAPE), np.float32)
+  m = np.ones(x.shape[:-1], np.float32)
+  conv_flops = []
+
+  def count(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+      kernel = context.module.variables["params"]["kernel"]      # [kh, kw, c_in, c_out]
+      conv_flops.append(2 * int(np.prod(out.shape[:-1])) * int(np.prod(kernel.shape)))
+    return out
+
+  encode = lambda p: ae.apply({"params": p}, x, m, method=ae.encode)
+  with nn.intercept_methods(count):
+    jax.eval_shape(encode, params)
+  assert len(conv_flops) == 17          # conv_in, 2 downsamplings, 6 blocks x 2, conv_out, quant
+  assert 1.0 < encoder_share / sum(conv_flops) < 1.4, (encoder_share, sum(conv_flops))
+  # and it is one encoding of the batch: XLA's count of the encoder alone, plus the latents'
+  # scaling by 1 / std (8 x 4 x 4 x 3 = 384 multiplies; XLA counts 380)
+  alone = jax.jit(encode).lower(params).cost_analysis()["flops"]
+  assert abs(encoder_share - alone - 384) <= 8, (encoder_share, alone)
 
 
 def test_token_schedule_knows_exactly_the_tokens_whose_cell_and_halo_are_known(ae_run):
