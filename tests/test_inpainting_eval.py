@@ -363,7 +363,7 @@ def test_dataset_images_are_the_documented_digits():
 def test_quality_intervals_resample_each_original_with_its_inpainting():
   """interval_resamples: PSNR/SSIM intervals are the bootstrap of the NumPy per-image values;
   the Frechet interval resamples original-output pairs together (a float64 NumPy/scipy
-  bootstrap of the pairs agrees within Monte Carlo error), so outputs equal to the originals
+  basic bootstrap of the pairs agrees within Monte Carlo error), so outputs equal to the originals
   give exactly [0, 0], where resampling the outputs alone would not."""
   rng = np.random.default_rng(5)
   n, h, w = 60, 8, 8
@@ -389,9 +389,10 @@ def test_quality_intervals_resample_each_original_with_its_inpainting():
             - 2 * np.trace(scipy.linalg.sqrtm(c_a @ c_b)).real)
   draws = np.random.default_rng(11).integers(0, n, (1000, n))
   boot = [fd(fr[i], ff[i]) for i in draws]
-  low, high = np.percentile(boot, [2.5, 97.5])
+  est = fd(fr, ff)
+  low, high = 2 * est - np.percentile(boot, [97.5, 2.5])     # the basic (bias-corrected) one
   iv = got["fd_toy_interval"]
-  assert iv["estimate"] == pytest.approx(fd(fr, ff), rel=1e-4)
+  assert iv["estimate"] == pytest.approx(est, rel=1e-4) and iv["method"] == "basic"
   assert iv["low"] == pytest.approx(low, rel=0.15) and iv["high"] == pytest.approx(high, rel=0.15)
   # PRDC intervals: scipy's BCa bootstrap (same seed) of the float64 per-point values, the
   # fake points for precision and density, the real points for recall and coverage.
@@ -413,4 +414,6 @@ def test_quality_intervals_resample_each_original_with_its_inpainting():
   assert abs(same["low"]) < 1e-6 and abs(same["high"]) < 1e-6
   unpaired = feature_nets.feature_metrics(toy, originals, originals, k=3, batch_size=32,
                                           interval_resamples=100)["fd_toy_interval"]
-  assert unpaired["high"] > 1e-3
+  # resampling one side alone has spread (and, the sets being the same images, no bias for
+  # the basic interval to remove: it lies below 0)
+  assert unpaired["high"] - unpaired["low"] > 1e-3 and unpaired["high"] < 0

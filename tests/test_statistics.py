@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from asyncpatch_jax.evaluation import metrics
 from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.runtime import checks
 
@@ -65,6 +66,33 @@ def test_set_level_interval_recomputes_the_metric_on_resampled_images():
   # Paired set-level: a metric minus itself shifted by a constant is exactly the constant.
   diff = statistics.paired_set(var, lambda idx: var(idx) - 0.25, len(x), resamples=200)
   assert diff.low == pytest.approx(0.25) and diff.high == pytest.approx(0.25)
+
+
+def test_frechet_interval_is_bias_corrected_and_covers_the_true_distance():
+  """Gaussian features [256, 16] against a fixed reference N(0, I), whose true Frechet distance
+  is the closed form of the generating N(mu, C): over 120 draws the default (basic)
+  interval holds it at about its 95% level (Monte Carlo s.e. of a coverage 2%), while the
+  percentile interval, shifted up by the resamples' repeats, holds it under half the time."""
+  rng = np.random.default_rng(0)
+  d, n = 16, 256
+  a = rng.normal(size=(d, d)) / np.sqrt(d)
+  cov, mu = a @ a.T + 0.5 * np.eye(d), 0.3 * rng.normal(size=d)
+  truth = metrics.frechet_distance(mu, cov, np.zeros(d), np.eye(d))
+  chol = np.linalg.cholesky(cov)
+  covered = {"basic": 0, "percentile": 0}
+  for trial in range(120):
+    x = mu + rng.normal(size=(n, d)) @ chol.T
+    fd = lambda idx, x=x: metrics.frechet_distance(*metrics.feature_statistics(x[idx]),
+                                                   np.zeros(d), np.eye(d))
+    for method in covered:
+      got = statistics.set_interval(fd, n, resamples=200, seed=trial, method=method)
+      assert got.method == method and got.estimate == fd(np.arange(n))
+      covered[method] += got.low <= truth <= got.high
+  assert 0.88 <= covered["basic"] / 120 <= 1.0, covered
+  assert covered["percentile"] / 120 < 0.7, covered
+  assert statistics.set_interval(fd, n, resamples=50).method == "basic"     # the default
+  with pytest.raises(checks.InputError, match="set_interval method 'BCa'"):
+    statistics.set_interval(fd, n, method="BCa")
 
 
 def test_verdict_rule_and_bad_input():

@@ -167,13 +167,15 @@ def feature_metrics(extractor, real_images, fake_images, *, k: int = 5, batch_si
   'coverage_digits'} for DigitFeatures ('fid', 'precision_inception', ... for Inception).
   mesh: feature extraction and PRDC split over its devices. real_features: the real
   images' features when already extracted (real_images is then not read).
-  interval_resamples > 0 adds '<frechet>_interval': the percentile bootstrap interval of the
-  Frechet distance (evaluation/statistics.py set_interval), resampling the generated
-  images, or, with paired=True (inpaintings of the originals), each original together with
-  its inpainting. A resample costs one eigendecomposition of a [D, D] matrix: ~1 ms at the
-  digits' 128-d, ~1 s at Inception's 2048-d. A resample with repeats has fewer distinct
-  images, which raises the distance, so the interval measures its spread and sits above
-  the estimate; compare methods by paired or seed-level differences. It also adds
+  interval_resamples > 0 adds '<frechet>_interval': the basic (bias-corrected) bootstrap
+  interval of the Frechet distance (evaluation/statistics.py set_interval), resampling the
+  generated images, or, with paired=True (inpaintings of the originals), each original
+  together with its inpainting. A resample costs one eigendecomposition of a [D, D] matrix:
+  ~1 ms at the digits' 128-d, ~1 s at Inception's 2048-d. A resample with repeats has fewer
+  distinct images, which raises the distance by about the estimate's own bias; the basic
+  interval removes that shift, so it can lie below the estimate (and below 0 when the two
+  sets are nearly the same images). Compare methods by paired or seed-level differences.
+  It also adds
   '<prdc metric>_interval': the BCa interval of each PRDC metric as a mean of per-point
   values (`metrics.prdc_values`), conditional on the other set: precision and density over the
   generated images with the real balls fixed, recall and coverage over the real images
