@@ -296,9 +296,9 @@ def _pct(v):
 def ipr_sudoku():
   r = _result("ipr/ipr_sudoku.json")
   shown = (0, 1, 5, 10, 20, 30, 40, 50)
-  hard, se = r["hard"]["validity"], r["hard"]["stderr"]
-  rows = [["HARD"] + [_pct(hard[k]) + (f" ± {_pct(se[k])}" if k in (0, 50) else "")
-                      for k in shown]]
+  rows = [[name] + [_pct(src["validity"][k]) + (f" ± {_pct(src['stderr'][k])}"
+                                                  if k in (0, 50) else "") for k in shown]
+          for name, src in (("HARD", r["hard"]), ("HARD, SRM order", r["srm_order"]["hard"]))]
   rows += [[f"K = {k}"] + [_pct(v["validity"][i]) for i in shown]
            for k, v in r["corrupted"].items()]
   return _table(["IPR round"] + [str(k) for k in shown], rows)
@@ -311,6 +311,25 @@ def ipr_sudoku_ablations():
                 [[name.replace("alpha_", "alpha = ").replace("_", " ")]
                  + [_pct(v["validity"][i]) for i in shown]
                  for name, v in r["ablations"].items()])
+
+
+def _ipr_orders(path: str, metric: str):
+  """The paired intervals (over samples, in points) of what the rounds did in each order and
+  of SRM order - raster, with their verdicts."""
+  res = _result(path)
+  gain, vs = res["ipr_gain"][metric], res["srm_order"]["comparison"][metric]
+  last = res["rounds"][-1]
+  rows = [(f"round {last} - x^(0), raster", gain["raster"]),
+          (f"round {last} - x^(0), SRM order", gain["uncertainty"]),
+          ("SRM order - raster, x^(0)", vs["x0"]), (f"SRM order - raster, round {last}", vs["last"])]
+  return _table([f"{metric.replace('_', ' ')}, paired 95% interval (points)", "difference",
+                 "verdict"],
+                [[name, f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, "
+                        f"{100 * d['high']:+.1f}]", d["verdict"]] for name, d in rows])
+
+
+def ipr_sudoku_orders():
+  return _ipr_orders("ipr/ipr_sudoku.json", "validity")
 
 
 def ipr_polygons():
@@ -339,17 +358,23 @@ def ipr_polygons_orders():
 def ipr_even_pixels():
   r = _result("ipr/ipr_even_pixels.json")
   shown = (0, 1, 5, 10, 20, 30, 50)
-  d = r["data"]
+  d, srm = r["data"], r["srm_order"]
   se = r["balance_accuracy_stderr"]
-  return _table(["IPR round"] + [str(k) for k in shown] + ["data"], [
-      ["balance accuracy % (benchmark code)"]
-      + [_pct(r["balance_accuracy"][k]) + (f" ± {_pct(se[k])}" if k == 0 else "")
-         for k in shown] + [f"{100 * d['balance_accuracy']:g}"],
-      ["mean pixel-count error"] + [f"{r['mean_count_error'][k]:.1f}" for k in shown]
-      + [f"{d['mean_count_error']:g}"],
-      ["saturation std"] + [f"{r['saturation_std'][k]:.3f}" for k in shown]
-      + [f"{d['saturation_std']:g}"],
-      ["value std"] + [f"{r['value_std'][k]:.3f}" for k in shown] + [f"{d['value_std']:g}"]])
+  rows = []
+  for name, key, fmt in (("balance accuracy % (benchmark code)", "balance_accuracy", _pct),
+                         ("mean pixel-count error", "mean_count_error", lambda v: f"{v:.1f}"),
+                         ("saturation std", "saturation_std", lambda v: f"{v:.3f}"),
+                         ("value std", "value_std", lambda v: f"{v:.3f}")):
+    for order, src in (("raster", r), ("SRM order", srm)):
+      rows.append([f"{name}, {order}"]
+                  + [fmt(src[key][k]) + (f" ± {_pct(se[k])}" if key == "balance_accuracy"
+                                         and src is r and k == 0 else "") for k in shown]
+                  + [f"{(100 if key == 'balance_accuracy' else 1) * d[key]:g}"])
+  return _table(["IPR round"] + [str(k) for k in shown] + ["data"], rows)
+
+
+def ipr_even_pixels_orders():
+  return _ipr_orders("ipr/ipr_even_pixels.json", "balance_accuracy")
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -652,7 +677,8 @@ TABLES = {
                    clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
-    "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_ablations, ipr_even_pixels, ipr_polygons,
+    "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_orders, ipr_sudoku_ablations, ipr_even_pixels,
+            ipr_even_pixels_orders, ipr_polygons,
             ipr_polygons_orders],
     "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, dit_peer,
                    dit_peer_1core, bench_memory, bench_memory_fsdp, host_devices, bench_metrics],
