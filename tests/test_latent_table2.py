@@ -57,12 +57,30 @@ def test_latent_table2_tiny(tmp_path):
       ("latent_asyncpatch", "pixel_images"), ("dit_flops", "pixel_flops")]
   assert [c["interval_over_seeds"] for c in out["comparisons"]] == [
       "paired-t", "welch-t", "welch-t", "welch-t"]
-  for c in out["comparisons"]:
+  # Inpainting: the same comparisons per mask family, on the same crops and masks for every run.
+  assert [(c["candidate"], c["baseline"], c["interval_over_seeds"])
+          for c in out["inpainting_comparisons"]] == [
+      (c["candidate"], c["baseline"], c["interval_over_seeds"]) for c in out["comparisons"]]
+  holes = {out["runs"][m][s]["inpainting"]["families"]["square"]["hole_fraction"]
+           for m in samplers for s in "01"}
+  assert len(holes) == 1 and 0 < holes.pop() < 1
+  for model in samplers:
+    q = out["runs"][model]["0"]["inpainting"]
+    assert q["num_images"] == 8 and list(q["families"]) == ["square"]
+    assert q["network_evals"] == 2, model                      # --num_steps: Eq. 4, one pass
+  checked = [("generation", c) for c in out["comparisons"]]
+  checked += [("inpainting", c) for c in out["inpainting_comparisons"]]
+  for task, c in checked:
     cand, base = c["candidate"], c["baseline"]
     paired = c["interval_over_seeds"] == "paired-t"
     for metric, row in c["metrics"].items():
-      a = [out["runs"][cand][s]["generation"][metric] for s in "01"]
-      b = [out["runs"][base][s]["generation"][metric] for s in "01"]
+      if task == "generation":
+        a = [out["runs"][cand][s]["generation"][metric] for s in "01"]
+        b = [out["runs"][base][s]["generation"][metric] for s in "01"]
+      else:
+        family, name = metric.split(" ")
+        a = [out["runs"][cand][s]["inpainting"]["families"][family][name] for s in "01"]
+        b = [out["runs"][base][s]["inpainting"]["families"][family][name] for s in "01"]
       assert row[cand]["mean"] == pytest.approx(np.mean(a), abs=1e-9)
       assert row[base]["sem"] == pytest.approx(np.std(b, ddof=1) / np.sqrt(2), abs=1e-9)
       d = row[f"{cand}_minus_{base}"]
@@ -75,8 +93,9 @@ def test_latent_table2_tiny(tmp_path):
       verdict = row[f"verdict_for_{cand}"]
       assert (verdict != "within noise") == excludes, (metric, d, verdict)
       if excludes:
-        good = (d["low"] > 0) == (metric != "fd_textures")
+        good = (d["low"] > 0) == ("fd_textures" not in metric)
         assert verdict == ("better" if good else "worse"), (metric, d, verdict)
   assert out["command"].startswith("python -m experiments.asyncpatch.latent_table2 ")
-  assert "| fd_textures |" in open(tmp_path / "t2.md").read()
+  table = open(tmp_path / "t2.md").read()
+  assert "| fd_textures |" in table and "| square psnr |" in table
 

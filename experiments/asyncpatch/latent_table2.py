@@ -59,8 +59,11 @@ flags.DEFINE_integer("num_samples", 512, "Generated samples per run (and held-ou
 flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
 flags.DEFINE_integer("batch", 128, "Sampling batch.")
 flags.DEFINE_integer("feature_steps", 600, "Training steps of the texture feature network.")
+flags.DEFINE_integer("num_inpaint", 128, "Held-out crops inpainted per mask family (0: none).")
+flags.DEFINE_list("families", ["thin", "wide", "square", "extrema"], "Inpainting mask families.")
 common.define_tiny(dict(seeds=["0", "1"], ae_steps=2, latent_steps=2, latent_batch=16,
-                        pixel_batch=8, num_samples=16, num_steps=2, batch=16, feature_steps=2))
+                        pixel_batch=8, num_samples=16, num_steps=2, batch=16, feature_steps=2,
+                        num_inpaint=8, families=["square"]))
 
 MODELS = ("latent_asyncpatch", "latent_global", "pixel_images", "pixel_flops", "dit_flops")
 # (candidate, baseline, what the comparison is, paired over seeds). The two latent models of
@@ -81,6 +84,8 @@ COMPARISONS = (
 # Metric -> whether higher is better.
 METRICS = {"fd_textures": False, "precision_textures": True, "recall_textures": True,
            "density_textures": True, "coverage_textures": True}
+# Inpainting metric (per mask family) -> whether higher is better.
+INPAINT_METRICS = {"psnr": True, "ssim": True, "fd_textures": False}
 TINY_AE = {"autoencoder": {"base_channels": 4, "mask_embed_dim": 8, "codebook_size": 16},
            "evaluate": {"reconstruct_images": 8}}
 
@@ -177,11 +182,54 @@ def _score(workdir: str, extractors) -> dict:
   return result
 
 
-def _compare(per_run: dict, candidate: str, baseline: str, paired: bool) -> dict:
+def _score_inpainting(workdir: str, extractors) -> dict:
+  """The inpainting scores of a trained run (AsyncPatch Eq. 4, a latent model's on its tokens
+  with the known pixels pasted back; cached in the workdir), the same key and masks for
+  every run: per mask family PSNR, SSIM and fd_textures of the inpainted crops against the
+  originals, with their intervals within the run."""
+  cache = os.path.join(workdir, "latent_table2_inpainting.json")
+  settings = {k: FLAGS[k].value for k in ("num_inpaint", "families", "num_steps",
+                                          "feature_steps")}
+  if os.path.exists(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    if cached["settings"] == settings:
+      return cached
+  config = common.load_config(os.path.join(workdir, "config.json"))
+  config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
+  config.evaluate.update(batch_size=FLAGS.batch, num_inpaint=FLAGS.num_inpaint,
+                         mask_families=tuple(FLAGS.families), inpaint_method="asyncpatch",
+                         feature_steps=FLAGS.feature_steps)
+  run, scores = common.evaluate_run(workdir, config, ("inpainting",), extractors)
+  q = scores["inpainting"]
+  keep = [*INPAINT_METRICS, *(f"{k}_interval" for k in INPAINT_METRICS), "hole_fraction",
+          "seconds_per_image"]
+  result = {"settings": settings, "step": run.step, "network_evals": q["network_evals"],
+            "num_images": q["num_images"],
+            "families": {fam: {k: v[k] for k in keep if k in v}
+                         for fam, v in q["families"].items()}}
+  with open(cache, "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def _compare(per_run: dict, candidate: str, baseline: str, paired: bool,
+             metrics: dict | None = None) -> dict:
+  """Per metric: each side's seed values, mean and s.e., candidate - baseline with its t
+  interval over seeds (paired or Welch) and the verdict. metrics: name -> (path into a run's
+  scores, higher is better); default the generation metrics."""
+  if metrics is None:
+    metrics = {k: (("generation", k), hib) for k, hib in METRICS.items()}
   rows = {}
-  for k, hib in METRICS.items():
-    a = [per_run[candidate][s]["generation"][k] for s in per_run[candidate]]
-    b = [per_run[baseline][s]["generation"][k] for s in per_run[baseline]]
+
+  def at(scores, path):
+    for key in path:
+      scores = scores[key]
+    return float(scores)
+
+  for k, (path, hib) in metrics.items():
+    a = [at(per_run[candidate][s], path) for s in per_run[candidate]]
+    b = [at(per_run[baseline][s], path) for s in per_run[baseline]]
     welch = statistics.seed_difference(a, b)
     diff = statistics.seed_paired(a, b) if paired else welch
     rows[k] = {candidate: statistics.across_seeds(a), baseline: statistics.across_seeds(b),
@@ -195,9 +243,11 @@ def _compare(per_run: dict, candidate: str, baseline: str, paired: bool) -> dict
 def markdown(result: dict) -> str:
   """The comparison tables (mean ± s.e. over seeds, interval over seeds, verdict)."""
   out = []
-  for c in result["comparisons"]:
+  blocks = [("generation", c) for c in result["comparisons"]]
+  blocks += [("inpainting", c) for c in result.get("inpainting_comparisons", [])]
+  for task, c in blocks:
     cand, base = c["candidate"], c["baseline"]
-    out += [f"{c['what']}:", "",
+    out += [f"{task.capitalize()}, {c['what']}:", "",
             f"| metric | {cand}, mean ± s.e. | {base}, mean ± s.e. | {cand} - {base}, 95% "
             f"{c['interval_over_seeds']} interval over seeds | verdict for {cand} |",
             "|---|---|---|---|---|"]
@@ -240,10 +290,17 @@ def main(argv):
   first.evaluate.feature_steps = FLAGS.feature_steps
   extractors = evaluators_base.feature_extractors(first, jax.random.key(1), None)
   per_run = {m: {s: _score(workdirs[m][s], extractors) for s in seeds} for m in MODELS}
+  if FLAGS.num_inpaint:
+    for m in MODELS:
+      for s in seeds:
+        per_run[m][s]["inpainting"] = _score_inpainting(workdirs[m][s], extractors)
+  inpaint_metrics = {f"{fam} {k}": (("inpainting", "families", fam, k), hib)
+                     for fam in FLAGS.families for k, hib in INPAINT_METRICS.items()}
   result = {
       "settings": {k: FLAGS[k].value for k in ("seeds", "ae_steps", "latent_steps",
                                                "latent_batch", "pixel_batch", "num_samples",
-                                               "num_steps", "feature_steps")},
+                                               "num_steps", "feature_steps", "num_inpaint",
+                                               "families")},
       "rule": "better/worse only when the 95% interval over training seeds of the candidate - "
               "baseline difference (paired t for the two latent models, whose seeds share "
               "initial parameters, data order and sampling key; Welch otherwise) excludes 0 "
@@ -258,6 +315,12 @@ def main(argv):
                        "interval_over_seeds": "paired-t" if paired else "welch-t",
                        "metrics": _compare(per_run, c, b, paired)}
                       for c, b, what, paired in COMPARISONS]}
+  if FLAGS.num_inpaint:
+    result["inpainting_comparisons"] = [
+        {"candidate": c, "baseline": b, "what": what,
+         "interval_over_seeds": "paired-t" if paired else "welch-t",
+         "metrics": _compare(per_run, c, b, paired, inpaint_metrics)}
+        for c, b, what, paired in COMPARISONS]
   common.write_json(FLAGS.out, result, time_key="seconds")
   text = markdown(result)
   common.write_table(FLAGS.out, text)
