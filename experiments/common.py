@@ -171,6 +171,20 @@ def evaluate_run(workdir, config: ml_collections.ConfigDict, names, feature_nets
   return run, evaluators.run(chosen, ctx)[0]
 
 
+def cached_scores(path, settings: dict, compute: Callable[[], dict]) -> dict:
+  """{'settings': settings, **compute()}, stored as JSON at `path` (a run's workdir keeps its
+  scores) and read back instead of recomputed while the stored settings equal `settings`."""
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    if stored.get("settings") == settings:
+      return stored
+  result = {"settings": settings, **compute()}
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
 def train_flops(config: ml_collections.ConfigDict) -> dict:
   """The train step's FLOPs from XLA's cost analysis (a latent model's step includes encoding
   its batch with the frozen autoencoder, whose workdir the config names; the DiT's blocks

@@ -115,23 +115,17 @@ def _generator(run, config):
 
 def _score_repaint(workdir: str, extractors, family: str, repaint_params) -> dict:
   """RePaint's inpainting scores of one family (cached in the workdir)."""
-  tag = "_".join(str(v) for v in (family, *repaint_params))
-  cache = os.path.join(workdir, f"dit_comparison_repaint_{tag}.json")
-  settings = {k: FLAGS[k].value for k in ("num_inpaint", "classifier_steps")}
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached["settings"] == settings:
-      return cached
-  run, scores = common.evaluate_run(workdir, _eval_config(workdir, [family], "repaint", repaint_params),
-                          ("inpainting",), extractors)
-  q = scores["inpainting"]["families"][family]
-  result = {"settings": settings, "step": run.step, "repaint": list(repaint_params),
+  def compute():
+    config = _eval_config(workdir, [family], "repaint", repaint_params)
+    run, scores = common.evaluate_run(workdir, config, ("inpainting",), extractors)
+    q = scores["inpainting"]["families"][family]
+    return {"step": run.step, "repaint": list(repaint_params),
             "network_evals": scores["inpainting"]["network_evals"],
             "inpainting": {k: q[k] for k in INPAINTING}}
-  with open(cache, "w") as f:
-    json.dump(result, f, indent=2)
-  return result
+  tag = "_".join(str(v) for v in (family, *repaint_params))
+  return common.cached_scores(
+      os.path.join(workdir, f"dit_comparison_repaint_{tag}.json"),
+      {k: FLAGS[k].value for k in ("num_inpaint", "classifier_steps")}, compute)
 
 
 def _seconds_per_image(workdir: str, family: str, method: str, repaint_params=None) -> float:
@@ -190,26 +184,19 @@ def _repaint_equal_time(workdirs, extractors, seeds) -> dict:
 
 def _score(workdir: str, extractors) -> dict:
   """Generation and inpainting scores of a trained run (cached in the workdir)."""
-  cache = os.path.join(workdir, "dit_comparison_scores.json")
-  settings = {k: FLAGS[k].value for k in ("num_samples", "num_inpaint", "families",
-                                          "num_steps", "classifier_steps")}
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached["settings"] == settings:
-      return cached
-  run, scores = common.evaluate_run(workdir, _eval_config(workdir, FLAGS.families),
-                          ("generation", "inpainting"), extractors)
-  with open(os.path.join(workdir, "eval.json")) as f:
-    eval_json = json.load(f)
-  result = {"settings": settings, "step": run.step,
-            "eval_json": {k: eval_json[k] for k in EVAL_JSON},
+  def compute():
+    run, scores = common.evaluate_run(workdir, _eval_config(workdir, FLAGS.families),
+                                      ("generation", "inpainting"), extractors)
+    with open(os.path.join(workdir, "eval.json")) as f:
+      eval_json = json.load(f)
+    return {"step": run.step, "eval_json": {k: eval_json[k] for k in EVAL_JSON},
             "generation": {k: scores["generation"][k] for k in GENERATION},
             "inpainting": {fam: {k: q[k] for k in INPAINTING}
                            for fam, q in scores["inpainting"]["families"].items()}}
-  with open(cache, "w") as f:
-    json.dump(result, f, indent=2)
-  return result
+  return common.cached_scores(
+      os.path.join(workdir, "dit_comparison_scores.json"),
+      {k: FLAGS[k].value for k in ("num_samples", "num_inpaint", "families", "num_steps",
+                                   "classifier_steps")}, compute)
 
 
 def _compare(per_run: dict, path: tuple, higher_is_better: bool) -> dict:

@@ -162,24 +162,17 @@ def _train(config, workdir: str) -> float:
 
 def _score(workdir: str, extractors) -> dict:
   """The generation scores of a trained run (cached in the workdir), same key for every run."""
-  cache = os.path.join(workdir, "latent_table2_scores.json")
-  settings = {k: FLAGS[k].value for k in ("num_samples", "num_steps", "feature_steps")}
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached["settings"] == settings:
-      return cached
-  config = common.load_config(os.path.join(workdir, "config.json"))
-  config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
-  config.evaluate.update(num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, guidance=0.0,
-                         reference_split="test", num_reference=0,
-                         feature_steps=FLAGS.feature_steps)
-  run, scores = common.evaluate_run(workdir, config, ("generation",), extractors)
-  scores = scores["generation"]
-  result = {"settings": settings, "step": run.step, "generation": scores}
-  with open(cache, "w") as f:
-    json.dump(result, f, indent=2)
-  return result
+  def compute():
+    config = common.load_config(os.path.join(workdir, "config.json"))
+    config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
+    config.evaluate.update(num_samples=FLAGS.num_samples, batch_size=FLAGS.batch,
+                           guidance=0.0, reference_split="test", num_reference=0,
+                           feature_steps=FLAGS.feature_steps)
+    run, scores = common.evaluate_run(workdir, config, ("generation",), extractors)
+    return {"step": run.step, "generation": scores["generation"]}
+  return common.cached_scores(
+      os.path.join(workdir, "latent_table2_scores.json"),
+      {k: FLAGS[k].value for k in ("num_samples", "num_steps", "feature_steps")}, compute)
 
 
 def _score_inpainting(workdir: str, extractors) -> dict:
@@ -187,30 +180,24 @@ def _score_inpainting(workdir: str, extractors) -> dict:
   with the known pixels pasted back; cached in the workdir), the same key and masks for
   every run: per mask family PSNR, SSIM and fd_textures of the inpainted crops against the
   originals, with their intervals within the run."""
-  cache = os.path.join(workdir, "latent_table2_inpainting.json")
-  settings = {k: FLAGS[k].value for k in ("num_inpaint", "families", "num_steps",
-                                          "feature_steps")}
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached["settings"] == settings:
-      return cached
-  config = common.load_config(os.path.join(workdir, "config.json"))
-  config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
-  config.evaluate.update(batch_size=FLAGS.batch, num_inpaint=FLAGS.num_inpaint,
-                         mask_families=tuple(FLAGS.families), inpaint_method="asyncpatch",
-                         feature_steps=FLAGS.feature_steps)
-  run, scores = common.evaluate_run(workdir, config, ("inpainting",), extractors)
-  q = scores["inpainting"]
-  keep = [*INPAINT_METRICS, *(f"{k}_interval" for k in INPAINT_METRICS), "hole_fraction",
-          "seconds_per_image"]
-  result = {"settings": settings, "step": run.step, "network_evals": q["network_evals"],
+  def compute():
+    config = common.load_config(os.path.join(workdir, "config.json"))
+    config.sample.update(num_steps=FLAGS.num_steps, eta=0.25)
+    config.evaluate.update(batch_size=FLAGS.batch, num_inpaint=FLAGS.num_inpaint,
+                           mask_families=tuple(FLAGS.families), inpaint_method="asyncpatch",
+                           feature_steps=FLAGS.feature_steps)
+    run, scores = common.evaluate_run(workdir, config, ("inpainting",), extractors)
+    q = scores["inpainting"]
+    keep = [*INPAINT_METRICS, *(f"{k}_interval" for k in INPAINT_METRICS), "hole_fraction",
+            "seconds_per_image"]
+    return {"step": run.step, "network_evals": q["network_evals"],
             "num_images": q["num_images"],
             "families": {fam: {k: v[k] for k in keep if k in v}
                          for fam, v in q["families"].items()}}
-  with open(cache, "w") as f:
-    json.dump(result, f, indent=2)
-  return result
+  return common.cached_scores(
+      os.path.join(workdir, "latent_table2_inpainting.json"),
+      {k: FLAGS[k].value for k in ("num_inpaint", "families", "num_steps", "feature_steps")},
+      compute)
 
 
 def _compare(per_run: dict, candidate: str, baseline: str, paired: bool,

@@ -32,7 +32,6 @@ On an accelerator, with a prepared ImageNet 64 and the converted Inception/LPIPS
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -111,14 +110,14 @@ def _scores(workdir: str, sampler: str, feature_nets_, lpips_fn, names) -> dict:
       "num_samples", "num_inpaint", "families", "num_steps", "eta", "repaint",
       "interval_resamples", "classifier_steps", "inception_weights")}
   settings["repaint_model"] = sampler in FLAGS.repaint_models
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached["settings"] == settings:
-      return cached
+  return common.cached_scores(cache, settings, lambda: _compute_scores(
+      workdir, settings["repaint_model"], feature_nets_, lpips_fn, names))
+
+
+def _compute_scores(workdir: str, repaint_model: bool, feature_nets_, lpips_fn, names) -> dict:
   fd = names["frechet"]
-  methods = ["asyncpatch"] + (["repaint"] if settings["repaint_model"] else [])
-  result = {"settings": settings, "inpainting": {}}
+  methods = ["asyncpatch"] + (["repaint"] if repaint_model else [])
+  result = {"inpainting": {}}
   for method in methods:
     config = _eval_config(workdir, method)
     wanted = ("generation", "inpainting") if method == "asyncpatch" else ("inpainting",)
@@ -143,8 +142,6 @@ def _scores(workdir: str, sampler: str, feature_nets_, lpips_fn, names) -> dict:
                            "fd": q[fd], "fd_interval": q[fd + "_interval"],
                            "seconds_per_image": q["seconds_per_image"]}
                      for fam, q in inp["families"].items()}}
-  with open(cache, "w") as f:
-    json.dump(result, f, indent=2)
   return result
 
 
