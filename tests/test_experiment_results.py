@@ -566,6 +566,21 @@ def latent_table2():
                  "candidate - baseline, 95% interval", "verdict for the candidate"], rows)
 
 
+def latent_table2_inpainting():
+  r = _result("latent/latent_table2.json")
+  rows = []
+  for c in r["inpainting_comparisons"]:
+    cand, base = c["candidate"], c["baseline"]
+    for family in r["settings"]["families"]:
+      row = [f"{cand} - {base}", family]
+      for k in ("psnr", "ssim", "fd_textures"):
+        row += _seed_row(c["metrics"][f"{family} {k}"], base, cand)[2:]
+      rows.append(row)
+  return _table(["comparison", "mask family", "PSNR, candidate - baseline, 95%", "verdict",
+                 "SSIM, candidate - baseline, 95%", "verdict",
+                 "fd_textures, candidate - baseline, 95%", "verdict"], rows)
+
+
 def latent_table2_cost():
   r = _result("latent/latent_table2.json")
   rows = []
@@ -618,7 +633,7 @@ def dit_adaptive():
 
 def adaptive_1024():
   runs = [_result(f"adaptive/{d}/adaptive_sampling.json")
-          for d in ("adaptive_1024x3", "adaptive_1024x3_b32")]
+          for d in ("adaptive_1024x3", "adaptive_1024x3_b32", "adaptive_1024x3_b50")]
   rows = [row for r in runs for row in _adaptive_rows(r)]
   order = list(dict.fromkeys(row[0] for row in rows))      # the policies as the script runs them
   rows.sort(key=lambda row: order.index(row[0]))           # stable: each one's budgets in order
@@ -672,7 +687,8 @@ def skip_cost():
 TABLES = {
     "asyncpatch": [timestep_statistics, sampler_ablation, sampler_ablation_verdicts,
                    inpainting_benchmark, inpainting_comparisons, latent_textures,
-                   latent_autoencoder, latent_table2, latent_table2_cost, texture_synthesis, texture_synthesis_verdicts,
+                   latent_autoencoder, latent_table2, latent_table2_inpainting,
+                   latent_table2_cost, texture_synthesis, texture_synthesis_verdicts,
                    adaptive_sampling, adaptive_1024, dit_vs_unet, dit_adaptive, clean_vs_dit,
                    clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],

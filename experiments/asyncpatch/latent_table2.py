@@ -26,7 +26,11 @@ All four use the same optimiser settings (AdamW 1e-3, 100 warmup steps, cosine d
 0.999). Each run is scored with the same key: --num_samples unconditional samples (--num_steps
 synchronous steps, eta 0.25) against as many held-out (test split) crops, `fd_textures` and
 PRDC on the in-project texture features, each with its 95% bootstrap interval within the run
-(the `generation` evaluator). Scores are cached in the run's workdir. For each comparison the
+(the `generation` evaluator); and --num_inpaint held-out crops per mask family (--families)
+inpainted with AsyncPatch Eq. 4 in --num_steps steps (a latent model on its tokens, a token
+known when its encoder's receptive field is, the known pixels pasted back; the same crops,
+masks and key for every run), scored with PSNR, SSIM and fd_textures against the originals
+(the `inpainting` evaluator). Scores are cached in the run's workdir. For each comparison the
 JSON keeps the per-seed values, mean and standard error over seeds, the difference with its t
 interval over seeds (paired for the two latent models, which share each seed's initial
 parameters, data order and sampling key; Welch's for the rest) and its verdict
