@@ -321,7 +321,8 @@ def _ipr_orders(path: str, metric: str):
   last = res["rounds"][-1]
   rows = [(f"round {last} - x^(0), raster", gain["raster"]),
           (f"round {last} - x^(0), SRM order", gain["uncertainty"]),
-          ("SRM order - raster, x^(0)", vs["x0"]), (f"SRM order - raster, round {last}", vs["last"])]
+          ("SRM order - raster, x^(0)", vs["x0"]),
+          (f"SRM order - raster, round {last}", vs["last"])]
   return _table([f"{metric.replace('_', ' ')}, paired 95% interval (points)", "difference",
                  "verdict"],
                 [[name, f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, "

@@ -21,7 +21,8 @@ difference "better" or "worse".
 
 Intervals are scipy.stats.bootstrap's (BCa by default; for set-level metrics, whose
 jackknife would recompute the metric n times, the basic (reverse percentile) interval, which
-corrects the bias of resamples with repeats), seeded, so a result is reproducible. Each comes back as an `Interval`, JSON-ready with `as_dict`.
+corrects the bias of resamples with repeats), seeded, so a result is reproducible. Each
+comes back as an `Interval`, JSON-ready with `as_dict`.
 """
 
 from __future__ import annotations
