@@ -368,6 +368,12 @@ def test_tiny_run_writes_every_field_the_readme_reads(tmp_path):
       assert d["low"] <= d["estimate"] <= d["high"] and d["method"] == "percentile"
       assert d["verdict"] == ("within noise" if d["low"] <= 0 <= d["high"] else
                               "better" if d["low"] > 0 else "worse")
+    if name == "ipr_sudoku":     # each ablation's last round against the main run's
+      main = _field(result, "ablations.alpha_0.25.validity")[-1]
+      for ablation in ("alpha_0.1", "alpha_0.5", "fixed_noise", "fixed_regions"):
+        d = result["ablations"][ablation]["last_minus_main"]
+        want = _field(result, f"ablations.{ablation}.validity")[-1] - main
+        assert abs(d["estimate"] - want) < 1e-12 and d["low"] <= d["estimate"] <= d["high"]
     # What the rounds did, per order: last round - x^(0) on the same samples.
     for order, path in (("raster", raster), ("uncertainty", srm)):
       d = result["ipr_gain"][metric][order]

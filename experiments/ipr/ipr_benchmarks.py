@@ -25,7 +25,8 @@
    Sudoku HARD (test grids, givens 0..5 fixed and excluded: the condition set), validity
    read by the in-project cell classifier (evaluation/constraints.py); K-corrupted valid
    grids (K in {1, 3, 5} swapped pairs, every cell may change); ablations on HARD:
-   alpha in {0.1, 0.25, 0.5}, fixed noise, fixed regions (from the same x^(0)).
+   alpha in {0.1, 0.25, 0.5}, fixed noise, fixed regions (from the same x^(0)), each with
+   the paired bootstrap interval (over the grids) of its last round - the main run's.
    Even Pixels: balance accuracy, mean count error, saturation / value std.
    Counting Polygons (class-conditional, the label = the number of polygons asked for, every
    count equally often, CFG): count accuracy (the exact reader of evaluation/polygon_count.py
@@ -311,11 +312,13 @@ def run_sudoku(key, rounds: int, tiny: bool, bar) -> dict:
   variants = [(f"alpha_{a}", float(a), {}) for a in FLAGS.ablation_alphas]
   variants += [("fixed_noise", FLAGS.alpha, {"fixed_noise": True}),
                ("fixed_regions", FLAGS.alpha, {"fixed_regions": True})]
+  reference = hard_valid[:, :n_ablate]       # the main run on the same grids, x^(0) and keys
   for name, alpha, options in variants:
     t0 = time.time()
     history, steps = refine(x_ab, jax.random.fold_in(key, 2), alpha, cond_ab, **options)
-    ablations[name] = dict(_rates(validity_history(history)), alpha=alpha,
-                           ipr_steps=steps)
+    valid = validity_history(history)
+    ablations[name] = dict(_rates(valid), alpha=alpha, ipr_steps=steps,
+                           last_minus_main=_paired(valid[-1], reference[-1]))
     wall[name] = time.time() - t0
     bar.update(1)
   # The main run on the same first grids: the reference line of the ablations.
