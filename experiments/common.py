@@ -215,8 +215,11 @@ def train_or_resume(config: ml_collections.ConfigDict, workdir) -> float:
   """
   from asyncpatch_jax.modes import train_mode  # pylint: disable=g-import-not-at-top
   from asyncpatch_jax.runs import checkpointing  # pylint: disable=g-import-not-at-top
-  if (checkpointing.saved_meta(workdir) is not None
-      and load_run(workdir, config).step >= config.train.num_steps):
+  step = checkpointing.saved_step(workdir)
+  if step is not None and step >= config.train.num_steps:
+    if not config.get("uncertainty", {}).get("model_workdir"):
+      load_run(workdir, config)    # refuses a finished run of another model
+    # (a head is checked against its model when it is loaded with it: load_run(head_workdir=))
     return 0.0
   t0 = time.time()
   train_mode.train_and_evaluate(config, workdir)

@@ -151,26 +151,37 @@ def note_location(workdir, meta: dict) -> None:
                  "it); reading it here.", os.fspath(workdir), written)
 
 
+def _newest(workdir, read_meta: bool) -> tuple[int | None, dict | None]:
+  """(step, meta or None) of the workdir's newest intact checkpoint; (None, None) if none."""
+  directory = storage.check_bucket(workdir, "workdir") / "checkpoints"
+  if not directory.is_dir():
+    return None, None
+  _configure_orbax()
+  manager = ocp.CheckpointManager(directory, options=_reading_options(), item_names=ITEMS)
+  try:
+    step = step_selection.StepReader(directory, manager).step()
+    if step is None or not read_meta:
+      return step, None
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    note_location(directory.parent, meta)
+    return step, meta
+  finally:
+    manager.close()
+
+
+def saved_step(workdir) -> int | None:
+  """The step of the workdir's newest intact checkpoint (None if it holds none); reads no
+  arrays. Raises step_selection.DamagedCheckpointError if no step verifies."""
+  return _newest(workdir, read_meta=False)[0]
+
+
 def saved_meta(workdir) -> dict | None:
   """The `meta` item (model config, image shape, config) of the workdir's newest intact checkpoint.
 
   None if the workdir holds no checkpoint. Reads only JSON (and the checksums of the
   newest steps): no dataset, no arrays. Raises step_selection.DamagedCheckpointError if no step verifies.
   """
-  directory = storage.check_bucket(workdir, "workdir") / "checkpoints"
-  if not directory.is_dir():
-    return None
-  _configure_orbax()
-  manager = ocp.CheckpointManager(directory, options=_reading_options(), item_names=ITEMS)
-  try:
-    step = step_selection.StepReader(directory, manager).step()
-    if step is None:
-      return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    note_location(directory.parent, meta)
-    return meta
-  finally:
-    manager.close()
+  return _newest(workdir, read_meta=True)[1]
 
 
 def _reading_options() -> ocp.CheckpointManagerOptions:
