@@ -313,6 +313,21 @@ def ipr_sudoku_ablations():
                  for name, v in r["ablations"].items()])
 
 
+def ipr_sudoku_ablation_verdicts():
+  r = _result("ipr/ipr_sudoku.json")
+  last = r["rounds"][-1]
+  main = [k for k in r["ablations"] if r["ablations"][k].get("last_minus_main") is None][0]
+  rows = []
+  for name, v in r["ablations"].items():
+    d = v.get("last_minus_main")
+    if d is not None:
+      rows.append([name.replace("alpha_", "alpha = ").replace("_", " "),
+                   f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
+                   d["verdict"]])
+  return _table(["ablation", f"round {last} validity - {main.replace('alpha_', 'alpha = ')}'s, "
+                 "paired 95% (points)", "verdict"], rows)
+
+
 def _ipr_orders(path: str, metric: str):
   """The paired intervals (over samples, in points) of what the rounds did in each order and
   of SRM order - raster, with their verdicts."""
@@ -694,7 +709,8 @@ TABLES = {
                    clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
-    "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_orders, ipr_sudoku_ablations, ipr_even_pixels,
+    "ipr": [ipr_digits, ipr_sudoku, ipr_sudoku_orders, ipr_sudoku_ablations,
+            ipr_sudoku_ablation_verdicts, ipr_even_pixels,
             ipr_even_pixels_orders, ipr_polygons,
             ipr_polygons_orders],
     "benchmarks": [bench_model, bench_train, bench_peer, bench_peer_conv, dit_peer,
