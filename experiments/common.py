@@ -217,9 +217,13 @@ def train_or_resume(config: ml_collections.ConfigDict, workdir) -> float:
   from asyncpatch_jax.runs import checkpointing  # pylint: disable=g-import-not-at-top
   step = checkpointing.saved_step(workdir)
   if step is not None and step >= config.train.num_steps:
-    if not config.get("uncertainty", {}).get("model_workdir"):
-      load_run(workdir, config)    # refuses a finished run of another model
-    # (a head is checked against its model when it is loaded with it: load_run(head_workdir=))
+    # A finished run is reused only if it is this config's model; a head's checkpoint records
+    # the frozen model it was trained on, so it is checked against that model.
+    model_workdir = config.get("uncertainty", {}).get("model_workdir")
+    if model_workdir:
+      load_run(model_workdir, head_workdir=workdir)
+    else:
+      load_run(workdir, config)
     return 0.0
   t0 = time.time()
   train_mode.train_and_evaluate(config, workdir)

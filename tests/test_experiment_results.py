@@ -316,15 +316,11 @@ def ipr_sudoku_ablations():
 def ipr_sudoku_ablation_verdicts():
   r = _result("ipr/ipr_sudoku.json")
   last = r["rounds"][-1]
-  main = [k for k in r["ablations"] if r["ablations"][k].get("last_minus_main") is None][0]
-  rows = []
-  for name, v in r["ablations"].items():
-    d = v.get("last_minus_main")
-    if d is not None:
-      rows.append([name.replace("alpha_", "alpha = ").replace("_", " "),
-                   f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
-                   d["verdict"]])
-  return _table(["ablation", f"round {last} validity - {main.replace('alpha_', 'alpha = ')}'s, "
+  rows = [[name.replace("alpha_", "alpha = ").replace("_", " "),
+           f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
+           d["verdict"]]
+          for name, v in r["ablations"].items() if (d := v.get("last_minus_main"))]
+  return _table(["ablation", f"round {last} validity - alpha = {r['settings']['alpha']}'s, "
                  "paired 95% (points)", "verdict"], rows)
 
 

@@ -61,7 +61,7 @@ def _same_values(got, want, path="") -> None:
     assert isinstance(got, list) and len(got) == len(want), (path, got, want)
     for i, (g, w) in enumerate(zip(got, want)):
       _same_values(g, w, f"{path}[{i}]")
-  elif isinstance(want, float) and not isinstance(want, bool):
+  elif isinstance(want, float):
     assert got == pytest.approx(want, rel=1e-7, abs=1e-12), (path, got, want)
   else:
     assert got == want, (path, got, want)
