@@ -17,6 +17,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # every user run keep XLA's default level; set XLA_FLAGS yourself to test at that level.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# One BLAS thread per process (read when numpy loads, so before any import of it): pytest -n 2
+# runs two workers on the 2 cores beside XLA's own threads, and OpenBLAS's threads spin
+# against them on the small [D, D] eigendecompositions of the Frechet bootstrap, ~25x slower
+# per call under that load (1.5 ms -> 39 ms at D = 128); the tiny sampler_ablation.py run
+# took 90 s with 2 threads and 67 s with 1 beside a busy core. Subprocesses inherit it.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
 # One persistent compilation cache for the session, shared by pytest workers and the
 # command-line subprocesses the tests start: each train step compiles once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

@@ -1,7 +1,8 @@
 """experiments/asyncpatch/latent_table2.py end to end with --tiny, as the AsyncPatch README writes
 it: the five models over 2 seeds, their equal-cost step counts, the timesteps each trained with,
 and the seed statistics and verdicts recomputed here with scipy (paired t for the
-latent pair, Welch for the rest)."""
+latent pair, Welch for the rest). Then adaptive_sampling.py on its tiny textures DiT with an
+uncertainty head: the policies on the textures, scored with fd_textures."""
 
 import json
 import os
@@ -17,13 +18,27 @@ from fixtures.readme import readme_command
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_latent_table2_tiny(tmp_path):
-  cmd = readme_command("experiments/asyncpatch/latent_table2.py")
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  res = subprocess.run([sys.executable, *cmd[1:], "--tiny", f"--out={tmp_path}/t2.json"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+# Both tests read one tiny run: keep them on one xdist worker (pytest.ini: --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("latent_table2")]
+
+
+def _python(*args):
+  res = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def table2(tmp_path_factory):
+  """The README's command with --tiny: its output folder."""
+  tmp_path = tmp_path_factory.mktemp("table2")
+  cmd = readme_command("experiments/asyncpatch/latent_table2.py")
+  _python(*cmd[1:], "--tiny", f"--out={tmp_path}/t2.json")
+  return tmp_path
+
+
+def test_latent_table2_tiny(table2):
+  tmp_path = table2
   out = json.load(open(tmp_path / "t2.json"))
   cost = out["training_cost"]
   lat, pix_i, pix_f = cost["latent_asyncpatch"], cost["pixel_images"], cost["pixel_flops"]
@@ -99,3 +114,43 @@ def test_latent_table2_tiny(tmp_path):
   table = open(tmp_path / "t2.md").read()
   assert "| fd_textures |" in table and "| square psnr |" in table
 
+
+
+def test_adaptive_policies_on_the_textures_dit(table2, tmp_path):
+  """adaptive_sampling.py --tiny on the tiny textures DiT (seed 0) with a 2-step head: every row
+  is scored with the textures' features, the comparisons carry fd_textures intervals and the
+  rule's verdicts, and the digits' confident share is absent (the textures have no classes)."""
+  model, head = table2 / "tiny_table2_workdirs" / "dit_flops_s0", tmp_path / "head"
+  _python("-m", "asyncpatch_jax.main", "--config=configs/uncertainty_digits.py",
+          f"--workdir={head}", f"--config.uncertainty.model_workdir={model}",
+          "--config.train.num_steps=2", "--config.train.batch_size=16",
+          "--config.uncertainty.channels=8")
+  _python("-m", "experiments.asyncpatch.adaptive_sampling", f"--workdir={model}",
+          f"--head_workdir={head}", f"--out={tmp_path}/adaptive.json", "--tiny")
+  out = json.load(open(tmp_path / "adaptive.json"))
+  s = out["settings"]
+  assert (s["dataset"], s["model"], s["budgets"]) == ("textures", "dit", [4, 6])
+  assert s["real_images"] == "textures test split (64)" and "fd_textures" in s["features"]
+  rows = {(r["schedule"], r["budget"]): r for r in out["rows"]}
+  for (name, budget), r in rows.items():
+    assert {"fd_textures", "precision_textures", "coverage_textures"} <= set(r), name
+    assert "confident_fraction" not in r and not any("digits" in k for k in r)
+    if name.startswith("synchronous"):
+      assert r["mean_steps_per_pixel"] == r["network_evaluations"] == budget
+  assert out["comparison_at_equal_budget"]
+  for c in out["comparison_at_equal_budget"]:
+    r, sync = rows[c["schedule"], c["budget"]], rows["synchronous", c["budget"]]
+    assert c["fd_textures_minus_synchronous"] == pytest.approx(
+        r["fd_textures"] - sync["fd_textures"], abs=1e-9)
+    # The first sampling seed's Frechet distance is the row's (two code paths).
+    per_seed = c["fd_textures_per_seed"]
+    assert per_seed["synchronous"]["values"][0] == pytest.approx(sync["fd_textures"], rel=1e-9)
+    assert per_seed[c["schedule"]]["values"][0] == pytest.approx(r["fd_textures"], rel=1e-9)
+    assert per_seed["synchronous"]["mean"] == pytest.approx(
+        np.mean(per_seed["synchronous"]["values"]), abs=1e-9)
+    d = c["fd_textures_difference"]
+    rule = "worse" if d["low"] > 0 else "better" if d["high"] < 0 else "within noise"
+    assert c["verdict"] == rule, c
+    assert "confident_difference" not in c and c["pooled_samples"] == 16
+  table = open(tmp_path / "adaptive.md").read().splitlines()
+  assert "| fd_textures |" in table[0] and "confident" not in table[0]

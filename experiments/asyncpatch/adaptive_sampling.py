@@ -1,16 +1,18 @@
-"""Adaptive sampling (AsyncPatch Sec. 5.5, Fig. 7; SRM; Patch Forcing) on this project's digits model.
+"""Adaptive sampling (AsyncPatch Sec. 5.5, Fig. 7; SRM; Patch Forcing) on a trained digits or textures model.
 
   python -m experiments.asyncpatch.adaptive_sampling --workdir=/tmp/asyncpatch_default \
       --head_workdir=/tmp/asyncpatch_head --out=results/adaptive/adaptive_sampling.json
 
-Needs the main job's trained workdir and an uncertainty head trained on it
-(configs/uncertainty_digits.py). For the synchronous schedule and every schedule policy
+Needs a trained workdir (the main job's, or any UNet or DiT on the digits or the textures)
+and an uncertainty head trained on it (configs/uncertainty_digits.py with
+--config.uncertainty.model_workdir). For the synchronous schedule and every schedule policy
 (diffusion/policies.py) at each step budget, draws unconditional samples (null label,
-eta 0.25) and scores them against the digits test split with the evaluation wing's
-offline metrics: Frechet distance and precision/recall/density/coverage on the in-project
-digit classifier's penultimate features (`fd_digits`, ..., never called FID), and the main
-job's classifier-confidence share (max class probability >= 0.9). It records the network
-evaluations each setting used (the loop's steps) and the mean steps per pixel.
+eta 0.25) and scores them against the dataset's test split with the evaluation wing's
+offline metrics: Frechet distance and precision/recall/density/coverage on the dataset's
+in-project features (`fd_digits` / `fd_textures`, ..., never called FID), and on the digits
+the main job's classifier-confidence share (max class probability >= 0.9; the textures have
+no classes). It records the network evaluations each setting used (the loop's steps) and
+the mean steps per pixel.
 Also: the head's calibration on held-out images (E[err^2 / sigma^2] and the correlation of
 predicted and actual squared error per time bin), and the Fig. 7 panels of
 uncertainty_accelerated: per-pixel step-count maps and their histogram with the samples
@@ -36,34 +38,37 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 from asyncpatch_jax.runtime import checks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from asyncpatch_jax.generation import generate
-from asyncpatch_jax.data import datasets
 from asyncpatch_jax.data import image_io
 from asyncpatch_jax.diffusion import flow
 from asyncpatch_jax.diffusion import policies
 from asyncpatch_jax.diffusion import schedules
 from asyncpatch_jax.evaluation import digit_classifier
 from asyncpatch_jax.evaluation import feature_nets
+from asyncpatch_jax.evaluation import inpainting_eval
 from asyncpatch_jax.evaluation import metrics
 from asyncpatch_jax.evaluation import statistics
 from asyncpatch_jax.models import uncertainty_head
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "/tmp/asyncpatch_default", "Trained digits model (the main job).")
+flags.DEFINE_string("workdir", "/tmp/asyncpatch_default", "Trained digits or textures model "
+                    "(default: the main job's).")
 flags.DEFINE_string("head_workdir", "/tmp/asyncpatch_head", "Uncertainty head of that model.")
 flags.DEFINE_string("out", None, "Output JSON path (table and PNGs go next to it).")
 flags.DEFINE_list("budgets", ["8", "16", "32", "50"], "Step budgets (network evaluations).")
 flags.DEFINE_integer("num_samples", 256, "Samples per (schedule, budget).")
 flags.DEFINE_integer("batch_size", 256, "Sampler batch.")
 flags.DEFINE_float("eta", 0.25, "Sampler eta (AsyncPatch App. E).")
-flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project classifier.")
+flags.DEFINE_integer("classifier_steps", 600, "Training steps of the in-project feature network.")
+flags.DEFINE_integer("num_reference", 0, "Test images the samples are scored against (0: the "
+                     "whole test split).")
 flags.DEFINE_integer("panel_budget", 32, "Budget of the Fig. 7 panels.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
 flags.DEFINE_integer("sampling_seeds", 1, "Sampling seeds of every (schedule, budget) row; the "
                      "rows and panels are the first seed's, the paired comparisons pool all.")
 flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples of the paired intervals.")
 common.define_tiny(dict(num_samples=8, batch_size=8, budgets=["4", "6"], classifier_steps=5,
-                        panel_budget=6, sampling_seeds=2, resamples=50))
+                        panel_budget=6, sampling_seeds=2, resamples=50, num_reference=64))
 
 REPLICATE = "synchronous (2nd seed)"
 # (name, policy or None for the tensor schedule) in the order of the table.
@@ -108,14 +113,23 @@ def _calibration(run, images, key) -> list[dict]:
   return rows
 
 
+def _shown_image(ax, x):
+  """An image in [-1, 1], [H, W, 1] in gray or [H, W, 3] in colour."""
+  x = np.clip(np.asarray(x), -1, 1)
+  if x.shape[-1] == 1:
+    ax.imshow(x[..., 0], cmap="gray", vmin=-1, vmax=1)
+  else:
+    ax.imshow((x + 1.0) / 2.0)
+
+
 def _panels(out_dir, result, budget):
   """Fig. 7: step-count maps + histogram with the samples; uncertainty and x0 at 4 times."""
-  samples = np.asarray(result.samples)[:8, ..., 0]
+  samples = np.asarray(result.samples)[:8]
   steps = np.asarray(result.steps)
   hist = result.history
   fig, axes = plt.subplots(3, 8, figsize=(12, 5.2), gridspec_kw={"height_ratios": [1, 1, 1.2]})
   for i in range(8):
-    axes[0, i].imshow(samples[i], cmap="gray", vmin=-1, vmax=1)
+    _shown_image(axes[0, i], samples[i])
     im = axes[1, i].imshow(steps[i], cmap="viridis", vmin=0, vmax=budget)
     for ax in axes[:2, i]:
       ax.set_xticks([]); ax.set_yticks([])
@@ -137,16 +151,16 @@ def _panels(out_dir, result, budget):
   shown = [max(0, round(f * n) - 1) for f in (0.25, 0.5, 0.75, 0.9)]
   times = np.asarray(hist["times"])
   unc = np.asarray(hist["uncertainty"])
-  x0 = np.asarray(hist["x0"])[..., 0]
+  x0 = np.asarray(hist["x0"])
   fig, axes = plt.subplots(8, 5, figsize=(7.5, 12))
   for r in range(4):
     for j, k in enumerate(shown):
       a_u, a_x = axes[2 * r, j], axes[2 * r + 1, j]
       a_u.imshow(np.log10(np.maximum(unc[k, r], 1e-4)), cmap="magma", vmin=-3, vmax=1)
-      a_x.imshow(np.clip(x0[k, r], -1, 1), cmap="gray", vmin=-1, vmax=1)
+      _shown_image(a_x, x0[k, r])
       if r == 0:
         a_u.set_title(f"step {k + 1}\nmean t {times[k, r].mean():.2f}", fontsize=8)
-    axes[2 * r, 4].imshow(samples[r], cmap="gray", vmin=-1, vmax=1)
+    _shown_image(axes[2 * r, 4], samples[r])
     axes[2 * r + 1, 4].imshow(steps[r], cmap="viridis", vmin=0, vmax=budget)
     axes[2 * r, 0].set_ylabel("log10 var", fontsize=8)
     axes[2 * r + 1, 0].set_ylabel("x0 pred.", fontsize=8)
@@ -159,10 +173,11 @@ def _panels(out_dir, result, budget):
   return path_steps, path_evolution, shown
 
 
-def _paired(policy, synchronous, real_stats) -> dict:
+def _paired(policy, synchronous, real_stats, fd_name: str) -> dict:
   """The policy against the synchronous schedule on the same keys, pooled over the sampling
-  seeds: paired bootstrap intervals of the fd_digits and confident-share differences and
-  their verdicts (evaluation/statistics.py's rule)."""
+  seeds: paired bootstrap intervals of the Frechet distance (`fd_name`: fd_digits or
+  fd_textures) and, on the digits, of the confident share, with their verdicts
+  (evaluation/statistics.py's rule)."""
   (fa, ca), (fb, cb) = policy, synchronous
   mu_r, cov_r = real_stats
 
@@ -170,26 +185,31 @@ def _paired(policy, synchronous, real_stats) -> dict:
     return lambda idx: metrics.frechet_distance(*metrics.feature_statistics(features[idx]),
                                                 mu_r, cov_r)
   d_fd = statistics.paired_set(fd(fa), fd(fb), len(fa), resamples=FLAGS.resamples)
-  d_conf = statistics.paired(ca.astype(np.float64), cb.astype(np.float64),
-                             resamples=FLAGS.resamples)
-  return {"pooled_samples": len(fa), "sampling_seeds": FLAGS.sampling_seeds,
-          "fd_digits_difference": d_fd.as_dict(),
-          "verdict": statistics.verdict(d_fd, higher_is_better=False),
-          "confident_difference": d_conf.as_dict(),
-          "confident_verdict": statistics.verdict(d_conf, higher_is_better=True)}
+  out = {"pooled_samples": len(fa), "sampling_seeds": FLAGS.sampling_seeds,
+         f"{fd_name}_difference": d_fd.as_dict(),
+         "verdict": statistics.verdict(d_fd, higher_is_better=False)}
+  if ca is not None:
+    d_conf = statistics.paired(ca.astype(np.float64), cb.astype(np.float64),
+                               resamples=FLAGS.resamples)
+    out.update(confident_difference=d_conf.as_dict(),
+               confident_verdict=statistics.verdict(d_conf, higher_is_better=True))
+  return out
 
 
-def _markdown(rows, budgets) -> str:
-  lines = ["| schedule | budget | network evaluations | mean steps / pixel | fd_digits | "
-           "precision | recall | density | coverage | confident |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+def _markdown(rows, names: dict) -> str:
+  """The rows' table; names: feature_nets.metric_names of the extractor."""
+  prdc = ("precision", "recall", "density", "coverage")
+  confident = "confident_fraction" in rows[0]
+  head = ["schedule", "budget", "network evaluations", "mean steps / pixel", names["frechet"],
+          *prdc] + (["confident"] if confident else [])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    lines.append(f"| {r['schedule']} | {r['budget']} | {r['network_evaluations']} | "
-                 f"{r['mean_steps_per_pixel']:.1f} | {r['fd_digits']:.2f} | "
-                 f"{r['precision_digits']:.3f} | {r['recall_digits']:.3f} | "
-                 f"{r['density_digits']:.3f} | {r['coverage_digits']:.3f} | "
-                 f"{r['confident_fraction']:.3f} |")
-  del budgets
+    cells = [r["schedule"], r["budget"], r["network_evaluations"],
+             f"{r['mean_steps_per_pixel']:.1f}", f"{r[names['frechet']]:.2f}",
+             *(f"{r[names[m]]:.3f}" for m in prdc)]
+    if confident:
+      cells.append(f"{r['confident_fraction']:.3f}")
+    lines.append("| " + " | ".join(map(str, cells)) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -199,16 +219,21 @@ def main(argv):
   out.parent.mkdir(parents=True, exist_ok=True)
   budgets = [int(b) for b in FLAGS.budgets]
   run = common.load_run(FLAGS.workdir, head_workdir=FLAGS.head_workdir)
-  if run.config.data.dataset != "digits":
-    raise ValueError(f"{FLAGS.workdir} holds a {run.config.data.dataset!r} model; the "
-                     "digit features score digits models only.")
+  dataset, options = run.config.data.dataset, dict(run.config.data.options)
+  problem = feature_nets.in_project_problem(dataset, options)
+  if problem:
+    raise checks.InputError(f"{FLAGS.workdir}: {problem}; adaptive_sampling.py scores with "
+                            "the in-project features of the digits and the textures.")
   params, head_params = run.params, run.head_params
   h, w, c = run.image_shape
   key = jax.random.key(FLAGS.seed)
-  extractor, held_out = feature_nets.DigitFeatures.train(jax.random.fold_in(key, 1),
-                                                         FLAGS.classifier_steps)
-  test = datasets.get_dataset("digits", "test")
-  real = np.stack([test[i]["image"] for i in range(len(test))]).astype(np.float32)
+  extractor, held_out = feature_nets.in_project(dataset, jax.random.fold_in(key, 1),
+                                                FLAGS.classifier_steps, options)
+  names = feature_nets.metric_names(extractor.name)
+  fd_name = names["frechet"]
+  digits = dataset == "digits"        # the digits' classes give the confident share
+  real = inpainting_eval.dataset_images(dataset, "test", FLAGS.num_reference or None,
+                                        options=options)
   real_stats = metrics.feature_statistics(np.asarray(feature_nets.extract(extractor, real)))
   gen = generate.Generator(run.model, mesh=None, head=run.head)
   n, bs = FLAGS.num_samples, FLAGS.batch_size
@@ -248,12 +273,14 @@ def main(argv):
           continue
         samples = np.concatenate(samples)
         features = np.asarray(feature_nets.extract(extractor, samples))
-        confident = np.max(np.asarray(digit_classifier.classify(extractor.params, samples)),
-                           -1) >= 0.9
+        confident = (np.max(np.asarray(digit_classifier.classify(extractor.params, samples)),
+                            -1) >= 0.9) if digits else None
         feats, flags_ = pooled.get((name, budget), (np.zeros((0, features.shape[1])),
-                                                    np.zeros(0, bool)))
+                                                    None if confident is None
+                                                    else np.zeros(0, bool)))
         pooled[name, budget] = (np.concatenate([feats, features]),
-                                np.concatenate([flags_, confident]))
+                                None if confident is None
+                                else np.concatenate([flags_, confident]))
         seed_fd.setdefault((name, budget), []).append(metrics.frechet_distance(
             *metrics.feature_statistics(features), *real_stats))
         if seed:
@@ -263,7 +290,7 @@ def main(argv):
                "evaluations_per_image_mean": float(np.mean(per_image)),
                "mean_steps_per_pixel": float(np.concatenate(steps).mean()),
                **feature_nets.feature_metrics(extractor, real, samples),
-               "confident_fraction": float(np.mean(confident)),
+               **({"confident_fraction": float(np.mean(confident))} if digits else {}),
                "seconds": time.time() - t0}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "params"}))
@@ -285,22 +312,23 @@ def main(argv):
     for budget in budgets:
       if (name, budget) in by:
         r, s = by[name, budget], by["synchronous", budget]
-        spread = abs(s["fd_digits"] - by[REPLICATE, budget]["fd_digits"])
+        spread = abs(s[fd_name] - by[REPLICATE, budget][fd_name])
         comparison.append({"schedule": name, "budget": budget,
-                           "fd_digits_minus_synchronous": r["fd_digits"] - s["fd_digits"],
+                           f"{fd_name}_minus_synchronous": r[fd_name] - s[fd_name],
                            "synchronous_seed_spread": spread,
                            **_paired(pooled[name, budget], pooled["synchronous", budget],
-                                     real_stats)})
+                                     real_stats, fd_name)})
         if FLAGS.sampling_seeds > 1:
-          comparison[-1]["fd_digits_per_seed"] = {
+          comparison[-1][f"{fd_name}_per_seed"] = {
               n_: statistics.across_seeds(seed_fd[n_, budget]) for n_ in (name, "synchronous")}
   result = {
       "settings": {"model_workdir": FLAGS.workdir, "head_workdir": FLAGS.head_workdir,
                    "model_step": run.step, "budgets": budgets,
                    "num_samples": n, "eta": FLAGS.eta, "labels": "null (unconditional)",
-                   "real_images": f"digits test split ({len(real)})",
-                   "features": "in-project digit classifier, penultimate 128-d (fd_digits is "
-                               "not FID)",
+                   "dataset": dataset, "model": run.config.model.name,
+                   "real_images": f"{dataset} test split ({len(real)})",
+                   "features": f"in-project {dataset} network ({type(extractor).__name__}), "
+                               f"penultimate {extractor.dim}-d ({fd_name} is not FID)",
                    "classifier_held_out_accuracy": held_out},
       "rows": rows, "comparison_at_equal_budget": comparison,
       "head_calibration": calibration,
@@ -311,8 +339,8 @@ def main(argv):
       "wall_seconds": common.elapsed(),
   }
   common.write_json(out, result)
-  out.with_suffix(".md").write_text(_markdown(rows, budgets))
-  print(_markdown(rows, budgets))
+  out.with_suffix(".md").write_text(_markdown(rows, names))
+  print(_markdown(rows, names))
   print(f"wrote {out} in {result['wall_seconds']:.0f} s")
 
 
