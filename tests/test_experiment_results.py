@@ -615,32 +615,45 @@ def _seed_row(m, base, cand):
           m[f"verdict_for_{cand}"]]
 
 
-def _adaptive_rows(r, first=()):
-  """The paired policy - synchronous rows of an adaptive_sampling.json."""
+def _adaptive_rows(r, first=(), fd="fd_digits"):
+  """The paired policy - synchronous rows of an adaptive_sampling.json (the confident share's
+  columns where the run has them: the digits)."""
   rows = []
   for c in r["comparison_at_equal_budget"]:
-    seeds = c["fd_digits_per_seed"]
+    seeds = c[f"{fd}_per_seed"]
     pol, sync = seeds[c["schedule"]], seeds["synchronous"]
-    d, q = c["fd_digits_difference"], c["confident_difference"]
+    d = c[f"{fd}_difference"]
     rows.append([*first, c["schedule"], c["budget"], _pm(sync["mean"], sync["sem"], 1),
                  _pm(pol["mean"], pol["sem"], 1),
-                 f"{d['estimate']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", c["verdict"],
-                 f"{q['estimate']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]",
-                 c["confident_verdict"]])
+                 f"{d['estimate']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", c["verdict"]])
+    if "confident_difference" in c:
+      q = c["confident_difference"]
+      rows[-1] += [f"{q['estimate']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]",
+                   c["confident_verdict"]]
   return rows
 
 
-def _adaptive_head(r, first=()):
+def _adaptive_head(r, first=(), fd="fd_digits"):
   n = r["comparison_at_equal_budget"][0]["sampling_seeds"]
-  return [*first, "policy", "budget", f"synchronous fd_digits, mean ± s.e. over {n} sampling "
-          "seeds", "policy fd_digits", "policy - synchronous, paired 95%", "verdict",
-          "confident share, policy - synchronous", "verdict"]
+  head = [*first, "policy", "budget", f"synchronous {fd}, mean ± s.e. over {n} sampling "
+          "seeds", f"policy {fd}", "policy - synchronous, paired 95%", "verdict"]
+  if "confident_difference" in r["comparison_at_equal_budget"][0]:
+    head += ["confident share, policy - synchronous", "verdict"]
+  return head
 
 
 def dit_adaptive():
   results = {b: _result(f"dit/adaptive_{b}/adaptive_sampling.json") for b in ("unet", "dit")}
   return _table(_adaptive_head(results["unet"], ["backbone"]),
                 [row for b, r in results.items() for row in _adaptive_rows(r, [b])])
+
+
+def dit_adaptive_textures():
+  results = {b: _result(f"dit/adaptive_textures_{b}/adaptive_sampling.json")
+             for b in ("unet", "dit")}
+  return _table(_adaptive_head(results["unet"], ["backbone"], "fd_textures"),
+                [row for b, r in results.items()
+                 for row in _adaptive_rows(r, [b], "fd_textures")])
 
 
 def adaptive_1024():
@@ -701,7 +714,8 @@ TABLES = {
                    inpainting_benchmark, inpainting_comparisons, latent_textures,
                    latent_autoencoder, latent_table2, latent_table2_inpainting,
                    latent_table2_cost, texture_synthesis, texture_synthesis_verdicts,
-                   adaptive_sampling, adaptive_1024, dit_vs_unet, dit_adaptive, clean_vs_dit,
+                   adaptive_sampling, adaptive_1024, dit_vs_unet, dit_adaptive,
+                   dit_adaptive_textures, clean_vs_dit,
                    clean_vs_repaint, skip_cost],
     "pifs": [pifs_table1, jacobian_table4],
     "growing_images": [blume_capel, schedule_study_per_stripe, schedule_study_fixed_total],
