@@ -148,7 +148,8 @@ def test_adaptive_policies_on_the_textures_dit(table2, tmp_path):
     assert per_seed[c["schedule"]]["values"][0] == pytest.approx(r["fd_textures"], rel=1e-9)
     assert per_seed["synchronous"]["mean"] == pytest.approx(
         np.mean(per_seed["synchronous"]["values"]), abs=1e-9)
-    d = c["fd_textures_difference"]
+    d, pooled = c["fd_textures_difference"], c["fd_textures_pooled"]
+    assert d["estimate"] == pytest.approx(pooled["policy"] - pooled["synchronous"], abs=1e-9)
     rule = "worse" if d["low"] > 0 else "better" if d["high"] < 0 else "within noise"
     assert c["verdict"] == rule, c
     assert "confident_difference" not in c and c["pooled_samples"] == 16

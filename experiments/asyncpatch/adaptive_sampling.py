@@ -185,7 +185,9 @@ def _paired(policy, synchronous, real_stats, fd_name: str) -> dict:
     return lambda idx: metrics.frechet_distance(*metrics.feature_statistics(features[idx]),
                                                 mu_r, cov_r)
   d_fd = statistics.paired_set(fd(fa), fd(fb), len(fa), resamples=FLAGS.resamples)
+  every = np.arange(len(fa))
   out = {"pooled_samples": len(fa), "sampling_seeds": FLAGS.sampling_seeds,
+         f"{fd_name}_pooled": {"policy": fd(fa)(every), "synchronous": fd(fb)(every)},
          f"{fd_name}_difference": d_fd.as_dict(),
          "verdict": statistics.verdict(d_fd, higher_is_better=False)}
   if ca is not None:
