@@ -116,7 +116,7 @@ class TorchUNet(nn.Module):
     self.time_dense_1 = nn.Linear(e, e)
     self.class_embed = nn.Embedding(cfg.num_classes + 1, e) if cfg.num_classes else None
     self.conv_in = nn.Conv2d(cfg.out_channels, base, 3, padding=1)
-    self.down, chans, ch, res = nn.ModuleList(), [base], base, 0
+    self.down, chans, ch = nn.ModuleList(), [base], base
     levels = len(cfg.channel_mult)
     self.resolutions = []       # filled at the first call: attention needs the size
     for level, mult in enumerate(cfg.channel_mult):
