@@ -173,12 +173,19 @@ def _panels(out_dir, result, budget):
   return path_steps, path_evolution, shown
 
 
+def _concatenate(seeds):
+  """[(features, confident flags or None)] of the sampling seeds -> the pooled pair."""
+  features, confident = zip(*seeds)
+  return (np.concatenate(features),
+          None if confident[0] is None else np.concatenate(confident))
+
+
 def _paired(policy, synchronous, real_stats, fd_name: str) -> dict:
   """The policy against the synchronous schedule on the same keys, pooled over the sampling
   seeds: paired bootstrap intervals of the Frechet distance (`fd_name`: fd_digits or
   fd_textures) and, on the digits, of the confident share, with their verdicts
   (evaluation/statistics.py's rule)."""
-  (fa, ca), (fb, cb) = policy, synchronous
+  (fa, ca), (fb, cb) = (_concatenate(seeds) for seeds in (policy, synchronous))
   mu_r, cov_r = real_stats
 
   def fd(features):
@@ -242,8 +249,8 @@ def main(argv):
   rows = []
   # The synchronous schedule twice (another seed): the seed-to-seed spread of the metrics
   # at this sample size is the scale against which the policies' differences are read.
-  pooled = {}     # (schedule, budget) -> (features, confident flags) over every sampling seed
-  seed_fd = {}    # (schedule, budget) -> fd_digits of each sampling seed
+  pooled = {}     # (schedule, budget) -> [(features, confident flags or None)] a sampling seed
+  seed_fd = {}    # (schedule, budget) -> the Frechet distance of each sampling seed
   for name, policy in SETTINGS + [(REPLICATE, None)]:
     for budget in budgets:
       for seed in range(FLAGS.sampling_seeds if name != REPLICATE else 1):
@@ -277,12 +284,7 @@ def main(argv):
         features = np.asarray(feature_nets.extract(extractor, samples))
         confident = (np.max(np.asarray(digit_classifier.classify(extractor.params, samples)),
                             -1) >= 0.9) if digits else None
-        feats, flags_ = pooled.get((name, budget), (np.zeros((0, features.shape[1])),
-                                                    None if confident is None
-                                                    else np.zeros(0, bool)))
-        pooled[name, budget] = (np.concatenate([feats, features]),
-                                None if confident is None
-                                else np.concatenate([flags_, confident]))
+        pooled.setdefault((name, budget), []).append((features, confident))
         seed_fd.setdefault((name, budget), []).append(metrics.frechet_distance(
             *metrics.feature_statistics(features), *real_stats))
         if seed:
